@@ -1,0 +1,344 @@
+"""`paperindex`: index | search | similar | stats | delete | migrate | serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pydantic import ValidationError
+
+log = logging.getLogger("paperindex")
+
+EXAMPLE = Path(__file__).parent / "data" / "example_papers.jsonl"
+
+
+class CliError(Exception):
+    """A failure to report as one line and a non-zero exit."""
+
+
+def _settings(args: argparse.Namespace):
+    from .config import Settings
+
+    overrides = {k: v for k, v in {
+        "qdrant_path": args.qdrant_path, "qdrant_url": args.qdrant_url, "device": args.device,
+    }.items() if v is not None}
+    for name in ("long_chunk", "max_chunks_per_paper", "bulk_load"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise CliError(f"bad settings: {exc}") from exc
+
+
+def _filter(args: argparse.Namespace):
+    from .store import SearchFilter
+
+    return SearchFilter(args.year_from, args.year_to, list(args.paper_id or []))
+
+
+def _gpu_memory() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GiB"
+
+
+def _count_records(files: list[Path]) -> int | None:
+    n = 0
+    for f in files:
+        with f.open("rb") as fh:
+            if fh.read(64).lstrip()[:1] == b"[":
+                return None
+            fh.seek(0)
+            n += sum(1 for line in fh if line.strip())
+    return n
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .papers import BadRecord, input_files, read_papers
+    from .runtime import build
+
+    paths = args.paths or [str(EXAMPLE)]
+    try:
+        files = input_files(paths)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from exc
+    shard = None
+    if args.shard:
+        i, _, n = args.shard.partition("/")
+        if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+            raise CliError(f"--shard takes i/n with 0 <= i < n, got {args.shard!r}")
+        shard = (int(i), int(n))
+    if args.strict:
+        bad = [r for r in read_papers(files, shard) if isinstance(r, BadRecord)]
+        if bad:
+            for r in bad:
+                print(f"bad record {r}", file=sys.stderr)
+            raise CliError(f"{len(bad)} bad record(s); nothing indexed (--strict)")
+    s = _settings(args)
+    rt = build(s, reranker=False)
+    total = _count_records(files)
+    bar = tqdm(total=total, unit="paper", disable=args.quiet, dynamic_ncols=True)
+
+    def progress(st) -> None:
+        bar.update(st.papers_indexed + st.papers_unchanged + len(st.bad) - bar.n)
+        secs = max(st.seconds, 1e-9)
+        post = {"chunks/s": f"{st.chunks / secs:,.0f}", "tok/s": f"{st.tokens / secs:,.0f}", "skipped": st.papers_unchanged, "bad": len(st.bad)}
+        if mem := _gpu_memory():
+            post["gpu"] = mem
+        bar.set_postfix(post, refresh=False)
+
+    try:
+        stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
+        rt.store.finish_bulk()
+    finally:
+        bar.close()
+        rt.close()
+    for r in stats.bad:
+        print(f"bad record {r}", file=sys.stderr)
+    secs = max(stats.seconds, 1e-9)
+    summary = stats.as_dict() | {"papers_per_s": round(stats.papers_indexed / secs, 2), "tokens_per_s": round(stats.tokens / secs)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"indexed {stats.papers_indexed} papers ({stats.chunks} chunks, {stats.windows} windows, {stats.tokens:,} passage tokens "
+            f"+ {stats.head_tokens:,} head tokens) in {stats.seconds:.1f}s; {stats.papers_unchanged} unchanged, "
+            f"{len(stats.bad)} bad record(s) skipped"
+            + (f"; {stats.papers_capped} paper(s) cut to {s.max_chunks_per_paper} chunks (--max-chunks-per-paper)" if stats.papers_capped else "")
+        )
+    return 0
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .runtime import build
+
+    s = _settings(args)
+    rt = build(s, reranker=args.rerank)
+    try:
+        flt = _filter(args)
+        if args.papers:
+            res = [asdict(r) for r in rt.searcher.papers(args.query, args.k, flt)]
+            if args.json:
+                _print_json(res)
+            for i, r in enumerate(res, 1):
+                if not args.json:
+                    print(f"{i:>2}. [{r['score']:.3f}] {r['paper_id']}  {r['title']} ({r['year'] or 'n.d.'})")
+            return 0
+        if args.group:
+            groups = rt.searcher.grouped(args.query, args.k, args.group_size, flt, rerank=args.rerank, candidates=args.candidates)
+            if args.json:
+                _print_json([asdict(g) for g in groups])
+                return 0
+            for i, g in enumerate(groups, 1):
+                print(f"{i:>2}. [{g.score:.3f}] {g.paper_id}  {g.title}")
+                for p in g.passages:
+                    print(f"      #{p.chunk_index} [{p.score:.3f}] {p.text[:160]}…")
+            return 0
+        hits = rt.searcher.passages(args.query, args.k, flt, rerank=args.rerank, candidates=args.candidates)
+        if args.json:
+            _print_json([asdict(h) for h in hits])
+            return 0
+        for i, h in enumerate(hits, 1):
+            rr = f" rerank {h.rerank_score:.3f}" if h.rerank_score is not None else ""
+            print(f"{i:>2}. [{h.score:.3f}{rr}] {h.paper_id} #{h.chunk_index}  {h.title}\n      {h.text[:200]}…")
+        return 0
+    finally:
+        rt.close()
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from .runtime import build
+
+    rt = build(_settings(args), reranker=False)
+    try:
+        res = rt.searcher.similar(args.paper_id, args.k, _filter(args))
+        if args.json:
+            _print_json([asdict(r) for r in res])
+        for i, r in enumerate(res, 1):
+            if not args.json:
+                print(f"{i:>2}. [{r.score:.3f}] {r.paper_id}  {r.title} ({r.year or 'n.d.'})")
+        return 0
+    finally:
+        rt.close()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    s = _settings(args)
+    store = open_store(s)
+    try:
+        layout = store.layout()
+        out = {
+            "store": s.qdrant_url or str(Path(s.qdrant_path).resolve()),
+            "papers": store.count(store.papers),
+            "chunks": store.count(store.chunks),
+            "layout": asdict(layout) if layout else None,
+        }
+        if not s.qdrant_url and Path(s.qdrant_path).exists():
+            # allocated blocks, not apparent sizes: Qdrant preallocates sparse files
+            out["disk_bytes"] = sum(f.stat().st_blocks * 512 for f in Path(s.qdrant_path).rglob("*") if f.is_file())
+    finally:
+        store.close()
+    if args.json:
+        _print_json(out)
+    else:
+        for k, v in out.items():
+            print(f"{k:>10}: {v}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from .pipeline import retry
+    from .store import open_store
+
+    store = open_store(_settings(args))
+    try:
+        existing = retry(store.committed, args.paper_ids)
+        store.delete_papers(args.paper_ids)
+        store.flush()
+    finally:
+        store.close()
+    missing = [p for p in args.paper_ids if p not in existing]
+    print(f"deleted {len(existing)} paper(s) with their chunks")
+    if missing:
+        print(f"not in the index: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .migrate import migrate
+    from .store import ClientStore, EdgeStore, StoreOptions
+
+    s = _settings(args)
+    if s.qdrant_url:
+        raise CliError("migrate copies the embedded index (PAPERINDEX_QDRANT_PATH); unset PAPERINDEX_QDRANT_URL and pass --to URL")
+    options = StoreOptions(shard_number=s.shard_number, replication_factor=s.replication_factor, hnsw_m=s.hnsw_m, quantization=s.quantization)
+    source = EdgeStore(s.qdrant_path, s.papers_collection, s.chunks_collection)
+    target = ClientStore(args.to, args.api_key or s.qdrant_api_key, s.qdrant_prefer_grpc, s.qdrant_timeout, s.papers_collection, s.chunks_collection, options)
+    checkpoint = Path(s.qdrant_path) / f".migrate-{abs(hash(args.to)) % 10**8}.json"
+    bar = tqdm(total=source.count(source.papers) + source.count(source.chunks), unit="pt", disable=args.quiet)
+    try:
+        copied = migrate(source, target, checkpoint, args.batch, on_batch=lambda _c, n: bar.update(n))
+    finally:
+        bar.close()
+        source.close()
+        target.close()
+    print(f"copied {copied.get(s.chunks_collection, 0)} chunks and {copied.get(s.papers_collection, 0)} papers to {args.to}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = _settings(args)
+    from app.main import create_app
+
+    uvicorn.run(create_app(s), host=args.host or s.host, port=args.port or s.port, log_level="info")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paperindex", description="Two-level RAG index for scientific papers (settings: PAPERINDEX_* env vars)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--qdrant-path", help="embedded index folder (PAPERINDEX_QDRANT_PATH)")
+    common.add_argument("--qdrant-url", help="Qdrant server URL (PAPERINDEX_QDRANT_URL)")
+    common.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("-q", "--quiet", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ix = sub.add_parser("index", parents=[common], help="index JSONL/JSON files or folders (default: the bundled example corpus)")
+    ix.add_argument("paths", nargs="*")
+    ix.add_argument("--strict", action="store_true", help="refuse the whole input if any record is bad")
+    ix.add_argument("--force", action="store_true", help="re-embed papers even if unchanged")
+    ix.add_argument("--shard", help="i/n: index only the papers of shard i of n (split work across GPUs or hosts)")
+    ix.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"], help="how windows of a long chunk are combined")
+    ix.add_argument("--max-chunks-per-paper", type=int, dest="max_chunks_per_paper")
+    ix.add_argument("--bulk-load", action="store_true", default=None, dest="bulk_load", help="defer HNSW building to the end")
+    ix.set_defaults(func=cmd_index)
+
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("-k", type=int, default=10)
+    filters.add_argument("--year-from", type=int)
+    filters.add_argument("--year-to", type=int)
+    filters.add_argument("--paper-id", action="append", help="restrict to this paper (repeatable)")
+
+    se = sub.add_parser("search", parents=[common, filters], help="search passages (or papers with --papers)")
+    se.add_argument("query")
+    se.add_argument("--papers", action="store_true", help="paper search with SPECTER2's ad-hoc query adapter")
+    se.add_argument("--group", action="store_true", help="group passages by paper")
+    se.add_argument("--group-size", type=int, default=3)
+    se.add_argument("--rerank", action="store_true", help="rescore with the cross-encoder")
+    se.add_argument("--candidates", type=int, default=50)
+    se.set_defaults(func=cmd_search)
+
+    si = sub.add_parser("similar", parents=[common, filters], help="papers nearest to an indexed paper (SPECTER2)")
+    si.add_argument("paper_id")
+    si.set_defaults(func=cmd_similar)
+
+    st = sub.add_parser("stats", parents=[common], help="what the index holds")
+    st.set_defaults(func=cmd_stats)
+
+    de = sub.add_parser("delete", parents=[common], help="remove papers and all their chunks")
+    de.add_argument("paper_ids", nargs="+")
+    de.set_defaults(func=cmd_delete)
+
+    mi = sub.add_parser("migrate", parents=[common], help="copy the embedded index into a Qdrant server or cluster")
+    mi.add_argument("--to", required=True, help="target Qdrant URL")
+    mi.add_argument("--api-key")
+    mi.add_argument("--batch", type=int, default=256)
+    mi.set_defaults(func=cmd_migrate)
+
+    sv = sub.add_parser("serve", parents=[common], help="run the HTTP service (uvicorn)")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("indexer", "app", "paperindex"):
+        logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logging.getLogger("adapters").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from .encoders import ModelLoadError
+    from .search import NoReranker, NotFound
+    from .store import StoreError
+
+    t0 = time.perf_counter()
+    try:
+        return args.func(args)
+    except (CliError, ModelLoadError, StoreError, NotFound, NoReranker, FileNotFoundError, ValueError) as exc:
+        print(f"paperindex {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"paperindex {args.command}: interrupted after {time.perf_counter() - t0:.0f}s; rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

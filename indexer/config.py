@@ -1,0 +1,83 @@
+"""Settings: one class, read from the environment (prefix PAPERINDEX_), built only at entrypoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LongChunk = Literal["multivector", "mean", "truncate"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAPERINDEX_", env_file=".env", extra="ignore")
+
+    # Qdrant: embedded Qdrant Edge under qdrant_path unless qdrant_url is set.
+    qdrant_url: str | None = None
+    qdrant_path: Path = Path("paperindex_data")
+    qdrant_api_key: str | None = None
+    qdrant_prefer_grpc: bool = False
+    qdrant_timeout: float = 60.0
+    papers_collection: str = "papers"
+    chunks_collection: str = "chunks"
+
+    # Models: a hub id or a local directory each.
+    paper_model: str = "allenai/specter2_base"
+    paper_adapter: str = "allenai/specter2"
+    query_adapter: str | None = "allenai/specter2_adhoc_query"
+    passage_model: str = "sentence-transformers/multi-qa-mpnet-base-dot-v1"
+    reranker_model: str | None = "cross-encoder/ms-marco-MiniLM-L6-v2"
+    device: str = "auto"
+
+    # Chunking and long-chunk handling.
+    chunk_words: int = Field(512, ge=8)
+    chunk_overlap: int = Field(50, ge=0)
+    max_chunks_per_paper: int | None = Field(None, ge=1)
+    long_chunk: LongChunk = "multivector"
+    window_tokens: int = Field(256, ge=16, le=510)
+    window_overlap: int = Field(32, ge=0)
+
+    # Batching.
+    token_budget: int | None = Field(None, ge=512, description="tokens per forward batch; None: 131072 on CUDA, 16384 on CPU")
+    papers_per_batch: int = Field(256, ge=1)
+    compile: bool = False
+    tokenizer_workers: int = Field(2, ge=1)
+
+    # Store layout (defaults fit 1M+ chunks on one machine).
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    bulk_load: bool = False
+    quantization: Literal["none", "int8"] = "none"
+    vectors_on_disk: bool = False
+    shard_number: int = Field(1, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    upload_parallel: int = Field(2, ge=1)
+
+    # Service.
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    index_queue_size: int = Field(16, ge=1)
+    max_query_chars: int = 2000
+    max_k: int = 100
+    max_candidates: int = 200
+    cors_origins: list[str] = []
+    host: str = "0.0.0.0"
+    port: int = 8000
+
+    @field_validator("chunk_overlap")
+    @classmethod
+    def _overlap_below_size(cls, v: int, info) -> int:
+        size = info.data.get("chunk_words", 512)
+        if v >= size:
+            raise ValueError(f"chunk_overlap ({v}) must be smaller than chunk_words ({size})")
+        return v
+
+    @field_validator("window_overlap")
+    @classmethod
+    def _window_overlap_below_size(cls, v: int, info) -> int:
+        size = info.data.get("window_tokens", 256)
+        if v >= size:
+            raise ValueError(f"window_overlap ({v}) must be smaller than window_tokens ({size})")
+        return v

@@ -1,0 +1,277 @@
+"""Papers -> heads + chunks -> encoders -> store, batch by batch, resumable.
+
+Three stages overlap: a thread plans and tokenizes the next batch (CPU) while the encoders run the
+current one (GPU) and another thread writes the previous one to Qdrant.
+
+Commit protocol, per paper: delete what a previous version left, write the chunks, then the paper
+point last. The paper point carries the content hash, so it is the commit marker: a rerun after any
+crash skips papers whose marker matches and redoes the rest, ending with exactly the right points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .chunking import Chunk, chunk_words
+from .encoders import PaperEncoder, PassageEncoder
+from .papers import BadRecord, PaperIn
+from .store import Layout, Point, Store, StoreError, chunk_point_id, paper_point_id
+
+log = logging.getLogger(__name__)
+
+HEAD_FALLBACK_WORDS = 300
+
+
+@dataclass
+class IndexStats:
+    papers_seen: int = 0
+    papers_indexed: int = 0
+    papers_unchanged: int = 0
+    papers_capped: int = 0
+    chunks: int = 0
+    windows: int = 0
+    tokens: int = 0
+    head_tokens: int = 0
+    seconds: float = 0.0
+    bad: list[BadRecord] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "bad"}
+        d["bad_records"] = len(self.bad)
+        return d
+
+
+@dataclass
+class _Batch:
+    papers: list[PaperIn]
+    hashes: list[str]
+    replace: list[str]  # committed with other content: uncommit before writing
+    chunks: list[list[Chunk]]
+    capped: int
+    head_ids: list[list[int]]
+    windows: list[list[list[int]]]
+    paper_vecs: np.ndarray | None = None
+    chunk_vecs: list[np.ndarray] | None = None
+
+
+def retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kwargs):
+    """Call fn, retrying with exponential back-off; every write here is idempotent, so a retry is safe."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except StoreError as exc:
+            if "unreachable" not in str(exc) or attempt == attempts - 1:
+                raise
+            delay = base_delay * 2**attempt
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            if attempt == attempts - 1:
+                raise
+            delay = base_delay * 2**attempt
+        log.warning("store call %s failed (attempt %d/%d), retrying in %.1fs", getattr(fn, "__name__", fn), attempt + 1, attempts, delay)
+        time.sleep(delay)
+
+
+def settings_fingerprint(passage: PassageEncoder, paper: PaperEncoder, chunk_size: int, overlap: int, max_chunks: int | None) -> str:
+    """Everything besides the paper itself that shapes its points: a change re-indexes the paper."""
+    parts = [passage.name, passage.long_chunk, passage.window_tokens, passage.window_overlap, paper.name, chunk_size, overlap, max_chunks]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+class Indexer:
+    def __init__(
+        self,
+        store: Store,
+        paper_encoder: PaperEncoder,
+        passage_encoder: PassageEncoder,
+        chunk_size: int = 512,
+        chunk_overlap: int = 50,
+        max_chunks: int | None = None,
+        papers_per_batch: int = 256,
+    ) -> None:
+        self.store = store
+        self.paper_encoder = paper_encoder
+        self.passage_encoder = passage_encoder
+        self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks
+        self.papers_per_batch = papers_per_batch
+        self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks)
+        self.layout = Layout(paper_encoder.dim, passage_encoder.dim, passage_encoder.multivector)
+        self._write_lock = threading.Lock()
+
+    def ensure_collections(self) -> None:
+        retry(self.store.create, self.layout)
+
+    # stage 1: plan + chunk + tokenize (CPU) ------------------------------------------------------
+    def _prepare(self, papers: list[PaperIn], force: bool) -> _Batch:
+        hashes = [p.content_hash(self.fingerprint) for p in papers]
+        done = retry(self.store.committed, [p.paper_id for p in papers])
+        todo = [(p, h) for p, h in zip(papers, hashes) if force or done.get(p.paper_id) != h]
+        replace = [p.paper_id for p, _ in todo if p.paper_id in done]
+        chunks, capped = [], 0
+        for p, _ in todo:
+            cs = chunk_words(p.text or "", self.chunk_size, self.chunk_overlap)
+            if self.max_chunks is not None and len(cs) > self.max_chunks:
+                cs, capped = cs[: self.max_chunks], capped + 1
+            chunks.append(cs)
+        heads = [(p.title, p.abstract or " ".join((p.text or "").split()[:HEAD_FALLBACK_WORDS])) for p, _ in todo]
+        head_ids = self.paper_encoder.tokenize_heads([t for t, _ in heads], [a for _, a in heads]) if todo else []
+        flat = [c.text for cs in chunks for c in cs]
+        windows = self.passage_encoder.chunk_windows(flat) if flat else []
+        return _Batch([p for p, _ in todo], [h for _, h in todo], replace, chunks, capped, head_ids, windows)
+
+    # stage 2: encode (GPU) -----------------------------------------------------------------------
+    def _encode(self, b: _Batch) -> None:
+        if b.papers:
+            b.paper_vecs = self.paper_encoder.encode_ids(b.head_ids)
+        b.chunk_vecs = self.passage_encoder.encode_windows(b.windows) if b.windows else []
+
+    # stage 3: write (store) ----------------------------------------------------------------------
+    def _write(self, b: _Batch) -> None:
+        if not b.papers:
+            return
+        with self._write_lock:
+            if b.replace:
+                retry(self.store.delete_papers, b.replace)
+            retry(self.store.delete_chunks, [p.paper_id for p in b.papers if p.paper_id not in set(b.replace)])
+            points, at = [], 0
+            for p, cs in zip(b.papers, b.chunks):
+                meta = p.metadata()
+                for c in cs:
+                    points.append(Point(chunk_point_id(p.paper_id, c.chunk_index), b.chunk_vecs[at], self.chunk_payload(p, c, meta)))
+                    at += 1
+            for i in range(0, len(points), 512):
+                retry(self.store.upsert, self.store.chunks, points[i : i + 512])
+            paper_points = [
+                Point(paper_point_id(p.paper_id), b.paper_vecs[i], self.paper_payload(p, h, len(cs)))
+                for i, (p, h, cs) in enumerate(zip(b.papers, b.hashes, b.chunks))
+            ]
+            retry(self.store.upsert, self.store.papers, paper_points)
+
+    @staticmethod
+    def chunk_payload(p: PaperIn, c: Chunk, meta: dict) -> dict:
+        return {
+            "paper_id": p.paper_id,
+            "paper_uuid": paper_point_id(p.paper_id),
+            "chunk_index": c.chunk_index,
+            "year": p.year,
+            "text": c.text,
+            "metadata": {"paper_id": p.paper_id, "title": p.title, "year": p.year, "chunk_index": c.chunk_index,
+                         "word_start": c.word_start, "word_end": c.word_end, **meta},
+        }
+
+    @staticmethod
+    def paper_payload(p: PaperIn, content_hash: str, n_chunks: int) -> dict:
+        return {
+            "paper_id": p.paper_id,
+            "title": p.title,
+            "abstract": p.abstract,
+            "year": p.year,
+            "n_chunks": n_chunks,
+            "content_hash": content_hash,
+            "metadata": p.metadata(),
+        }
+
+    # driver --------------------------------------------------------------------------------------
+    def index(
+        self,
+        records: Iterable[PaperIn | BadRecord],
+        force: bool = False,
+        on_batch: Callable[[IndexStats], None] | None = None,
+    ) -> IndexStats:
+        """Index papers (bad records are counted and passed over). Returns the run's statistics."""
+        stats = IndexStats()
+        t0 = time.perf_counter()
+        self.ensure_collections()
+        prepared: queue.Queue = queue.Queue(maxsize=2)
+        encoded: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def batches() -> Iterator[list[PaperIn]]:
+            group: list[PaperIn] = []
+            for rec in records:
+                if isinstance(rec, BadRecord):
+                    stats.bad.append(rec)
+                    log.warning("bad record %s", rec)
+                    continue
+                stats.papers_seen += 1
+                group.append(rec)
+                if len(group) == self.papers_per_batch:
+                    yield group
+                    group = []
+            if group:
+                yield group
+
+        def producer() -> None:
+            try:
+                for group in batches():
+                    if stop.is_set():
+                        return
+                    b = self._prepare(group, force)
+                    stats.papers_unchanged += len(group) - len(b.papers)
+                    prepared.put(b)
+            except BaseException as exc:  # handed to the main thread
+                errors.append(exc)
+            finally:
+                prepared.put(None)
+
+        def writer() -> None:
+            while (b := encoded.get()) is not None:
+                if errors:
+                    continue
+                try:
+                    self._write(b)
+                except BaseException as exc:
+                    errors.append(exc)
+                    stop.set()
+                    continue
+                stats.papers_indexed += len(b.papers)
+                stats.papers_capped += b.capped
+                stats.chunks += sum(len(cs) for cs in b.chunks)
+                stats.windows += sum(len(ws) for ws in b.windows)
+                stats.tokens += sum(len(w) for ws in b.windows for w in ws)
+                stats.head_tokens += sum(len(h) for h in b.head_ids)
+                stats.seconds = time.perf_counter() - t0
+                if on_batch:
+                    on_batch(stats)
+
+        threads = [threading.Thread(target=producer, daemon=True, name="prepare"), threading.Thread(target=writer, daemon=True, name="write")]
+        for t in threads:
+            t.start()
+        try:
+            while (b := prepared.get()) is not None:
+                if errors:
+                    break
+                self._encode(b)
+                encoded.put(b)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            stop.set()
+            while threads[0].is_alive():  # unblock the producer if it waits on a full queue
+                try:
+                    prepared.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            encoded.put(None)
+            threads[1].join()
+            self.store.flush()
+        stats.seconds = time.perf_counter() - t0
+        if errors:
+            raise errors[0]
+        return stats
+
+    def delete(self, paper_ids: Sequence[str]) -> int:
+        """Remove papers and all their chunks; returns how many papers existed."""
+        with self._write_lock:
+            existing = retry(self.store.committed, list(paper_ids))
+            retry(self.store.delete_papers, list(paper_ids))
+            self.store.flush()
+        return len(existing)

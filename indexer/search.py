@@ -1,0 +1,147 @@
+"""Search: the one implementation behind the CLI, the HTTP service and `paperindex eval`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .encoders import PaperEncoder, PassageEncoder, Reranker
+from .store import Group, Hit, SearchFilter, Store
+
+
+class NotFound(LookupError):
+    """A paper id that is not in the index."""
+
+
+class NoReranker(RuntimeError):
+    """Reranking was asked for, but no reranker model is configured."""
+
+
+@dataclass
+class Passage:
+    paper_id: str
+    title: str
+    chunk_index: int
+    text: str
+    score: float
+    rerank_score: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_hit(cls, h: Hit) -> Passage:
+        meta = dict(h.payload.get("metadata") or {})
+        return cls(
+            paper_id=h.payload["paper_id"],
+            title=meta.get("title", ""),
+            chunk_index=int(h.payload["chunk_index"]),
+            text=h.payload.get("text", ""),
+            score=h.score,
+            metadata=meta,
+        )
+
+
+@dataclass
+class PaperGroup:
+    paper_id: str
+    title: str
+    score: float  # the best passage's score (rerank score when reranked)
+    passages: list[Passage]
+    paper: dict[str, Any] | None
+
+
+@dataclass
+class PaperResult:
+    paper_id: str
+    title: str
+    score: float  # SPECTER2 Euclidean distance: lower is closer
+    year: int | None
+    abstract: str | None
+    metadata: dict[str, Any]
+
+    @classmethod
+    def from_hit(cls, h: Hit) -> PaperResult:
+        p = h.payload
+        return cls(p["paper_id"], p.get("title", ""), h.score, p.get("year"), p.get("abstract"), dict(p.get("metadata") or {}))
+
+
+class Searcher:
+    def __init__(self, store: Store, passage_encoder: PassageEncoder, paper_encoder: PaperEncoder, reranker: Reranker | None = None) -> None:
+        self.store = store
+        self.passage_encoder = passage_encoder
+        self.paper_encoder = paper_encoder
+        self.reranker = reranker
+
+    def passages(
+        self,
+        query: str,
+        k: int = 10,
+        flt: SearchFilter | None = None,
+        rerank: bool = False,
+        candidates: int = 50,
+    ) -> list[Passage]:
+        """Top-k passages; with rerank, the top `candidates` are rescored by the cross-encoder, then cut to k."""
+        vec = self.passage_encoder.encode_queries([query])[0]
+        hits = [Passage.from_hit(h) for h in self.store.search(self.store.chunks, vec, max(k, candidates) if rerank else k, flt)]
+        if rerank:
+            hits = self._rerank(query, hits)
+        return hits[:k]
+
+    def grouped(
+        self,
+        query: str,
+        k: int = 10,
+        group_size: int = 3,
+        flt: SearchFilter | None = None,
+        rerank: bool = False,
+        candidates: int = 50,
+    ) -> list[PaperGroup]:
+        """Top-k papers by their best passages, each paper once with up to `group_size` passages."""
+        vec = self.passage_encoder.encode_queries([query])[0]
+        groups: list[Group] = self.store.search_groups(vec, max(k, candidates // group_size) if rerank else k, group_size, flt)
+        out = []
+        for g in groups:
+            ps = [Passage.from_hit(h) for h in g.hits]
+            title = (g.paper or {}).get("title") or (ps[0].title if ps else "")
+            out.append(PaperGroup(g.paper_id, title, ps[0].score, ps, g.paper))
+        if rerank:
+            flat = self._rerank(query, [p for g in out for p in g.passages])
+            best: dict[str, float] = {}
+            for p in flat:
+                best.setdefault(p.paper_id, p.rerank_score)  # type: ignore[arg-type]
+            for g in out:
+                g.passages.sort(key=lambda p: -(p.rerank_score or 0.0))
+                g.score = best[g.paper_id]
+            out.sort(key=lambda g: -g.score)
+        return out[:k]
+
+    def _rerank(self, query: str, hits: list[Passage]) -> list[Passage]:
+        if self.reranker is None:
+            raise NoReranker("rerank=true, but no reranker is configured (PAPERINDEX_RERANKER_MODEL)")
+        for h, s in zip(hits, self.reranker.score(query, [h.text for h in hits])):
+            h.rerank_score = s
+        return sorted(hits, key=lambda h: -(h.rerank_score or 0.0))
+
+    def papers(self, query: str, k: int = 10, flt: SearchFilter | None = None) -> list[PaperResult]:
+        """Paper search: the query through SPECTER2's ad-hoc query adapter, against paper heads."""
+        vec = self.paper_encoder.encode_queries([query])[0]
+        return [PaperResult.from_hit(h) for h in self.store.search(self.store.papers, vec, k, flt)]
+
+    def paper(self, paper_id: str) -> dict[str, Any]:
+        found = self.store.get_papers([paper_id])
+        if paper_id not in found:
+            raise NotFound(f"paper {paper_id!r} is not in the index")
+        return found[paper_id].payload
+
+    def similar(self, paper_id: str, k: int = 10, flt: SearchFilter | None = None) -> list[PaperResult]:
+        """SPECTER2 neighbours of an indexed paper, the paper itself excluded."""
+        found = self.store.get_papers([paper_id], with_vectors=True)
+        if paper_id not in found:
+            raise NotFound(f"paper {paper_id!r} is not in the index")
+        f = flt or SearchFilter()
+        f = SearchFilter(f.year_from, f.year_to, f.paper_ids, [*f.exclude_paper_ids, paper_id])
+        return [PaperResult.from_hit(h) for h in self.store.search(self.store.papers, found[paper_id].vector, k, f)]
+
+    def similar_to(self, title: str, abstract: str | None, k: int = 10, flt: SearchFilter | None = None) -> list[PaperResult]:
+        """SPECTER2 neighbours of a paper that is not in the index."""
+        vec = self.paper_encoder.encode_papers([title], [abstract])[0]
+        return [PaperResult.from_hit(h) for h in self.store.search(self.store.papers, vec, k, flt)]

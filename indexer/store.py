@@ -1,0 +1,589 @@
+"""Store: the two Qdrant collections, behind one small interface with two backends.
+
+- EdgeStore: Qdrant Edge, the Qdrant engine in-process (embedded default). One EdgeShard per
+  collection at <path>/<collection>/.
+- ClientStore: qdrant-client against a server or cluster (or its own ":memory:" local mode).
+
+Layout (both backends):
+  papers  vector "specter2" (Euclid)              payload paper_id, title, abstract, year, content_hash,
+                                                          n_chunks, metadata{authors, venue, url, ...}
+  chunks  vector "passage" (Dot; multivector:     payload paper_id, paper_uuid, chunk_index, year, text,
+          one vector per window, MaxSim)                  metadata{paper_id, title, year, chunk_index,
+                                                                   word_start, word_end, authors, ...}
+Point ids are uuid5 of paper_id (papers) and of "paper_id:chunk_index" (chunks), so writes are idempotent.
+`paper_uuid` on a chunk is its paper's point id: the server groups by it and looks the paper up directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = uuid.UUID("6f1b3c2e-8d4a-5e7f-9a0b-1c2d3e4f5a6b")
+PAPER_VECTOR = "specter2"
+PASSAGE_VECTOR = "passage"
+
+
+def paper_point_id(paper_id: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, paper_id))
+
+
+def chunk_point_id(paper_id: str, chunk_index: int) -> str:
+    return str(uuid.uuid5(NAMESPACE, f"{paper_id}:{chunk_index}"))
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (layout mismatch, bad request)."""
+
+
+class StoreUnavailable(StoreError):
+    """Qdrant cannot be reached (server down, timeout, shard cannot be opened)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    paper_dim: int
+    chunk_dim: int
+    multivector: bool
+
+
+@dataclass
+class Point:
+    id: str
+    vector: np.ndarray  # (dim,) or (n, dim) for a multivector
+    payload: dict[str, Any]
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+@dataclass
+class Group:
+    paper_id: str
+    hits: list[Hit]
+    paper: dict[str, Any] | None  # the paper's payload from `papers`, None if not (yet) committed
+
+
+@dataclass
+class SearchFilter:
+    year_from: int | None = None
+    year_to: int | None = None
+    paper_ids: list[str] = field(default_factory=list)
+    exclude_paper_ids: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return self.year_from is None and self.year_to is None and not self.paper_ids and not self.exclude_paper_ids
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Collection settings, fixed at creation (bulk_load toggles HNSW building off until `finish_bulk`)."""
+
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    bulk_load: bool = False
+    quantization: str = "none"  # or "int8"
+    vectors_on_disk: bool = False
+    shard_number: int = 1
+    replication_factor: int = 1
+    upload_parallel: int = 2
+
+
+class Store(Protocol):
+    papers: str
+    chunks: str
+
+    def layout(self) -> Layout | None: ...
+    def create(self, layout: Layout) -> None: ...
+    def committed(self, paper_ids: Sequence[str]) -> dict[str, str]: ...
+    def upsert(self, collection: str, points: Sequence[Point]) -> None: ...
+    def delete_chunks(self, paper_ids: Sequence[str]) -> None: ...
+    def delete_papers(self, paper_ids: Sequence[str]) -> None: ...
+    def get_papers(self, paper_ids: Sequence[str], with_vectors: bool = False) -> dict[str, Point]: ...
+    def search(self, collection: str, vector: np.ndarray, limit: int, flt: SearchFilter | None = None) -> list[Hit]: ...
+    def search_groups(self, vector: np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None) -> list[Group]: ...
+    def count(self, collection: str, flt: SearchFilter | None = None) -> int: ...
+    def scroll(self, collection: str, batch: int = 256, with_vectors: bool = True, offset: str | None = None) -> Iterator[tuple[list[Point], str | None]]:
+        """Batches of points with the offset that resumes after each batch (None after the last)."""
+        ...
+    def finish_bulk(self) -> None: ...
+    def flush(self) -> None: ...
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _vector_value(vector: np.ndarray) -> list:
+    return vector.astype(np.float32, copy=False).tolist()
+
+
+def _query_value(vector: np.ndarray, multivector: bool) -> list:
+    v = np.asarray(vector, dtype=np.float32)
+    if multivector and v.ndim == 1:
+        v = v[None, :]
+    return v.tolist()
+
+
+def group_hits(hits: Sequence[Hit], groups: int, group_size: int) -> list[tuple[str, list[Hit]]]:
+    """Group ranked hits by paper, keeping each paper's best `group_size`, papers in order of their best hit."""
+    by_paper: dict[str, list[Hit]] = {}
+    for h in hits:
+        pid = h.payload["paper_id"]
+        if pid not in by_paper:
+            if len(by_paper) == groups:
+                continue
+            by_paper[pid] = []
+        if len(by_paper[pid]) < group_size:
+            by_paper[pid].append(h)
+    return list(by_paper.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedded: Qdrant Edge
+# --------------------------------------------------------------------------------------------------
+
+
+class EdgeStore:
+    """Qdrant Edge shards in one folder: <path>/<papers>/ and <path>/<chunks>/."""
+
+    def __init__(self, path: Path | str, papers: str = "papers", chunks: str = "chunks", options: StoreOptions | None = None) -> None:
+        import qdrant_edge as qe
+
+        self.qe = qe
+        self.path = Path(path)
+        self.papers, self.chunks = papers, chunks
+        self.options = options or StoreOptions()
+        self._shards: dict[str, Any] = {}
+        self._multivector = False
+        for name in (papers, chunks):
+            if (self.path / name / "edge_config.json").exists():
+                try:
+                    self._shards[name] = qe.EdgeShard.load(str(self.path / name))
+                except Exception as exc:
+                    raise StoreUnavailable(f"cannot open embedded collection at {self.path / name}: {exc}") from exc
+        if chunks in self._shards:
+            self._multivector = self._read_layout()[1]
+
+    # layout ------------------------------------------------------------------------------------
+    def _read_layout(self) -> tuple[int, bool]:
+        import json
+
+        cfg = json.loads((self.path / self.chunks / "edge_config.json").read_text())
+        params = cfg["vectors"][PASSAGE_VECTOR]
+        return int(params["size"]), params.get("multivector_config") is not None
+
+    def layout(self) -> Layout | None:
+        if self.papers not in self._shards or self.chunks not in self._shards:
+            return None
+        import json
+
+        paper_cfg = json.loads((self.path / self.papers / "edge_config.json").read_text())
+        dim, multi = self._read_layout()
+        return Layout(int(paper_cfg["vectors"][PAPER_VECTOR]["size"]), dim, multi)
+
+    def _hnsw(self):
+        o = self.options
+        return self.qe.HnswIndexConfig(m=0 if o.bulk_load else o.hnsw_m, ef_construct=o.hnsw_ef_construct, full_scan_threshold=10000)
+
+    def _vector_params(self, dim: int, distance, multivector: bool = False):
+        qe = self.qe
+        quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True) if self.options.quantization == "int8" else None
+        return qe.EdgeVectorParams(
+            size=dim,
+            distance=distance,
+            multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim) if multivector else None,
+            on_disk=self.options.vectors_on_disk or None,
+            quantization_config=quant,
+        )
+
+    def create(self, layout: Layout) -> None:
+        existing = self.layout()
+        if existing is not None:
+            if existing != layout:
+                raise StoreError(
+                    f"the index at {self.path} was built with {existing}, the models/settings now give {layout}; "
+                    "use another PAPERINDEX_QDRANT_PATH or delete the old index"
+                )
+            return
+        qe = self.qe
+        specs = {
+            self.papers: (PAPER_VECTOR, layout.paper_dim, qe.Distance.Euclid, False, ("paper_id", "year")),
+            self.chunks: (PASSAGE_VECTOR, layout.chunk_dim, qe.Distance.Dot, layout.multivector, ("paper_id", "paper_uuid", "year", "chunk_index")),
+        }
+        for name, (vname, dim, distance, multi, indexed) in specs.items():
+            if name in self._shards:
+                continue
+            cfg = qe.EdgeConfig(vectors={vname: self._vector_params(dim, distance, multi)}, hnsw_config=self._hnsw())
+            shard = qe.EdgeShard.create(str(self.path / name), cfg)
+            for key in indexed:
+                kind = qe.PayloadSchemaType.Integer if key in ("year", "chunk_index") else qe.PayloadSchemaType.Keyword
+                shard.update(qe.UpdateOperation.create_field_index(key, kind))
+            shard.flush()
+            self._shards[name] = shard
+        self._multivector = layout.multivector
+
+    def _shard(self, name: str):
+        try:
+            return self._shards[name]
+        except KeyError:
+            raise StoreError(f"collection {name!r} does not exist yet at {self.path}: index some papers first") from None
+
+    def finish_bulk(self) -> None:
+        """Build the HNSW graphs deferred during a bulk load."""
+        if not self.options.bulk_load:
+            return
+        for name in (self.papers, self.chunks):
+            shard = self._shards.get(name)
+            if shard is None:
+                continue
+            shard.close()
+            cfg = self.qe.EdgeConfig(hnsw_config=self.qe.HnswIndexConfig(m=self.options.hnsw_m, ef_construct=self.options.hnsw_ef_construct, full_scan_threshold=10000))
+            self._shards[name] = shard = self.qe.EdgeShard.load(str(self.path / name), cfg)
+            shard.optimize()
+        self.options = StoreOptions(**{**self.options.__dict__, "bulk_load": False})
+
+    # filters -----------------------------------------------------------------------------------
+    def _filter(self, flt: SearchFilter | None):
+        if flt is None or flt.empty():
+            return None
+        qe = self.qe
+        must, must_not = [], []
+        if flt.year_from is not None or flt.year_to is not None:
+            must.append(qe.FieldCondition("year", range=qe.RangeFloat(gte=flt.year_from, lte=flt.year_to)))
+        if flt.paper_ids:
+            must.append(qe.FieldCondition("paper_id", match=qe.MatchAny(list(flt.paper_ids))))
+        if flt.exclude_paper_ids:
+            must_not.append(qe.FieldCondition("paper_id", match=qe.MatchAny(list(flt.exclude_paper_ids))))
+        return qe.Filter(must=must or None, must_not=must_not or None)
+
+    # writes ------------------------------------------------------------------------------------
+    def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        if not points:
+            return
+        qe = self.qe
+        vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
+        shard = self._shard(collection)
+        shard.update(qe.UpdateOperation.upsert_points([qe.Point(p.id, {vname: _vector_value(p.vector)}, p.payload) for p in points]))
+
+    def delete_chunks(self, paper_ids: Sequence[str]) -> None:
+        if paper_ids and self.chunks in self._shards:
+            self._shard(self.chunks).update(self.qe.UpdateOperation.delete_points_by_filter(self._filter(SearchFilter(paper_ids=list(paper_ids)))))
+
+    def delete_papers(self, paper_ids: Sequence[str]) -> None:
+        """Remove papers: the commit marker first, then the chunks, so a crash in between leaves no half paper visible as done."""
+        if not paper_ids:
+            return
+        if self.papers in self._shards:
+            self._shard(self.papers).update(self.qe.UpdateOperation.delete_points([paper_point_id(p) for p in paper_ids]))
+        self.delete_chunks(paper_ids)
+
+    def flush(self) -> None:
+        for shard in self._shards.values():
+            shard.flush()
+
+    # reads -------------------------------------------------------------------------------------
+    def get_papers(self, paper_ids: Sequence[str], with_vectors: bool = False) -> dict[str, Point]:
+        if not paper_ids or self.papers not in self._shards:
+            return {}
+        recs = self._shard(self.papers).retrieve([paper_point_id(p) for p in paper_ids], with_payload=True, with_vector=with_vectors)
+        out = {}
+        for r in recs:
+            vec = np.asarray(r.vector[PAPER_VECTOR], dtype=np.float32) if with_vectors and r.vector else np.empty(0)
+            out[r.payload["paper_id"]] = Point(str(r.id), vec, dict(r.payload))
+        return out
+
+    def committed(self, paper_ids: Sequence[str]) -> dict[str, str]:
+        return {pid: p.payload.get("content_hash", "") for pid, p in self.get_papers(paper_ids).items()}
+
+    def search(self, collection: str, vector: np.ndarray, limit: int, flt: SearchFilter | None = None) -> list[Hit]:
+        qe = self.qe
+        multi = collection == self.chunks and self._multivector
+        vname = PASSAGE_VECTOR if collection == self.chunks else PAPER_VECTOR
+        res = self._shard(collection).query(
+            qe.QueryRequest(limit=limit, query=qe.Query.Nearest(_query_value(vector, multi), using=vname), filter=self._filter(flt), with_payload=True)
+        )
+        return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res]
+
+    def search_groups(self, vector: np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None) -> list[Group]:
+        # Edge has no group query: group an oversampled top-N here, widening N until enough papers show up.
+        limit = max(groups * group_size * 4, 64)
+        while True:
+            hits = self.search(self.chunks, vector, limit, flt)
+            grouped = group_hits(hits, groups, group_size)
+            if len(grouped) >= groups or len(hits) < limit or limit >= 16384:
+                break
+            limit *= 4
+        papers = self.get_papers([pid for pid, _ in grouped])
+        return [Group(pid, hs, papers[pid].payload if pid in papers else None) for pid, hs in grouped]
+
+    def count(self, collection: str, flt: SearchFilter | None = None) -> int:
+        if collection not in self._shards:
+            return 0
+        return int(self._shard(collection).count(self.qe.CountRequest(filter=self._filter(flt), exact=True)))
+
+    def scroll(self, collection: str, batch: int = 256, with_vectors: bool = True, offset: str | None = None) -> Iterator[tuple[list[Point], str | None]]:
+        if collection not in self._shards:
+            return
+        vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
+        while True:
+            recs, nxt = self._shard(collection).scroll(self.qe.ScrollRequest(offset=offset, limit=batch, with_payload=True, with_vector=with_vectors))
+            offset = None if nxt is None else str(nxt)
+            yield [Point(str(r.id), np.asarray(r.vector[vname], dtype=np.float32) if with_vectors else np.empty(0), dict(r.payload)) for r in recs], offset
+            if offset is None:
+                return
+
+    def ping(self) -> None:
+        for name in (self.papers, self.chunks):
+            if name in self._shards:
+                self._shards[name].info()
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.flush()
+            shard.close()
+        self._shards.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Server / cluster: qdrant-client
+# --------------------------------------------------------------------------------------------------
+
+
+class ClientStore:
+    """qdrant-client: a Qdrant server or cluster (`url`), or qdrant-client's own local mode (`location=":memory:"`)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        prefer_grpc: bool = False,
+        timeout: float = 60.0,
+        papers: str = "papers",
+        chunks: str = "chunks",
+        options: StoreOptions | None = None,
+        location: str | None = None,
+        client: Any = None,
+    ) -> None:
+        from qdrant_client import QdrantClient, models
+
+        self.m = models
+        self.papers, self.chunks = papers, chunks
+        self.options = options or StoreOptions()
+        if client is not None:
+            self.client = client
+        elif location is not None:
+            self.client = QdrantClient(location=location)
+        else:
+            self.client = QdrantClient(url=url, api_key=api_key, prefer_grpc=prefer_grpc, timeout=int(timeout))
+        self._multivector: bool | None = None
+
+    def _call(self, fn, *args, **kwargs):
+        """Every server call goes through here: connection trouble becomes StoreUnavailable."""
+        try:
+            return fn(*args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise StoreUnavailable(f"Qdrant is unreachable: {exc}") from exc
+            raise
+
+    # layout ------------------------------------------------------------------------------------
+    def layout(self) -> Layout | None:
+        c = self.client
+        if not (self._call(c.collection_exists, self.papers) and self._call(c.collection_exists, self.chunks)):
+            return None
+        pv = self._call(c.get_collection, self.papers).config.params.vectors[PAPER_VECTOR]
+        cv = self._call(c.get_collection, self.chunks).config.params.vectors[PASSAGE_VECTOR]
+        self._multivector = cv.multivector_config is not None
+        return Layout(pv.size, cv.size, self._multivector)
+
+    def create(self, layout: Layout) -> None:
+        existing = self.layout()
+        if existing is not None:
+            if existing != layout:
+                raise StoreError(f"collections {self.papers!r}/{self.chunks!r} were built with {existing}, the models/settings now give {layout}")
+            return
+        m, o = self.m, self.options
+        quant = m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8, quantile=0.99, always_ram=True)) if o.quantization == "int8" else None
+        hnsw = m.HnswConfigDiff(m=0 if o.bulk_load else o.hnsw_m, ef_construct=o.hnsw_ef_construct)
+        specs = {
+            self.papers: (PAPER_VECTOR, layout.paper_dim, m.Distance.EUCLID, False, ("paper_id", "year")),
+            self.chunks: (PASSAGE_VECTOR, layout.chunk_dim, m.Distance.DOT, layout.multivector, ("paper_id", "paper_uuid", "year", "chunk_index")),
+        }
+        for name, (vname, dim, distance, multi, indexed) in specs.items():
+            if self._call(self.client.collection_exists, name):
+                continue
+            params = m.VectorParams(
+                size=dim,
+                distance=distance,
+                on_disk=o.vectors_on_disk or None,
+                multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM) if multi else None,
+            )
+            self._call(
+                self.client.create_collection,
+                name,
+                vectors_config={vname: params},
+                hnsw_config=hnsw,
+                quantization_config=quant,
+                shard_number=o.shard_number,
+                replication_factor=o.replication_factor,
+            )
+            for key in indexed:
+                schema = m.PayloadSchemaType.INTEGER if key in ("year", "chunk_index") else m.PayloadSchemaType.KEYWORD
+                self._call(self.client.create_payload_index, name, key, field_schema=schema, wait=True)
+        self._multivector = layout.multivector
+
+    def finish_bulk(self) -> None:
+        if not self.options.bulk_load:
+            return
+        for name in (self.papers, self.chunks):
+            self._call(self.client.update_collection, name, hnsw_config=self.m.HnswConfigDiff(m=self.options.hnsw_m))
+        self.options = StoreOptions(**{**self.options.__dict__, "bulk_load": False})
+
+    def _is_multivector(self) -> bool:
+        if self._multivector is None:
+            self.layout()
+        return bool(self._multivector)
+
+    def _filter(self, flt: SearchFilter | None):
+        if flt is None or flt.empty():
+            return None
+        m = self.m
+        must, must_not = [], []
+        if flt.year_from is not None or flt.year_to is not None:
+            must.append(m.FieldCondition(key="year", range=m.Range(gte=flt.year_from, lte=flt.year_to)))
+        if flt.paper_ids:
+            must.append(m.FieldCondition(key="paper_id", match=m.MatchAny(any=list(flt.paper_ids))))
+        if flt.exclude_paper_ids:
+            must_not.append(m.FieldCondition(key="paper_id", match=m.MatchAny(any=list(flt.exclude_paper_ids))))
+        return m.Filter(must=must or None, must_not=must_not or None)
+
+    # writes ------------------------------------------------------------------------------------
+    def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        if not points:
+            return
+        vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
+        structs = [self.m.PointStruct(id=p.id, vector={vname: _vector_value(p.vector)}, payload=p.payload) for p in points]
+        self._call(self.client.upsert, collection, points=structs, wait=True)
+
+    def delete_chunks(self, paper_ids: Sequence[str]) -> None:
+        if paper_ids:
+            selector = self.m.FilterSelector(filter=self._filter(SearchFilter(paper_ids=list(paper_ids))))
+            self._call(self.client.delete, self.chunks, points_selector=selector, wait=True)
+
+    def delete_papers(self, paper_ids: Sequence[str]) -> None:
+        if paper_ids:
+            ids = self.m.PointIdsList(points=[paper_point_id(p) for p in paper_ids])
+            self._call(self.client.delete, self.papers, points_selector=ids, wait=True)
+            self.delete_chunks(paper_ids)
+
+    def flush(self) -> None:
+        """Writes use wait=True: nothing to flush."""
+
+    # reads -------------------------------------------------------------------------------------
+    def get_papers(self, paper_ids: Sequence[str], with_vectors: bool = False) -> dict[str, Point]:
+        if not paper_ids:
+            return {}
+        recs = self._call(self.client.retrieve, self.papers, ids=[paper_point_id(p) for p in paper_ids], with_payload=True, with_vectors=with_vectors)
+        out = {}
+        for r in recs:
+            vec = np.asarray(r.vector[PAPER_VECTOR], dtype=np.float32) if with_vectors and r.vector else np.empty(0)
+            out[r.payload["paper_id"]] = Point(str(r.id), vec, dict(r.payload))
+        return out
+
+    def committed(self, paper_ids: Sequence[str]) -> dict[str, str]:
+        return {pid: p.payload.get("content_hash", "") for pid, p in self.get_papers(paper_ids).items()}
+
+    def search(self, collection: str, vector: np.ndarray, limit: int, flt: SearchFilter | None = None) -> list[Hit]:
+        multi = collection == self.chunks and self._is_multivector()
+        vname = PASSAGE_VECTOR if collection == self.chunks else PAPER_VECTOR
+        res = self._call(
+            self.client.query_points, collection, query=_query_value(vector, multi), using=vname, limit=limit, query_filter=self._filter(flt), with_payload=True
+        )
+        return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res.points]
+
+    def search_groups(self, vector: np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None) -> list[Group]:
+        res = self._call(
+            self.client.query_points_groups,
+            self.chunks,
+            query=_query_value(vector, self._is_multivector()),
+            using=PASSAGE_VECTOR,
+            group_by="paper_uuid",
+            limit=groups,
+            group_size=group_size,
+            query_filter=self._filter(flt),
+            with_payload=True,
+            with_lookup=self.m.WithLookup(collection=self.papers, with_payload=True, with_vectors=False),
+        )
+        out = []
+        for g in res.groups:
+            hits = [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in g.hits]
+            paper = dict(g.lookup.payload) if g.lookup is not None and g.lookup.payload else None
+            out.append(Group(hits[0].payload["paper_id"], hits, paper))
+        return out
+
+    def count(self, collection: str, flt: SearchFilter | None = None) -> int:
+        if not self._call(self.client.collection_exists, collection):
+            return 0
+        return int(self._call(self.client.count, collection, count_filter=self._filter(flt), exact=True).count)
+
+    def scroll(self, collection: str, batch: int = 256, with_vectors: bool = True, offset: str | None = None) -> Iterator[tuple[list[Point], str | None]]:
+        vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
+        while True:
+            recs, nxt = self._call(self.client.scroll, collection, offset=offset, limit=batch, with_payload=True, with_vectors=with_vectors)
+            offset = None if nxt is None else str(nxt)
+            yield [Point(str(r.id), np.asarray(r.vector[vname], dtype=np.float32) if with_vectors else np.empty(0), dict(r.payload)) for r in recs], offset
+            if offset is None:
+                return
+
+    def ping(self) -> None:
+        self._call(self.client.get_collections)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    import httpx
+
+    name = type(exc).__name__
+    if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)) or name in ("ResponseHandlingException", "_InactiveRpcError"):
+        return True
+    try:
+        import grpc
+
+        return isinstance(exc, grpc.RpcError) and exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    except ImportError:
+        return False
+
+
+def open_store(settings) -> Store:
+    """The store the settings ask for: a server when qdrant_url is set, else embedded Qdrant Edge."""
+    options = StoreOptions(
+        hnsw_m=settings.hnsw_m,
+        hnsw_ef_construct=settings.hnsw_ef_construct,
+        bulk_load=settings.bulk_load,
+        quantization=settings.quantization,
+        vectors_on_disk=settings.vectors_on_disk,
+        shard_number=settings.shard_number,
+        replication_factor=settings.replication_factor,
+        upload_parallel=settings.upload_parallel,
+    )
+    names = dict(papers=settings.papers_collection, chunks=settings.chunks_collection, options=options)
+    if settings.qdrant_url:
+        if settings.qdrant_url == ":memory:":
+            return ClientStore(location=":memory:", **names)
+        return ClientStore(settings.qdrant_url, settings.qdrant_api_key, settings.qdrant_prefer_grpc, settings.qdrant_timeout, **names)
+    return EdgeStore(settings.qdrant_path, **names)
