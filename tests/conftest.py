@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny models built once per session, settings pointing at them, stores of both kinds."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import WORDS, build_all  # noqa: E402
+
+from indexer.config import Settings  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    skip_server = pytest.mark.skip(reason="needs a Qdrant server: set QDRANT_URL")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "server" in item.keywords and not os.environ.get("QDRANT_URL"):
+            item.add_marker(skip_server)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Settings overrides (field names) for the tiny passage, paper and reranker models."""
+    return build_all(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def settings(tiny_models, tmp_path) -> Settings:
+    """Settings on tiny models and an embedded (Qdrant Edge) index in a temp dir; small windows so
+    short test texts already span several of them."""
+    return Settings(
+        **tiny_models, qdrant_path=tmp_path / "index", window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20,
+        papers_per_batch=8, token_budget=4096,
+    )
+
+
+@pytest.fixture(scope="session")
+def encoders(tiny_models):
+    """(PaperEncoder, PassageEncoder) built once; tests that need other encoder settings build their own."""
+    from indexer.runtime import load_encoders
+
+    s = Settings(**tiny_models, window_tokens=48, window_overlap=8, token_budget=4096)
+    return load_encoders(s)
+
+
+def make_paper(i: int, words: int = 400, seed: int = 0, **extra) -> dict:
+    rng = random.Random(seed * 100003 + i)
+    body = " ".join(rng.choice(WORDS) for _ in range(words))
+    return {
+        "paper_id": f"p{i:04d}",
+        "title": f"{rng.choice(WORDS)} {rng.choice(WORDS)} study {i}",
+        "abstract": " ".join(rng.choice(WORDS) for _ in range(60)),
+        "text": body,
+        "year": 1990 + i % 30,
+        "authors": [f"Author {i}"],
+        **extra,
+    }
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+@pytest.fixture
+def papers_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "papers.jsonl", [make_paper(i, words=150 + 90 * (i % 5)) for i in range(12)])
