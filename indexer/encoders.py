@@ -185,6 +185,9 @@ class PassageEncoder:
         self.window_overlap = window_overlap
         self.query_max_tokens = min(st.max_seq_length or self.max_tokens, self.max_tokens)
         self.model = _prepare(st[0].auto_model, self.device, compile)
+        # A fast tokenizer raises "Already borrowed" when one thread changes its truncation while
+        # another encodes (a service searches while it indexes): calls go through this lock.
+        self._tok_lock = threading.Lock()
         self.run = BatchRunner(self._forward, self.device, self.tokenizer.pad_token_id, token_budget or default_token_budget(self.device))
 
     @property
@@ -201,7 +204,8 @@ class PassageEncoder:
     # pre
     def chunk_windows(self, texts: Sequence[str]) -> list[list[list[int]]]:
         """Token windows (with special tokens) of each chunk."""
-        ids = self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        with self._tok_lock:
+            ids = self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
         build = self.tokenizer.build_inputs_with_special_tokens
         if self.long_chunk == "truncate":
             return [[build(t[: self.max_tokens - 2])] for t in ids]
@@ -224,7 +228,8 @@ class PassageEncoder:
         return self.encode_windows(self.chunk_windows(texts))
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
-        ids = self.tokenizer(list(queries), truncation=True, max_length=self.query_max_tokens, return_attention_mask=False)["input_ids"]
+        with self._tok_lock:
+            ids = self.tokenizer(list(queries), truncation=True, max_length=self.query_max_tokens, return_attention_mask=False)["input_ids"]
         return self.run(ids)
 
 
@@ -272,6 +277,7 @@ class PaperEncoder:
         self.max_tokens = max_tokens
         self.model = _prepare(base, self.device, compile=False)
         self._lock = threading.Lock()
+        self._tok_lock = threading.Lock()  # see PassageEncoder: fast tokenizers are not safe across threads
         self.run = BatchRunner(self._forward, self.device, self.tokenizer.pad_token_id, token_budget or default_token_budget(self.device))
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -281,9 +287,10 @@ class PaperEncoder:
 
     def tokenize_heads(self, titles: Sequence[str], abstracts: Sequence[str | None]) -> list[list[int]]:
         texts = [paper_head(t, a, self.tokenizer.sep_token) for t, a in zip(titles, abstracts)]
-        return self.tokenizer(
-            texts, truncation=True, max_length=self.max_tokens, return_token_type_ids=False, return_attention_mask=False
-        )["input_ids"]
+        with self._tok_lock:
+            return self.tokenizer(
+                texts, truncation=True, max_length=self.max_tokens, return_token_type_ids=False, return_attention_mask=False
+            )["input_ids"]
 
     def _encode(self, ids: list[list[int]], adapter: str) -> np.ndarray:
         with self._lock:
@@ -302,9 +309,10 @@ class PaperEncoder:
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         if not self.has_query_adapter:
             raise ModelLoadError("no query adapter configured (PAPERINDEX_QUERY_ADAPTER)")
-        ids = self.tokenizer(
-            list(queries), truncation=True, max_length=self.max_tokens, return_token_type_ids=False, return_attention_mask=False
-        )["input_ids"]
+        with self._tok_lock:
+            ids = self.tokenizer(
+                list(queries), truncation=True, max_length=self.max_tokens, return_token_type_ids=False, return_attention_mask=False
+            )["input_ids"]
         return self._encode(ids, self.ADHOC)
 
 
