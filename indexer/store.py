@@ -16,9 +16,11 @@ Point ids are uuid5 of paper_id (papers) and of "paper_id:chunk_index" (chunks),
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = uuid.UUID("6f1b3c2e-8d4a-5e7f-9a0b-1c2d3e4f5a6b")
 PAPER_VECTOR = "specter2"
 PASSAGE_VECTOR = "passage"
+MIN_PARALLEL_BATCH = 64  # points per request below which splitting an upsert costs more than it gains
 
 
 def paper_point_id(paper_id: str) -> str:
@@ -89,7 +92,14 @@ class SearchFilter:
 
 @dataclass(frozen=True)
 class StoreOptions:
-    """Collection settings, fixed at creation (bulk_load toggles HNSW building off until `finish_bulk`)."""
+    """Collection settings, fixed at creation (bulk_load toggles HNSW building off until `finish_bulk`).
+
+    bulk_load: create collections with HNSW m=0, so a big load only appends; `finish_bulk` restores
+    hnsw_m and builds the graphs once. Payload indexes are always created with the collection, before
+    any upload. quantization "int8": scalar-quantized copies kept in RAM for search, originals
+    rescored from storage (on disk with vectors_on_disk). upload_parallel: concurrent upsert requests
+    to a server (the embedded store writes in-process).
+    """
 
     hnsw_m: int = 16
     hnsw_ef_construct: int = 100
@@ -177,8 +187,6 @@ class EdgeStore:
 
     # layout ------------------------------------------------------------------------------------
     def _read_layout(self) -> tuple[int, bool]:
-        import json
-
         cfg = json.loads((self.path / self.chunks / "edge_config.json").read_text())
         params = cfg["vectors"][PASSAGE_VECTOR]
         return int(params["size"]), params.get("multivector_config") is not None
@@ -186,15 +194,12 @@ class EdgeStore:
     def layout(self) -> Layout | None:
         if self.papers not in self._shards or self.chunks not in self._shards:
             return None
-        import json
-
         paper_cfg = json.loads((self.path / self.papers / "edge_config.json").read_text())
         dim, multi = self._read_layout()
         return Layout(int(paper_cfg["vectors"][PAPER_VECTOR]["size"]), dim, multi)
 
-    def _hnsw(self):
-        o = self.options
-        return self.qe.HnswIndexConfig(m=0 if o.bulk_load else o.hnsw_m, ef_construct=o.hnsw_ef_construct, full_scan_threshold=10000)
+    def _hnsw(self, m: int):
+        return self.qe.HnswIndexConfig(m=m, ef_construct=self.options.hnsw_ef_construct, full_scan_threshold=10000)
 
     def _vector_params(self, dim: int, distance, multivector: bool = False):
         qe = self.qe
@@ -207,6 +212,18 @@ class EdgeStore:
             quantization_config=quant,
         )
 
+    def _specs(self, layout: Layout) -> dict[str, tuple[str, int, Any, bool, tuple[str, ...]]]:
+        qe = self.qe
+        return {
+            self.papers: (PAPER_VECTOR, layout.paper_dim, qe.Distance.Euclid, False, ("paper_id", "year")),
+            self.chunks: (PASSAGE_VECTOR, layout.chunk_dim, qe.Distance.Dot, layout.multivector, ("paper_id", "paper_uuid", "year", "chunk_index")),
+        }
+
+    def _config(self, spec: tuple, m: int):
+        vname, dim, distance, multi, _ = spec
+        # Payload (chunk text) on disk, as on a Qdrant server: filters use the in-RAM payload indexes.
+        return self.qe.EdgeConfig(vectors={vname: self._vector_params(dim, distance, multi)}, hnsw_config=self._hnsw(m), on_disk_payload=True)
+
     def create(self, layout: Layout) -> None:
         existing = self.layout()
         if existing is not None:
@@ -217,15 +234,12 @@ class EdgeStore:
                 )
             return
         qe = self.qe
-        specs = {
-            self.papers: (PAPER_VECTOR, layout.paper_dim, qe.Distance.Euclid, False, ("paper_id", "year")),
-            self.chunks: (PASSAGE_VECTOR, layout.chunk_dim, qe.Distance.Dot, layout.multivector, ("paper_id", "paper_uuid", "year", "chunk_index")),
-        }
-        for name, (vname, dim, distance, multi, indexed) in specs.items():
+        m = 0 if self.options.bulk_load else self.options.hnsw_m
+        for name, spec in self._specs(layout).items():
             if name in self._shards:
                 continue
-            cfg = qe.EdgeConfig(vectors={vname: self._vector_params(dim, distance, multi)}, hnsw_config=self._hnsw())
-            shard = qe.EdgeShard.create(str(self.path / name), cfg)
+            indexed = spec[4]
+            shard = qe.EdgeShard.create(str(self.path / name), self._config(spec, m))
             for key in indexed:
                 kind = qe.PayloadSchemaType.Integer if key in ("year", "chunk_index") else qe.PayloadSchemaType.Keyword
                 shard.update(qe.UpdateOperation.create_field_index(key, kind))
@@ -239,17 +253,25 @@ class EdgeStore:
         except KeyError:
             raise StoreError(f"collection {name!r} does not exist yet at {self.path}: index some papers first") from None
 
+    def hnsw_m(self, collection: str) -> int | None:
+        """The HNSW m the collection is configured with now (0 while a bulk load defers the graph)."""
+        cfg = self.path / collection / "edge_config.json"
+        return int(json.loads(cfg.read_text())["hnsw_config"]["m"]) if cfg.exists() else None
+
     def finish_bulk(self) -> None:
-        """Build the HNSW graphs deferred during a bulk load."""
-        if not self.options.bulk_load:
+        """Build what writes deferred: restore HNSW m after a bulk load (also one left unfinished by an
+        earlier run), then run the optimizers, which build the graphs and quantized copies.
+
+        Qdrant Edge optimizes only when asked, so this also runs after a normal load.
+        """
+        layout = self.layout()
+        if layout is None:
             return
-        for name in (self.papers, self.chunks):
-            shard = self._shards.get(name)
-            if shard is None:
-                continue
-            shard.close()
-            cfg = self.qe.EdgeConfig(hnsw_config=self.qe.HnswIndexConfig(m=self.options.hnsw_m, ef_construct=self.options.hnsw_ef_construct, full_scan_threshold=10000))
-            self._shards[name] = shard = self.qe.EdgeShard.load(str(self.path / name), cfg)
+        for name, spec in self._specs(layout).items():
+            shard = self._shards[name]
+            if self.hnsw_m(name) != self.options.hnsw_m:
+                shard.close()
+                self._shards[name] = shard = self.qe.EdgeShard.load(str(self.path / name), self._config(spec, self.options.hnsw_m))
             shard.optimize()
         self.options = StoreOptions(**{**self.options.__dict__, "bulk_load": False})
 
@@ -387,6 +409,9 @@ class ClientStore:
         else:
             self.client = QdrantClient(url=url, api_key=api_key, prefer_grpc=prefer_grpc, timeout=int(timeout))
         self._multivector: bool | None = None
+        # qdrant-client's local mode (":memory:", a path) is not thread-safe: parallel upload is for servers.
+        local = type(getattr(self.client, "_client", None)).__name__ == "QdrantLocal"
+        self._pool = ThreadPoolExecutor(self.options.upload_parallel, "qdrant-upload") if self.options.upload_parallel > 1 and not local else None
 
     def _call(self, fn, *args, **kwargs):
         """Every server call goes through here: connection trouble becomes StoreUnavailable."""
@@ -437,6 +462,7 @@ class ClientStore:
                 vectors_config={vname: params},
                 hnsw_config=hnsw,
                 quantization_config=quant,
+                on_disk_payload=True,
                 shard_number=o.shard_number,
                 replication_factor=o.replication_factor,
             )
@@ -445,11 +471,19 @@ class ClientStore:
                 self._call(self.client.create_payload_index, name, key, field_schema=schema, wait=True)
         self._multivector = layout.multivector
 
+    def hnsw_m(self, collection: str) -> int | None:
+        """The HNSW m the collection is configured with now (0 while a bulk load defers the graph)."""
+        if not self._call(self.client.collection_exists, collection):
+            return None
+        return self._call(self.client.get_collection, collection).config.hnsw_config.m
+
     def finish_bulk(self) -> None:
-        if not self.options.bulk_load:
-            return
+        """Restore HNSW m after a bulk load (also one an earlier run left unfinished); the server then
+        builds the graphs in the background (collection status yellow until done, searches keep working)."""
         for name in (self.papers, self.chunks):
-            self._call(self.client.update_collection, name, hnsw_config=self.m.HnswConfigDiff(m=self.options.hnsw_m))
+            current = self.hnsw_m(name)
+            if current is not None and current != self.options.hnsw_m:
+                self._call(self.client.update_collection, name, hnsw_config=self.m.HnswConfigDiff(m=self.options.hnsw_m))
         self.options = StoreOptions(**{**self.options.__dict__, "bulk_load": False})
 
     def _is_multivector(self) -> bool:
@@ -476,7 +510,16 @@ class ClientStore:
             return
         vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
         structs = [self.m.PointStruct(id=p.id, vector={vname: _vector_value(p.vector)}, payload=p.payload) for p in points]
-        self._call(self.client.upsert, collection, points=structs, wait=True)
+        if self._pool is None or len(structs) < 2 * MIN_PARALLEL_BATCH:
+            self._call(self.client.upsert, collection, points=structs, wait=True)
+            return
+        n = min(self.options.upload_parallel, len(structs) // MIN_PARALLEL_BATCH)
+        step = -(-len(structs) // n)
+        futures = [self._pool.submit(self._call, self.client.upsert, collection, points=structs[i : i + step], wait=True) for i in range(0, len(structs), step)]
+        for f in futures:  # every part is waited for; the first failure is raised (a retry rewrites all, idempotently)
+            f.exception()
+        for f in futures:
+            f.result()
 
     def delete_chunks(self, paper_ids: Sequence[str]) -> None:
         if paper_ids:
@@ -552,6 +595,8 @@ class ClientStore:
         self._call(self.client.get_collections)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.client.close()
 
 
@@ -569,9 +614,8 @@ def _is_unavailable(exc: BaseException) -> bool:
         return False
 
 
-def open_store(settings) -> Store:
-    """The store the settings ask for: a server when qdrant_url is set, else embedded Qdrant Edge."""
-    options = StoreOptions(
+def store_options(settings) -> StoreOptions:
+    return StoreOptions(
         hnsw_m=settings.hnsw_m,
         hnsw_ef_construct=settings.hnsw_ef_construct,
         bulk_load=settings.bulk_load,
@@ -581,9 +625,15 @@ def open_store(settings) -> Store:
         replication_factor=settings.replication_factor,
         upload_parallel=settings.upload_parallel,
     )
-    names = dict(papers=settings.papers_collection, chunks=settings.chunks_collection, options=options)
+
+
+def open_store(settings) -> Store:
+    """The store the settings ask for: a server when qdrant_url is set, else embedded Qdrant Edge."""
+    names = dict(papers=settings.papers_collection, chunks=settings.chunks_collection, options=store_options(settings))
     if settings.qdrant_url:
         if settings.qdrant_url == ":memory:":
             return ClientStore(location=":memory:", **names)
-        return ClientStore(settings.qdrant_url, settings.qdrant_api_key, settings.qdrant_prefer_grpc, settings.qdrant_timeout, **names)
+        # An empty key (e.g. a blank variable in a compose file) means no key, not the key "".
+        api_key = settings.qdrant_api_key or None
+        return ClientStore(settings.qdrant_url, api_key, settings.qdrant_prefer_grpc, settings.qdrant_timeout, **names)
     return EdgeStore(settings.qdrant_path, **names)
