@@ -226,18 +226,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .migrate import migrate
-    from .store import ClientStore, EdgeStore, StoreOptions
+    from .store import ClientStore, EdgeStore, store_options
 
     s = _settings(args)
     if s.qdrant_url:
         raise CliError("migrate copies the embedded index (PAPERINDEX_QDRANT_PATH); unset PAPERINDEX_QDRANT_URL and pass --to URL")
-    options = StoreOptions(shard_number=s.shard_number, replication_factor=s.replication_factor, hnsw_m=s.hnsw_m, quantization=s.quantization)
+    options = store_options(s)
     source = EdgeStore(s.qdrant_path, s.papers_collection, s.chunks_collection)
     target = ClientStore(args.to, args.api_key or s.qdrant_api_key, s.qdrant_prefer_grpc, s.qdrant_timeout, s.papers_collection, s.chunks_collection, options)
     checkpoint = Path(s.qdrant_path) / f".migrate-{abs(hash(args.to)) % 10**8}.json"
     bar = tqdm(total=source.count(source.papers) + source.count(source.chunks), unit="pt", disable=args.quiet)
     try:
         copied = migrate(source, target, checkpoint, args.batch, on_batch=lambda _c, n: bar.update(n))
+        target.finish_bulk()
     finally:
         bar.close()
         source.close()
