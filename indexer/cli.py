@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -234,7 +235,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     options = store_options(s)
     source = EdgeStore(s.qdrant_path, s.papers_collection, s.chunks_collection)
     target = ClientStore(args.to, args.api_key or s.qdrant_api_key, s.qdrant_prefer_grpc, s.qdrant_timeout, s.papers_collection, s.chunks_collection, options)
-    checkpoint = Path(s.qdrant_path) / f".migrate-{abs(hash(args.to)) % 10**8}.json"
+    # str hash() changes between processes; the checkpoint name must not, or a rerun starts over
+    checkpoint = Path(s.qdrant_path) / f".migrate-{hashlib.sha256(args.to.encode()).hexdigest()[:12]}.json"
     bar = tqdm(total=source.count(source.papers) + source.count(source.chunks), unit="pt", disable=args.quiet)
     try:
         copied = migrate(source, target, checkpoint, args.batch, on_batch=lambda _c, n: bar.update(n))
