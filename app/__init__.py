@@ -1,0 +1,1 @@
+"""paperindex HTTP service: a thin FastAPI layer over `indexer` (see app.main.create_app)."""

@@ -1,0 +1,51 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..deps import ServiceDep
+from ..errors import classify
+from ..schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+READY_TIMEOUT_S = 5.0
+
+
+@router.get("/health", response_model=Health, summary="The process is alive")
+async def health() -> Health:
+    return Health()
+
+
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    summary="Models loaded and Qdrant reachable",
+    responses={503: {"model": Readiness, "description": "not ready: models not loaded, or Qdrant unreachable"}},
+)
+async def ready(svc: ServiceDep) -> JSONResponse:
+    # The lifespan loads the models before the first request is served, so `models` is true here.
+    try:
+        with anyio.fail_after(READY_TIMEOUT_S):
+            await anyio.to_thread.run_sync(svc.check, abandon_on_cancel=True)
+    except TimeoutError:
+        body = Readiness(ready=False, models=True, qdrant=False, detail=f"Qdrant did not answer within {READY_TIMEOUT_S:.0f} s")
+        return JSONResponse(body.model_dump(), status_code=503)
+    except Exception as exc:
+        body = Readiness(ready=False, models=True, qdrant=False, detail=classify(exc).detail)
+        return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(Readiness(ready=True, models=True, qdrant=True).model_dump())
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"example": "paperindex_index_queue_depth 0.0\n"}}}},
+)
+async def metrics(svc: ServiceDep) -> Response:
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,84 @@
+"""Passage search (flat or grouped per paper, optionally reranked) and paper search."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from indexer.search import Passage
+from indexer.search import PaperGroup as FoundGroup
+from indexer.search import PaperResult
+from indexer.store import SearchFilter
+
+from ..deps import ServiceDep
+from ..limits import check_bounds
+from ..errors import COMMON
+from ..schemas import (
+    ErrorResponse, GroupedSearchResponse, PaperGroup, PaperHit, PaperSearchRequest, PaperSearchResponse, PassageHit,
+    PassageSearchResponse, SearchRequest,
+)
+
+router = APIRouter(responses=COMMON, tags=["search"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "rerank=true but no reranker is configured"},
+    422: {"model": ErrorResponse, "description": "a parameter out of bounds (k, candidates, query length, years)"},
+    503: {"model": ErrorResponse, "description": "Qdrant is unreachable"},
+}
+
+
+def passage_hit(p: Passage) -> PassageHit:
+    return PassageHit(paper_id=p.paper_id, title=p.title, chunk_index=p.chunk_index, text=p.text, score=p.score,
+                      rerank_score=p.rerank_score, metadata=p.metadata)
+
+
+def paper_hit(r: PaperResult) -> PaperHit:
+    return PaperHit(paper_id=r.paper_id, title=r.title, score=r.score, year=r.year, abstract=r.abstract, metadata=r.metadata)
+
+
+def paper_group(g: FoundGroup) -> PaperGroup:
+    paper = g.paper or {}
+    return PaperGroup(
+        paper_id=g.paper_id, title=g.title, score=g.score, year=paper.get("year"), abstract=paper.get("abstract"),
+        metadata=paper.get("metadata") or {}, passages=[passage_hit(p) for p in g.passages],
+    )
+
+
+@router.get(
+    "/search",
+    response_model=PassageSearchResponse | GroupedSearchResponse,
+    summary="Passage search: the top passages for a query, or the top papers with their best passages",
+    description=(
+        "The query is embedded with the passage model and matched against whole chunks. With `group_by_paper=true` "
+        "each paper appears once with up to `group_size` of its best passages (response: `groups`); otherwise "
+        "the response is a flat list of `hits`. With `rerank=true` the top `candidates` passages are rescored by "
+        "the cross-encoder and ordered by its score (`rerank_score`), then cut to `k`."
+    ),
+    responses=ERRORS,
+)
+async def search(svc: ServiceDep, params: Annotated[SearchRequest, Query()]) -> PassageSearchResponse | GroupedSearchResponse:
+    p = params
+    check_bounds(svc.settings, q=p.q, k=p.k, candidates=p.candidates, year_from=p.year_from, year_to=p.year_to)
+    flt = SearchFilter(p.year_from, p.year_to, list(p.paper_id))
+    await run_in_threadpool(svc.ensure_collections)
+    if p.group_by_paper:
+        groups = await run_in_threadpool(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, p.candidates)
+        return GroupedSearchResponse(query=p.q, reranked=p.rerank, groups=[paper_group(g) for g in groups])
+    hits = await run_in_threadpool(svc.searcher.passages, p.q, p.k, flt, p.rerank, p.candidates)
+    return PassageSearchResponse(query=p.q, reranked=p.rerank, hits=[passage_hit(h) for h in hits])
+
+
+@router.get(
+    "/search/papers",
+    response_model=PaperSearchResponse,
+    summary="Paper search: the query through SPECTER2's ad-hoc query adapter, against paper embeddings",
+    responses={k: v for k, v in ERRORS.items() if k != 400},
+)
+async def search_papers(svc: ServiceDep, params: Annotated[PaperSearchRequest, Query()]) -> PaperSearchResponse:
+    p = params
+    check_bounds(svc.settings, q=p.q, k=p.k, year_from=p.year_from, year_to=p.year_to)
+    await run_in_threadpool(svc.ensure_collections)
+    hits = await run_in_threadpool(svc.searcher.papers, p.q, p.k, SearchFilter(p.year_from, p.year_to))
+    return PaperSearchResponse(query=p.q, hits=[paper_hit(h) for h in hits])

@@ -1,0 +1,258 @@
+"""Request and response models of the HTTP API, named by role.
+
+Papers posted to /index are `indexer.papers.PaperIn`, the same model the CLI validates files with.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from indexer.papers import PaperIn
+
+__all__ = [
+    "PaperIn", "SearchRequest", "PaperSearchRequest", "SimilarQuery", "SimilarRequest", "PassageHit",
+    "PassageSearchResponse", "PaperGroup", "GroupedSearchResponse", "PaperHit", "PaperSearchResponse",
+    "Paper", "SimilarResponse", "IndexJob", "JobCounts", "PaperError", "Deleted", "Health", "Readiness",
+    "FieldError", "ErrorResponse",
+]
+
+_QUERY = "graph neural networks for protein structure prediction"
+
+
+# requests -----------------------------------------------------------------------------------------
+
+
+YearFrom = Annotated[int | None, Field(ge=0, le=3000, description="only papers published in or after this year", examples=[2018])]
+YearTo = Annotated[int | None, Field(ge=0, le=3000, description="only papers published in or before this year", examples=[2024])]
+
+
+class SearchRequest(BaseModel):
+    """Query parameters of GET /search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: str = Field(description="the question or keywords; at most PAPERINDEX_MAX_QUERY_CHARS characters", examples=[_QUERY])
+    k: int = Field(10, description="passages (or papers, with group_by_paper) to return; 1..PAPERINDEX_MAX_K", examples=[5])
+    year_from: YearFrom = None
+    year_to: YearTo = None
+    paper_id: list[str] = Field(
+        default_factory=list, max_length=1000, description="restrict to these papers; repeat the parameter for several", examples=[["arXiv:1706.03762"]]
+    )
+    group_by_paper: bool = Field(False, description="return papers, each once, with their best passages")
+    group_size: int = Field(3, ge=1, le=20, description="passages per paper when grouping")
+    rerank: bool = Field(False, description="rescore the top `candidates` passages with the cross-encoder, then cut to k")
+    candidates: int = Field(50, description="passages the cross-encoder sees when rerank=true; 1..PAPERINDEX_MAX_CANDIDATES", examples=[50])
+
+
+class PaperSearchRequest(BaseModel):
+    """Query parameters of GET /search/papers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: str = Field(description="keywords or a question; at most PAPERINDEX_MAX_QUERY_CHARS characters", examples=[_QUERY])
+    k: int = Field(10, description="papers to return; 1..PAPERINDEX_MAX_K", examples=[10])
+    year_from: YearFrom = None
+    year_to: YearTo = None
+
+
+class SimilarQuery(BaseModel):
+    """Query parameters of GET /papers/{paper_id}/similar."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, description="neighbours to return; 1..PAPERINDEX_MAX_K", examples=[10])
+    year_from: YearFrom = None
+    year_to: YearTo = None
+
+
+class SimilarRequest(BaseModel):
+    """Body of POST /papers/similar: a paper that need not be in the index."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"title": "Attention Is All You Need", "abstract": "The dominant sequence transduction models ...", "k": 5}]},
+    )
+
+    title: str = Field(min_length=1, max_length=4096)
+    abstract: str | None = Field(None, max_length=100_000)
+    k: int = Field(10, description="neighbours to return; 1..PAPERINDEX_MAX_K")
+    year_from: YearFrom = None
+    year_to: YearTo = None
+
+
+# responses ----------------------------------------------------------------------------------------
+
+_PASSAGE_EXAMPLE = {
+    "paper_id": "arXiv:2203.00001",
+    "title": "Message passing for protein folding",
+    "chunk_index": 3,
+    "text": "We encode residues as graph nodes and ...",
+    "score": 21.7,
+    "rerank_score": 7.9,
+    "metadata": {"paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "year": 2022, "chunk_index": 3,
+                 "word_start": 1386, "word_end": 1898, "authors": ["A. Author"]},
+}
+_PAPER_EXAMPLE = {
+    "paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "score": 4.12, "year": 2022,
+    "abstract": "We study ...", "metadata": {"authors": ["A. Author"], "venue": "ICML"},
+}
+
+
+class PassageHit(BaseModel):
+    """One passage (a whole chunk of a paper's text): everything a RAG prompt needs to quote and cite it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_PASSAGE_EXAMPLE]})
+
+    paper_id: str
+    title: str
+    chunk_index: int = Field(description="position of the chunk in its paper, from 0")
+    text: str = Field(description="the whole chunk")
+    score: float = Field(description="vector similarity (dot product, MaxSim over windows for long chunks); higher is closer")
+    rerank_score: float | None = Field(None, description="cross-encoder score when rerank=true; hits are then ordered by it")
+    metadata: dict[str, Any] = Field(description="paper_id, title, year, chunk_index, word_start, word_end, authors, venue, url and extra keys")
+
+
+class PassageSearchResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"query": _QUERY, "reranked": True, "hits": [_PASSAGE_EXAMPLE]}]})
+
+    query: str
+    reranked: bool
+    hits: list[PassageHit]
+
+
+class PaperGroup(BaseModel):
+    """A paper with its best passages for the query (group_by_paper=true)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "score": 21.7, "year": 2022,
+        "abstract": "We study ...", "metadata": {"authors": ["A. Author"]}, "passages": [_PASSAGE_EXAMPLE],
+    }]})
+
+    paper_id: str
+    title: str
+    score: float = Field(description="the best passage's score (its rerank_score when reranked)")
+    year: int | None = None
+    abstract: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict, description="the paper's authors, venue, url and extra keys")
+    passages: list[PassageHit]
+
+
+class GroupedSearchResponse(BaseModel):
+    query: str
+    reranked: bool
+    groups: list[PaperGroup]
+
+
+class PaperHit(BaseModel):
+    """A paper found through its SPECTER2 embedding."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_PAPER_EXAMPLE]})
+
+    paper_id: str
+    title: str
+    score: float = Field(description="Euclidean distance between SPECTER2 embeddings; lower is closer")
+    year: int | None = None
+    abstract: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class PaperSearchResponse(BaseModel):
+    query: str
+    hits: list[PaperHit]
+
+
+class SimilarResponse(BaseModel):
+    paper_id: str | None = Field(None, description="the paper the neighbours are of; null for POST /papers/similar")
+    hits: list[PaperHit]
+
+
+class Paper(BaseModel):
+    """An indexed paper."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "paper_id": "arXiv:1706.03762", "title": "Attention Is All You Need", "abstract": "The dominant ...", "year": 2017,
+        "n_chunks": 12, "metadata": {"authors": ["A. Vaswani"], "venue": "NeurIPS"},
+    }]})
+
+    paper_id: str
+    title: str
+    abstract: str | None = None
+    year: int | None = None
+    n_chunks: int = Field(description="passages indexed for this paper")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class PaperError(BaseModel):
+    """A posted paper that was not accepted."""
+
+    index: int = Field(description="position in the posted list, from 0")
+    paper_id: str | None
+    error: str
+
+
+class JobCounts(BaseModel):
+    received: int = Field(description="papers in the request")
+    accepted: int = Field(description="papers that passed validation and were queued")
+    rejected: int = Field(description="papers refused (see errors)")
+    indexed: int = Field(0, description="papers (re-)embedded and written so far")
+    unchanged: int = Field(0, description="papers already indexed with the same content and settings, skipped")
+    chunks: int = Field(0, description="passages written")
+    deleted: int = Field(0, description="papers deleted (delete jobs)")
+
+
+class IndexJob(BaseModel):
+    """A write (indexing, or a deletion that has not finished in time). Papers become searchable when status is `done`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "job_id": "0b7c8f6e2d6a4c1f9e3b5a7d1c2e4f60", "status": "done", "submitted_at": "2025-01-01T12:00:00Z",
+        "started_at": "2025-01-01T12:00:00Z", "finished_at": "2025-01-01T12:00:02Z",
+        "counts": {"received": 3, "accepted": 2, "rejected": 1, "indexed": 1, "unchanged": 1, "chunks": 14},
+        "errors": [{"index": 2, "paper_id": None, "error": "paper_id: Field required"}], "error": None,
+    }]})
+
+    job_id: str
+    kind: Literal["index", "delete"] = "index"
+    status: Literal["queued", "running", "done", "failed"]
+    submitted_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    counts: JobCounts
+    errors: list[PaperError] = Field(default_factory=list, description="per-paper validation errors")
+    error: str | None = Field(None, description="why the job failed, when status is `failed`")
+
+
+class Deleted(BaseModel):
+    paper_id: str
+    deleted: bool = True
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": False, "models": True, "qdrant": False, "detail": "Qdrant is unreachable: ..."}]})
+
+    ready: bool
+    models: bool = Field(description="encoders loaded")
+    qdrant: bool = Field(description="Qdrant answered and the collections exist")
+    detail: str | None = None
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a readable message, a stable code, and for 422 the offending fields."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "k: must be at most 100 (got 500)", "code": "invalid_request",
+                                                               "errors": [{"loc": ["query", "k"], "msg": "must be at most 100 (got 500)"}]}]})
+
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None
