@@ -44,7 +44,10 @@ class SearchRequest(BaseModel):
     group_by_paper: bool = Field(False, description="return papers, each once, with their best passages")
     group_size: int = Field(3, ge=1, le=20, description="passages per paper when grouping")
     rerank: bool = Field(False, description="rescore the top `candidates` passages with the cross-encoder, then cut to k")
-    candidates: int = Field(50, description="passages the cross-encoder sees when rerank=true; 1..PAPERINDEX_MAX_CANDIDATES", examples=[50])
+    candidates: int | None = Field(
+        None, description="passages the cross-encoder sees when rerank=true; 1..PAPERINDEX_MAX_CANDIDATES (default 50, or that maximum if lower)",
+        examples=[50],
+    )
 
 
 class PaperSearchRequest(BaseModel):

@@ -20,6 +20,8 @@ from ..schemas import (
     PassageSearchResponse, SearchRequest,
 )
 
+DEFAULT_CANDIDATES = 50
+
 router = APIRouter(responses=COMMON, tags=["search"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -62,11 +64,12 @@ async def search(svc: ServiceDep, params: Annotated[SearchRequest, Query()]) -> 
     p = params
     check_bounds(svc.settings, q=p.q, k=p.k, candidates=p.candidates, year_from=p.year_from, year_to=p.year_to)
     flt = SearchFilter(p.year_from, p.year_to, list(p.paper_id))
+    candidates = p.candidates or min(DEFAULT_CANDIDATES, svc.settings.max_candidates)
     await run_in_threadpool(svc.ensure_collections)
     if p.group_by_paper:
-        groups = await run_in_threadpool(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, p.candidates)
+        groups = await run_in_threadpool(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, candidates)
         return GroupedSearchResponse(query=p.q, reranked=p.rerank, groups=[paper_group(g) for g in groups])
-    hits = await run_in_threadpool(svc.searcher.passages, p.q, p.k, flt, p.rerank, p.candidates)
+    hits = await run_in_threadpool(svc.searcher.passages, p.q, p.k, flt, p.rerank, candidates)
     return PassageSearchResponse(query=p.q, reranked=p.rerank, hits=[passage_hit(h) for h in hits])
 
 
