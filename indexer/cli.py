@@ -1,4 +1,4 @@
-"""`paperindex`: index | search | similar | stats | delete | migrate | serve."""
+"""`paperindex`: index | search | similar | stats | delete | migrate | serve | eval | coverage."""
 
 from __future__ import annotations
 
@@ -259,6 +259,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quality_settings(args: argparse.Namespace):
+    """Settings for eval / coverage: the environment's, with the command line's model-side overrides."""
+    from .config import Settings
+
+    names = ("device", "long_chunk", "window_tokens", "window_overlap", "chunk_words", "chunk_overlap")
+    try:
+        return Settings(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+    except ValidationError as exc:
+        raise CliError(f"bad settings: {exc}") from exc
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .eval import BeirData, evaluate, format_report, load_beir, open_setup, reference_run
+
+    data = load_beir(args.dataset, args.split)
+    if args.max_queries:
+        keep = list(data.queries)[: args.max_queries]
+        data = BeirData(data.name, data.corpus, {q: data.queries[q] for q in keep}, {q: data.qrels[q] for q in keep})
+    s = _quality_settings(args)
+    setup = open_setup(s, args.index_dir, rerank=args.rerank)
+    if args.rerank and setup.searcher.reranker is None:
+        setup.cleanup()
+        raise CliError("--rerank needs a reranker model (PAPERINDEX_RERANKER_MODEL)")
+    docs = tqdm(total=len(data.corpus), unit="doc", disable=args.quiet, dynamic_ncols=True)
+    queries = tqdm(total=len(data.queries) * (2 if args.rerank else 1), unit="query", disable=args.quiet, dynamic_ncols=True)
+    try:
+        report = evaluate(
+            setup, data, rerank=args.rerank, candidates=args.candidates, with_title=not args.no_title,
+            on_batch=lambda st: docs.update(st.papers_indexed + st.papers_unchanged - docs.n), on_query=lambda _n: queries.update(1),
+        )
+    finally:
+        docs.close()
+        queries.close()
+        setup.cleanup()
+    if args.reference:
+        report["reference"] = reference_run(s.passage_model, data, with_title=not args.no_title, device=report["device"], max_seq_length=args.reference_max_seq_length)
+    out = Path(args.out or f"eval-{data.name}-{s.long_chunk}.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report) + f"\nreport: {out}")
+    return 0
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from .coverage import markdown_table, parse_strategy, run_strategy, sample_probes
+    from .papers import PaperIn, input_files, read_papers
+
+    s = _quality_settings(args)
+    strategies = [parse_strategy(x, s.window_overlap) for x in args.strategies.split(",")]
+    edges = [int(x) for x in args.buckets.split(",")]
+    if edges != sorted(edges) or len(edges) < 2:
+        raise CliError(f"--buckets takes increasing word offsets, e.g. 0,300,400,512; got {args.buckets!r}")
+    papers = [p for p in read_papers(input_files(args.paths)) if isinstance(p, PaperIn)]
+    probes = sample_probes(papers, s.chunk_words, s.chunk_overlap, edges, args.per_bucket, args.seed)
+    if not probes:
+        raise CliError("no sentence to sample: the papers need text with sentences inside their chunks")
+    log.info("%d papers, %d probe sentences; strategies: %s", len(papers), len(probes), ", ".join(x.label for x in strategies))
+    results = []
+    for st in strategies:
+        r = run_strategy(s, st, papers, probes, edges)
+        log.info("%s: R@1 %s, R@10 all %.3f", st.label, {b: v["r@1"] for b, v in r.recall.items()}, r.recall["all"]["r@10"])
+        results.append(r)
+    table = markdown_table(results, edges)
+    report = {
+        "papers": len(papers), "probes": len(probes), "buckets": edges, "passage_model": s.passage_model,
+        "chunk_words": s.chunk_words, "chunk_overlap": s.chunk_overlap, "seed": args.seed,
+        "results": [r.as_dict() for r in results], "table": table,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        _print_json(report)
+    else:
+        print(table + f"\nreport: {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paperindex", description="Two-level RAG index for scientific papers (settings: PAPERINDEX_* env vars)")
     common = argparse.ArgumentParser(add_help=False)
@@ -315,6 +395,38 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
     sv.set_defaults(func=cmd_serve)
+
+    quality = argparse.ArgumentParser(add_help=False)
+    quality.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE)")
+    quality.add_argument("--window-tokens", type=int, dest="window_tokens")
+    quality.add_argument("--window-overlap", type=int, dest="window_overlap")
+    quality.add_argument("--chunk-words", type=int, dest="chunk_words")
+    quality.add_argument("--chunk-overlap", type=int, dest="chunk_overlap")
+    quality.add_argument("--json", action="store_true", help="print the report as JSON")
+    quality.add_argument("-q", "--quiet", action="store_true")
+
+    ev = sub.add_parser("eval", parents=[quality], help="retrieval quality on a BEIR-format dataset (nDCG@10, Recall@10/100, MRR@10, latency)")
+    ev.add_argument("dataset", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"])
+    ev.add_argument("--rerank", action="store_true", help="also report metrics after cross-encoder reranking")
+    ev.add_argument("--candidates", type=int, default=100, help="passages the cross-encoder rescores per query")
+    ev.add_argument("--no-title", action="store_true", help="embed the text alone (BEIR and MTEB embed title + text)")
+    ev.add_argument("--max-queries", type=int)
+    ev.add_argument("--index-dir", help="keep the index here (reused when rerun); default: a temporary folder")
+    ev.add_argument("--reference", action="store_true", help="also run plain sentence-transformers (exact dot-product search) on the same data")
+    ev.add_argument("--reference-max-seq-length", type=int, help="the reference's truncation length (default: the model's)")
+    ev.add_argument("--out", help="JSON report path (default: eval-<dataset>-<long_chunk>.json)")
+    ev.set_defaults(func=cmd_eval)
+
+    co = sub.add_parser("coverage", parents=[quality], help="known-item coverage: find chunks by sentences from anywhere inside them")
+    co.add_argument("paths", nargs="+", help="papers (JSONL/JSON files or folders) with long texts")
+    co.add_argument("--strategies", default="truncate,mean:256,multivector:256", help="comma-separated: truncate, mean:N, multivector:N[:overlap]")
+    co.add_argument("--buckets", default="0,300,400,512", help="word offsets inside a chunk that bound the position buckets")
+    co.add_argument("--per-bucket", type=int, default=100, help="probe sentences per bucket")
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--out", default="coverage.json", help="JSON report path")
+    co.set_defaults(func=cmd_coverage)
     return p
 
 

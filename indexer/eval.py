@@ -273,3 +273,23 @@ def reference_run(
         top = np.argsort(-scores[i], kind="stable")[: k + 1]
         run[q] = [ids[j] for j in top if ids[j] != q][:k]
     return score_run(run, data.qrels) | {"model": model, "max_seq_length": st.max_seq_length}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few human-readable lines: the setup, then one line of metrics per run (dense, rerank, reference)."""
+    ix = report["index"]
+    lines = [
+        f"{report['dataset']}: {report['documents']} documents ({ix['chunks']} chunks, {ix['windows']} windows, indexed in {ix['seconds']}s), "
+        f"{report['queries']} queries; {report['passage_model']} long_chunk={report['long_chunk']}"
+        + (f" window={report['window_tokens']}/{report['window_overlap']}" if report["long_chunk"] != "truncate" else "")
+    ]
+    for name in ("dense", "rerank", "reference"):
+        m = report.get(name)
+        if not m:
+            continue
+        lat = m.get("latency_ms")
+        lines.append(
+            f"  {name:<9} nDCG@10 {m['ndcg@10']:.4f}  Recall@10 {m['recall@10']:.4f}  Recall@100 {m['recall@100']:.4f}  MRR@10 {m['mrr@10']:.4f}"
+            + (f"  latency ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}" if lat else "")
+        )
+    return "\n".join(lines)
