@@ -1,0 +1,106 @@
+"""The HTTP service on the embedded Qdrant Edge store, built from Settings as `paperindex serve` does."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import make_paper
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from indexer.config import Settings
+from indexer.store import SearchFilter
+
+CORPUS = [make_paper(i, words=150 + 90 * (i % 5), seed=3) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def edge_settings(tiny_models, tmp_path_factory) -> Settings:
+    return Settings(
+        **tiny_models, qdrant_path=tmp_path_factory.mktemp("edge") / "index", window_tokens=48, window_overlap=8,
+        chunk_words=120, chunk_overlap=20, papers_per_batch=4, token_budget=4096,
+    )
+
+
+@pytest.fixture(scope="module")
+def client(edge_settings):
+    with TestClient(create_app(edge_settings)) as c:
+        r = c.post("/index", params={"wait": True}, json=CORPUS)
+        assert r.status_code == 200 and r.json()["counts"]["indexed"] == len(CORPUS)
+        yield c
+
+
+def test_search_grouped_similar_on_edge(client):
+    assert client.get("/ready").json()["ready"] is True
+    hits = client.get("/search", params={"q": "protein folding", "k": 6}).json()["hits"]
+    assert len(hits) == 6 and all(h["text"] and h["title"] for h in hits)
+    groups = client.get("/search", params={"q": "protein folding", "k": 4, "group_by_paper": True, "group_size": 2}).json()["groups"]
+    assert len(groups) == 4 and len({g["paper_id"] for g in groups}) == 4
+    for g in groups:
+        best = client.get("/search", params={"q": "protein folding", "k": 2, "paper_id": g["paper_id"]}).json()["hits"]
+        assert [p["chunk_index"] for p in g["passages"]] == [p["chunk_index"] for p in best]
+        assert g["abstract"] and g["year"] is not None
+    reranked = client.get("/search", params={"q": "protein folding", "k": 3, "rerank": True, "candidates": 12}).json()["hits"]
+    assert [h["rerank_score"] for h in reranked] == sorted((h["rerank_score"] for h in reranked), reverse=True)
+    pid = CORPUS[2]["paper_id"]
+    similar = client.get(f"/papers/{pid}/similar", params={"k": 4}).json()["hits"]
+    assert len(similar) == 4 and pid not in {h["paper_id"] for h in similar}
+    assert client.get("/search/papers", params={"q": "ocean climate", "k": 3}).json()["hits"]
+
+
+def test_replace_and_delete_on_edge(client):
+    store = client.app.state.service.store
+    doc = make_paper(50, words=700, seed=3)
+    assert client.post("/index", params={"wait": True}, json=doc).status_code == 200
+    before = store.count(store.chunks, SearchFilter(paper_ids=[doc["paper_id"]]))
+    shorter = doc | {"text": " ".join(doc["text"].split()[:150])}
+    assert client.post("/index", params={"wait": True}, json=shorter).json()["counts"]["indexed"] == 1
+    after = store.count(store.chunks, SearchFilter(paper_ids=[doc["paper_id"]]))
+    assert after == client.get(f"/papers/{doc['paper_id']}").json()["n_chunks"] < before
+    assert client.delete(f"/papers/{doc['paper_id']}").status_code == 200
+    assert store.count(store.chunks, SearchFilter(paper_ids=[doc["paper_id"]])) == 0
+    assert client.get(f"/papers/{doc['paper_id']}").status_code == 404
+
+
+def test_searches_run_while_the_worker_indexes(client):
+    batch = [make_paper(100 + i, words=400, seed=4) for i in range(24)]
+    job = client.post("/index", json=batch).json()
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer(path: str, params: dict) -> None:
+        while not stop.is_set():
+            r = client.get(path, params=params)
+            if r.status_code != 200:
+                failures.append(f"{path}: {r.status_code} {r.text[:200]}")
+
+    threads = [
+        threading.Thread(target=hammer, args=("/search", {"q": "graph neural network", "k": 5})),
+        threading.Thread(target=hammer, args=("/search", {"q": "cell tumor", "k": 3, "group_by_paper": True})),
+        threading.Thread(target=hammer, args=("/search/papers", {"q": "star galaxy", "k": 3})),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        status = client.get(f"/index/{job['job_id']}").json()
+        while status["status"] in ("queued", "running"):
+            threading.Event().wait(0.05)
+            status = client.get(f"/index/{job['job_id']}").json()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert status["status"] == "done" and status["counts"]["indexed"] == len(batch)
+    assert failures == []
+
+
+def test_index_survives_a_restart(edge_settings, tmp_path):
+    s = edge_settings.model_copy(update={"qdrant_path": tmp_path / "index"})
+    docs = [make_paper(i, words=100, seed=5) for i in range(3)]
+    with TestClient(create_app(s)) as c:
+        assert c.post("/index", params={"wait": True}, json=docs).status_code == 200
+    with TestClient(create_app(s)) as c:  # the lifespan closed the shards; a new process opens them again
+        assert c.get("/ready").json()["ready"] is True
+        assert c.get(f"/papers/{docs[0]['paper_id']}").json()["title"] == docs[0]["title"]
+        assert len(c.get("/search", params={"q": "protein", "k": 10}).json()["hits"]) == len(docs)  # one chunk each
