@@ -347,6 +347,14 @@ class EdgeStore:
                 break
             limit *= 4
         papers = self.get_papers([pid for pid, _ in grouped])
+        # A paper's next-best chunks can rank below the oversampled top-N: fill such groups with a search
+        # within that paper, as the server's group query does.
+        base = flt or SearchFilter()
+        for i, (pid, hs) in enumerate(grouped):
+            n_chunks = papers[pid].payload.get("n_chunks", group_size) if pid in papers else group_size
+            if len(hs) < min(group_size, n_chunks):
+                within = SearchFilter(base.year_from, base.year_to, [pid], list(base.exclude_paper_ids))
+                grouped[i] = (pid, self.search(self.chunks, vector, group_size, within))
         return [Group(pid, hs, papers[pid].payload if pid in papers else None) for pid, hs in grouped]
 
     def count(self, collection: str, flt: SearchFilter | None = None) -> int:
