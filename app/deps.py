@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from indexer.config import Settings
 from indexer.runtime import Runtime
@@ -33,6 +34,11 @@ class Service:
         self._collections_lock = threading.Lock()
         self._collections_ready = False
         self.jobs = JobQueue(runtime.indexer, settings.index_queue_size, metrics, before_job=self.ensure_collections)
+
+    async def collections(self) -> None:
+        """ensure_collections for a request, off the event loop (and without a thread hop once done)."""
+        if not self._collections_ready:
+            await run_in_threadpool(self.ensure_collections)
 
     def ensure_collections(self) -> None:
         """Create the collections if missing (once; retried on later calls while Qdrant is unreachable)."""

@@ -27,7 +27,7 @@ class InvalidRequest(ValueError):
         super().__init__("; ".join(f"{loc[-1]}: {msg}" for loc, msg in errors))
 
 
-class Unauthorized(PermissionError):
+class Unauthorized(Exception):
     """A write without the right API key."""
 
 
@@ -76,8 +76,7 @@ def classify(exc: BaseException) -> Mapped:
                 headers = {"Retry-After": "5"}
             elif isinstance(exc, Unauthorized):
                 headers = {"WWW-Authenticate": 'Bearer realm="paperindex"'}
-            detail = str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
-            return Mapped(status, code, detail, headers)
+            return Mapped(status, code, str(exc), headers)
     return Mapped(500, "internal_error", "internal error; the server log has the details")
 
 

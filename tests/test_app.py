@@ -329,6 +329,8 @@ def test_body_limit_is_413(client):
 
     r = client.post("/index", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "200000" in r.json()["detail"]
+    r = client.post("/papers/similar", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
     assert client.get(f"/papers/{big['paper_id']}").status_code == 404
 
 

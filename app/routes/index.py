@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from indexer.papers import PaperIn, validate
 
@@ -95,7 +96,7 @@ async def index(
     strict: Annotated[bool, Query(description="refuse the whole request if any paper is invalid")] = False,
     force: Annotated[bool, Query(description="re-embed papers even when unchanged")] = False,
 ) -> JSONResponse:
-    papers, rejected, received = parse_papers(await request.body())
+    papers, rejected, received = await run_in_threadpool(parse_papers, await request.body())  # megabytes of JSON: off the loop
     if rejected and (strict or not papers):
         why = "strict=true and some papers are invalid" if papers else "no valid paper in the request"
         raise InvalidRequest([(("body", e.index), f"{e.paper_id or 'paper'}: {e.error}") for e in rejected] + [(("body",), why)])

@@ -33,7 +33,7 @@ PAPER_ID = "the paper's id; may contain slashes (DOIs), e.g. /papers/10.1145/329
 )
 async def similar_to(svc: ServiceDep, body: SimilarRequest) -> SimilarResponse:
     check_bounds(svc.settings, k=body.k, year_from=body.year_from, year_to=body.year_to, where="body")
-    await run_in_threadpool(svc.ensure_collections)
+    await svc.collections()
     flt = SearchFilter(body.year_from, body.year_to)
     hits = await run_in_threadpool(svc.searcher.similar_to, body.title, body.abstract, body.k, flt)
     return SimilarResponse(paper_id=None, hits=[paper_hit(h) for h in hits])
@@ -47,7 +47,7 @@ async def similar_to(svc: ServiceDep, body: SimilarRequest) -> SimilarResponse:
 )
 async def similar(svc: ServiceDep, paper_id: str, params: Annotated[SimilarQuery, Query()]) -> SimilarResponse:
     check_bounds(svc.settings, k=params.k, year_from=params.year_from, year_to=params.year_to)
-    await run_in_threadpool(svc.ensure_collections)
+    await svc.collections()
     flt = SearchFilter(params.year_from, params.year_to)
     hits = await run_in_threadpool(svc.searcher.similar, paper_id, params.k, flt)
     return SimilarResponse(paper_id=paper_id, hits=[paper_hit(h) for h in hits])
@@ -55,7 +55,7 @@ async def similar(svc: ServiceDep, paper_id: str, params: Annotated[SimilarQuery
 
 @router.get("/papers/{paper_id:path}", response_model=Paper, summary="An indexed paper", responses={**NOT_FOUND, **UNAVAILABLE})
 async def get_paper(svc: ServiceDep, paper_id: str) -> Paper:
-    await run_in_threadpool(svc.ensure_collections)
+    await svc.collections()
     p = await run_in_threadpool(svc.searcher.paper, paper_id)
     return Paper(paper_id=p["paper_id"], title=p.get("title", ""), abstract=p.get("abstract"), year=p.get("year"),
                  n_chunks=int(p.get("n_chunks", 0)), metadata=p.get("metadata") or {})

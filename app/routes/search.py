@@ -65,7 +65,7 @@ async def search(svc: ServiceDep, params: Annotated[SearchRequest, Query()]) -> 
     check_bounds(svc.settings, q=p.q, k=p.k, candidates=p.candidates, year_from=p.year_from, year_to=p.year_to)
     flt = SearchFilter(p.year_from, p.year_to, list(p.paper_id))
     candidates = p.candidates or min(DEFAULT_CANDIDATES, svc.settings.max_candidates)
-    await run_in_threadpool(svc.ensure_collections)
+    await svc.collections()
     if p.group_by_paper:
         groups = await run_in_threadpool(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, candidates)
         return GroupedSearchResponse(query=p.q, reranked=p.rerank, groups=[paper_group(g) for g in groups])
@@ -82,6 +82,6 @@ async def search(svc: ServiceDep, params: Annotated[SearchRequest, Query()]) -> 
 async def search_papers(svc: ServiceDep, params: Annotated[PaperSearchRequest, Query()]) -> PaperSearchResponse:
     p = params
     check_bounds(svc.settings, q=p.q, k=p.k, year_from=p.year_from, year_to=p.year_to)
-    await run_in_threadpool(svc.ensure_collections)
+    await svc.collections()
     hits = await run_in_threadpool(svc.searcher.papers, p.q, p.k, SearchFilter(p.year_from, p.year_to))
     return PaperSearchResponse(query=p.q, hits=[paper_hit(h) for h in hits])
