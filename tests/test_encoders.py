@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+
+from indexer.encoders import BatchRunner, PaperEncoder, PassageEncoder, paper_head, token_batches
+from tiny_models import WORDS
+
+
+@pytest.fixture(scope="module")
+def passage_encoders(tiny_models):
+    mk = lambda strategy: PassageEncoder(tiny_models["passage_model"], device="cpu", long_chunk=strategy, window_tokens=48, window_overlap=8)
+    return {s: mk(s) for s in ("multivector", "mean", "truncate")}
+
+
+def long_text(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n))
+
+
+def test_every_token_is_embedded_a_late_word_changes_the_vector(passage_encoders):
+    base = long_text(300)
+    changed = base.rsplit(" ", 1)[0] + " galaxy"  # only the last word differs
+    enc = passage_encoders["multivector"]
+    n_tokens = len(enc.tokenizer(base, add_special_tokens=False)["input_ids"])
+    assert n_tokens > 48 * 3  # several windows
+    a, b = enc.encode_chunks([base, changed])
+    assert a.shape[0] >= 3 and np.abs(a[-1] - b[-1]).max() > 1e-4  # last window differs
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # first window does not
+    m1, m2 = passage_encoders["mean"].encode_chunks([base, changed])
+    assert np.abs(m1 - m2).max() > 1e-5
+
+
+def test_truncate_drops_the_tail_as_the_old_way_did(tiny_models):
+    enc = PassageEncoder(tiny_models["passage_model"], device="cpu", long_chunk="truncate")
+    base = long_text(900)  # > 510 tokens
+    changed = base.rsplit(" ", 1)[0] + " galaxy"
+    a, b = enc.encode_chunks([base, changed])
+    assert a.shape == (enc.dim,)  # one vector: the first 512 positions only
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_window_vectors_match_sentence_transformers_on_short_text(passage_encoders, tiny_models):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(tiny_models["passage_model"], device="cpu")
+    text = "protein folding with graph neural network"
+    ours = passage_encoders["multivector"].encode_chunks([text])[0]
+    assert ours.shape == (1, st.get_embedding_dimension())
+    np.testing.assert_allclose(ours[0], st.encode([text])[0], atol=1e-5)
+    np.testing.assert_allclose(passage_encoders["mean"].encode_queries([text])[0], st.encode([text])[0], atol=1e-5)
+
+
+def test_mean_is_the_average_of_windows(passage_encoders):
+    text = long_text(250, seed=3)
+    multi = passage_encoders["multivector"].encode_chunks([text])[0]
+    mean = passage_encoders["mean"].encode_chunks([text])[0]
+    np.testing.assert_allclose(mean, multi.mean(0), atol=1e-5)
+
+
+def test_specter2_input_format_and_active_adapter(tiny_models):
+    import adapters
+    from transformers import AutoTokenizer
+
+    enc = PaperEncoder(tiny_models["paper_model"], tiny_models["paper_adapter"], tiny_models["query_adapter"], device="cpu")
+    tok = AutoTokenizer.from_pretrained(tiny_models["paper_model"])
+    assert paper_head("T", "A", tok.sep_token) == "T" + tok.sep_token + "A"
+    ids = enc.tokenize_heads(["Graph networks"], ["We study proteins"])[0]
+    assert ids == tok("Graph networks" + tok.sep_token + "We study proteins")["input_ids"]
+    assert ids.count(tok.sep_token_id) == 2  # the separator inside, plus the closing one
+    long_ids = enc.tokenize_heads(["t"], [long_text(2000)])[0]
+    assert len(long_ids) == 512
+
+    ours = enc.encode_papers(["Graph networks"], ["We study proteins"])[0]
+    batch = tok(["Graph networks" + tok.sep_token + "We study proteins"], return_tensors="pt", return_token_type_ids=False)
+    assert "token_type_ids" not in batch
+    ref = adapters.AutoAdapterModel.from_pretrained(tiny_models["paper_model"]).eval()
+    with torch.no_grad():
+        base_vec = ref(**batch).last_hidden_state[0, 0].numpy()
+        ref.load_adapter(tiny_models["paper_adapter"], load_as="proximity", set_active=True)
+        adapter_vec = ref(**batch).last_hidden_state[0, 0].numpy()
+    assert np.abs(ours - base_vec).max() > 1e-3  # the adapter is really active
+    np.testing.assert_allclose(ours, adapter_vec, atol=1e-5)  # and it is the proximity adapter
+    q = enc.encode_queries(["Graph networks" + tok.sep_token + "We study proteins"])[0]
+    assert np.abs(q - ours).max() > 1e-3  # the ad-hoc query adapter is a different one
+    np.testing.assert_allclose(enc.encode_papers(["Graph networks"], ["We study proteins"])[0], ours, atol=1e-6)
+
+
+def test_token_batches_respect_budget_and_sort_by_length():
+    lengths = [10, 300, 50, 299, 5, 120]
+    batches = token_batches(lengths, 600)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 600
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    assert token_batches([1000], 100) == [[0]]  # an over-long item still gets a batch
+
+
+def test_out_of_memory_halves_the_budget_and_loses_nothing():
+    calls = []
+
+    def forward(ids, mask):
+        calls.append(ids.numel())
+        if ids.numel() > 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return ids[:, :1].float().repeat(1, 4) * 1.0  # vector = first token id
+
+    seqs = [[i] * (8 + i % 24) for i in range(100)]
+    run = BatchRunner(forward, torch.device("cpu"), pad_id=0, budget=4096)
+    out = run(seqs)
+    assert out.shape == (100, 4)
+    np.testing.assert_array_equal(out[:, 0], np.arange(100))  # every input once, in input order
+    assert run.budget <= 256 and any(c > 256 for c in calls)
+
+
+def test_other_errors_propagate():
+    def forward(ids, mask):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        BatchRunner(forward, torch.device("cpu"), 0, 1024)([[1, 2]])
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    from indexer.encoders import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cannot load passage model"):
+        PassageEncoder(str(tmp_path / "nope"), device="cpu")
