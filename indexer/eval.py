@@ -60,7 +60,7 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
     qrels: Qrels = {}
     with (folder / "qrels" / f"{split}.tsv").open(encoding="utf-8", newline="") as fh:
         for n, row in enumerate(csv.reader(fh, delimiter="\t"), 1):
-            if not row or (n == 1 and not row[-1].lstrip("-").isdigit()):  # header line
+            if not row or (n == 1 and len(row) == 3 and not row[2].lstrip("-").isdigit()):  # header line
                 continue
             if len(row) != 3:
                 raise ValueError(f"qrels/{split}.tsv:{n}: expected query-id, corpus-id, score; got {row}")
