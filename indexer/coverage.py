@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .chunking import chunk_words
-from .eval import NoPaperHeads, disk_bytes, latency_summary
+from .eval import disk_bytes, latency_summary, open_setup
 from .papers import PaperIn
 
 SENTENCE_END = re.compile(r"[.?!][\"')\]]*$")
@@ -128,7 +126,7 @@ class StrategyResult:
     strategy: Strategy
     recall: dict[str, dict[str, float]]  # bucket label (or "all") -> {"r@1", "r@10", "n"}
     chunks: int
-    windows: int
+    vectors: int  # stored: one per chunk, or one per window for multivector
     vector_bytes: int
     disk_bytes: int
     index_seconds: float
@@ -139,7 +137,7 @@ class StrategyResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy.label, "long_chunk": self.strategy.long_chunk, "window_tokens": self.strategy.window_tokens,
-            "window_overlap": self.strategy.window_overlap, "recall": self.recall, "chunks": self.chunks, "windows": self.windows,
+            "window_overlap": self.strategy.window_overlap, "recall": self.recall, "chunks": self.chunks, "vectors": self.vectors,
             "vector_bytes": self.vector_bytes, "disk_bytes": self.disk_bytes, "index_seconds": self.index_seconds,
             "latency_ms": self.latency_ms, "store_latency_ms": self.store_latency_ms, **self.extra,
         }
@@ -176,45 +174,33 @@ def run_strategy(
     on_batch: Callable[[Any], None] | None = None,
 ) -> StrategyResult:
     """Index `papers` from scratch with one strategy (a temporary embedded index) and run every probe."""
-    from .encoders import PassageEncoder
-    from .pipeline import Indexer
-    from .search import Searcher
-    from .store import EdgeStore
-
-    s = settings
-    passage = PassageEncoder(
-        s.passage_model, device=s.device, long_chunk=strategy.long_chunk,
-        window_tokens=strategy.window_tokens or s.window_tokens, window_overlap=strategy.window_overlap if strategy.window_overlap is not None else s.window_overlap,
-        token_budget=s.token_budget, compile=s.compile,
-    )
-    heads = NoPaperHeads()
-    with tempfile.TemporaryDirectory(prefix="paperindex-coverage-") as tmp:
-        store = EdgeStore(Path(tmp), s.papers_collection, s.chunks_collection)
-        try:
-            indexer = Indexer(store, heads, passage, s.chunk_words, s.chunk_overlap, None, s.papers_per_batch)  # type: ignore[arg-type]
-            stats = indexer.index(papers, on_batch=on_batch)
-            searcher = Searcher(store, passage, heads)  # type: ignore[arg-type]
-            hits, secs = [], []
-            for q in probes:
-                t0 = time.perf_counter()
-                res = searcher.passages(q.text, k=10)
-                secs.append(time.perf_counter() - t0)
-                hits.append([(h.paper_id, h.metadata) for h in res])
-            # the store's share of the latency: the same searches with the query vectors encoded beforehand
-            vecs = passage.encode_queries([q.text for q in probes]) if probes else []
-            store_secs = []
-            for v in vecs:
-                t0 = time.perf_counter()
-                store.search(store.chunks, v, 10)
-                store_secs.append(time.perf_counter() - t0)
-            size = disk_bytes(tmp)
-        finally:
-            store.close()
+    update: dict[str, Any] = {"long_chunk": strategy.long_chunk, "max_chunks_per_paper": None}
+    if strategy.window_tokens is not None:
+        update |= {"window_tokens": strategy.window_tokens, "window_overlap": strategy.window_overlap}
+    setup = open_setup(settings.model_copy(update=update))
+    try:
+        stats = setup.indexer.index(papers, on_batch=on_batch)
+        store, passage = setup.indexer.store, setup.indexer.passage_encoder
+        hits, secs = [], []
+        for q in probes:
+            t0 = time.perf_counter()
+            res = setup.searcher.passages(q.text, k=10)
+            secs.append(time.perf_counter() - t0)
+            hits.append([(h.paper_id, h.metadata) for h in res])
+        # the store's share of the latency: the same searches with the query vectors encoded beforehand
+        store_secs = []
+        for v in passage.encode_queries([q.text for q in probes]) if probes else []:
+            t0 = time.perf_counter()
+            store.search(store.chunks, v, 10)
+            store_secs.append(time.perf_counter() - t0)
+        size = disk_bytes(setup.index_dir)
+    finally:
+        setup.cleanup()
+    vectors = stats.windows if passage.multivector else stats.chunks
     return StrategyResult(
-        strategy, score_probes(probes, hits, edges), stats.chunks, stats.windows if strategy.long_chunk == "multivector" else stats.chunks,
-        (stats.windows if strategy.long_chunk == "multivector" else stats.chunks) * passage.dim * 4, size,
+        strategy, score_probes(probes, hits, edges), stats.chunks, vectors, vectors * passage.dim * 4, size,
         round(stats.seconds, 1), latency_summary(secs), latency_summary(store_secs),
-        {"tokens": stats.tokens, "passage_model": s.passage_model},
+        {"tokens": stats.tokens, "passage_model": settings.passage_model},
     )
 
 
@@ -225,7 +211,7 @@ def markdown_table(results: Sequence[StrategyResult], edges: Sequence[int]) -> s
     for r in results:
         cells = [r.strategy.label]
         cells += [f"{r.recall[b]['r@1']:.3f}" for b in labels]
-        cells += [f"{r.recall['all']['r@1']:.3f}", f"{r.recall['all']['r@10']:.3f}", str(r.windows), f"{r.vector_bytes / 2**20:.2f}",
+        cells += [f"{r.recall['all']['r@1']:.3f}", f"{r.recall['all']['r@10']:.3f}", str(r.vectors), f"{r.vector_bytes / 2**20:.2f}",
                   f"{r.index_seconds:.0f}", f"{r.latency_ms.get('p50', 0):.1f}", f"{r.store_latency_ms.get('p50', 0):.2f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

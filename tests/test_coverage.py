@@ -119,9 +119,9 @@ def test_run_strategy_end_to_end(settings):
         assert sum(r.recall[b]["n"] for b in ("0-40", "40-80", "80-120")) == len(probes)
         assert all(0 <= r.recall[b][m] <= 1 for b in r.recall for m in ("r@1", "r@10"))
         assert r.latency_ms["p50"] > 0 and r.disk_bytes > 0
-    assert trunc.windows == n_chunks  # one vector per chunk
-    assert multi.windows > n_chunks  # 48-token windows: several per chunk
-    assert multi.vector_bytes == multi.windows * 32 * 4
+    assert trunc.vectors == n_chunks  # one vector per chunk
+    assert multi.vectors > n_chunks  # 48-token windows: several per chunk
+    assert multi.vector_bytes == multi.vectors * 32 * 4
 
 
 def test_cli_coverage(tiny_models, tmp_path, monkeypatch, capsys):
