@@ -39,6 +39,10 @@ class QueueFull(RuntimeError):
         self.retry_after = retry_after
 
 
+class ShuttingDown(RuntimeError):
+    """The server stopped before a queued job ran."""
+
+
 class UnknownJob(LookupError):
     """A job id this process does not know (never issued, expired, or issued before a restart)."""
 
@@ -61,6 +65,7 @@ _TABLE: list[tuple[type[BaseException], int, str]] = [
     (InvalidRequest, 422, "invalid_request"),
     (QueueFull, 429, "queue_full"),
     (StoreUnavailable, 503, "store_unavailable"),
+    (ShuttingDown, 503, "shutting_down"),
     (StoreError, 500, "store_error"),
 ]
 

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from indexer.papers import PaperIn
 from indexer.pipeline import IndexStats, Indexer
 
-from .errors import QueueFull, UnknownJob, classify
+from .errors import QueueFull, ShuttingDown, UnknownJob, classify
 from .metrics import Metrics
 from .schemas import IndexJob, JobCounts, PaperError
 
@@ -132,7 +132,7 @@ class JobQueue:
             except queue.Empty:
                 break
             if job is not None:
-                job.finish("failed", RuntimeError("the server shut down before this job ran"))
+                job.finish("failed", ShuttingDown("the server shut down before this job ran; post the papers again"))
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)

@@ -29,19 +29,22 @@ YearFrom = Annotated[int | None, Field(ge=0, le=3000, description="only papers p
 YearTo = Annotated[int | None, Field(ge=0, le=3000, description="only papers published in or before this year", examples=[2024])]
 
 
-class SearchRequest(BaseModel):
-    """Query parameters of GET /search."""
-
+class _Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     q: str = Field(description="the question or keywords; at most PAPERINDEX_MAX_QUERY_CHARS characters", examples=[_QUERY])
-    k: int = Field(10, description="passages (or papers, with group_by_paper) to return; 1..PAPERINDEX_MAX_K", examples=[5])
+    k: int = Field(10, description="hits to return (passages, or papers); 1..PAPERINDEX_MAX_K", examples=[5])
     year_from: YearFrom = None
     year_to: YearTo = None
+
+
+class SearchRequest(_Query):
+    """Query parameters of GET /search."""
+
     paper_id: list[str] = Field(
         default_factory=list, max_length=1000, description="restrict to these papers; repeat the parameter for several", examples=[["arXiv:1706.03762"]]
     )
-    group_by_paper: bool = Field(False, description="return papers, each once, with their best passages")
+    group_by_paper: bool = Field(False, description="return papers, each once, with their best passages (k papers)")
     group_size: int = Field(3, ge=1, le=20, description="passages per paper when grouping")
     rerank: bool = Field(False, description="rescore the top `candidates` passages with the cross-encoder, then cut to k")
     candidates: int | None = Field(
@@ -50,15 +53,8 @@ class SearchRequest(BaseModel):
     )
 
 
-class PaperSearchRequest(BaseModel):
+class PaperSearchRequest(_Query):
     """Query parameters of GET /search/papers."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    q: str = Field(description="keywords or a question; at most PAPERINDEX_MAX_QUERY_CHARS characters", examples=[_QUERY])
-    k: int = Field(10, description="papers to return; 1..PAPERINDEX_MAX_K", examples=[10])
-    year_from: YearFrom = None
-    year_to: YearTo = None
 
 
 class SimilarQuery(BaseModel):

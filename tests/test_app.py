@@ -435,6 +435,22 @@ def test_full_queue_answers_429_with_retry_after(runtime):
         gated.gate.set()
 
 
+def test_shutdown_fails_queued_jobs_with_a_reason(runtime):
+    gated = GatedIndexer(runtime.indexer)
+    app = create_app(runtime=dataclasses.replace(runtime, indexer=gated))
+    try:
+        with TestClient(app) as c:
+            c.post("/index", json=make_paper(860, words=30))
+            assert gated.running.wait(10)
+            job = c.post("/index", json=make_paper(861, words=30)).json()
+            waiting = app.state.service.jobs.get(job["job_id"])
+            threading.Timer(0.2, gated.gate.set).start()  # the running job finishes during shutdown
+    finally:
+        gated.gate.set()
+    view = waiting.view()
+    assert view.status == "failed" and "shut down" in view.error
+
+
 def test_wait_timeout_answers_202_with_the_running_job(runtime):
     gated = GatedIndexer(runtime.indexer)
     rt = dataclasses.replace(runtime, indexer=gated)
@@ -446,6 +462,21 @@ def test_wait_timeout_answers_202_with_the_running_job(runtime):
             assert wait_done(c, r.json()["job_id"])["status"] == "done"
     finally:
         gated.gate.set()
+
+
+def test_module_level_app_reads_the_environment(tiny_models, monkeypatch):
+    from app import main
+
+    for name, value in tiny_models.items():
+        monkeypatch.setenv(f"PAPERINDEX_{name.upper()}", str(value))
+    monkeypatch.setenv("PAPERINDEX_QDRANT_URL", ":memory:")
+    monkeypatch.setenv("PAPERINDEX_MAX_K", "7")
+    try:
+        with TestClient(main.app) as c:  # what `uvicorn app.main:app` loads
+            assert c.get("/ready").status_code == 200
+            assert "between 1 and 7" in c.get("/search", params={"q": "x", "k": 8}).json()["detail"]
+    finally:
+        main.__dict__.pop("app", None)
 
 
 # Qdrant outage ------------------------------------------------------------------------------------
