@@ -24,7 +24,7 @@ class InvalidRequest(ValueError):
 
     def __init__(self, errors: list[tuple[tuple[str | int, ...], str]]) -> None:
         self.errors = errors
-        super().__init__("; ".join(f"{loc[-1]}: {msg}" for loc, msg in errors))
+        super().__init__("; ".join(f"{'.'.join(str(p) for p in loc[1:] or loc)}: {msg}" for loc, msg in errors) or "invalid request")
 
 
 class Unauthorized(Exception):
@@ -101,9 +101,9 @@ def error_response(exc: BaseException) -> JSONResponse:
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
-def _validation_message(err: dict) -> tuple[list[str | int], str]:
+def _validation_message(err: dict) -> tuple[tuple[str | int, ...], str]:
     msg = "unknown parameter" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
-    return list(err.get("loc", ())), msg
+    return tuple(err.get("loc", ())), msg
 
 
 def install(app: FastAPI) -> None:
@@ -116,11 +116,7 @@ def install(app: FastAPI) -> None:
         return error_response(exc)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [_validation_message(e) for e in exc.errors()]
-        detail = "; ".join(f"{'.'.join(str(p) for p in loc[1:] or loc)}: {msg}" for loc, msg in errors) or "invalid request"
-        return JSONResponse(
-            {"detail": detail, "code": "invalid_request", "errors": [{"loc": loc, "msg": msg} for loc, msg in errors]}, status_code=422
-        )
+        return error_response(InvalidRequest([_validation_message(e) for e in exc.errors()]))
 
     async def http(request: Request, exc: HTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")

@@ -235,6 +235,12 @@ def test_grouped_rerank_orders_papers_by_their_best_rerank_score(client):
     assert [g["score"] for g in groups] == sorted((g["score"] for g in groups), reverse=True)
 
 
+def test_paper_search_without_a_query_adapter_is_400(client, runtime, monkeypatch):
+    monkeypatch.setattr(runtime.paper_encoder, "has_query_adapter", False)
+    r = client.get("/search/papers", params={"q": "protein"})
+    assert r.status_code == 400 and r.json()["code"] == "not_configured" and "query adapter" in r.json()["detail"]
+
+
 def test_rerank_without_a_reranker_is_400(runtime):
     rt = dataclasses.replace(runtime, reranker=None, searcher=Searcher(runtime.store, runtime.passage_encoder, runtime.paper_encoder, None))
     with TestClient(create_app(runtime=rt)) as c:
