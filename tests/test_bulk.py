@@ -86,7 +86,7 @@ def test_edge_unfinished_bulk_load_is_finished_by_a_later_run(tmp_path):
 
 def test_edge_finish_bulk_builds_the_graph(tmp_path):
     """Past the optimizer's size threshold (~10 MB per segment) finish_bulk leaves every vector in an HNSW index."""
-    store = EdgeStore(tmp_path / "ix", options=StoreOptions(bulk_load=True, hnsw_m=4, hnsw_ef_construct=16))
+    store = EdgeStore(tmp_path / "ix", options=StoreOptions(bulk_load=True, hnsw_m=8, hnsw_ef_construct=32))
     store.create(Layout(8, 768, False))
     points = chunk_points(3400, 768)
     for i in range(0, len(points), 512):
@@ -94,8 +94,8 @@ def test_edge_finish_bulk_builds_the_graph(tmp_path):
     assert store._shards[store.chunks].info().indexed_vectors_count == 0
     store.finish_bulk()
     assert store._shards[store.chunks].info().indexed_vectors_count == 3400
-    hits = store.search(store.chunks, points[7].vector, 3)
-    assert hits[0].id == points[7].id
+    # the graph finds each probe itself (random 768-d vectors: the hardest case for HNSW)
+    assert all(store.search(store.chunks, p.vector, 1)[0].id == p.id for p in points[::100])
     store.close()
 
 
