@@ -1,0 +1,186 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_paper, write_jsonl
+from indexer.papers import BadRecord, PaperIn, read_papers
+from indexer.runtime import build
+from indexer.store import ClientStore, SearchFilter, chunk_point_id
+
+
+@pytest.fixture(params=["edge", "memory"])
+def rt(request, settings):
+    store = ClientStore(location=":memory:") if request.param == "memory" else None
+    r = build(settings, reranker=False, store=store)
+    yield r
+    r.close()
+
+
+def papers(*specs):
+    return [PaperIn(**make_paper(i, words=w)) for i, w in specs]
+
+
+def chunk_ids(store, pid):
+    return sorted(int(h.payload["chunk_index"]) for h in store.search(store.chunks, np.ones(store_dim(store), dtype=np.float32), 1000, SearchFilter(paper_ids=[pid])))
+
+
+def store_dim(store):
+    return store.layout().chunk_dim
+
+
+def test_chunk_points_match_the_chunking(rt):
+    stats = rt.indexer.index(papers((0, 300), (1, 0), (2, 120)))
+    # chunk_words=120, overlap 20: 300 words -> 3 chunks; no body -> 0; 120 -> 1
+    assert stats.papers_indexed == 3 and stats.chunks == 4
+    assert chunk_ids(rt.store, "p0000") == [0, 1, 2] and chunk_ids(rt.store, "p0001") == [] and chunk_ids(rt.store, "p0002") == [0]
+    hit = rt.store.search(rt.store.chunks, np.ones(store_dim(rt.store), dtype=np.float32), 1, SearchFilter(paper_ids=["p0000"]))[0]
+    meta = hit.payload["metadata"]
+    assert (meta["word_start"], meta["word_end"]) == {0: (0, 120), 1: (100, 220), 2: (200, 300)}[meta["chunk_index"]]
+    assert meta["authors"] == ["Author 0"] and meta["title"].endswith("study 0") and hit.payload["year"] == 1990
+
+
+def test_reindex_replaces_exactly_no_orphans_no_duplicates(rt):
+    rt.indexer.index(papers((0, 500), (1, 200)))
+    assert chunk_ids(rt.store, "p0000") == [0, 1, 2, 3, 4]
+    before = rt.store.count(rt.store.chunks)
+    again = rt.indexer.index(papers((0, 500), (1, 200)))
+    assert again.papers_unchanged == 2 and again.papers_indexed == 0 and rt.store.count(rt.store.chunks) == before
+    shorter = rt.indexer.index(papers((0, 150)))  # the paper got shorter: its tail chunks must go
+    assert shorter.papers_indexed == 1
+    assert chunk_ids(rt.store, "p0000") == [0, 1]
+    assert rt.store.count(rt.store.papers) == 2 and rt.store.get_papers(["p0000"])["p0000"].payload["n_chunks"] == 2
+    assert chunk_ids(rt.store, "p0001") == [0, 1]  # the other paper untouched
+
+
+def test_paper_without_abstract_uses_the_first_words_of_its_body(rt):
+    with_abs = PaperIn(paper_id="a", title="T", abstract=None, text="protein folding " * 200)
+    explicit = PaperIn(paper_id="b", title="T", abstract=" ".join(("protein folding " * 200).split()[:300]), text="x")
+    rt.indexer.index([with_abs, explicit])
+    got = rt.store.get_papers(["a", "b"], with_vectors=True)
+    np.testing.assert_allclose(got["a"].vector, got["b"].vector, atol=1e-5)
+
+
+def test_delete_removes_paper_and_chunks(rt):
+    rt.indexer.index(papers((0, 300), (1, 300)))
+    assert rt.indexer.delete(["p0000", "ghost"]) == 1
+    assert rt.store.count(rt.store.papers) == 1 and chunk_ids(rt.store, "p0000") == []
+
+
+def test_max_chunks_cap_is_counted(settings):
+    r = build(settings.model_copy(update={"max_chunks_per_paper": 2}), reranker=False)
+    try:
+        stats = r.indexer.index(papers((0, 1000), (1, 100)))
+        assert stats.papers_capped == 1 and chunk_ids(r.store, "p0000") == [0, 1]
+    finally:
+        r.close()
+
+
+def test_settings_change_reindexes(settings, tmp_path):
+    r = build(settings, reranker=False)
+    r.indexer.index(papers((0, 300)))
+    r.close()
+    r2 = build(settings.model_copy(update={"chunk_words": 200, "chunk_overlap": 10}), reranker=False)
+    try:
+        stats = r2.indexer.index(papers((0, 300)))
+        assert stats.papers_indexed == 1 and chunk_ids(r2.store, "p0000") == [0, 1]
+    finally:
+        r2.close()
+
+
+def test_bad_records_are_reported_with_file_and_line_and_skipped(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(
+        b'{"paper_id": "ok1", "title": "fine"}\n'
+        b'{"title": "no id"}\n'
+        b'\n'
+        b'{"paper_id": "x", "title": "t", "year": "soon"}\n'
+        b'{"paper_id": "ok1", "title": "again"}\n'
+        b'{"paper_id": "bin", "title": "caf\xe9"}\n'
+        b'[1, 2]\n'
+        b'{"paper_id": "ok2", "title": "fine too", "authors": "not a list"}\n'
+        b'{"paper_id": "ok3", "title": "fine", "doi": "10.1/x"}\n'
+    )
+    recs = list(read_papers([path]))
+    good = [r for r in recs if isinstance(r, PaperIn)]
+    bad = {r.line: r for r in recs if isinstance(r, BadRecord)}
+    assert [p.paper_id for p in good] == ["ok1", "ok3"] and good[1].metadata() == {"doi": "10.1/x"}
+    assert set(bad) == {2, 4, 5, 6, 7, 8}
+    assert "paper_id" in bad[2].error and "year" in bad[4].error and "duplicate" in bad[5].error
+    assert "UTF-8" in bad[6].error and "object" in bad[7].error and "authors" in bad[8].error
+    assert str(bad[4]).startswith(f"{path}:4 (x): ")
+
+
+def test_json_array_and_folder_input(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.json").write_text(json.dumps([make_paper(1), {"paper_id": "z"}]))
+    write_jsonl(tmp_path / "d" / "b.jsonl", [make_paper(2)])
+    recs = list(read_papers([tmp_path / "d"]))
+    assert [getattr(r, "paper_id", None) for r in recs] == ["p0001", "z", "p0002"]
+    assert isinstance(recs[1], BadRecord) and recs[1].line == 2
+    with pytest.raises(FileNotFoundError):
+        list(read_papers([tmp_path / "missing.jsonl"]))
+
+
+def test_shards_split_papers_disjointly(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [make_paper(i, words=5) for i in range(40)])
+    parts = [{p.paper_id for p in read_papers([path], shard=(i, 3))} for i in range(3)]
+    assert sum(map(len, parts)) == 40 and set().union(*parts) == {f"p{i:04d}" for i in range(40)}
+    assert all(parts) and not (parts[0] & parts[1] or parts[1] & parts[2] or parts[0] & parts[2])
+
+
+def _env(settings):
+    env = dict(os.environ)
+    for k, v in settings.model_dump().items():
+        if v is not None and not isinstance(v, list):
+            env[f"PAPERINDEX_{k.upper()}"] = str(v)
+    env["PAPERINDEX_PAPERS_PER_BATCH"] = "2"
+    return env
+
+
+def test_resume_after_kill_9_ends_with_exactly_the_right_points(settings, tmp_path):
+    n, words = 120, lambda i: 100 + 3 * i
+    corpus = write_jsonl(tmp_path / "c.jsonl", [make_paper(i, words=words(i)) for i in range(n)])
+    env = _env(settings)
+    cmd = [sys.executable, "-m", "indexer.cli", "index", str(corpus), "-q"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wal = settings.qdrant_path / "papers" / "wal"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (wal.exists() and any(wal.iterdir())):
+        time.sleep(0.02)
+    time.sleep(0.5)  # some batches committed, most not
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    from indexer.chunking import chunk_words
+    from indexer.store import EdgeStore
+
+    s = EdgeStore(settings.qdrant_path)
+    interrupted_at = s.count(s.papers)
+    s.close()
+    assert interrupted_at < n, "the run finished before it was killed; nothing was resumed"
+
+    done = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["papers_unchanged"] == interrupted_at and summary["papers_indexed"] == n - interrupted_at
+
+    expected = {f"p{i:04d}": len(chunk_words(make_paper(i, words=words(i))["text"], 120, 20)) for i in range(n)}
+    s = EdgeStore(settings.qdrant_path)
+    try:
+        assert s.count(s.papers) == n and s.count(s.chunks) == sum(expected.values())
+        seen = set()
+        for points, _ in s.scroll(s.chunks, batch=500, with_vectors=False):
+            for p in points:
+                key = (p.payload["paper_id"], p.payload["chunk_index"])
+                assert key not in seen and p.id == chunk_point_id(*key)
+                seen.add(key)
+        assert seen == {(pid, c) for pid, k in expected.items() for c in range(k)}
+        assert {pid: p.payload["n_chunks"] for pid, p in s.get_papers(list(expected)).items()} == expected
+    finally:
+        s.close()
