@@ -1,0 +1,143 @@
+"""Capacity planning: disk and memory of the `chunks` collection per million chunks, by vector layout.
+
+Builds the embedded store (Qdrant Edge) at two sizes with synthetic chunks (random unit vectors, a
+realistic payload of ~512 words), bulk-loads them, builds HNSW (and quantized copies), then opens each
+index in a fresh process and runs queries. Per-million figures are the slope between the two sizes,
+so fixed overheads drop out.
+
+    python bench/capacity.py                                 # 10k and 20k chunks, all layouts
+    python bench/capacity.py --sizes 20000 50000 --layouts single int8
+
+Layouts: single (one 768-d vector per chunk: long_chunk=mean/truncate), multivector (--windows
+vectors of 768-d per chunk: long_chunk=multivector), int8 (single + scalar quantization), int8-disk
+(int8 with the float32 originals on disk), multivector-int8-disk.
+RAM is reported as the process's anonymous memory (heap: graph links, quantized vectors, in-RAM
+vectors, indexes) and its resident mapped-file pages after the queries (what the page cache must hold
+for searches to stay off the disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from indexer.store import EdgeStore, Layout, Point, StoreOptions, chunk_point_id, paper_point_id  # noqa: E402
+
+LAYOUTS = {
+    # name: (multivector, quantization, vectors_on_disk)
+    "single": (False, "none", False),
+    "multivector": (True, "none", False),
+    "int8": (False, "int8", False),
+    "int8-disk": (False, "int8", True),
+    "multivector-int8-disk": (True, "int8", True),
+}
+VOCAB = [f"w{i}" for i in range(5000)]
+
+
+def unit(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    v = rng.standard_normal(shape).astype(np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def build(path: Path, n: int, layout: str, dim: int, windows: int, words: int, seed: int = 0) -> float:
+    multivector, quantization, on_disk = LAYOUTS[layout]
+    store = EdgeStore(path, options=StoreOptions(bulk_load=True, quantization=quantization, vectors_on_disk=on_disk))
+    store.create(Layout(dim, dim, multivector))
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for start in range(0, n, 512):
+        batch = []
+        for i in range(start, min(n, start + 512)):
+            pid, c = f"paper{i // 20}", i % 20
+            text = " ".join(rng.choice(VOCAB, words))
+            payload = {"paper_id": pid, "paper_uuid": paper_point_id(pid), "chunk_index": c, "year": 1990 + i % 35, "text": text,
+                       "metadata": {"paper_id": pid, "title": f"title of {pid}", "year": 1990 + i % 35, "chunk_index": c,
+                                    "word_start": c * 462, "word_end": c * 462 + words, "authors": ["A. Author", "B. Author"]}}
+            batch.append(Point(chunk_point_id(pid, c), unit(rng, (windows, dim) if multivector else (dim,)), payload))
+        store.upsert(store.chunks, batch)
+    store.finish_bulk()
+    info = store._shards[store.chunks].info()
+    if info.indexed_vectors_count < n:
+        print(f"  warning: {layout} n={n}: only {info.indexed_vectors_count} vectors indexed", file=sys.stderr)
+    store.close()
+    return time.perf_counter() - t0
+
+
+def disk_bytes(path: Path) -> int:
+    # allocated blocks, not apparent sizes: Qdrant preallocates sparse files
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+MEASURE = """
+import json, sys, numpy as np
+sys.path.insert(0, {root!r})
+from indexer.store import EdgeStore
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {{k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile", "VmHWM")}}
+before = status()
+store = EdgeStore({path!r})
+rng = np.random.default_rng(1)
+for _ in range({queries}):
+    q = rng.standard_normal({dim}).astype(np.float32)
+    store.search(store.chunks, q / np.linalg.norm(q), 10)
+after = status()
+store.close()
+print(json.dumps({{k: after[k] - before[k] for k in after}}))
+"""
+
+
+def memory(path: Path, dim: int, queries: int) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT), path=str(path), dim=dim, queries=queries)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs=2, default=[10000, 20000], help="two chunk counts; per-million figures are the slope")
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--windows", type=int, default=3, help="vectors per chunk in multivector layouts")
+    ap.add_argument("--words", type=int, default=512, help="words of text per chunk payload")
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    rows = []
+    for layout in args.layouts:
+        per_size = []
+        for n in args.sizes:
+            with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
+                path = Path(tmp) / "index"
+                seconds = build(path, n, layout, args.dim, args.windows, args.words)
+                per_size.append({"n": n, "build_s": seconds, "disk": disk_bytes(path / "chunks"), **memory(path, args.dim, args.queries)})
+                shutil.rmtree(path)
+        (a, b), scale = per_size, 1e6 / (args.sizes[1] - args.sizes[0])
+        slope = {k: (b[k] - a[k]) * scale for k in ("disk", "RssAnon", "RssFile", "build_s")}
+        rows.append({"layout": layout, "vectors_per_chunk": args.windows if LAYOUTS[layout][0] else 1, **slope, "sizes": per_size})
+        print(f"  {layout}: done ({b['build_s']:.0f}s at {b['n']})", file=sys.stderr)
+
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    gib = 2**30
+    print(f"per million chunks ({args.dim}-d, {args.words}-word payloads; slope between {args.sizes[0]:,} and {args.sizes[1]:,} chunks)")
+    print(f"{'layout':<24}{'vectors/chunk':>14}{'disk GiB':>10}{'RAM heap GiB':>14}{'RAM mapped GiB':>16}{'load+build s':>14}")
+    for r in rows:
+        print(f"{r['layout']:<24}{r['vectors_per_chunk']:>14}{r['disk'] / gib:>10.1f}{r['RssAnon'] / gib:>14.2f}{r['RssFile'] / gib:>16.2f}{r['build_s']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
