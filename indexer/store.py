@@ -201,14 +201,14 @@ class EdgeStore:
     def _hnsw(self, m: int):
         return self.qe.HnswIndexConfig(m=m, ef_construct=self.options.hnsw_ef_construct, full_scan_threshold=10000)
 
-    def _vector_params(self, dim: int, distance, multivector: bool = False):
+    def _vector_params(self, dim: int, distance, multivector: bool, quantization: str, on_disk: bool):
         qe = self.qe
-        quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True) if self.options.quantization == "int8" else None
+        quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True) if quantization == "int8" else None
         return qe.EdgeVectorParams(
             size=dim,
             distance=distance,
             multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim) if multivector else None,
-            on_disk=self.options.vectors_on_disk or None,
+            on_disk=on_disk or None,
             quantization_config=quant,
         )
 
@@ -219,10 +219,11 @@ class EdgeStore:
             self.chunks: (PASSAGE_VECTOR, layout.chunk_dim, qe.Distance.Dot, layout.multivector, ("paper_id", "paper_uuid", "year", "chunk_index")),
         }
 
-    def _config(self, spec: tuple, m: int):
+    def _config(self, spec: tuple, m: int, quantization: str, on_disk: bool):
         vname, dim, distance, multi, _ = spec
+        params = self._vector_params(dim, distance, multi, quantization, on_disk)
         # Payload (chunk text) on disk, as on a Qdrant server: filters use the in-RAM payload indexes.
-        return self.qe.EdgeConfig(vectors={vname: self._vector_params(dim, distance, multi)}, hnsw_config=self._hnsw(m), on_disk_payload=True)
+        return self.qe.EdgeConfig(vectors={vname: params}, hnsw_config=self._hnsw(m), on_disk_payload=True)
 
     def create(self, layout: Layout) -> None:
         existing = self.layout()
@@ -239,7 +240,7 @@ class EdgeStore:
             if name in self._shards:
                 continue
             indexed = spec[4]
-            shard = qe.EdgeShard.create(str(self.path / name), self._config(spec, m))
+            shard = qe.EdgeShard.create(str(self.path / name), self._config(spec, m, self.options.quantization, self.options.vectors_on_disk))
             for key in indexed:
                 kind = qe.PayloadSchemaType.Integer if key in ("year", "chunk_index") else qe.PayloadSchemaType.Keyword
                 shard.update(qe.UpdateOperation.create_field_index(key, kind))
@@ -270,8 +271,12 @@ class EdgeStore:
         for name, spec in self._specs(layout).items():
             shard = self._shards[name]
             if self.hnsw_m(name) != self.options.hnsw_m:
+                # only m changes: the vectors keep the quantization and placement they were created with
+                stored = json.loads((self.path / name / "edge_config.json").read_text())["vectors"][spec[0]]
+                quantization = "int8" if stored.get("quantization_config") else "none"
+                cfg = self._config(spec, self.options.hnsw_m, quantization, bool(stored.get("on_disk")))
                 shard.close()
-                self._shards[name] = shard = self.qe.EdgeShard.load(str(self.path / name), self._config(spec, self.options.hnsw_m))
+                self._shards[name] = shard = self.qe.EdgeShard.load(str(self.path / name), cfg)
             shard.optimize()
         self.options = StoreOptions(**{**self.options.__dict__, "bulk_load": False})
 

@@ -73,14 +73,16 @@ def test_edge_bulk_load_defers_hnsw_and_finish_restores_it(tmp_path):
 
 
 def test_edge_unfinished_bulk_load_is_finished_by_a_later_run(tmp_path):
-    store = EdgeStore(tmp_path / "ix", options=StoreOptions(bulk_load=True))
+    store = EdgeStore(tmp_path / "ix", options=StoreOptions(bulk_load=True, quantization="int8", vectors_on_disk=True))
     store.create(Layout(8, 8, False))
     store.upsert(store.chunks, chunk_points(50, 8))
     store.close()  # crashed before finish_bulk
-    later = EdgeStore(tmp_path / "ix")  # a normal run, bulk_load off
+    later = EdgeStore(tmp_path / "ix")  # a normal run, default settings
     assert later.hnsw_m(later.chunks) == 0
     later.finish_bulk()
     assert later.hnsw_m(later.chunks) == later.hnsw_m(later.papers) == 16 and later.count(later.chunks) == 50
+    params = edge_config(later, later.chunks)["vectors"]["passage"]
+    assert params["on_disk"] is True and params["quantization_config"]["scalar"]["type"] == "int8"  # kept as created
     later.close()
 
 
@@ -94,8 +96,9 @@ def test_edge_finish_bulk_builds_the_graph(tmp_path):
     assert store._shards[store.chunks].info().indexed_vectors_count == 0
     store.finish_bulk()
     assert store._shards[store.chunks].info().indexed_vectors_count == 3400
-    # the graph finds each probe itself (random 768-d vectors: the hardest case for HNSW)
-    assert all(store.search(store.chunks, p.vector, 1)[0].id == p.id for p in points[::100])
+    # the graph finds (almost) every probe itself; random 768-d vectors are the hardest case for HNSW
+    probes = points[::50]
+    assert sum(store.search(store.chunks, p.vector, 1)[0].id == p.id for p in probes) >= 0.8 * len(probes)
     store.close()
 
 
