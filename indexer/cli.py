@@ -41,7 +41,7 @@ def _settings(args: argparse.Namespace):
 def _filter(args: argparse.Namespace):
     from .store import SearchFilter
 
-    return SearchFilter(args.year_from, args.year_to, list(args.paper_id or []))
+    return SearchFilter(args.year_from, args.year_to, list(args.filter_paper_ids or []))
 
 
 def _gpu_memory() -> str:
@@ -363,7 +363,7 @@ def parser() -> argparse.ArgumentParser:
     filters.add_argument("-k", type=int, default=10)
     filters.add_argument("--year-from", type=int)
     filters.add_argument("--year-to", type=int)
-    filters.add_argument("--paper-id", action="append", help="restrict to this paper (repeatable)")
+    filters.add_argument("--paper-id", action="append", dest="filter_paper_ids", help="restrict to this paper (repeatable)")
 
     se = sub.add_parser("search", parents=[common, filters], help="search passages (or papers with --papers)")
     se.add_argument("query")
