@@ -99,6 +99,11 @@ _PAPER_EXAMPLE = {
     "abstract": "We study ...", "metadata": {"authors": ["A. Author"], "venue": "ICML"},
 }
 
+_GROUP_EXAMPLE = {
+    "paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "score": 21.7, "year": 2022,
+    "abstract": "We study ...", "metadata": {"authors": ["A. Author"]}, "passages": [_PASSAGE_EXAMPLE],
+}
+
 
 class PassageHit(BaseModel):
     """One passage (a whole chunk of a paper's text): everything a RAG prompt needs to quote and cite it."""
@@ -125,10 +130,7 @@ class PassageSearchResponse(BaseModel):
 class PaperGroup(BaseModel):
     """A paper with its best passages for the query (group_by_paper=true)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "score": 21.7, "year": 2022,
-        "abstract": "We study ...", "metadata": {"authors": ["A. Author"]}, "passages": [_PASSAGE_EXAMPLE],
-    }]})
+    model_config = ConfigDict(json_schema_extra={"examples": [_GROUP_EXAMPLE]})
 
     paper_id: str
     title: str
@@ -140,6 +142,8 @@ class PaperGroup(BaseModel):
 
 
 class GroupedSearchResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"query": _QUERY, "reranked": False, "groups": [_GROUP_EXAMPLE]}]})
+
     query: str
     reranked: bool
     groups: list[PaperGroup]
@@ -159,11 +163,15 @@ class PaperHit(BaseModel):
 
 
 class PaperSearchResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"query": _QUERY, "hits": [_PAPER_EXAMPLE]}]})
+
     query: str
     hits: list[PaperHit]
 
 
 class SimilarResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"paper_id": "arXiv:1706.03762", "hits": [_PAPER_EXAMPLE]}]})
+
     paper_id: str | None = Field(None, description="the paper the neighbours are of; null for POST /papers/similar")
     hits: list[PaperHit]
 
@@ -224,11 +232,15 @@ class IndexJob(BaseModel):
 
 
 class Deleted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"paper_id": "arXiv:1706.03762", "deleted": True}]})
+
     paper_id: str
     deleted: bool = True
 
 
 class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
     status: Literal["ok"] = "ok"
 
 

@@ -86,6 +86,11 @@ def test_openapi_has_examples_for_each_endpoint(client):
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             assert op.get("summary"), (method, path)
+            ok = next(v for k, v in op["responses"].items() if k.startswith("2"))
+            for media in ok["content"].values():
+                schema = media.get("schema", {})
+                refs = [r["$ref"] for r in schema.get("anyOf", [schema]) if "$ref" in r]
+                assert media.get("example") or (refs and all(schemas[r.split("/")[-1]].get("examples") for r in refs)), (method, path)
 
 
 # POST /index, GET /index/{job_id} ------------------------------------------------------------------
