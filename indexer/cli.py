@@ -69,17 +69,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .papers import BadRecord, input_files, read_papers
     from .runtime import build
 
-    paths = args.paths or [str(EXAMPLE)]
-    try:
-        files = input_files(paths)
-    except FileNotFoundError as exc:
-        raise CliError(str(exc)) from exc
     shard = None
     if args.shard:
         i, _, n = args.shard.partition("/")
         if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
             raise CliError(f"--shard takes i/n with 0 <= i < n, got {args.shard!r}")
         shard = (int(i), int(n))
+    paths = args.paths or [str(EXAMPLE)]
+    try:
+        files = input_files(paths)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from exc
     if args.strict:
         bad = [r for r in read_papers(files, shard) if isinstance(r, BadRecord)]
         if bad:
