@@ -1,0 +1,120 @@
+"""The `paperindex` command as a user runs it: exit codes and messages."""
+
+import json
+
+import pytest
+
+from conftest import make_paper, write_jsonl
+from indexer.cli import main
+
+
+@pytest.fixture
+def env(settings, monkeypatch):
+    for k, v in settings.model_dump().items():
+        if v is not None and not isinstance(v, list):
+            monkeypatch.setenv(f"PAPERINDEX_{k.upper()}", str(v))
+    return settings
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_index_search_similar_stats_delete(env, papers_file, capsys):
+    code, out, err = run(capsys, "index", str(papers_file), "-q", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["papers_indexed"] == 12 and summary["bad_records"] == 0 and summary["tokens"] > 0
+    code, out, _ = run(capsys, "search", "protein folding", "-k", "3", "--json")
+    hits = json.loads(out)
+    assert code == 0 and len(hits) == 3 and {"paper_id", "title", "chunk_index", "text", "score"} <= set(hits[0])
+    code, out, _ = run(capsys, "search", "protein", "--group", "-k", "4", "--json")
+    groups = json.loads(out)
+    assert len({g["paper_id"] for g in groups}) == len(groups) == 4
+    code, out, _ = run(capsys, "search", "protein", "--papers", "-k", "2", "--year-from", "2000", "--json")
+    assert code == 0 and all(r["year"] >= 2000 for r in json.loads(out))
+    code, out, _ = run(capsys, "similar", "p0003", "-k", "5", "--json")
+    assert code == 0 and "p0003" not in {r["paper_id"] for r in json.loads(out)} and len(json.loads(out)) == 5
+    code, out, _ = run(capsys, "stats", "--json")
+    assert json.loads(out)["papers"] == 12
+    code, out, err = run(capsys, "delete", "p0001", "ghost")
+    assert code == 1 and "deleted 1 paper" in out and "ghost" in err
+    code, out, _ = run(capsys, "stats", "--json")
+    assert json.loads(out)["papers"] == 11
+
+
+def test_bad_records_skipped_or_refused_with_strict(env, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [make_paper(1), {"paper_id": "x"}, "{broken", make_paper(2)])
+    code, out, err = run(capsys, "index", str(path), "-q", "--strict")
+    assert code == 1 and "in.jsonl:2 (x)" in err and "in.jsonl:3" in err and "nothing indexed" in err
+    code, out, err = run(capsys, "stats", "--json")
+    assert json.loads(out)["papers"] == 0
+    code, out, err = run(capsys, "index", str(path), "-q")
+    assert code == 0 and "indexed 2 papers" in out and "2 bad record(s)" in out and "in.jsonl:2 (x)" in err
+
+
+def test_chunk_cap_is_visible(env, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [make_paper(1, words=2000)])
+    code, out, _ = run(capsys, "index", str(path), "-q", "--max-chunks-per-paper", "2")
+    assert code == 0 and "1 paper(s) cut to 2 chunks" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["index", "/no/such/file.jsonl"], "no such file or folder"),
+        (["index", "x.jsonl", "--shard", "3/2"], "--shard"),
+        (["similar", "ghost"], "not in the index"),
+        (["search", "q"], "index some papers first"),
+    ],
+)
+def test_errors_exit_non_zero_with_a_message(env, capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_bad_model_path(env, monkeypatch, papers_file, capsys):
+    monkeypatch.setenv("PAPERINDEX_PASSAGE_MODEL", "/no/such/model")
+    code, _, err = run(capsys, "index", str(papers_file), "-q")
+    assert code == 1 and "cannot load passage model '/no/such/model'" in err
+
+
+def test_unreachable_qdrant(env, monkeypatch, papers_file, capsys):
+    monkeypatch.setenv("PAPERINDEX_QDRANT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("PAPERINDEX_QDRANT_TIMEOUT", "1")
+    monkeypatch.setattr("indexer.pipeline.retry.__defaults__", (2, 0.01))
+    code, _, err = run(capsys, "stats")
+    assert code == 1 and "Qdrant is unreachable" in err
+
+
+def test_migrate_to_server_is_resumable(env, papers_file, tmp_path, capsys, monkeypatch):
+    from indexer.migrate import migrate
+    from indexer.store import ClientStore, EdgeStore
+
+    assert run(capsys, "index", str(papers_file), "-q")[0] == 0
+    source = EdgeStore(env.qdrant_path)
+    target = ClientStore(location=":memory:")
+    ckpt = tmp_path / "ckpt.json"
+    calls = {"n": 0}
+    real = target.upsert
+
+    def flaky(collection, points):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("connection reset")
+        real(collection, points)
+
+    monkeypatch.setattr(target, "upsert", flaky)
+    with pytest.raises(ConnectionError):
+        migrate(source, target, ckpt, batch=5)
+    assert json.loads(ckpt.read_text())[source.chunks]["copied"] == 5
+    copied = migrate(source, target, ckpt, batch=5)
+    n_chunks = source.count(source.chunks)
+    assert copied == {source.chunks: n_chunks, source.papers: 12}
+    assert target.count(target.chunks) == n_chunks and target.count(target.papers) == 12
+    assert target.layout() == source.layout()
+    hit = target.search(target.chunks, source.get_papers(["p0002"], with_vectors=True)["p0002"].vector[:1].repeat(target.layout().chunk_dim), 1)
+    assert hit and hit[0].payload["text"]
+    source.close()
