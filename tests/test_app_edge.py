@@ -63,36 +63,57 @@ def test_replace_and_delete_on_edge(client):
     assert client.get(f"/papers/{doc['paper_id']}").status_code == 404
 
 
-def test_searches_run_while_the_worker_indexes(client):
-    batch = [make_paper(100 + i, words=400, seed=4) for i in range(24)]
-    job = client.post("/index", json=batch).json()
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def hammer(path: str, params: dict) -> None:
-        while not stop.is_set():
-            r = client.get(path, params=params)
-            if r.status_code != 200:
-                failures.append(f"{path}: {r.status_code} {r.text[:200]}")
-
-    threads = [
-        threading.Thread(target=hammer, args=("/search", {"q": "graph neural network", "k": 5})),
-        threading.Thread(target=hammer, args=("/search", {"q": "cell tumor", "k": 3, "group_by_paper": True})),
-        threading.Thread(target=hammer, args=("/search/papers", {"q": "star galaxy", "k": 3})),
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_searches_beside_the_index_worker_get_the_same_answers(edge_settings, tmp_path, device):
+    """Requests encode queries while the worker encodes papers with the same models: answers must not change."""
+    s = edge_settings.model_copy(update={"qdrant_path": tmp_path / "index", "device": device})
+    ids = [("paper_id", p["paper_id"]) for p in CORPUS]
+    probes = [
+        ("/search", [("q", "graph neural network"), ("k", 5), *ids]),
+        ("/search", [("q", "cell tumor"), ("k", 3), ("group_by_paper", True), *ids]),
+        ("/search", [("q", "enzyme molecule"), ("k", 4), ("rerank", True), ("candidates", 12), *ids]),
+        ("/search/papers", [("q", "star galaxy"), ("k", 3), ("year_to", 2050)]),
     ]
-    for t in threads:
-        t.start()
-    try:
-        status = client.get(f"/index/{job['job_id']}").json()
-        while status["status"] in ("queued", "running"):
-            threading.Event().wait(0.05)
-            status = client.get(f"/index/{job['job_id']}").json()
-    finally:
-        stop.set()
+
+    def answer(c: TestClient, path: str, params: list) -> list[tuple[str, int, float]]:
+        r = c.get(path, params=params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        hits = body.get("hits") or [p for g in body["groups"] for p in g["passages"]]
+        return sorted((h["paper_id"], h.get("chunk_index", -1), h.get("rerank_score") or h["score"]) for h in hits)
+
+    with TestClient(create_app(s)) as c:
+        assert c.post("/index", params={"wait": True}, json=CORPUS).status_code == 200
+        baseline = [answer(c, path, params) for path, params in probes]
+        batch = [make_paper(100 + i, words=400, seed=4) | {"year": 2100} for i in range(24)]
+        job = c.post("/index", json=batch).json()
+        mismatches: list[str] = []
+        stop = threading.Event()
+
+        def hammer(n: int) -> None:
+            path, params = probes[n]
+            while not stop.is_set():
+                got = answer(c, path, params)
+                same = [(p, i) for p, i, _ in got] == [(p, i) for p, i, _ in baseline[n]] and all(
+                    x == pytest.approx(y, rel=1e-2, abs=1e-3) for (_, _, x), (_, _, y) in zip(got, baseline[n])
+                )
+                if not same:
+                    mismatches.append(f"{path} {params[:2]}: {got} != {baseline[n]}")
+
+        threads = [threading.Thread(target=hammer, args=(n,)) for n in range(len(probes))]
         for t in threads:
-            t.join()
-    assert status["status"] == "done" and status["counts"]["indexed"] == len(batch)
-    assert failures == []
+            t.start()
+        try:
+            status = c.get(f"/index/{job['job_id']}").json()
+            while status["status"] in ("queued", "running"):
+                stop.wait(0.05)
+                status = c.get(f"/index/{job['job_id']}").json()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert status["status"] == "done" and status["counts"]["indexed"] == len(batch)
+        assert mismatches == []
 
 
 def test_index_survives_a_restart(edge_settings, tmp_path):
