@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -12,8 +12,8 @@ from indexer.search import NotFound
 from indexer.store import SearchFilter
 
 from ..deps import ServiceDep, WriteAccess
-from ..limits import check_bounds
 from ..errors import COMMON
+from ..limits import check_bounds
 from ..schemas import Deleted, ErrorResponse, IndexJob, Paper, SimilarQuery, SimilarRequest, SimilarResponse
 from .search import paper_hit
 
@@ -22,7 +22,7 @@ router = APIRouter(responses=COMMON, tags=["papers"])
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no paper with this id in the index"}}
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Qdrant is unreachable"}}
 INVALID = {422: {"model": ErrorResponse, "description": "k out of bounds, or an invalid body"}}
-PAPER_ID = "the paper's id; may contain slashes (DOIs), e.g. /papers/10.1145/3292500.3330701"
+PaperId = Annotated[str, Path(description="the paper's id; may contain slashes (DOIs), e.g. /papers/10.1145/3292500.3330701")]
 
 
 @router.post(
@@ -45,7 +45,7 @@ async def similar_to(svc: ServiceDep, body: SimilarRequest) -> SimilarResponse:
     summary="SPECTER2 neighbours of an indexed paper (the paper itself excluded)",
     responses={**NOT_FOUND, **INVALID, **UNAVAILABLE},
 )
-async def similar(svc: ServiceDep, paper_id: str, params: Annotated[SimilarQuery, Query()]) -> SimilarResponse:
+async def similar(svc: ServiceDep, paper_id: PaperId, params: Annotated[SimilarQuery, Query()]) -> SimilarResponse:
     check_bounds(svc.settings, k=params.k, year_from=params.year_from, year_to=params.year_to)
     await svc.collections()
     flt = SearchFilter(params.year_from, params.year_to)
@@ -54,7 +54,7 @@ async def similar(svc: ServiceDep, paper_id: str, params: Annotated[SimilarQuery
 
 
 @router.get("/papers/{paper_id:path}", response_model=Paper, summary="An indexed paper", responses={**NOT_FOUND, **UNAVAILABLE})
-async def get_paper(svc: ServiceDep, paper_id: str) -> Paper:
+async def get_paper(svc: ServiceDep, paper_id: PaperId) -> Paper:
     await svc.collections()
     p = await run_in_threadpool(svc.searcher.paper, paper_id)
     return Paper(paper_id=p["paper_id"], title=p.get("title", ""), abstract=p.get("abstract"), year=p.get("year"),
@@ -78,7 +78,7 @@ async def get_paper(svc: ServiceDep, paper_id: str) -> Paper:
     },
 )
 async def delete_paper(
-    svc: ServiceDep, paper_id: str, timeout: Annotated[float, Query(gt=0, le=600, description="seconds to wait for the deletion")] = 60.0
+    svc: ServiceDep, paper_id: PaperId, timeout: Annotated[float, Query(gt=0, le=600, description="seconds to wait for the deletion")] = 60.0
 ) -> Deleted | JSONResponse:
     job = svc.jobs.submit_delete([paper_id])
     if not await job.wait(timeout):

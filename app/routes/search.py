@@ -13,8 +13,8 @@ from indexer.search import PaperResult
 from indexer.store import SearchFilter
 
 from ..deps import ServiceDep
-from ..limits import check_bounds
 from ..errors import COMMON
+from ..limits import check_bounds
 from ..schemas import (
     ErrorResponse, GroupedSearchResponse, PaperGroup, PaperHit, PaperSearchRequest, PaperSearchResponse, PassageHit,
     PassageSearchResponse, SearchRequest,
