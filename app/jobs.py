@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from indexer.papers import PaperIn
-from indexer.pipeline import IndexStats, Indexer
+from indexer.pipeline import Indexer, IndexStats
 
 from .errors import QueueFull, ShuttingDown, UnknownJob, classify
 from .metrics import Metrics

@@ -7,17 +7,23 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from indexer.search import Passage
 from indexer.search import PaperGroup as FoundGroup
-from indexer.search import PaperResult
+from indexer.search import PaperResult, Passage
 from indexer.store import SearchFilter
 
 from ..deps import ServiceDep
 from ..errors import COMMON
 from ..limits import check_bounds
 from ..schemas import (
-    ErrorResponse, GroupedSearchResponse, PaperGroup, PaperHit, PaperSearchRequest, PaperSearchResponse, PassageHit,
-    PassageSearchResponse, SearchRequest,
+    ErrorResponse,
+    GroupedSearchResponse,
+    PaperGroup,
+    PaperHit,
+    PaperSearchRequest,
+    PaperSearchResponse,
+    PassageHit,
+    PassageSearchResponse,
+    SearchRequest,
 )
 
 DEFAULT_CANDIDATES = 50
