@@ -6,19 +6,22 @@ Encoding is three phases: *pre* (tokenize, cut windows, sort by length, pack tok
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .chunking import windows
+from .kernels import Forward, GraphedForward, pool, speed_up
+from .tokenizing import Windows, WindowSpec, WindowTokenizer, pack
+
+__all__ = ["BatchRunner", "Forward", "ModelLoadError", "PaperEncoder", "PassageEncoder", "Reranker", "pool", "token_batches"]
 
 log = logging.getLogger(__name__)
-
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class ModelLoadError(RuntimeError):
@@ -58,83 +61,208 @@ def token_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return batches
 
 
+def bucket_widths(lengths: np.ndarray, preferred: Sequence[int] = (), step: int = 64) -> np.ndarray:
+    """Padded width of each sequence: the smallest preferred width that holds it, else its length
+    rounded up to `step`. Few widths mean few CUDA graphs; a preferred width (a full window) means
+    no padding at all for the common case."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = -(-lengths // step) * step
+    for w in preferred:
+        out = np.where((lengths <= w) & (w < out), w, out)
+    return out
+
+
+def bucket_batches(lengths: np.ndarray, budget: int, preferred: Sequence[int] = (), step: int = 64) -> list[tuple[np.ndarray, int]]:
+    """(indices, width) batches: one width bucket each, longest first, at most budget // width rows."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    widths = bucket_widths(lengths[order], preferred, step)
+    batches = []
+    for w in np.unique(widths)[::-1]:
+        idx = order[widths == w]
+        rows = max(1, budget // int(w))
+        batches += [(idx[i : i + rows], int(w)) for i in range(0, len(idx), rows)]
+    return batches
+
+
+def bucket_rows(n: int, full: int) -> int:
+    """Rows a batch of n is padded to for a CUDA graph: the full batch, or the next power of two (≥ 8)."""
+    return min(full, max(8, 1 << (n - 1).bit_length()))
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class _Slot:
+    """Pinned host buffers and a completion event for one batch in flight on the GPU."""
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+        self.event = torch.cuda.Event()
+        self.batch: np.ndarray | None = None
+        self.result: torch.Tensor | None = None
+
+    @staticmethod
+    def _view(buf: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(np.prod(shape))
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(n, dtype=dtype, pin_memory=True)
+        return buf, buf[:n].view(shape)
+
+    def inputs(self, rows: int, width: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.ids, ids = self._view(self.ids, (rows, width), torch.int32)
+        mask = None
+        if padded:
+            self.mask, mask = self._view(self.mask, (rows, width), torch.int32)
+        return ids, mask
+
+    def output(self, like: torch.Tensor) -> torch.Tensor:
+        self.out, out = self._view(self.out, tuple(like.shape), like.dtype)
+        return out
+
+
+@contextmanager
+def _on(device: torch.device):
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
 
 
 @dataclass
 class BatchRunner:
     """Runs token sequences through a forward function in token-budget batches.
 
-    On out-of-memory the budget is halved and the same inputs are retried: nothing is skipped
-    or encoded twice into the output.
+    On CUDA, batches go through a small ring of pinned buffers: inputs are copied while the previous
+    batch runs, and vectors come back (in the model's dtype, fp16) without stopping the GPU; with
+    `graphs`, batches are padded to a few bucket shapes (`widths` are preferred, e.g. the full
+    window) and replayed from CUDA graphs. On out-of-memory the budget is halved and the inputs not
+    yet done are retried: nothing is skipped or encoded twice into the output.
     """
 
     forward: Forward
     device: torch.device
     pad_id: int
     budget: int
-    min_budget: int = 512
+    min_budget: int = 64
+    graphs: bool = False
+    widths: tuple[int, ...] = ()
+    in_flight: int = 3
+
+    def __post_init__(self) -> None:
+        self._graphed = GraphedForward(self.forward, self.device) if self.graphs and self.device.type == "cuda" else None
+        self._slots: list[_Slot] = []
+        self._lock = threading.Lock()
+        self._failed_rows = 0
 
     def __call__(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
         if not seqs:
             raise ValueError("nothing to encode")
-        lengths = [len(s) for s in seqs]
-        out: list[np.ndarray | None] = [None] * len(seqs)
-        pending = token_batches(lengths, self.budget)
-        while pending:
-            batch = pending.pop(0)
-            try:
-                vecs = self._run(seqs, batch)
-            except (RuntimeError, torch.OutOfMemoryError) as exc:
-                if not _is_oom(exc):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if self.budget // 2 < self.min_budget and len(batch) == 1:
-                    raise
-                self.budget = max(self.min_budget, self.budget // 2)
-                log.warning("out of memory on %d sequences; token budget halved to %d", len(batch), self.budget)
-                sub_lengths = [lengths[i] for i in batch]
-                pending[:0] = [[batch[j] for j in sub] for sub in token_batches(sub_lengths, self.budget)]
-                continue
-            for i, v in zip(batch, vecs):
-                out[i] = v
-        return np.stack(out)  # type: ignore[arg-type]
+        return self.run_packed(*pack(seqs, self.pad_id))
 
-    def _run(self, seqs: Sequence[Sequence[int]], batch: list[int]) -> np.ndarray:
-        width = max(len(seqs[i]) for i in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            n = len(seqs[i])
-            ids[row, :n] = torch.as_tensor(seqs[i], dtype=torch.long)
-            mask[row, :n] = 1
+    def run_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """(n, dim) float32 vectors of the rows of `ids` (row i holds lengths[i] tokens), in input order."""
+        if len(lengths) == 0:
+            raise ValueError("nothing to encode")
+        out: list[np.ndarray] = []
+        done = np.zeros(len(lengths), dtype=bool)
+        with self._lock, torch.inference_mode(), _on(self.device):
+            while not done.all():
+                todo = np.flatnonzero(~done)
+                try:
+                    self._run(ids, lengths, todo, out, done)
+                except (RuntimeError, torch.OutOfMemoryError) as exc:
+                    if not _is_oom(exc) or self._failed_rows <= 1 or self.budget <= self.min_budget:
+                        raise
+                    self._release()
+                    self.budget = max(self.min_budget, self.budget // 2)
+                    log.warning("out of memory on %d sequences; token budget halved to %d", self._failed_rows, self.budget)
+        return out[0]
+
+    def _plan(self, lengths: np.ndarray, todo: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        if self._graphed is not None:
+            return [(todo[i], w) for i, w in bucket_batches(lengths[todo], self.budget, self.widths)]
+        sub = lengths[todo].tolist()
+        return [(todo[np.asarray(b)], max(sub[i] for i in b)) for b in token_batches(sub, self.budget)]
+
+    def _store(self, out: list[np.ndarray], done: np.ndarray, batch: np.ndarray, vecs: np.ndarray) -> None:
+        if not out:
+            out.append(np.empty((len(done), vecs.shape[1]), dtype=np.float32))
+        out[0][batch] = vecs[: len(batch)]
+        done[batch] = True
+
+    def _run(self, ids: np.ndarray, lengths: np.ndarray, todo: np.ndarray, out: list[np.ndarray], done: np.ndarray) -> None:
+        if self.device.type != "cuda":
+            for batch, width in self._plan(lengths, todo):
+                self._failed_rows = len(batch)
+                lens = lengths[batch]
+                mask = torch.from_numpy(np.arange(width) < lens[:, None]).long() if (lens < width).any() else None
+                vecs = self.forward(torch.from_numpy(ids[batch, :width]).long(), mask)
+                self._store(out, done, batch, vecs.float().numpy())
+            return
+        while len(self._slots) < self.in_flight:
+            self._slots.append(_Slot())
+        stream = torch.cuda.current_stream(self.device)
+        try:
+            for k, (batch, width) in enumerate(self._plan(lengths, todo)):
+                slot = self._slots[k % self.in_flight]
+                self._collect(slot, out, done)
+                self._failed_rows = len(batch)
+                self._launch(slot, ids, lengths, batch, width, stream)
+            for slot in self._slots:
+                self._collect(slot, out, done)
+        finally:
+            for slot in self._slots:  # after an error, what was in flight is redone
+                slot.batch = slot.result = None
+
+    def _collect(self, slot: _Slot, out: list[np.ndarray], done: np.ndarray) -> None:
+        if slot.batch is None:
+            return
+        slot.event.synchronize()
+        self._store(out, done, slot.batch, slot.result.numpy())
+        slot.batch = slot.result = None
+
+    def _launch(self, slot: _Slot, ids: np.ndarray, lengths: np.ndarray, batch: np.ndarray, width: int, stream) -> None:
+        n = len(batch)
+        rows = bucket_rows(n, max(1, self.budget // width)) if self._graphed is not None else n
+        lens = lengths[batch]
+        padded = bool((lens < width).any())
+        h_ids, h_mask = slot.inputs(rows, width, padded)
+        a = h_ids.numpy()
+        np.take(ids[:, :width], batch, axis=0, out=a[:n])
+        a[n:] = a[0]  # filler rows: copies of a real one, so they need no padding of their own
+        if h_mask is not None:
+            m = h_mask.numpy()
+            np.less(np.arange(width), lens[:, None], out=m[:n])
+            m[n:] = m[0]
+        if self._graphed is not None:
+            vecs = self._graphed(h_ids, h_mask)
+        else:
+            d_mask = None if h_mask is None else h_mask.to(self.device, non_blocking=True)
+            vecs = self.forward(h_ids.to(self.device, non_blocking=True), d_mask)
+        result = slot.output(vecs)
+        result.copy_(vecs, non_blocking=True)
+        slot.event.record(stream)
+        slot.batch, slot.result = batch, result[:n]
+
+    def _release(self) -> None:
+        """Free what an out-of-memory error left behind (graphs are re-captured at the new budget)."""
+        if self._graphed is not None:
+            self._graphed.clear()
         if self.device.type == "cuda":
-            ids, mask = ids.pin_memory(), mask.pin_memory()
-        ids = ids.to(self.device, non_blocking=True)
-        mask = mask.to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            vecs = self.forward(ids, mask)
-        return vecs.float().cpu().numpy()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "cls":
-        return hidden[:, 0]
-    if mode == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-    raise ValueError(f"unsupported pooling {mode!r}")
-
-
-def _prepare(model: torch.nn.Module, device: torch.device, compile: bool) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     model.eval().to(device)
     if device.type == "cuda":
         model.half()
-    from .kernels import speed_up
-
-    return speed_up(model, compile=compile and device.type == "cuda")
+    return model
 
 
 class PassageEncoder:
@@ -157,7 +285,11 @@ class PassageEncoder:
         window_overlap: int = 32,
         token_budget: int | None = None,
         compile: bool = False,
+        tokenizer_workers: int = 0,
+        graphs: bool = True,
     ) -> None:
+        """`tokenizer_workers`: processes that tokenize chunks (0: in this process); `graphs`: replay
+        CUDA graphs of bucketed batch shapes (CUDA only); `compile`: torch.compile the forward."""
         from sentence_transformers import SentenceTransformer
 
         self.device = resolve_device(device)
@@ -184,53 +316,69 @@ class PassageEncoder:
         self.window_tokens = window_tokens
         self.window_overlap = window_overlap
         self.query_max_tokens = min(st.max_seq_length or self.max_tokens, self.max_tokens)
-        self.model = _prepare(st[0].auto_model, self.device, compile)
         # A fast tokenizer raises "Already borrowed" when one thread changes its truncation while
         # another encodes (a service searches while it indexes): calls go through this lock.
         self._tok_lock = threading.Lock()
-        self.run = BatchRunner(self._forward, self.device, self.tokenizer.pad_token_id, token_budget or default_token_budget(self.device))
+        marked = self.tokenizer.build_inputs_with_special_tokens([-1])
+        prefix, suffix = tuple(marked[: marked.index(-1)]), tuple(marked[marked.index(-1) + 1 :])
+        truncate = long_chunk == "truncate"
+        spec = WindowSpec(
+            length=self.max_tokens - len(prefix) - len(suffix) if truncate else window_tokens,
+            overlap=window_overlap, prefix=prefix, suffix=suffix, pad_id=self.tokenizer.pad_token_id, truncate=truncate,
+        )
+        self.windows = WindowTokenizer(self.tokenizer, spec, workers=tokenizer_workers)
+        self._compile, self._graphs, self._budget = compile, graphs, token_budget
+        self._bind(self.device, _prepare(st[0].auto_model, self.device))
+
+    def _bind(self, device: torch.device, model: torch.nn.Module) -> None:
+        """Attach a model (on `device`) and the runners that drive it."""
+        self.device, self.model = device, model
+        self.forward = speed_up(model, self.pooling, self.normalize, compile=self._compile and device.type == "cuda")
+        budget = self._budget or default_token_budget(device)
+        pad = self.tokenizer.pad_token_id
+        full = self.windows.spec.length + len(self.windows.spec.prefix) + len(self.windows.spec.suffix)
+        self.run = BatchRunner(self.forward, device, pad, budget, graphs=self._graphs, widths=(full, self.max_tokens))
+        # Queries come one request at a time: no graphs, and no waiting behind an indexing batch.
+        self.run_queries = BatchRunner(self.forward, device, pad, budget)
+
+    def replicate(self, device: str | torch.device) -> PassageEncoder:
+        """The same encoder on another device (its own model copy and runners; tokenizer shared)."""
+        other = copy.copy(self)
+        dev = torch.device(device)
+        other._bind(dev, _prepare(copy.deepcopy(self.model), dev))
+        return other
+
+    def close(self) -> None:
+        self.windows.close()
 
     @property
     def multivector(self) -> bool:
         return self.long_chunk == "multivector"
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        vecs = pool(hidden, mask, self.pooling)
-        if self.normalize:
-            vecs = torch.nn.functional.normalize(vecs.float(), dim=-1)
-        return vecs
-
     # pre
+    def tokenize_windows(self, texts: Sequence[str]) -> Windows:
+        """Token windows (with special tokens) of each chunk, packed."""
+        return self.windows(texts)
+
     def chunk_windows(self, texts: Sequence[str]) -> list[list[list[int]]]:
         """Token windows (with special tokens) of each chunk."""
-        with self._tok_lock:
-            ids = self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        build = self.tokenizer.build_inputs_with_special_tokens
-        if self.long_chunk == "truncate":
-            return [[build(t[: self.max_tokens - 2])] for t in ids]
-        return [[build(w) for w in windows(t, self.window_tokens, self.window_overlap)] for t in ids]
+        return self.tokenize_windows(texts).as_lists()
 
     # core + post
-    def encode_windows(self, chunk_windows: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
+    def encode_windows(self, chunk_windows: Windows | Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
         """One array per chunk: (n_windows, dim) for multivector, (dim,) otherwise."""
-        flat = [w for ws in chunk_windows for w in ws]
-        vecs = self.run(flat)
-        out: list[np.ndarray] = []
-        at = 0
-        for ws in chunk_windows:
-            v = vecs[at : at + len(ws)]
-            at += len(ws)
-            out.append(v if self.multivector else v.mean(0))
-        return out
+        w = chunk_windows if isinstance(chunk_windows, Windows) else Windows.from_lists(chunk_windows, self.tokenizer.pad_token_id)
+        vecs = self.run.run_packed(w.ids, w.lengths)
+        per_chunk = np.split(vecs, w.offsets[1:-1])
+        return per_chunk if self.multivector else [v.mean(0) for v in per_chunk]
 
     def encode_chunks(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return self.encode_windows(self.chunk_windows(texts))
+        return self.encode_windows(self.tokenize_windows(texts))
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         with self._tok_lock:
             ids = self.tokenizer(list(queries), truncation=True, max_length=self.query_max_tokens, return_attention_mask=False)["input_ids"]
-        return self.run(ids)
+        return self.run_queries(ids)
 
 
 def paper_head(title: str, abstract: str | None, sep: str) -> str:
@@ -258,7 +406,9 @@ class PaperEncoder:
         token_budget: int | None = None,
         max_tokens: int = 512,
         compile: bool = False,
+        graphs: bool = True,
     ) -> None:
+        """`graphs`: replay CUDA graphs of bucketed batch shapes for paper heads (CUDA only)."""
         from adapters import AutoAdapterModel
         from transformers import AutoTokenizer
 
@@ -275,15 +425,28 @@ class PaperEncoder:
         self.has_query_adapter = bool(query_adapter)
         self.dim = base.config.hidden_size
         self.max_tokens = max_tokens
-        self.model = _prepare(base, self.device, compile=False)
-        self._lock = threading.Lock()
         self._tok_lock = threading.Lock()  # see PassageEncoder: fast tokenizers are not safe across threads
-        self.run = BatchRunner(self._forward, self.device, self.tokenizer.pad_token_id, token_budget or default_token_budget(self.device))
+        self._graphs, self._budget = graphs, token_budget
+        self._bind(self.device, _prepare(base, self.device))
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden[:, 0]
+    def _bind(self, device: torch.device, model: torch.nn.Module) -> None:
+        self.device, self.model = device, model
+        self._lock = threading.Lock()  # guards the model's active adapter
+        # A (batch, 1, length) mask: the model broadcasts it itself, with no data-dependent check
+        # that a CUDA graph could not capture.
+        self.forward = speed_up(model, "cls", broadcast_mask=True)
+        budget = self._budget or default_token_budget(device)
+        pad = self.tokenizer.pad_token_id
+        # Graphs replay whatever adapter was active at capture: only the proximity runner has them.
+        self.run = BatchRunner(self.forward, device, pad, budget, graphs=self._graphs, widths=(self.max_tokens,))
+        self.run_queries = BatchRunner(self.forward, device, pad, budget)
+
+    def replicate(self, device: str | torch.device) -> PaperEncoder:
+        """The same encoder on another device (its own model copy and runners; tokenizer shared)."""
+        other = copy.copy(self)
+        dev = torch.device(device)
+        other._bind(dev, _prepare(copy.deepcopy(self.model), dev))
+        return other
 
     def tokenize_heads(self, titles: Sequence[str], abstracts: Sequence[str | None]) -> list[list[int]]:
         texts = [paper_head(t, a, self.tokenizer.sep_token) for t, a in zip(titles, abstracts)]
@@ -296,7 +459,7 @@ class PaperEncoder:
         with self._lock:
             self.model.set_active_adapters(adapter)
             try:
-                return self.run(ids)
+                return (self.run if adapter == self.PROXIMITY else self.run_queries)(ids)
             finally:
                 self.model.set_active_adapters(self.PROXIMITY)
 

@@ -1,12 +1,221 @@
-"""Faster forward passes on CUDA. Outputs must match the reference path (cosine ≥ 0.999)."""
+"""Fast forward passes: pooled sentence vectors straight from the model, CUDA graphs per batch shape.
+
+Outputs must match the reference path (fp32, the model's own forward): cosine ≥ 0.999.
+
+- MPNet: Hugging Face's MPNet adds a relative-position bias to the attention scores, so it runs
+  eager attention (scores materialised, several passes over B×H×L×L). Here attention goes through
+  `scaled_dot_product_attention` with the bias as `attn_mask` (the memory-efficient kernel accepts
+  an additive bias), computed once per forward and shared by the 12 layers; Q, K and V come from one
+  fused matrix product. With CLS pooling the last layer runs for the CLS row only: the other rows'
+  outputs would be thrown away (their keys and values are still used).
+- Other models (BERT, used by SPECTER2 and its adapters) run their own forward, already on SDPA.
+- `GraphedForward` captures one CUDA graph per (rows, width, padded) shape and replays it: a batch
+  then costs the host a few calls instead of hundreds of kernel launches, so the GPU keeps busy even
+  while other threads hold the interpreter lock (tokenisation bookkeeping, Qdrant upserts).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Row strides of an additive attention bias must be multiples of this for the memory-efficient
+# SDPA kernel; otherwise it copies (pads) the bias on every call, i.e. in each layer.
+BIAS_ALIGN = 16
 
 
-def speed_up(model: torch.nn.Module, compile: bool = False) -> torch.nn.Module:
-    """Return the model to run: compiled when asked. Attention rewrites are applied in place."""
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Sentence vector from token states; `mask` None means no padding."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "mean":
+        if mask is None:
+            return hidden.mean(1)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"unsupported pooling {mode!r}")
+
+
+def is_mpnet(model: torch.nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "mpnet" and hasattr(model, "encoder")
+
+
+def _aligned(batch: int, heads: int, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    padded = -(-width // BIAS_ALIGN) * BIAS_ALIGN
+    return torch.empty(batch, heads, rows, padded, dtype=dtype, device=device)[..., :width]
+
+
+def mpnet_position_bias(encoder: torch.nn.Module, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1, heads, width, width): MPNet's relative-position bias, as `MPNetEncoder.compute_position_bias`
+    computes it, but on the device (no host copy, so it can be captured in a CUDA graph)."""
+    table = encoder.relative_attention_bias
+    pos = torch.arange(width, device=table.weight.device)
+    bucket = encoder.relative_position_bucket(pos[None, :] - pos[:, None])
+    return table(bucket).permute(2, 0, 1).unsqueeze(0).to(dtype)
+
+
+def mpnet_attention_bias(encoder: torch.nn.Module, width: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Position bias plus key padding (added once, shared by all layers), stored with aligned strides."""
+    pos = mpnet_position_bias(encoder, width, dtype)
+    heads = pos.shape[1]
+    if mask is None:
+        out = _aligned(1, heads, width, width, dtype, pos.device)
+        out.copy_(pos)
+        return out
+    keys = (1.0 - mask.to(dtype)) * torch.finfo(dtype).min
+    out = _aligned(mask.shape[0], heads, width, width, dtype, pos.device)
+    torch.add(pos, keys[:, None, None, :], out=out)
+    return out
+
+
+def fuse_qkv(model: torch.nn.Module) -> None:
+    """Give each MPNet attention block one (3·hidden, hidden) projection (a non-persistent buffer)."""
+    for layer in model.encoder.layer:
+        a = layer.attention.attn
+        if not hasattr(a, "qkv_weight"):
+            a.register_buffer("qkv_weight", torch.cat([a.q.weight, a.k.weight, a.v.weight]).detach(), persistent=False)
+            a.register_buffer("qkv_bias", torch.cat([a.q.bias, a.k.bias, a.v.bias]).detach(), persistent=False)
+
+
+def mpnet_layer(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+    """One MPNet layer (inference): SDPA attention with `bias` as attn_mask. With `cls_only`, only the
+    first row comes out (it still attends to every key)."""
+    att = layer.attention
+    a = att.attn
+    b, n, c = x.shape
+    h, d = a.num_attention_heads, a.attention_head_size
+    if cls_only:
+        xq = x[:, :1]
+        q = F.linear(xq, a.qkv_weight[:c], a.qkv_bias[:c]).view(b, 1, h, d).transpose(1, 2)
+        kv = F.linear(x, a.qkv_weight[c:], a.qkv_bias[c:]).view(b, n, 2, h, d)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        bias = bias[:, :, :1]
+    else:
+        xq = x
+        qkv = F.linear(x, a.qkv_weight, a.qkv_bias).view(b, n, 3, h, d)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ctx = ctx.transpose(1, 2).reshape(b, xq.shape[1], c)
+    hid = att.LayerNorm(a.o(ctx) + xq)
+    return layer.output.LayerNorm(layer.output.dense(layer.intermediate(hid)) + hid)
+
+
+class PooledForward(torch.nn.Module):
+    """(ids, mask) -> pooled (and, if asked, L2-normalised) vectors in the model's dtype.
+
+    `mask` None means every row is full (no padding): MPNet then shares one (1, H, L, L) bias over
+    the batch instead of a (B, H, L, L) one. Other models get the mask as is, or, with
+    `broadcast_mask`, as (B, 1, L) (ones when None), which Hugging Face's BERT broadcasts without
+    the data-dependent "is there any padding" test that cannot run inside a CUDA graph capture.
+    """
+
+    def __init__(self, model: torch.nn.Module, pooling: str = "cls", normalize: bool = False, broadcast_mask: bool = False) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"unsupported pooling {pooling!r}")
+        self.model, self.pooling, self.normalize, self.broadcast_mask = model, pooling, normalize, broadcast_mask
+        self.fast = is_mpnet(model)
+        if self.fast:
+            fuse_qkv(model)
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.fast:
+            if self.broadcast_mask:
+                mask = (torch.ones_like(ids) if mask is None else mask)[:, None, :]
+            out = self.model(input_ids=ids, attention_mask=mask)
+            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        enc = self.model.encoder
+        x = self.model.embeddings(input_ids=ids)
+        bias = mpnet_attention_bias(enc, ids.shape[1], mask, x.dtype)
+        last = len(enc.layer) - 1
+        for i, layer in enumerate(enc.layer):
+            x = mpnet_layer(layer, x, bias, cls_only=i == last and self.pooling == "cls")
+        return x
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.hidden(ids, mask)
+        vecs = pool(hidden, mask, self.pooling)
+        if self.normalize:
+            vecs = F.normalize(vecs.float(), dim=-1).to(hidden.dtype)
+        return vecs
+
+
+Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class GraphedForward:
+    """A Forward replayed from CUDA graphs, one per (rows, width, padded) shape.
+
+    Call it with pinned host tensors: they are copied (asynchronously) into the graph's static input
+    buffers. The returned tensor is the graph's static output: valid until the next call with the
+    same shape, so copy it out (on the same stream) before that.
+    """
+
+    def __init__(self, forward: Forward, device: torch.device, max_graphs: int = 64) -> None:
+        self.forward, self.device, self.max_graphs = forward, device, max_graphs
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self._pool = None
+        self.disabled = False
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._pool = None
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        key = (ids.shape[0], ids.shape[1], mask is not None)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if self.disabled or len(self._graphs) >= self.max_graphs:
+                return self.forward(ids.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device, non_blocking=True))
+            try:
+                entry = self._capture(ids, mask)
+            except RuntimeError as exc:
+                if "out of memory" in str(exc).lower():
+                    raise
+                # A model whose forward cannot be captured still runs, just without graphs.
+                log.warning("CUDA graph capture failed, running eagerly from now on: %s", exc)
+                self.disabled = True
+                torch.cuda.synchronize(self.device)
+                return self(ids, mask)
+        graph, s_ids, s_mask, s_out = entry
+        s_ids.copy_(ids, non_blocking=True)
+        if s_mask is not None:
+            s_mask.copy_(mask, non_blocking=True)
+        graph.replay()
+        return s_out
+
+    def _capture(self, ids: torch.Tensor, mask: torch.Tensor | None):
+        s_ids = ids.to(self.device)
+        s_mask = None if mask is None else mask.to(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: cuBLAS handles, kernel selection, allocator
+            for _ in range(2):
+                self.forward(s_ids, s_mask)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            s_out = self.forward(s_ids, s_mask)
+        entry = (graph, s_ids, s_mask, s_out)
+        self._graphs[(ids.shape[0], ids.shape[1], mask is not None)] = entry
+        log.debug("captured a CUDA graph for %d×%d (padded: %s); %d graphs", ids.shape[0], ids.shape[1], mask is not None, len(self._graphs))
+        return entry
+
+
+def speed_up(model: torch.nn.Module, pooling: str = "cls", normalize: bool = False, compile: bool = False, broadcast_mask: bool = False) -> PooledForward:
+    """The pooled forward to run for `model` (already on its device and dtype, in eval mode)."""
+    fwd = PooledForward(model, pooling, normalize, broadcast_mask)
     if compile:
-        return torch.compile(model, dynamic=True)
-    return model
+        # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape).
+        fwd.forward = torch.compile(fwd.forward, dynamic=True)  # type: ignore[method-assign]
+    return fwd

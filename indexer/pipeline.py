@@ -1,7 +1,9 @@
 """Papers -> heads + chunks -> encoders -> store, batch by batch, resumable.
 
-Three stages overlap: a thread plans and tokenizes the next batch (CPU) while the encoders run the
-current one (GPU) and another thread writes the previous one to Qdrant.
+Three stages overlap: a thread plans and tokenizes the next batch (CPU; the passage encoder spreads
+tokenization over worker processes) while the encoders run the current one (GPU; one thread per
+encoder replica, e.g. one per GPU, each taking whole batches of papers) and another thread writes
+finished batches to Qdrant, in input order.
 
 Commit protocol, per paper: delete what a previous version left, write the chunks, then the paper
 point last. The paper point carries the content hash, so it is the commit marker: a rerun after any
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,10 +27,17 @@ from .chunking import Chunk, chunk_words
 from .encoders import PaperEncoder, PassageEncoder
 from .papers import BadRecord, PaperIn
 from .store import Layout, Point, Store, StoreError, chunk_point_id, paper_point_id
+from .tokenizing import Windows
 
 log = logging.getLogger(__name__)
 
 HEAD_FALLBACK_WORDS = 300
+# Points per upsert call. Qdrant Edge holds the interpreter lock for a whole call, so short calls
+# let the GPU threads in between (they need it for a few microseconds per batch).
+UPSERT_POINTS = 64
+# While indexing, threads hand over the interpreter lock after this long (Python's default, 5 ms,
+# would let a busy writer stall a GPU thread's next launch for that long, many times per batch).
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -57,7 +67,7 @@ class _Batch:
     chunks: list[list[Chunk]]
     capped: int
     head_ids: list[list[int]]
-    windows: list[list[list[int]]]
+    windows: Windows | None
     paper_vecs: np.ndarray | None = None
     chunk_vecs: list[np.ndarray] | None = None
 
@@ -95,10 +105,14 @@ class Indexer:
         chunk_overlap: int = 50,
         max_chunks: int | None = None,
         papers_per_batch: int = 256,
+        replicas: Sequence[tuple[PaperEncoder, PassageEncoder]] = (),
     ) -> None:
+        """`replicas`: more (paper, passage) encoder pairs, e.g. on other GPUs; each encodes whole
+        batches of papers in its own thread, next to the main pair."""
         self.store = store
         self.paper_encoder = paper_encoder
         self.passage_encoder = passage_encoder
+        self.workers = [(paper_encoder, passage_encoder), *replicas]
         self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks
         self.papers_per_batch = papers_per_batch
         self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks)
@@ -123,14 +137,14 @@ class Indexer:
         heads = [(p.title, p.abstract or " ".join((p.text or "").split()[:HEAD_FALLBACK_WORDS])) for p, _ in todo]
         head_ids = self.paper_encoder.tokenize_heads([t for t, _ in heads], [a for _, a in heads]) if todo else []
         flat = [c.text for cs in chunks for c in cs]
-        windows = self.passage_encoder.chunk_windows(flat) if flat else []
+        windows = self.passage_encoder.tokenize_windows(flat) if flat else None
         return _Batch([p for p, _ in todo], [h for _, h in todo], replace, chunks, capped, head_ids, windows)
 
     # stage 2: encode (GPU) -----------------------------------------------------------------------
-    def _encode(self, b: _Batch) -> None:
+    def _encode(self, b: _Batch, paper_encoder: PaperEncoder | None = None, passage_encoder: PassageEncoder | None = None) -> None:
         if b.papers:
-            b.paper_vecs = self.paper_encoder.encode_ids(b.head_ids)
-        b.chunk_vecs = self.passage_encoder.encode_windows(b.windows) if b.windows else []
+            b.paper_vecs = (paper_encoder or self.paper_encoder).encode_ids(b.head_ids)
+        b.chunk_vecs = (passage_encoder or self.passage_encoder).encode_windows(b.windows) if b.windows is not None else []
 
     # stage 3: write (store) ----------------------------------------------------------------------
     def _write(self, b: _Batch) -> None:
@@ -146,8 +160,8 @@ class Indexer:
                 for c in cs:
                     points.append(Point(chunk_point_id(p.paper_id, c.chunk_index), b.chunk_vecs[at], self.chunk_payload(p, c, meta)))
                     at += 1
-            for i in range(0, len(points), 512):
-                retry(self.store.upsert, self.store.chunks, points[i : i + 512])
+            for i in range(0, len(points), UPSERT_POINTS):
+                retry(self.store.upsert, self.store.chunks, points[i : i + UPSERT_POINTS])
             paper_points = [
                 Point(paper_point_id(p.paper_id), b.paper_vecs[i], self.paper_payload(p, h, len(cs)))
                 for i, (p, h, cs) in enumerate(zip(b.papers, b.hashes, b.chunks))
@@ -189,8 +203,9 @@ class Indexer:
         stats = IndexStats()
         t0 = time.perf_counter()
         self.ensure_collections()
-        prepared: queue.Queue = queue.Queue(maxsize=2)
-        encoded: queue.Queue = queue.Queue(maxsize=2)
+        n_enc = len(self.workers)
+        prepared: queue.Queue = queue.Queue(maxsize=2 * n_enc)
+        encoded: queue.Queue = queue.Queue(maxsize=2 * n_enc)
         stop = threading.Event()
         errors: list[BaseException] = []
 
@@ -209,59 +224,102 @@ class Indexer:
             if group:
                 yield group
 
+        def offer(item) -> bool:
+            """Put on `prepared` unless the run is stopping (then nobody may be taking)."""
+            while not stop.is_set():
+                try:
+                    prepared.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         def producer() -> None:
             try:
-                for group in batches():
+                for seq, group in enumerate(batches()):
                     if stop.is_set():
                         return
                     b = self._prepare(group, force)
                     stats.papers_unchanged += len(group) - len(b.papers)
-                    prepared.put(b)
+                    if not offer((seq, b)):
+                        return
             except BaseException as exc:  # handed to the main thread
                 errors.append(exc)
+                stop.set()
             finally:
-                prepared.put(None)
+                for _ in range(n_enc):
+                    offer(None)
+
+        def encoder(paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
+            try:
+                while True:
+                    try:
+                        item = prepared.get(timeout=0.05)
+                    except queue.Empty:
+                        if stop.is_set():
+                            break
+                        continue
+                    if item is None or errors:
+                        break
+                    self._encode(item[1], paper_enc, passage_enc)
+                    encoded.put(item)  # the writer always takes, so this never blocks for long
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+            finally:
+                encoded.put(None)
+
+        def record(b: _Batch) -> None:
+            stats.papers_indexed += len(b.papers)
+            stats.papers_capped += b.capped
+            stats.chunks += sum(len(cs) for cs in b.chunks)
+            if b.windows is not None:
+                stats.windows += b.windows.n_windows
+                stats.tokens += b.windows.tokens
+            stats.head_tokens += sum(len(h) for h in b.head_ids)
+            stats.seconds = time.perf_counter() - t0
+            if on_batch:
+                on_batch(stats)
 
         def writer() -> None:
-            while (b := encoded.get()) is not None:
-                if errors:
+            # Batches are written in input order (a paper listed twice ends with its last version),
+            # whichever encoder finished them first. Every encoder ends with a None.
+            waiting: dict[int, _Batch] = {}
+            next_seq, running = 0, n_enc
+            while running:
+                item = encoded.get()
+                if item is None:
+                    running -= 1
                     continue
-                try:
-                    self._write(b)
-                except BaseException as exc:
-                    errors.append(exc)
-                    stop.set()
-                    continue
-                stats.papers_indexed += len(b.papers)
-                stats.papers_capped += b.capped
-                stats.chunks += sum(len(cs) for cs in b.chunks)
-                stats.windows += sum(len(ws) for ws in b.windows)
-                stats.tokens += sum(len(w) for ws in b.windows for w in ws)
-                stats.head_tokens += sum(len(h) for h in b.head_ids)
-                stats.seconds = time.perf_counter() - t0
-                if on_batch:
-                    on_batch(stats)
+                waiting[item[0]] = item[1]
+                while next_seq in waiting:
+                    b = waiting.pop(next_seq)
+                    next_seq += 1
+                    if errors:
+                        continue
+                    try:
+                        self._write(b)
+                        record(b)
+                    except BaseException as exc:
+                        errors.append(exc)
+                        stop.set()
 
-        threads = [threading.Thread(target=producer, daemon=True, name="prepare"), threading.Thread(target=writer, daemon=True, name="write")]
-        for t in threads:
-            t.start()
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
+        threads = [threading.Thread(target=producer, daemon=True, name="prepare")]
+        threads += [threading.Thread(target=encoder, args=w, daemon=True, name=f"encode-{i}") for i, w in enumerate(self.workers)]
+        threads.append(threading.Thread(target=writer, daemon=True, name="write"))
         try:
-            while (b := prepared.get()) is not None:
-                if errors:
-                    break
-                self._encode(b)
-                encoded.put(b)
-        except BaseException as exc:
+            for t in threads:
+                t.start()
+            threads[-1].join()
+        except BaseException as exc:  # e.g. KeyboardInterrupt while waiting
             errors.append(exc)
         finally:
             stop.set()
-            while threads[0].is_alive():  # unblock the producer if it waits on a full queue
-                try:
-                    prepared.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            encoded.put(None)
-            threads[1].join()
+            for t in threads:
+                t.join()
+            sys.setswitchinterval(interval)
             self.store.flush()
         stats.seconds = time.perf_counter() - t0
         if errors:

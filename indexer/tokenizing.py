@@ -1,0 +1,181 @@
+"""Texts -> packed token windows, optionally in worker processes.
+
+The *pre* phase of passage encoding at indexing speed. Tokenizing a 512-word chunk costs about a
+millisecond of CPU, and turning token lists into Python objects holds the interpreter lock, which
+the GPU thread and the Qdrant writer need too. So workers (separate processes, each with its own
+copy of the fast tokenizer) return windows as one padded int32 array per call: the main process
+receives a few arrays, never millions of Python ints.
+
+This module does not import torch: spawned workers start in well under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Windows:
+    """Token windows of a list of chunks: window w of chunk c is row ``offsets[c] + w`` of ``ids``.
+
+    ``ids`` is (n_windows, width) int32, each row holding ``lengths[row]`` tokens (special tokens
+    included), then the pad id.
+    """
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    counts: np.ndarray  # windows per chunk
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+    def as_lists(self) -> list[list[list[int]]]:
+        rows = [r[:n].tolist() for r, n in zip(self.ids, self.lengths)]
+        out, at = [], 0
+        for c in self.counts.tolist():
+            out.append(rows[at : at + c])
+            at += c
+        return out
+
+    @classmethod
+    def from_lists(cls, chunk_windows: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Windows:
+        flat = [w for ws in chunk_windows for w in ws]
+        return cls(*pack(flat, pad_id), np.array([len(ws) for ws in chunk_windows], dtype=np.int32))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Windows], pad_id: int) -> Windows:
+        if len(parts) == 1:
+            return parts[0]
+        width = max((p.ids.shape[1] for p in parts), default=0)
+        ids = np.full((sum(p.n_windows for p in parts), width), pad_id, dtype=np.int32)
+        at = 0
+        for p in parts:
+            ids[at : at + p.n_windows, : p.ids.shape[1]] = p.ids
+            at += p.n_windows
+        lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int32)
+        counts = np.concatenate([p.counts for p in parts]) if parts else np.zeros(0, np.int32)
+        return cls(ids, lengths.astype(np.int32), counts.astype(np.int32))
+
+
+def pack(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, width) int32 padded with pad_id, and the lengths."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
+    ids = np.full((len(seqs), int(lengths.max(initial=0))), pad_id, dtype=np.int32)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = s
+    return ids, lengths
+
+
+def window_starts(n: int, length: int, overlap: int) -> list[int]:
+    """Start offsets of `chunking.windows` (the last window aligned to the end of the sequence)."""
+    if n <= length:
+        return [0]
+    return list(range(0, n - length, length - overlap)) + [n - length]
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How token ids become model inputs: window length/overlap (without special tokens), the
+    special tokens around each window, the pad id, and whether only the first window is kept."""
+
+    length: int
+    overlap: int
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    pad_id: int
+    truncate: bool = False
+
+
+def _windows(token_ids: Sequence[Sequence[int]], spec: WindowSpec) -> Windows:
+    pre, suf = np.array(spec.prefix, np.int32), np.array(spec.suffix, np.int32)
+    rows: list[np.ndarray] = []
+    counts = np.empty(len(token_ids), dtype=np.int32)
+    for c, ids in enumerate(token_ids):
+        arr = np.asarray(ids, dtype=np.int32)
+        starts = [0] if spec.truncate else window_starts(len(arr), spec.length, spec.overlap)
+        counts[c] = len(starts)
+        rows.extend(np.concatenate([pre, arr[s : s + spec.length], suf]) for s in starts)
+    ids2d, lengths = pack(rows, spec.pad_id)
+    return Windows(ids2d, lengths, counts)
+
+
+# worker side --------------------------------------------------------------------------------------
+_worker: tuple[object, WindowSpec] | None = None
+
+
+def _init_worker(tokenizer_json: str, spec: WindowSpec) -> None:
+    # One process per core already: the tokenizer's own thread pool would only oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _worker
+    _worker = (_load(tokenizer_json), spec)
+
+
+def _load(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def _tokenize_in_worker(texts: list[str]) -> Windows:
+    assert _worker is not None
+    tok, spec = _worker
+    return _windows([e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)], spec)  # type: ignore[attr-defined]
+
+
+class WindowTokenizer:
+    """Texts -> Windows. With ``workers`` > 0 the work is split over that many processes."""
+
+    def __init__(self, tokenizer, spec: WindowSpec, workers: int = 0, min_texts_per_task: int = 32) -> None:
+        """`tokenizer`: a transformers fast tokenizer (its backend is copied, never shared)."""
+        self.spec = spec
+        self.workers = workers
+        self.min_texts_per_task = min_texts_per_task
+        self._json = tokenizer.backend_tokenizer.to_str()
+        self._local = _load(self._json)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: the parent holds CUDA contexts and threads.
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._json, self.spec))
+        return self._pool
+
+    def __call__(self, texts: Sequence[str]) -> Windows:
+        texts = list(texts)
+        if self.workers <= 0 or len(texts) < 2 * self.min_texts_per_task:
+            return _windows([e.ids for e in self._local.encode_batch_fast(texts, add_special_tokens=False)], self.spec)
+        # A few tasks per worker keep them all busy to the end of the batch.
+        n = max(1, min(self.workers * 4, len(texts) // self.min_texts_per_task))
+        bounds = np.linspace(0, len(texts), n + 1).astype(int)
+        parts = self._executor().map(_tokenize_in_worker, [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        return Windows.concat(list(parts), self.spec.pad_id)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
