@@ -5,7 +5,7 @@ realistic payload of ~512 words), bulk-loads them, builds HNSW (and quantized co
 index in a fresh process and runs queries. Per-million figures are the slope between the two sizes,
 so fixed overheads drop out.
 
-    python bench/capacity.py                                 # 10k and 20k chunks, all layouts
+    python bench/capacity.py                       # single-vector layouts at 10k and 20k chunks, multivector at 4k and 8k
     python bench/capacity.py --sizes 20000 50000 --layouts single int8
 
 Layouts: single (one 768-d vector per chunk: long_chunk=mean/truncate), multivector (--windows
@@ -107,6 +107,7 @@ def memory(path: Path, dim: int, queries: int) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs=2, default=[10000, 20000], help="two chunk counts; per-million figures are the slope")
+    ap.add_argument("--mv-sizes", type=int, nargs=2, default=[4000, 8000], help="the same for multivector layouts (each chunk holds --windows vectors)")
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--windows", type=int, default=3, help="vectors per chunk in multivector layouts")
@@ -117,23 +118,24 @@ def main() -> None:
 
     rows = []
     for layout in args.layouts:
+        sizes = args.mv_sizes if LAYOUTS[layout][0] else args.sizes
         per_size = []
-        for n in args.sizes:
+        for n in sizes:
             with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
                 path = Path(tmp) / "index"
                 seconds = build(path, n, layout, args.dim, args.windows, args.words)
                 per_size.append({"n": n, "build_s": seconds, "disk": disk_bytes(path / "chunks"), **memory(path, args.dim, args.queries)})
                 shutil.rmtree(path)
-        (a, b), scale = per_size, 1e6 / (args.sizes[1] - args.sizes[0])
+        (a, b), scale = per_size, 1e6 / (sizes[1] - sizes[0])
         slope = {k: (b[k] - a[k]) * scale for k in ("disk", "RssAnon", "RssFile", "build_s")}
         rows.append({"layout": layout, "vectors_per_chunk": args.windows if LAYOUTS[layout][0] else 1, **slope, "sizes": per_size})
-        print(f"  {layout}: done ({b['build_s']:.0f}s at {b['n']})", file=sys.stderr)
+        print(json.dumps(rows[-1]), file=sys.stderr)  # partial results survive an interrupted run
 
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     gib = 2**30
-    print(f"per million chunks ({args.dim}-d, {args.words}-word payloads; slope between {args.sizes[0]:,} and {args.sizes[1]:,} chunks)")
+    print(f"per million chunks ({args.dim}-d, {args.words}-word payloads; slope between two sizes: {args.sizes} chunks, multivector {args.mv_sizes})")
     print(f"{'layout':<24}{'vectors/chunk':>14}{'disk GiB':>10}{'RAM heap GiB':>14}{'RAM mapped GiB':>16}{'load+build s':>14}")
     for r in rows:
         print(f"{r['layout']:<24}{r['vectors_per_chunk']:>14}{r['disk'] / gib:>10.1f}{r['RssAnon'] / gib:>14.2f}{r['RssFile'] / gib:>16.2f}{r['build_s']:>14.0f}")
