@@ -26,7 +26,7 @@ import numpy as np
 from .chunking import Chunk, chunk_words
 from .encoders import PaperEncoder, PassageEncoder
 from .papers import BadRecord, PaperIn
-from .store import Layout, Point, Store, StoreError, chunk_point_id, paper_point_id
+from .store import Layout, Point, Store, StoreUnavailable, chunk_point_id, paper_point_id
 from .tokenizing import Windows
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,15 @@ class _Batch:
 
 
 def retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kwargs):
-    """Call fn, retrying with exponential back-off; every write here is idempotent, so a retry is safe."""
+    """Call fn, retrying transient store failures with exponential back-off.
+
+    Every store call made through here is idempotent (deterministic ids, deletes by filter), so a
+    retry is safe. Other errors (a layout mismatch, a bad request) are raised at once.
+    """
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except StoreError as exc:
-            if "unreachable" not in str(exc) or attempt == attempts - 1:
-                raise
-            delay = base_delay * 2**attempt
-        except (ConnectionError, TimeoutError, OSError) as exc:
+        except (StoreUnavailable, ConnectionError, TimeoutError):
             if attempt == attempts - 1:
                 raise
             delay = base_delay * 2**attempt

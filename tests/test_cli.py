@@ -84,7 +84,7 @@ def test_bad_model_path(env, monkeypatch, papers_file, capsys):
 def test_unreachable_qdrant(env, monkeypatch, papers_file, capsys):
     monkeypatch.setenv("PAPERINDEX_QDRANT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("PAPERINDEX_QDRANT_TIMEOUT", "1")
-    monkeypatch.setattr("indexer.pipeline.retry.__defaults__", (2, 0.01))
+    monkeypatch.setattr("indexer.pipeline.retry.__kwdefaults__", {"attempts": 2, "base_delay": 0.01})
     code, _, err = run(capsys, "stats")
     assert code == 1 and "Qdrant is unreachable" in err
 

@@ -184,3 +184,30 @@ def test_resume_after_kill_9_ends_with_exactly_the_right_points(settings, tmp_pa
         assert {pid: p.payload["n_chunks"] for pid, p in s.get_papers(list(expected)).items()} == expected
     finally:
         s.close()
+
+
+def test_retry_backs_off_on_transient_failures_only(monkeypatch):
+    from indexer.pipeline import retry
+    from indexer.store import StoreError, StoreUnavailable
+
+    sleeps = []
+    monkeypatch.setattr("indexer.pipeline.time.sleep", sleeps.append)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise StoreUnavailable("Qdrant is unreachable: connection refused")
+        return "done"
+
+    assert retry(flaky) == "done" and len(calls) == 3 and sleeps == [0.5, 1.0]
+
+    def broken():
+        raise StoreError("layout mismatch")
+
+    with pytest.raises(StoreError, match="layout"):
+        retry(broken)
+    assert len(sleeps) == 2  # no retry for a permanent error
+    with pytest.raises(TimeoutError):
+        retry(lambda: (_ for _ in ()).throw(TimeoutError("slow")), attempts=3)
+    assert len(sleeps) == 4
