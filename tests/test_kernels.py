@@ -1,0 +1,172 @@
+"""The fast paths compute the same vectors as the reference ones (on CPU; tests/test_gpu_kernels.py on CUDA)."""
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.chunking import windows
+from indexer.encoders import BatchRunner, bucket_batches, bucket_rows, bucket_widths
+from indexer.kernels import PooledForward, pool
+from indexer.tokenizing import Windows, window_starts
+
+
+@pytest.fixture(scope="module")
+def mpnet():
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, max_position_embeddings=514)
+    model = MPNetModel(cfg).eval()
+    with torch.no_grad():  # larger than the init's weights, so that a wrong bias or mask shows
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def padded_batch(lengths, width, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 300, (len(lengths), width), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, n:] = 1  # MPNet's pad id
+        mask[row, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sdpa_forward_matches_the_models_own_forward(mpnet, pooling, normalize):
+    fast = PooledForward(mpnet, pooling, normalize)
+    ids, mask = padded_batch([70, 51, 33, 2], 70, seed=1)
+    with torch.no_grad():
+        ref = pool(mpnet(input_ids=ids, attention_mask=mask).last_hidden_state, mask, pooling)
+        if normalize:
+            ref = torch.nn.functional.normalize(ref, dim=-1)
+        out = fast(ids, mask)
+        full = ids[:, :30].clamp(min=5)  # no padding: the shared-bias path
+        ref_full = pool(mpnet(input_ids=full).last_hidden_state, None, pooling)
+        if normalize:
+            ref_full = torch.nn.functional.normalize(ref_full, dim=-1)
+        out_full = fast(full, None)
+    assert cosine(out, ref).min() >= 0.999 and cosine(out_full, ref_full).min() >= 0.999
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_full, ref_full, atol=1e-5, rtol=1e-4)
+
+
+def test_cls_only_last_layer_still_sees_every_token(mpnet):
+    fast = PooledForward(mpnet, "cls")
+    ids, _ = padded_batch([40, 40], 40, seed=2)
+    ids[1, :-1] = ids[0, :-1]  # the rows differ only in their last token
+    with torch.no_grad():
+        out = fast(ids, None)
+    assert (out[0] - out[1]).abs().max() > 1e-4
+
+
+def test_window_starts_match_chunking_windows():
+    for n in [0, 1, 47, 48, 49, 90, 97, 200, 733]:
+        ids = list(range(n))
+        assert [ids[s : s + 48] for s in window_starts(n, 48, 8)] == windows(ids, 48, 8)
+
+
+def test_packed_windows_round_trip():
+    chunks = [[[0, 5, 6, 2]], [[0, 7, 2], [0, 8, 9, 10, 2]], []]
+    w = Windows.from_lists(chunks, pad_id=1)
+    assert w.ids.shape == (3, 5) and w.ids[1].tolist() == [0, 7, 2, 1, 1]
+    assert w.counts.tolist() == [1, 2, 0] and w.tokens == 12
+    assert w.as_lists() == chunks
+    both = Windows.concat([w, Windows.from_lists([[[3, 3, 3, 3, 3, 3, 3]]], 1)], pad_id=1)
+    assert both.as_lists() == chunks + [[[3] * 7]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_window_tokenizer_matches_the_reference_windows(encoders, workers):
+    from tiny_models import WORDS
+
+    from indexer.tokenizing import WindowTokenizer
+
+    _, enc = encoders
+    rng = np.random.default_rng(0)
+    texts = [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n)) for n in rng.integers(1, 200, 80)]
+    tok = WindowTokenizer(enc.tokenizer, enc.windows.spec, workers=workers, min_texts_per_task=8)
+    try:
+        got = tok(texts)
+    finally:
+        tok.close()
+    ids = enc.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    build = enc.tokenizer.build_inputs_with_special_tokens
+    want = [[build(w) for w in windows(t, enc.window_tokens, enc.window_overlap)] for t in ids]
+    assert got.as_lists() == want and len(got) == len(texts)
+
+
+def test_buckets_cover_every_item_within_the_budget():
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([np.full(500, 258), rng.integers(3, 512, 300)])
+    seen = []
+    for idx, width in bucket_batches(lengths, 65536, preferred=(258, 512)):
+        assert (lengths[idx] <= width).all() and len(idx) * width <= 65536
+        assert len(set(bucket_widths(lengths[idx], (258, 512)).tolist())) == 1  # one bucket per batch
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(lengths)))
+    assert bucket_widths(np.array([258, 257, 259, 1]), (258,)).tolist() == [258, 258, 320, 64]
+    assert [bucket_rows(n, 254) for n in (1, 8, 9, 100, 200, 254)] == [8, 8, 16, 128, 254, 254]
+
+
+def test_runner_gives_the_same_vectors_from_lists_and_packed_arrays(mpnet):
+    fast = PooledForward(mpnet, "mean")
+    run = BatchRunner(fast, torch.device("cpu"), pad_id=1, budget=256)
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(5, 300, n).tolist() for n in rng.integers(1, 60, 25)]
+    out = run(seqs)
+    with torch.no_grad():
+        one_by_one = np.stack([fast(torch.tensor([s]), None)[0].numpy() for s in seqs])
+    np.testing.assert_allclose(out, one_by_one, atol=1e-5)
+
+
+def test_encoder_replicas_split_the_papers_and_write_the_same_points(settings, encoders, tmp_path):
+    """Two encoder replicas (both on the CPU here; one per GPU in production) take whole batches of
+    papers; the single writer ends with exactly the points one encoder writes."""
+    import threading
+
+    from conftest import make_paper
+
+    from indexer.papers import PaperIn
+    from indexer.pipeline import Indexer
+    from indexer.store import EdgeStore
+
+    paper_enc, passage_enc = encoders
+    replica = (paper_enc.replicate("cpu"), passage_enc.replicate("cpu"))
+    used: dict[str, set] = {}
+    for enc in (passage_enc, replica[1]):
+        inner = enc.encode_windows
+
+        def tracked(w, inner=inner, enc=enc):
+            used.setdefault(threading.current_thread().name, set()).add(id(enc))
+            return inner(w)
+
+        enc.encode_windows = tracked
+    try:
+        docs = [PaperIn(**make_paper(i, words=60 + 37 * (i % 7))) for i in range(40)]
+        stores = {}
+        for name, replicas in (("one", ()), ("two", [replica])):
+            store = EdgeStore(tmp_path / name)
+            stats = Indexer(store, paper_enc, passage_enc, chunk_size=120, chunk_overlap=20, papers_per_batch=3, replicas=replicas).index(docs)
+            assert stats.papers_indexed == 40 and store.count(store.papers) == 40
+            stores[name] = store
+    finally:
+        for enc in (passage_enc, replica[1]):
+            del enc.encode_windows
+    assert used["encode-0"] == {id(passage_enc)} and used["encode-1"] == {id(replica[1])}  # both took work
+
+    def points(store, collection):
+        return {p.id: p for batch, _ in store.scroll(collection) for p in batch}
+
+    for collection in ("papers", "chunks"):
+        one, two = points(stores["one"], collection), points(stores["two"], collection)
+        assert one.keys() == two.keys() and len(one) > 40 * (collection == "chunks")
+        for pid, p in one.items():
+            assert p.payload == two[pid].payload
+            np.testing.assert_allclose(p.vector, two[pid].vector, atol=1e-5)
