@@ -65,7 +65,8 @@ def describe(exc: ValidationError) -> str:
 
 def validate(obj: Any, source: str, line: int) -> PaperIn | BadRecord:
     pid = obj.get("paper_id") if isinstance(obj, dict) else None
-    pid = pid if isinstance(pid, str) else None
+    # A JSON "\ud800" escape gives a str that is not valid UTF-8; it is reported escaped, or writing the report fails.
+    pid = pid.encode("utf-8", "backslashreplace").decode() if isinstance(pid, str) else None
     if not isinstance(obj, dict):
         return BadRecord(source, line, None, f"expected a JSON object, got {type(obj).__name__}")
     try:
