@@ -204,7 +204,7 @@ class GraphedForward:
                 self.forward(s_ids, s_mask)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             s_out = self.forward(s_ids, s_mask)
         entry = (graph, s_ids, s_mask, s_out)
         self._graphs[(ids.shape[0], ids.shape[1], mask is not None)] = entry

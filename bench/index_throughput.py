@@ -1,0 +1,468 @@
+"""Indexing throughput: the old sentence-transformers way and paperindex, side by side, in one run.
+
+    python bench/index_throughput.py                  # on a CUDA machine; prints the table last
+    python bench/index_throughput.py --gpus 2         # also N=1 vs N=2 GPUs (one encoder replica per GPU)
+    python bench/index_throughput.py --tiny --papers 6 --device cpu    # a smoke run of this script
+
+Models are random-weight MPNet-base (passages) and BERT-base + bottleneck adapter (SPECTER2-shaped
+paper heads) of the real shapes; the corpus is real prose (bench/corpus.py), 512-word chunks with 50
+words of overlap, every token embedded (windows of `--window` tokens).
+
+Rows:
+- kernel rows: the MPNet forward alone at one full batch shape (no tokenization, no store);
+- `old way`: SentenceTransformer(...).half().encode(chunks, batch_size=256), truncating at 512
+  tokens: tokenization and forward only, nothing stored;
+- `paperindex`: Indexer.index end to end: read JSONL -> chunk -> tokenize (worker processes) ->
+  encode paper heads + every window of every chunk -> upsert into Qdrant Edge (or into nothing:
+  `no store`, to show what the store costs);
+- paper heads: the SPECTER2 way (tokenizer padding + adapter model in fp16, batches of 256) and
+  PaperEncoder.encode_papers.
+Token counts: `chunk tok/s` counts each chunk token once; `model tok/s` counts what the model ran
+(window tokens with overlaps and special tokens; for the old way, the truncated 512). `% GEMM` is the
+model FLOPs at full length over the fp16 matrix-multiply rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
+RESULTS: dict = {"rows": [], "notes": []}
+
+
+def say(*a) -> None:
+    print(*a, flush=True)
+
+
+def save() -> None:
+    (OUT / "index_throughput.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def row(name: str, **kv) -> None:
+    RESULTS["rows"].append({"run": name, **kv})
+    say("ROW", name, json.dumps(kv, default=str))
+    save()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(devices) -> float:
+    return sum(torch.cuda.max_memory_allocated(d) for d in devices) / 2**30 if devices[0].type == "cuda" else 0.0
+
+
+def reset_peak(devices) -> None:
+    if devices[0].type == "cuda":
+        for d in devices:
+            torch.cuda.reset_peak_memory_stats(d)
+
+
+def flops_per_token(width: int, layers: int = 12, hidden: int = 768, ffn: int = 3072) -> float:
+    """Forward FLOPs per token of a BERT-shaped encoder at sequence length `width`."""
+    return layers * (2 * hidden * (4 * hidden + 2 * ffn) + 4 * width * hidden)
+
+
+def gemm_tflops(device: torch.device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+class GpuMonitor:
+    """Mean NVML utilisation (share of time a kernel was running) of the given GPUs while active."""
+
+    def __init__(self, devices) -> None:
+        self.samples: list[list[int]] = []
+        self.handles = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(d.index or 0) for d in devices if d.type == "cuda"]
+        except Exception as exc:  # no NVML: no utilisation column
+            say("no NVML:", exc)
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        def loop():
+            while not self.stop.wait(0.05):
+                self.samples.append([self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles])
+
+        if self.handles:
+            self.thread = threading.Thread(target=loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.handles:
+            self.thread.join()
+
+    @property
+    def busy(self) -> str:
+        if not self.samples:
+            return "-"
+        return "/".join(f"{np.mean([s[i] for s in self.samples]):.0f}%" for i in range(len(self.handles)))
+
+
+class NullStore:
+    """Takes every write and keeps nothing: the pipeline without Qdrant's cost."""
+
+    papers, chunks = "papers", "chunks"
+
+    def create(self, layout) -> None: ...
+    def committed(self, paper_ids):
+        return {}
+    def upsert(self, collection, points) -> None: ...
+    def delete_chunks(self, paper_ids) -> None: ...
+    def delete_papers(self, paper_ids) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float, compiled_only: bool = False) -> None:
+    """The MPNet forward alone at one (rows, width) shape: HF eager vs the SDPA pooled forward, with
+    and without CUDA graphs (and torch.compile); cosine against the fp32 reference."""
+    from transformers import MPNetModel
+
+    from indexer.kernels import GraphedForward, PooledForward, speed_up
+
+    rows, width = ids.shape
+    ref32 = MPNetModel.from_pretrained(hf_dir, add_pooling_layer=False).to(device).eval()
+    model = MPNetModel.from_pretrained(hf_dir, add_pooling_layer=False).to(device).half().eval()
+    d_ids = torch.from_numpy(ids).to(device)
+    h_ids = torch.from_numpy(ids).pin_memory()
+    check = d_ids[:64].long()
+    with torch.inference_mode():
+        ref = ref32(input_ids=check).last_hidden_state[:, 0].double()
+    del ref32
+    fast = PooledForward(model, "cls")
+    graphed = GraphedForward(fast, device)
+    variants = {
+        "kernel: HF MPNet eager fp16": lambda: model(input_ids=d_ids.long(), attention_mask=torch.ones_like(d_ids)).last_hidden_state[:, 0],
+        "kernel: SDPA pooled fp16": lambda: fast(d_ids, None),
+        "kernel: SDPA pooled fp16 + CUDA graph": lambda: graphed(h_ids, None),
+    }
+    if compiled_only:
+        variants = {}
+        t = time.perf_counter()
+        try:
+            compiled = GraphedForward(speed_up(model, "cls", compile=True), device)
+            with torch.inference_mode():
+                compiled(h_ids, None)
+            sync(device)
+            RESULTS["notes"].append(f"torch.compile + capture took {time.perf_counter() - t:.0f} s")
+            variants["kernel: SDPA pooled fp16 + compile + CUDA graph"] = lambda: compiled(h_ids, None)
+        except Exception as exc:
+            RESULTS["notes"].append(f"torch.compile failed after {time.perf_counter() - t:.0f} s: {exc!r}"[:500])
+    for name, fn in variants.items():
+        try:
+            with torch.inference_mode():
+                for _ in range(3):
+                    out = fn()
+                sync(device)
+                reset_peak([device])
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                n = 20
+                s.record()
+                for _ in range(n):
+                    out = fn()
+                e.record()
+                e.synchronize()
+                dt = s.elapsed_time(e) / 1e3
+            cos = torch.nn.functional.cosine_similarity(out[:64].double(), ref, dim=-1).min().item()
+            tps = n * rows * width / dt
+            row(name, shape=f"{rows}x{width}", model_tok_s=tps, gemm_pct=100 * tps * flops_per_token(width) / (gemm * 1e12),
+                peak_gib=peak_gib([device]), cos_vs_fp32=cos)
+        except Exception as exc:  # keep the other rows
+            say(f"{name} failed: {exc!r}")
+            RESULTS["notes"].append(f"{name} failed: {exc!r}"[:500])
+    del model, fast, graphed
+    torch.cuda.empty_cache()
+
+
+def baseline_chunks(st_dir: Path, texts: list[str], device: torch.device) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(st_dir), device=str(device))
+    if device.type == "cuda":
+        st.half()
+    st.max_seq_length = 512
+    st.encode(texts[:512], batch_size=256, show_progress_bar=False)
+    sync(device)
+    reset_peak([device])
+    t = time.perf_counter()
+    st.encode(texts, batch_size=256, convert_to_numpy=True, show_progress_bar=False)
+    sync(device)
+    dt = time.perf_counter() - t
+    lens = [min(len(x), 512) for x in st.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    cps = len(texts) / dt
+    width = 512
+    row("old way: ST .half().encode(bs=256), truncating at 512", chunks=len(texts), seconds=dt, chunks_s=cps,
+        chunk_tok_s=sum(lens) / dt, model_tok_s=sum(lens) / dt, gemm_pct=100 * sum(lens) / dt * flops_per_token(width) / (RESULTS["gemm_tflops"] * 1e12) if device.type == "cuda" else None,
+        peak_gib=peak_gib([device]))
+    del st
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return cps
+
+
+def instrument(indexer) -> dict:
+    """Busy seconds per stage (prepare / encode / write), summed over threads."""
+    busy = {"prepare": 0.0, "encode": 0.0, "write": 0.0}
+    lock = threading.Lock()
+    for stage in busy:
+        inner = getattr(indexer, "_" + stage)
+
+        def timed(*a, inner=inner, stage=stage, **kw):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                with lock:
+                    busy[stage] += time.perf_counter() - t
+
+        setattr(indexer, "_" + stage, timed)
+    return busy
+
+
+def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base_cps: float | None, gemm: float) -> dict:
+    from indexer.papers import read_papers
+    from indexer.pipeline import Indexer
+    from indexer.store import EdgeStore
+
+    devices = [passage_enc.device] + [p.device for _, p in replicas]
+    tmp = tempfile.mkdtemp(prefix="pi-bench-")
+    store = EdgeStore(tmp) if store_kind == "edge" else NullStore()
+    idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
+    busy = instrument(idx)
+    reset_peak(devices)
+    with GpuMonitor(devices) as mon:
+        t = time.perf_counter()
+        stats = idx.index(read_papers([corpus]) if n is None else (p for i, p in enumerate(read_papers([corpus])) if i < n))
+        for d in devices:
+            sync(d)
+        dt = time.perf_counter() - t
+    if store_kind == "edge":
+        assert store.count(store.chunks) == stats.chunks and store.count(store.papers) == stats.papers_indexed
+    store.close()
+    ctok = chunk_tokens["per_chunk"] * stats.chunks
+    width = passage_enc.window_tokens + 2
+    res = dict(
+        papers=stats.papers_indexed, chunks=stats.chunks, windows=stats.windows, seconds=dt, chunks_s=stats.chunks / dt,
+        papers_s=stats.papers_indexed / dt, chunk_tok_s=ctok / dt, model_tok_s=stats.tokens / dt,
+        gemm_pct=100 * (stats.tokens * flops_per_token(width) + stats.head_tokens * flops_per_token(384)) / dt / (gemm * len(devices) * 1e12) if gemm else None,
+        gpu_busy=mon.busy, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base_cps if base_cps else None,
+        stage_busy_s={k: round(v, 1) for k, v in busy.items()},
+    )
+    row(name, **res)
+    return res
+
+
+def heads(paper_dirs, corpus: Path, n: int, device: torch.device, paper_enc) -> None:
+    import adapters
+    from transformers import AutoTokenizer
+
+    from indexer.encoders import paper_head
+    from indexer.papers import read_papers
+
+    base, prox, _ = paper_dirs
+    papers = [p for i, p in enumerate(read_papers([corpus])) if i < n]
+    titles, abstracts = [p.title for p in papers], [p.abstract for p in papers]
+    tok = AutoTokenizer.from_pretrained(base)
+    texts = [paper_head(t, a, tok.sep_token) for t, a in zip(titles, abstracts)]
+
+    def old_way(model, batch=256):
+        out = []
+        for i in range(0, len(texts), batch):
+            inputs = tok(texts[i : i + batch], padding=True, truncation=True, max_length=512, return_tensors="pt", return_token_type_ids=False).to(device)
+            with torch.inference_mode():
+                out.append(model(**inputs).last_hidden_state[:, 0].float().cpu())
+        return torch.cat(out)
+
+    old = adapters.AutoAdapterModel.from_pretrained(base)
+    old.load_adapter(str(prox), load_as="proximity", set_active=True)
+    old.to(device).eval()
+    ref = old_way(old.float(), 64)[:256].double()  # fp32 reference, first batch
+    if device.type == "cuda":
+        old.half()
+    old_way(old)
+    sync(device)
+    reset_peak([device])
+    t = time.perf_counter()
+    old_way(old)
+    sync(device)
+    dt_old = time.perf_counter() - t
+    row("paper heads, old way: adapter model fp16, tokenizer padding, bs=256", papers=n, seconds=dt_old, papers_s=n / dt_old, peak_gib=peak_gib([device]))
+    del old
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for i in range(0, n, 256):  # warm-up: graphs for the shapes these heads need
+        paper_enc.encode_papers(titles[i : i + 256], abstracts[i : i + 256])
+    sync(device)
+    reset_peak([device])
+    t = time.perf_counter()
+    vecs = [paper_enc.encode_papers(titles[i : i + 256], abstracts[i : i + 256]) for i in range(0, n, 256)]
+    sync(device)
+    dt = time.perf_counter() - t
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(vecs[0]).double(), ref, dim=-1).min().item()
+    row("paper heads, paperindex: PaperEncoder.encode_papers", papers=n, seconds=dt, papers_s=n / dt, peak_gib=peak_gib([device]),
+        ratio_vs_old=dt_old / dt, cos_vs_fp32=cos)
+
+
+def table() -> str:
+    cols = ["chunks_s", "chunk_tok_s", "model_tok_s", "gemm_pct", "gpu_busy", "peak_gib", "ratio_vs_old", "papers_s", "cos_vs_fp32"]
+    heads_ = ["chunks/s", "chunk tok/s", "model tok/s", "% GEMM", "GPU busy", "peak GiB", "× old", "papers/s", "cos vs fp32"]
+
+    def fmt(k, v):
+        if v is None or v == "":
+            return ""
+        if isinstance(v, str):
+            return v
+        if k.endswith("tok_s"):
+            return f"{v / 1e6:.2f} M"
+        if k == "cos_vs_fp32":
+            return f"{v:.5f}"
+        if k in ("ratio_vs_old",):
+            return f"{v:.2f}"
+        if k in ("gemm_pct", "peak_gib"):
+            return f"{v:.1f}"
+        return f"{v:,.0f}"
+
+    lines = ["| run | " + " | ".join(heads_) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in RESULTS["rows"]:
+        lines.append(f"| {r['run']} | " + " | ".join(fmt(k, r.get(k)) for k in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--papers", type=int, default=1500, help="papers in each timed indexing run")
+    ap.add_argument("--baseline-chunks", type=int, default=6000)
+    ap.add_argument("--heads", type=int, default=2048, help="paper heads in the head rows")
+    ap.add_argument("--window", type=int, nargs="+", default=[256, 384], help="window tokens (each a run)")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) - 4), help="tokenizer worker processes")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of this script on CPU)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads", "nostore"])
+    args = ap.parse_args()
+
+    import corpus as corpus_mod
+    import models as bench_models
+
+    from indexer.chunking import chunk_words
+    from indexer.encoders import PaperEncoder, PassageEncoder
+
+    device = torch.device(args.device)
+    RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args=vars(args),
+                          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                          gpus=torch.cuda.device_count() if device.type == "cuda" else 0)
+    say(RESULTS["env"])
+    work = Path(tempfile.mkdtemp(prefix="pi-bench-"))
+    t = time.perf_counter()
+    n_corpus = max(args.papers, args.heads, 300)
+    path = corpus_mod.write(work / "corpus.jsonl", n_corpus, 8000 if not args.tiny else 1500)
+    papers = [json.loads(line) for _, line in zip(range(400), path.open())]
+    say(f"corpus: {n_corpus} papers in {time.perf_counter() - t:.0f} s")
+
+    sample = [p["text"] for p in papers[:200]]
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import tiny_models  # the test suite's builders: 2 layers of 32
+
+        st_dir = tiny_models.build_mpnet(work / "mpnet")
+        paper_dirs = tiny_models.build_specter2(work / "specter2")
+        hf_dir = work / "mpnet" / "hf"
+    else:
+        st_dir = bench_models.build_passage(work / "mpnet", sample)
+        paper_dirs = bench_models.build_paper(work / "specter2", sample)
+        hf_dir = work / "mpnet" / "hf"
+    say(f"models built at {time.perf_counter() - t:.0f} s")
+
+    gemm = gemm_tflops(device) if device.type == "cuda" else 0.0
+    RESULTS["gemm_tflops"] = gemm
+    say(f"fp16 GEMM 8192^3: {gemm:.0f} TFLOP/s")
+
+    # every token of each chunk counted once (per chunk, from a sample of the corpus)
+    chunk_texts = [c.text for p in papers for c in chunk_words(p["text"], 512, 50)]
+    probe = PassageEncoder(str(st_dir), device="cpu", window_tokens=256, window_overlap=32)
+    ntok = [len(x) for x in probe.tokenizer(chunk_texts[:3000], add_special_tokens=False)["input_ids"]]
+    chunk_tokens = {"per_chunk": float(np.mean(ntok))}
+    RESULTS["chunk_tokens"] = dict(mean=float(np.mean(ntok)), median=float(np.median(ntok)), over_512=float(np.mean(np.array(ntok) > 510)))
+    say("chunk tokens:", RESULTS["chunk_tokens"])
+
+    if "kernel" not in args.skip and device.type == "cuda":
+        win = probe.tokenize_windows(chunk_texts[:2000])
+        full = win.ids[win.lengths == 258][:, :258]
+        kernel_ids = full[: 131072 // 258]
+        kernel_rows(hf_dir, kernel_ids, device, gemm)
+
+    base_cps = None
+    if "baseline" not in args.skip:
+        base_cps = baseline_chunks(st_dir, chunk_texts[: args.baseline_chunks], device)
+
+    paper_enc = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
+    for window in args.window:
+        passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=32, tokenizer_workers=args.workers)
+        replicas_all = [(paper_enc.replicate(f"cuda:{i}"), passage_enc.replicate(f"cuda:{i}")) for i in range(1, args.gpus)]
+        try:
+            # warm-up: worker processes started, CUDA graphs captured for the shapes a corpus needs
+            index_run(f"warm-up (window {window})", path, 300, paper_enc, passage_enc, replicas_all, "null", chunk_tokens, None, gemm)
+            RESULTS["rows"].pop()
+            for n_gpus in sorted({1, args.gpus}):
+                replicas = replicas_all[: n_gpus - 1]
+                tag = f"window {window}/32" + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
+                index_run(f"paperindex e2e → Qdrant Edge ({tag})", path, args.papers, paper_enc, passage_enc, replicas, "edge", chunk_tokens, base_cps, gemm)
+                if "nostore" not in args.skip:
+                    index_run(f"paperindex, no store ({tag})", path, args.papers, paper_enc, passage_enc, replicas, "null", chunk_tokens, base_cps, gemm)
+        finally:
+            passage_enc.close()
+
+    if "heads" not in args.skip:
+        heads(paper_dirs, path, args.heads, device, paper_enc)
+
+    if args.compile and "kernel" not in args.skip and device.type == "cuda":
+        kernel_rows(hf_dir, kernel_ids, device, gemm, compiled_only=True)
+
+    say("\n" + table())
+    for note in RESULTS["notes"]:
+        say("note:", note)
+    (OUT / "index_throughput.md").write_text(table() + "\n")
+    save()
+
+
+if __name__ == "__main__":
+    main()

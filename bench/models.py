@@ -1,0 +1,76 @@
+"""Random-weight models of the real shapes, built offline: throughput does not depend on weight values.
+
+- passage: MPNet-base (multi-qa-mpnet-base-dot-v1's shape: 12×768, 30527 tokens, CLS pooling, no
+  normalisation), saved as a sentence-transformers model;
+- paper: BERT-base with a SciBERT-sized vocabulary (SPECTER2 base's shape) plus two bottleneck
+  adapters (proximity, adhoc_query) saved with `adapters`.
+Vocabularies are WordPiece models trained on the benchmark's own prose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+
+def _wordpiece(texts: Iterable[str], vocab: int, special: list[str], unk: str):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token=unk))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=special))
+    return tok
+
+
+def build_passage(path: Path, texts: list[str]) -> Path:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as stm
+    from tokenizers import processors
+    from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
+
+    tok = _wordpiece(texts, 30527, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
+    )
+    tokenizer = MPNetTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=512,
+    )
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=30527, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
+    raw = path / "hf"
+    MPNetModel(cfg, add_pooling_layer=False).save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    st = SentenceTransformer(modules=[stm.Transformer(str(raw), max_seq_length=512), stm.Pooling(768, pooling_mode="cls")], device="cpu")
+    st.save(str(path / "st"))
+    return path / "st"
+
+
+def build_paper(path: Path, texts: list[str]) -> tuple[Path, Path, Path]:
+    """(base dir, proximity adapter dir, adhoc_query adapter dir)."""
+    import adapters
+    from tokenizers import processors
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    tok = _wordpiece(texts, 31090, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]")
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                  cls_token="[CLS]", mask_token="[MASK]", model_max_length=512)
+    torch.manual_seed(1)
+    base = path / "base"
+    BertModel(BertConfig(vocab_size=31090), add_pooling_layer=False).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model = adapters.AutoAdapterModel.from_pretrained(base)
+    dirs = []
+    for name in ("proximity", "adhoc_query"):
+        model.add_adapter(name, config="seq_bn")
+        model.save_adapter(str(path / name), name)
+        dirs.append(path / name)
+    return base, dirs[0], dirs[1]

@@ -1,0 +1,96 @@
+"""The CUDA fast path (fp16, SDPA, CUDA graphs, pinned in-flight batches) against the fp32 reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.encoders import BatchRunner
+from indexer.kernels import PooledForward, pool
+
+pytestmark = pytest.mark.gpu
+
+
+def cosine(a, b) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def mpnet_base():
+    """MPNet-base's shape (12 × 768), random weights."""
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    return MPNetModel(MPNetConfig(vocab_size=30527, max_position_embeddings=514), add_pooling_layer=False).eval()
+
+
+def sequences(n: int, seed: int) -> list[list[int]]:
+    """Mostly full 258-token windows, some shorter ones, a few of one token."""
+    rng = np.random.default_rng(seed)
+    lengths = np.where(rng.random(n) < 0.7, 258, rng.integers(1, 400, n))
+    return [[0, *rng.integers(5, 30000, max(0, n_ - 2)).tolist(), 2][:n_] for n_ in lengths]
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_fp16_graphs_match_the_fp32_reference(mpnet_base, pooling):
+    import copy
+
+    dev = torch.device("cuda")
+    seqs = sequences(300, seed=1)
+    ref_model = copy.deepcopy(mpnet_base).to(dev)
+    with torch.inference_mode():
+        ref = []
+        for s in seqs:
+            ids = torch.tensor([s], device=dev)
+            ref.append(pool(ref_model(input_ids=ids).last_hidden_state, None, pooling)[0].double().cpu().numpy())
+    del ref_model
+    fast = PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), pooling)
+    graphs = BatchRunner(fast, dev, pad_id=1, budget=32768, graphs=True, widths=(258, 512))
+    out = graphs(seqs)
+    assert np.isfinite(out).all()
+    assert cosine(out, np.stack(ref)).min() >= 0.999
+    assert len(graphs._graphed) > 0 and not graphs._graphed.disabled  # the graphs really ran
+    eager = BatchRunner(fast, dev, pad_id=1, budget=32768)(seqs)
+    assert cosine(out, eager).min() >= 0.9999
+
+
+def test_out_of_order_lengths_come_back_in_input_order(mpnet_base):
+    import copy
+
+    dev = torch.device("cuda")
+    fast = PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls")
+    seqs = sequences(64, seed=2)
+    run = BatchRunner(fast, dev, pad_id=1, budget=4096, graphs=True, widths=(258,), in_flight=2)
+    out = run(seqs)
+    alone = np.stack([run([s])[0] for s in seqs[:8]])
+    assert cosine(out[:8], alone).min() >= 0.9999
+
+
+def test_encoders_on_cuda_match_the_cpu_ones(tiny_models):
+    from indexer.encoders import PaperEncoder, PassageEncoder
+
+    texts = ["protein folding with graph neural networks " * 30, "galaxy telescope", "cell " * 70]
+    cpu = PassageEncoder(tiny_models["passage_model"], device="cpu", window_tokens=48, window_overlap=8)
+    gpu = PassageEncoder(tiny_models["passage_model"], device="cuda", window_tokens=48, window_overlap=8)
+    for a, b in zip(cpu.encode_chunks(texts), gpu.encode_chunks(texts)):
+        assert a.shape == b.shape and cosine(a, b).min() >= 0.999
+    assert cosine(cpu.encode_queries(["graph"]), gpu.encode_queries(["graph"])).min() >= 0.999
+
+    args = (tiny_models["paper_model"], tiny_models["paper_adapter"], tiny_models["query_adapter"])
+    pc, pg = PaperEncoder(*args, device="cpu"), PaperEncoder(*args, device="cuda")
+    titles, abstracts = ["Graph networks", "Stars"], ["We study proteins " * 20, "galaxy " * 300]
+    assert cosine(pc.encode_papers(titles, abstracts), pg.encode_papers(titles, abstracts)).min() >= 0.999
+    assert not pg.run._graphed.disabled and len(pg.run._graphed) > 0  # adapters + BERT were captured
+    assert cosine(pc.encode_queries(["graph"]), pg.encode_queries(["graph"])).min() >= 0.999
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_replica_on_the_second_gpu_gives_the_same_vectors(tiny_models):
+    from indexer.encoders import PassageEncoder
+
+    enc = PassageEncoder(tiny_models["passage_model"], device="cuda:0", window_tokens=48, window_overlap=8)
+    other = enc.replicate("cuda:1")
+    texts = ["protein folding " * 50, "galaxy"]
+    for a, b in zip(enc.encode_chunks(texts), other.encode_chunks(texts)):
+        assert cosine(a, b).min() >= 0.9999
+    assert next(other.model.parameters()).device == torch.device("cuda:1")
