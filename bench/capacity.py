@@ -11,9 +11,12 @@ so fixed overheads drop out.
 Layouts: single (one 768-d vector per chunk: long_chunk=mean/truncate), multivector (--windows
 vectors of 768-d per chunk: long_chunk=multivector), int8 (single + scalar quantization), int8-disk
 (int8 with the float32 originals on disk), multivector-int8-disk.
-RAM is reported as the process's anonymous memory (heap: graph links, quantized vectors, in-RAM
-vectors, indexes) and its resident mapped-file pages after the queries (what the page cache must hold
-for searches to stay off the disk).
+Qdrant Edge keeps everything in memory-mapped files, so memory is read off the files by component:
+RAM is what the layout keeps resident (HNSW graph, payload indexes, id tracker, quantized copies, and
+the float32 vectors unless they are on disk); payload text and the write-ahead log stay on disk.
+"resident" is measured: the process's mapped pages after the queries (the working set they touched;
+its heap does not grow with the index). Load+build seconds are those of the larger size, on whatever
+else the machine is doing.
 """
 
 from __future__ import annotations
@@ -74,9 +77,35 @@ def build(path: Path, n: int, layout: str, dim: int, windows: int, words: int, s
     return time.perf_counter() - t0
 
 
-def disk_bytes(path: Path) -> int:
-    # allocated blocks, not apparent sizes: Qdrant preallocates sparse files
-    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+COMPONENTS = ("vectors", "quantized", "graph", "payload_index", "id_tracker", "payload", "wal", "other")
+
+
+def component(rel: Path) -> str:
+    parts = rel.parts
+    if parts[0] == "wal":
+        return "wal"
+    name = parts[2] if len(parts) > 2 else ""
+    if name.startswith("vector_storage"):
+        return "quantized" if rel.name.startswith("quantized") else "vectors"
+    if name.startswith("vector_index"):
+        return "graph"
+    for prefix in ("payload_index", "payload_storage", "id_tracker"):
+        if name.startswith(prefix):
+            return prefix.replace("_storage", "")
+    return "other"
+
+
+def disk_bytes(path: Path) -> dict[str, int]:
+    """Allocated bytes (not apparent sizes: Qdrant preallocates sparse files) by component."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    for f in path.rglob("*"):
+        if f.is_file():
+            out[component(f.relative_to(path))] += f.stat().st_blocks * 512
+    return out
+
+
+def ram_bytes(parts: dict[str, int], on_disk: bool) -> int:
+    return sum(parts[k] for k in ("quantized", "graph", "payload_index", "id_tracker", "other")) + (0 if on_disk else parts["vectors"])
 
 
 MEASURE = """
@@ -124,10 +153,12 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
                 path = Path(tmp) / "index"
                 seconds = build(path, n, layout, args.dim, args.windows, args.words)
-                per_size.append({"n": n, "build_s": seconds, "disk": disk_bytes(path / "chunks"), **memory(path, args.dim, args.queries)})
+                parts = disk_bytes(path / "chunks")
+                per_size.append({"n": n, "build_s": seconds, "disk": sum(parts.values()), "ram": ram_bytes(parts, LAYOUTS[layout][2]),
+                                 **parts, **memory(path, args.dim, args.queries)})
                 shutil.rmtree(path)
         (a, b), scale = per_size, 1e6 / (sizes[1] - sizes[0])
-        slope = {k: (b[k] - a[k]) * scale for k in ("disk", "RssAnon", "RssFile", "build_s")}
+        slope = {k: (b[k] - a[k]) * scale for k in ("disk", "ram", *COMPONENTS, "RssFile")}
         rows.append({"layout": layout, "vectors_per_chunk": args.windows if LAYOUTS[layout][0] else 1, **slope, "sizes": per_size})
         print(json.dumps(rows[-1]), file=sys.stderr)  # partial results survive an interrupted run
 
@@ -136,9 +167,12 @@ def main() -> None:
         return
     gib = 2**30
     print(f"per million chunks ({args.dim}-d, {args.words}-word payloads; slope between two sizes: {args.sizes} chunks, multivector {args.mv_sizes})")
-    print(f"{'layout':<24}{'vectors/chunk':>14}{'disk GiB':>10}{'RAM heap GiB':>14}{'RAM mapped GiB':>16}{'load+build s':>14}")
+    cols = ("vectors", "quantized", "graph", "payload_index", "payload", "wal")
+    print(f"{'layout':<22}{'vec/chunk':>10}{'disk':>7}{'RAM':>7}{'resident':>9}" + "".join(f"{c:>14}" for c in cols) + f"{'build s':>9}")
     for r in rows:
-        print(f"{r['layout']:<24}{r['vectors_per_chunk']:>14}{r['disk'] / gib:>10.1f}{r['RssAnon'] / gib:>14.2f}{r['RssFile'] / gib:>16.2f}{r['build_s']:>14.0f}")
+        print(f"{r['layout']:<22}{r['vectors_per_chunk']:>10}{r['disk'] / gib:>7.1f}{r['ram'] / gib:>7.2f}{r['RssFile'] / gib:>9.2f}"
+              + "".join(f"{r[c] / gib:>14.2f}" for c in cols) + f"{r['sizes'][-1]['build_s']:>9.0f}")
+    print("GiB per million chunks; build s: load and build at the larger size")
 
 
 if __name__ == "__main__":
