@@ -160,8 +160,9 @@ class Indexer:
                 for c in cs:
                     points.append(Point(chunk_point_id(p.paper_id, c.chunk_index), b.chunk_vecs[at], self.chunk_payload(p, c, meta)))
                     at += 1
-            for i in range(0, len(points), UPSERT_POINTS):
-                retry(self.store.upsert, self.store.chunks, points[i : i + UPSERT_POINTS])
+            step = getattr(self.store, "upsert_points", UPSERT_POINTS)  # a server store takes bigger calls
+            for i in range(0, len(points), step):
+                retry(self.store.upsert, self.store.chunks, points[i : i + step])
             paper_points = [
                 Point(paper_point_id(p.paper_id), b.paper_vecs[i], self.paper_payload(p, h, len(cs)))
                 for i, (p, h, cs) in enumerate(zip(b.papers, b.hashes, b.chunks))

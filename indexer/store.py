@@ -398,6 +398,10 @@ class EdgeStore:
 class ClientStore:
     """qdrant-client: a Qdrant server or cluster (`url`), or qdrant-client's own local mode (`location=":memory:"`)."""
 
+    # Points per upsert call from the pipeline: requests release the interpreter lock while they wait,
+    # and each call is split over `upload_parallel` concurrent requests.
+    upsert_points = 512
+
     def __init__(
         self,
         url: str | None = None,

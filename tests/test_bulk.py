@@ -17,7 +17,7 @@ from qdrant_client import QdrantClient
 from conftest import make_paper, write_jsonl
 from indexer.papers import PaperIn, read_papers, validate
 from indexer.pipeline import Indexer
-from indexer.store import ClientStore, EdgeStore, Layout, Point, StoreOptions, chunk_point_id, paper_point_id
+from indexer.store import MIN_PARALLEL_BATCH, ClientStore, EdgeStore, Layout, Point, StoreOptions, chunk_point_id, paper_point_id
 
 PAYLOAD_INDEXES = {"paper_id", "paper_uuid", "year", "chunk_index"}
 
@@ -176,6 +176,19 @@ def test_server_bulk_load_requests(encoders):
     store.finish_bulk()  # nothing left to restore
     assert len(rec.named("update_collection")) == 2
     assert store.count("chunks") == stats.chunks and store.count("papers") == 8
+    store.close()
+
+
+def test_pipeline_uploads_to_a_server_in_parallel(encoders):
+    rec = RecordingClient()
+    store = ClientStore(client=rec, options=StoreOptions(upload_parallel=3))
+    paper_enc, passage_enc = encoders
+    stats = Indexer(store, paper_enc, passage_enc, chunk_size=24, chunk_overlap=4, papers_per_batch=16).index(papers(16))
+    chunk_upserts = [c for c in rec.named("upsert") if c[1][0] == "chunks"]
+    # one write batch of 160 chunks, split in two requests made by the upload pool
+    assert stats.chunks == 160 and len(chunk_upserts) == 160 // MIN_PARALLEL_BATCH
+    assert all(c[3].startswith("qdrant-upload") for c in chunk_upserts)
+    assert sum(len(c[2]["points"]) for c in chunk_upserts) == stats.chunks == store.count("chunks")
     store.close()
 
 
