@@ -40,7 +40,7 @@ def _wordpiece(special: list[str], unk: str):
 
 def build_mpnet(path: Path, layers: int = 2, hidden: int = 32, pooling: str = "cls") -> Path:
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers import models as stm
+    from sentence_transformers.sentence_transformer import modules as stm
     from tokenizers import processors
     from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
 
