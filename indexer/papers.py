@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 KNOWN = ("paper_id", "title", "abstract", "text", "year", "authors", "venue", "url")
 
@@ -34,6 +35,19 @@ class PaperIn(BaseModel):
         if isinstance(v, bool):
             raise ValueError("year must be an integer")
         return v
+
+    @model_validator(mode="after")
+    def _finite_extras(self) -> PaperIn:
+        # Python's json reads NaN and Infinity (pandas writes them), which are not JSON numbers and which
+        # Qdrant cannot store: refused here, paper by paper, rather than failing a whole batch's write.
+        for key, value in (self.model_extra or {}).items():
+            todo = [value]
+            while todo:  # iterative: metadata may nest as deep as the JSON parser allows
+                v = todo.pop()
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{key}: NaN and Infinity are not valid JSON numbers")
+                todo.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
+        return self
 
     def metadata(self) -> dict[str, Any]:
         """authors, venue, url and any extra keys, None values left out."""
