@@ -124,7 +124,8 @@ def install(app: FastAPI) -> None:
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after this handler, so the server log gets the traceback; the client gets none.
-        return JSONResponse(_body(classify(exc)), status_code=500)
+        # uvicorn then closes the connection: say so, or a keep-alive client's next request on it is reset.
+        return JSONResponse(_body(classify(exc)), status_code=500, headers={"Connection": "close"})
 
     for cls, _, _ in _TABLE:
         app.add_exception_handler(cls, domain)
