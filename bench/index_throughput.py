@@ -239,19 +239,21 @@ def baseline_chunks(st_dir: Path, texts: list[str], device: torch.device) -> flo
 
 
 def instrument(indexer) -> dict:
-    """Busy seconds per stage (prepare / encode / write), summed over threads."""
-    busy = {"prepare": 0.0, "encode": 0.0, "write": 0.0}
+    """Per stage (prepare / encode / write): seconds inside it, summed over threads, and CPU seconds
+    of the calling thread (for prepare and write nearly all of it holds the interpreter lock)."""
+    busy = {f"{stage}_{kind}": 0.0 for stage in ("prepare", "encode", "write") for kind in ("s", "cpu")}
     lock = threading.Lock()
-    for stage in busy:
+    for stage in ("prepare", "encode", "write"):
         inner = getattr(indexer, "_" + stage)
 
         def timed(*a, inner=inner, stage=stage, **kw):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return inner(*a, **kw)
             finally:
                 with lock:
-                    busy[stage] += time.perf_counter() - t
+                    busy[stage + "_s"] += time.perf_counter() - t
+                    busy[stage + "_cpu"] += time.thread_time() - c
 
         setattr(indexer, "_" + stage, timed)
     return busy
@@ -371,7 +373,7 @@ def main() -> None:
     ap.add_argument("--papers", type=int, default=1500, help="papers in each timed indexing run")
     ap.add_argument("--baseline-chunks", type=int, default=6000)
     ap.add_argument("--heads", type=int, default=2048, help="paper heads in the head rows")
-    ap.add_argument("--window", type=int, nargs="+", default=[256, 384], help="window tokens (each a run)")
+    ap.add_argument("--window", type=int, nargs="+", default=[256], help="window tokens (each a run)")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) - 4), help="tokenizer worker processes")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
@@ -399,17 +401,9 @@ def main() -> None:
     say(f"corpus: {n_corpus} papers in {time.perf_counter() - t:.0f} s")
 
     sample = [p["text"] for p in papers[:200]]
-    if args.tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import tiny_models  # the test suite's builders: 2 layers of 32
-
-        st_dir = tiny_models.build_mpnet(work / "mpnet")
-        paper_dirs = tiny_models.build_specter2(work / "specter2")
-        hf_dir = work / "mpnet" / "hf"
-    else:
-        st_dir = bench_models.build_passage(work / "mpnet", sample)
-        paper_dirs = bench_models.build_paper(work / "specter2", sample)
-        hf_dir = work / "mpnet" / "hf"
+    st_dir = bench_models.build_passage(work / "mpnet", sample, tiny=args.tiny)
+    paper_dirs = bench_models.build_paper(work / "specter2", sample, tiny=args.tiny)
+    hf_dir = work / "mpnet" / "hf"
     say(f"models built at {time.perf_counter() - t:.0f} s")
 
     gemm = gemm_tflops(device) if device.type == "cuda" else 0.0
@@ -433,6 +427,12 @@ def main() -> None:
     base_cps = None
     if "baseline" not in args.skip:
         base_cps = baseline_chunks(st_dir, chunk_texts[: args.baseline_chunks], device)
+
+    from indexer.papers import read_papers
+
+    t = time.perf_counter()
+    parsed = sum(1 for _, _ in zip(range(args.papers), read_papers([path])))
+    RESULTS["notes"].append(f"reading + validating {parsed} papers (JSONL -> PaperIn) alone: {time.perf_counter() - t:.1f} s")
 
     paper_enc = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
     for window in args.window:

@@ -25,7 +25,14 @@ def _wordpiece(texts: Iterable[str], vocab: int, special: list[str], unk: str):
     return tok
 
 
-def build_passage(path: Path, texts: list[str]) -> Path:
+def _small(cfg_cls, tiny: bool, **kw):
+    """The real shape, or (tiny) 2 layers of 64 for smoke runs on a CPU."""
+    if tiny:
+        kw.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    return cfg_cls(**kw)
+
+
+def build_passage(path: Path, texts: list[str], tiny: bool = False) -> Path:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers import models as stm
     from tokenizers import processors
@@ -41,16 +48,16 @@ def build_passage(path: Path, texts: list[str]) -> Path:
         unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=512,
     )
     torch.manual_seed(0)
-    cfg = MPNetConfig(vocab_size=30527, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
+    cfg = _small(MPNetConfig, tiny, vocab_size=30527, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
     raw = path / "hf"
     MPNetModel(cfg, add_pooling_layer=False).save_pretrained(raw)
     tokenizer.save_pretrained(raw)
-    st = SentenceTransformer(modules=[stm.Transformer(str(raw), max_seq_length=512), stm.Pooling(768, pooling_mode="cls")], device="cpu")
+    st = SentenceTransformer(modules=[stm.Transformer(str(raw), max_seq_length=512), stm.Pooling(cfg.hidden_size, pooling_mode="cls")], device="cpu")
     st.save(str(path / "st"))
     return path / "st"
 
 
-def build_paper(path: Path, texts: list[str]) -> tuple[Path, Path, Path]:
+def build_paper(path: Path, texts: list[str], tiny: bool = False) -> tuple[Path, Path, Path]:
     """(base dir, proximity adapter dir, adhoc_query adapter dir)."""
     import adapters
     from tokenizers import processors
@@ -65,7 +72,7 @@ def build_paper(path: Path, texts: list[str]) -> tuple[Path, Path, Path]:
                                   cls_token="[CLS]", mask_token="[MASK]", model_max_length=512)
     torch.manual_seed(1)
     base = path / "base"
-    BertModel(BertConfig(vocab_size=31090), add_pooling_layer=False).save_pretrained(base)
+    BertModel(_small(BertConfig, tiny, vocab_size=31090), add_pooling_layer=False).save_pretrained(base)
     tokenizer.save_pretrained(base)
     model = adapters.AutoAdapterModel.from_pretrained(base)
     dirs = []

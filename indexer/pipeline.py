@@ -32,9 +32,9 @@ from .tokenizing import Windows
 log = logging.getLogger(__name__)
 
 HEAD_FALLBACK_WORDS = 300
-# Points per upsert call. Qdrant Edge holds the interpreter lock for a whole call, so short calls
-# let the GPU threads in between (they need it for a few microseconds per batch).
-UPSERT_POINTS = 64
+# Points per upsert call. Qdrant Edge holds the interpreter lock for a whole call (~0.2 ms a
+# chunk), so short calls let the GPU threads in between (they need it briefly, a few times a batch).
+UPSERT_POINTS = 16
 # While indexing, threads hand over the interpreter lock after this long (Python's default, 5 ms,
 # would let a busy writer stall a GPU thread's next launch for that long, many times per batch).
 SWITCH_INTERVAL_S = 0.0005
@@ -167,7 +167,8 @@ class Indexer:
                 Point(paper_point_id(p.paper_id), b.paper_vecs[i], self.paper_payload(p, h, len(cs)))
                 for i, (p, h, cs) in enumerate(zip(b.papers, b.hashes, b.chunks))
             ]
-            retry(self.store.upsert, self.store.papers, paper_points)
+            for i in range(0, len(paper_points), UPSERT_POINTS):
+                retry(self.store.upsert, self.store.papers, paper_points[i : i + UPSERT_POINTS])
 
     @staticmethod
     def chunk_payload(p: PaperIn, c: Chunk, meta: dict) -> dict:

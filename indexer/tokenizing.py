@@ -6,17 +6,21 @@ the GPU thread and the Qdrant writer need too. So workers (separate processes, e
 copy of the fast tokenizer) return windows as one padded int32 array per call: the main process
 receives a few arrays, never millions of Python ints.
 
-This module does not import torch: spawned workers start in well under a second.
+This module does not import torch: its workers start in well under a second.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
+import threading
+import weakref
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -120,15 +124,7 @@ def _windows(token_ids: Sequence[Sequence[int]], spec: WindowSpec) -> Windows:
     return Windows(ids2d, lengths, counts)
 
 
-# worker side --------------------------------------------------------------------------------------
-_worker: tuple[object, WindowSpec] | None = None
-
-
-def _init_worker(tokenizer_json: str, spec: WindowSpec) -> None:
-    # One process per core already: the tokenizer's own thread pool would only oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    global _worker
-    _worker = (_load(tokenizer_json), spec)
+# worker processes -------------------------------------------------------------------------------
 
 
 def _load(tokenizer_json: str):
@@ -140,10 +136,77 @@ def _load(tokenizer_json: str):
     return tok
 
 
-def _tokenize_in_worker(texts: list[str]) -> Windows:
-    assert _worker is not None
-    tok, spec = _worker
-    return _windows([e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)], spec)  # type: ignore[attr-defined]
+def _tokenize(tok, texts: list[str], spec: WindowSpec) -> Windows:
+    return _windows([e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)], spec)
+
+
+def _serve() -> None:
+    """A worker's loop: a (tokenizer JSON, spec) message, then
+    lists of texts in and ("ok", Windows) or ("error", message) out, pickled over stdin/stdout."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the replies
+    inp = sys.stdin.buffer
+    tokenizer_json, spec = pickle.load(inp)
+    tok = _load(tokenizer_json)
+    while True:
+        try:
+            texts = pickle.load(inp)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", _tokenize(tok, texts, spec))
+        except Exception as exc:  # reported to the caller, which raises it
+            reply = ("error", repr(exc))
+        pickle.dump(reply, out, protocol=5)
+        out.flush()
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        try:
+            p.stdin.close()
+        except OSError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+class _Workers:
+    """Worker processes running `_serve` (plain subprocesses, not multiprocessing: nothing of the
+    caller's main module is imported again, so they start in a fraction of a second)."""
+
+    def __init__(self, n: int, tokenizer_json: str, spec: WindowSpec) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        # One process per core already: the tokenizer's own thread pool would only oversubscribe.
+        env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
+        self.procs = [subprocess.Popen([sys.executable, "-c", "from indexer.tokenizing import _serve; _serve()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(n)]
+        self._finalizer = weakref.finalize(self, _stop, self.procs)
+        for p in self.procs:
+            pickle.dump((tokenizer_json, spec), p.stdin, protocol=5)
+            p.stdin.flush()
+
+    def map(self, parts: list[list[str]]) -> list[Windows]:
+        """One part per worker (len(parts) ≤ workers); each reads its whole request before
+        replying, so writing all requests first and then reading all replies cannot deadlock."""
+        try:
+            for p, part in zip(self.procs, parts):
+                pickle.dump(part, p.stdin, protocol=5)
+                p.stdin.flush()
+            replies = [pickle.load(p.stdout) for p, _ in zip(self.procs, parts)]
+        except (EOFError, BrokenPipeError) as exc:
+            codes = [p.poll() for p in self.procs]
+            raise RuntimeError(f"a tokenizer worker process exited (exit codes {codes})") from exc
+        for status, value in replies:
+            if status != "ok":
+                raise RuntimeError(f"tokenizer worker failed: {value}")
+        return [value for _, value in replies]
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 class WindowTokenizer:
@@ -156,26 +219,30 @@ class WindowTokenizer:
         self.min_texts_per_task = min_texts_per_task
         self._json = tokenizer.backend_tokenizer.to_str()
         self._local = _load(self._json)
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: _Workers | None = None
+        self._lock = threading.Lock()
 
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            # spawn, not fork: the parent holds CUDA contexts and threads.
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self._json, self.spec))
-        return self._pool
+    def start(self) -> None:
+        """Start the worker processes now rather than at the first call."""
+        with self._lock:
+            if self._pool is None and self.workers > 0:
+                self._pool = _Workers(self.workers, self._json, self.spec)
 
     def __call__(self, texts: Sequence[str]) -> Windows:
         texts = list(texts)
         if self.workers <= 0 or len(texts) < 2 * self.min_texts_per_task:
-            return _windows([e.ids for e in self._local.encode_batch_fast(texts, add_special_tokens=False)], self.spec)
-        # A few tasks per worker keep them all busy to the end of the batch.
-        n = max(1, min(self.workers * 4, len(texts) // self.min_texts_per_task))
+            return _tokenize(self._local, texts, self.spec)
+        self.start()
+        n = max(1, min(self.workers, len(texts) // self.min_texts_per_task))
         bounds = np.linspace(0, len(texts), n + 1).astype(int)
-        parts = self._executor().map(_tokenize_in_worker, [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
-        return Windows.concat(list(parts), self.spec.pad_id)
+        with self._lock:
+            assert self._pool is not None
+            parts = self._pool.map([texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        return Windows.concat(parts, self.spec.pad_id)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+

@@ -170,3 +170,17 @@ def test_encoder_replicas_split_the_papers_and_write_the_same_points(settings, e
         for pid, p in one.items():
             assert p.payload == two[pid].payload
             np.testing.assert_allclose(p.vector, two[pid].vector, atol=1e-5)
+
+
+def test_graph_inputs_are_padded_and_filled_with_a_real_row():
+    from indexer.encoders import fill_batch
+
+    ids = np.array([[0, 7, 8, 2], [0, 9, 2, 1], [0, 2, 1, 1]], dtype=np.int32)
+    lengths = np.array([4, 3, 2])
+    out, mask = np.full((4, 6), -5, np.int32), np.full((4, 6), -5, np.int32)
+    fill_batch(out, mask, ids, lengths, np.array([1, 0]), pad_id=1)
+    assert out.tolist() == [[0, 9, 2, 1, 1, 1], [0, 7, 8, 2, 1, 1], [0, 9, 2, 1, 1, 1], [0, 9, 2, 1, 1, 1]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    narrow = np.full((2, 3), -5, np.int32)
+    fill_batch(narrow, None, ids, lengths, np.array([2]), pad_id=1)
+    assert narrow.tolist() == [[0, 2, 1], [0, 2, 1]]
