@@ -221,6 +221,32 @@ class ServerProcess:
         self.kill()
 
 
+class ThreadServer:
+    """An app served by uvicorn on 127.0.0.1 in a thread of this process (real HTTP, real access log,
+    logging left to the caller: uvicorn's records propagate to the root logger)."""
+
+    def __init__(self, app: Any, **config: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on", **config))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
 PROGRESS = re.compile(rb"(\d+)/(\d+)")
 
 
