@@ -127,7 +127,9 @@ class PooledForward(torch.nn.Module):
         if not self.fast:
             if self.broadcast_mask:
                 mask = (torch.ones_like(ids) if mask is None else mask)[:, None, :]
-            out = self.model(input_ids=ids, attention_mask=mask)
+            # The base model: a model with heads (e.g. adapters' BertAdapterModel) would flatten a
+            # (B, 1, L) mask back to (B, L); only token states are needed here anyway.
+            out = self.model.base_model(input_ids=ids, attention_mask=mask)
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         enc = self.model.encoder
         x = self.model.embeddings(input_ids=ids)
