@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from indexer.papers import PaperIn, validate
 
 from ..deps import ServiceDep, WriteAccess
-from ..errors import COMMON, InvalidRequest, classify
+from ..errors import COMMON, InvalidRequest, QueueFull, classify
 from ..schemas import ErrorResponse, IndexJob, PaperError
 
 router = APIRouter(responses=COMMON, tags=["index"])
@@ -96,6 +96,11 @@ async def index(
     strict: Annotated[bool, Query(description="refuse the whole request if any paper is invalid")] = False,
     force: Annotated[bool, Query(description="re-embed papers even when unchanged")] = False,
 ) -> JSONResponse:
+    if svc.jobs.depth() >= svc.settings.index_queue_size:
+        # Refused before reading the body: under a burst of large posts, reading and parsing megabytes
+        # only to answer 429 made the refusals slow and memory grow with the number of posters.
+        svc.metrics.jobs.labels("rejected").inc()
+        raise QueueFull(f"the index queue is full ({svc.settings.index_queue_size} jobs waiting); retry later", svc.jobs.retry_after())
     papers, rejected, received = await run_in_threadpool(parse_papers, await request.body())  # megabytes of JSON: off the loop
     if rejected and (strict or not papers):
         why = "strict=true and some papers are invalid" if papers else "no valid paper in the request"
