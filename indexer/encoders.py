@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels import Forward, GraphedForward, pool, speed_up
+from .kernels import Forward, GraphedForward, capture_lock, pool, speed_up
 from .tokenizing import Windows, WindowSpec, WindowTokenizer, pack
 
 __all__ = ["BatchRunner", "Forward", "ModelLoadError", "PaperEncoder", "PassageEncoder", "Reranker", "pool", "token_batches"]
@@ -250,13 +250,17 @@ class BatchRunner:
         h_ids, h_mask = slot.inputs(rows, width, padded)
         fill_batch(h_ids.numpy(), None if h_mask is None else h_mask.numpy(), ids, lengths, batch, self.pad_id)
         if self._graphed is not None:
-            vecs = self._graphed(h_ids, h_mask)
+            with capture_lock:  # no other thread's capture may see these copies
+                vecs = self._graphed(h_ids, h_mask)
+                result = slot.output(vecs)
+                result.copy_(vecs, non_blocking=True)
+                slot.event.record(stream)
         else:
             d_mask = None if h_mask is None else h_mask.to(self.device, non_blocking=True)
             vecs = self.forward(h_ids.to(self.device, non_blocking=True), d_mask)
-        result = slot.output(vecs)
-        result.copy_(vecs, non_blocking=True)
-        slot.event.record(stream)
+            result = slot.output(vecs)
+            result.copy_(vecs, non_blocking=True)
+            slot.event.record(stream)
         slot.batch, slot.result = batch, result[:n]
 
     def _release(self) -> None:

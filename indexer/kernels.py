@@ -17,6 +17,7 @@ Outputs must match the reference path (fp32, the model's own forward): cosine â‰
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -150,6 +151,12 @@ class PooledForward(torch.nn.Module):
 Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+# CUDA graph captures must not overlap (two threads capturing at once, e.g. one per GPU, clash on
+# process-wide state); replays and copies around them take it too, so that no other thread issues
+# work while a capture is under way. Each hold is short: a capture, or a copy and a replay.
+capture_lock = threading.RLock()
+
+
 class GraphedForward:
     """A Forward replayed from CUDA graphs, one per (rows, width, padded) shape.
 
@@ -172,6 +179,10 @@ class GraphedForward:
         self._pool = None
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        with capture_lock:
+            return self._call(ids, mask)
+
+    def _call(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         key = (ids.shape[0], ids.shape[1], mask is not None)
         entry = self._graphs.get(key)
         if entry is None:
@@ -186,7 +197,7 @@ class GraphedForward:
                 log.warning("CUDA graph capture failed, running eagerly from now on: %s", exc)
                 self.disabled = True
                 torch.cuda.synchronize(self.device)
-                return self(ids, mask)
+                return self._call(ids, mask)
         graph, s_ids, s_mask, s_out = entry
         s_ids.copy_(ids, non_blocking=True)
         if s_mask is not None:
