@@ -129,6 +129,7 @@ class StrategyResult:
     vectors: int  # stored: one per chunk, or one per window for multivector
     vector_bytes: int
     disk_bytes: int
+    tokens: int  # encoded: the indexing cost, independent of the machine
     index_seconds: float
     latency_ms: dict[str, float]
     store_latency_ms: dict[str, float]
@@ -138,7 +139,7 @@ class StrategyResult:
         return {
             "strategy": self.strategy.label, "long_chunk": self.strategy.long_chunk, "window_tokens": self.strategy.window_tokens,
             "window_overlap": self.strategy.window_overlap, "recall": self.recall, "chunks": self.chunks, "vectors": self.vectors,
-            "vector_bytes": self.vector_bytes, "disk_bytes": self.disk_bytes, "index_seconds": self.index_seconds,
+            "vector_bytes": self.vector_bytes, "disk_bytes": self.disk_bytes, "tokens": self.tokens, "index_seconds": self.index_seconds,
             "latency_ms": self.latency_ms, "store_latency_ms": self.store_latency_ms, **self.extra,
         }
 
@@ -198,20 +199,19 @@ def run_strategy(
         setup.cleanup()
     vectors = stats.windows if passage.multivector else stats.chunks
     return StrategyResult(
-        strategy, score_probes(probes, hits, edges), stats.chunks, vectors, vectors * passage.dim * 4, size,
-        round(stats.seconds, 1), latency_summary(secs), latency_summary(store_secs),
-        {"tokens": stats.tokens, "passage_model": settings.passage_model},
+        strategy, score_probes(probes, hits, edges), stats.chunks, vectors, vectors * passage.dim * 4, size, stats.tokens,
+        round(stats.seconds, 1), latency_summary(secs), latency_summary(store_secs), {"passage_model": settings.passage_model},
     )
 
 
 def markdown_table(results: Sequence[StrategyResult], edges: Sequence[int]) -> str:
     labels = bucket_labels(edges)
-    head = ["strategy", *[f"R@1 {b}" for b in labels], "R@1 all", "R@10 all", "vectors", "vector MiB", "index s", "search ms p50", "store ms p50"]
+    head = ["strategy", *[f"R@1 {b}" for b in labels], "R@1 all", "R@10 all", "vectors", "disk MiB", "tokens", "search ms p50", "store ms p50"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r.strategy.label]
         cells += [f"{r.recall[b]['r@1']:.3f}" for b in labels]
-        cells += [f"{r.recall['all']['r@1']:.3f}", f"{r.recall['all']['r@10']:.3f}", str(r.vectors), f"{r.vector_bytes / 2**20:.2f}",
-                  f"{r.index_seconds:.0f}", f"{r.latency_ms.get('p50', 0):.1f}", f"{r.store_latency_ms.get('p50', 0):.2f}"]
+        cells += [f"{r.recall['all']['r@1']:.3f}", f"{r.recall['all']['r@10']:.3f}", f"{r.vectors:,}", f"{r.disk_bytes / 2**20:.1f}",
+                  f"{r.tokens:,}", f"{r.latency_ms.get('p50', 0):.0f}", f"{r.store_latency_ms.get('p50', 0):.2f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -122,6 +122,7 @@ def test_run_strategy_end_to_end(settings):
     assert trunc.vectors == n_chunks  # one vector per chunk
     assert multi.vectors > n_chunks  # 48-token windows: several per chunk
     assert multi.vector_bytes == multi.vectors * 32 * 4
+    assert multi.tokens > trunc.tokens  # overlapping windows re-encode some tokens; truncate drops none here
 
 
 def test_cli_coverage(tiny_models, tmp_path, monkeypatch, capsys):
