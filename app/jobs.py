@@ -178,6 +178,16 @@ class JobQueue:
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
             self._run(job)
+            if job.kind != "delete" and job.status == "done" and self._queue.empty():
+                self._optimize()
+
+    def _optimize(self) -> None:
+        """Build HNSW graphs for what the last jobs wrote, once the queue is idle: the embedded engine
+        optimizes only when asked (papers are searchable before this, by plain scan of new segments)."""
+        try:
+            self.indexer.store.finish_bulk()
+        except Exception as exc:  # the data is written; a failed optimization is retried after the next job
+            log.warning("index optimization failed: %s", exc)
 
     def _run(self, job: Job) -> None:
         job.status, job.started_at = "running", _now()

@@ -125,3 +125,18 @@ def test_index_survives_a_restart(edge_settings, tmp_path):
         assert c.get("/ready").json()["ready"] is True
         assert c.get(f"/papers/{docs[0]['paper_id']}").json()["title"] == docs[0]["title"]
         assert len(c.get("/search", params={"q": "protein", "k": 10}).json()["hits"]) == len(docs)  # one chunk each
+
+
+def test_index_jobs_are_optimized_once_the_queue_is_idle(client, monkeypatch):
+    """The embedded engine builds HNSW graphs only when asked: the worker asks after each burst of jobs."""
+    store = client.app.state.service.store
+    calls = []
+    real = store.finish_bulk
+    monkeypatch.setattr(store, "finish_bulk", lambda: (calls.append(1), real())[1])
+    assert client.post("/index", params={"wait": True}, json=make_paper(60, seed=3)).status_code == 200
+    for _ in range(200):
+        if calls:
+            break
+        threading.Event().wait(0.01)
+    assert calls == [1]
+    assert client.get("/search", params={"q": "protein", "k": 2, "paper_id": "p0060"}).json()["hits"]
