@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     window_overlap: int = Field(32, ge=0)
 
     # Batching.
-    token_budget: int | None = Field(None, ge=512, description="tokens per forward batch; None: 131072 on CUDA, 16384 on CPU")
+    token_budget: int | None = Field(None, ge=512, description="tokens per forward batch; None: 262144 on CUDA, 16384 on CPU")
     papers_per_batch: int = Field(256, ge=1)
     compile: bool = False
     tokenizer_workers: int = Field(2, ge=1)

@@ -30,6 +30,7 @@ def load_encoders(s: Settings) -> tuple[PaperEncoder, PassageEncoder]:
     passage = PassageEncoder(
         s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
         window_overlap=s.window_overlap, token_budget=s.token_budget, compile=s.compile,
+        tokenizer_workers=s.tokenizer_workers,
     )
     return paper, passage
 
