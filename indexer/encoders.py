@@ -6,7 +6,6 @@ Encoding is three phases: *pre* (tokenize, cut windows, sort by length, pack tok
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 from collections.abc import Sequence
@@ -16,10 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels import Forward, GraphedForward, capture_lock, pool, speed_up
+from .kernels import Forward, GraphedForward, capture_lock, speed_up
 from .tokenizing import Windows, WindowSpec, WindowTokenizer, pack
-
-__all__ = ["BatchRunner", "Forward", "ModelLoadError", "PaperEncoder", "PassageEncoder", "Reranker", "pool", "token_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +303,8 @@ class PassageEncoder:
         CUDA graphs of bucketed batch shapes (CUDA only); `compile`: torch.compile the forward."""
         from sentence_transformers import SentenceTransformer
 
+        self._args = dict(model=model, long_chunk=long_chunk, window_tokens=window_tokens, window_overlap=window_overlap,
+                          token_budget=token_budget, compile=compile, graphs=graphs)
         self.device = resolve_device(device)
         try:
             st = SentenceTransformer(model, device="cpu")
@@ -341,25 +340,20 @@ class PassageEncoder:
             overlap=window_overlap, prefix=prefix, suffix=suffix, pad_id=self.tokenizer.pad_token_id, truncate=truncate,
         )
         self.windows = WindowTokenizer(self.tokenizer, spec, workers=tokenizer_workers)
-        self._compile, self._graphs, self._budget = compile, graphs, token_budget
-        self._bind(self.device, _prepare(st[0].auto_model, self.device))
-
-    def _bind(self, device: torch.device, model: torch.nn.Module) -> None:
-        """Attach a model (on `device`) and the runners that drive it."""
-        self.device, self.model = device, model
-        self.forward = speed_up(model, self.pooling, self.normalize, compile=self._compile and device.type == "cuda")
-        budget = self._budget or default_token_budget(device)
+        self.model = _prepare(st[0].auto_model, self.device)
+        self.forward = speed_up(self.model, self.pooling, self.normalize, compile=compile and self.device.type == "cuda")
+        budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
-        full = self.windows.spec.length + len(self.windows.spec.prefix) + len(self.windows.spec.suffix)
-        self.run = BatchRunner(self.forward, device, pad, budget, graphs=self._graphs, widths=(full, self.max_tokens))
+        full = spec.length + len(prefix) + len(suffix)
+        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(full, self.max_tokens))
         # Queries come one request at a time: no graphs, and no waiting behind an indexing batch.
-        self.run_queries = BatchRunner(self.forward, device, pad, budget)
+        self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
 
     def replicate(self, device: str | torch.device) -> PassageEncoder:
-        """The same encoder on another device (its own model copy and runners; tokenizer shared)."""
-        other = copy.copy(self)
-        dev = torch.device(device)
-        other._bind(dev, _prepare(copy.deepcopy(self.model), dev))
+        """The same encoder on another device: the model loaded again (a deep copy would share
+        whatever the model's hooks hold), the tokenizer workers shared."""
+        other = PassageEncoder(**self._args, device=str(device))
+        other.windows = self.windows
         return other
 
     def close(self) -> None:
@@ -426,6 +420,8 @@ class PaperEncoder:
         from adapters import AutoAdapterModel
         from transformers import AutoTokenizer
 
+        self._args = dict(model=model, adapter=adapter, query_adapter=query_adapter, token_budget=token_budget,
+                          max_tokens=max_tokens, graphs=graphs)
         self.device = resolve_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -440,27 +436,21 @@ class PaperEncoder:
         self.dim = base.config.hidden_size
         self.max_tokens = max_tokens
         self._tok_lock = threading.Lock()  # see PassageEncoder: fast tokenizers are not safe across threads
-        self._graphs, self._budget = graphs, token_budget
-        self._bind(self.device, _prepare(base, self.device))
-
-    def _bind(self, device: torch.device, model: torch.nn.Module) -> None:
-        self.device, self.model = device, model
         self._lock = threading.Lock()  # guards the model's active adapter
+        self.model = _prepare(base, self.device)
         # A (batch, 1, length) mask: the model broadcasts it itself, with no data-dependent check
         # that a CUDA graph could not capture.
-        self.forward = speed_up(model, "cls", broadcast_mask=True)
-        budget = self._budget or default_token_budget(device)
+        self.forward = speed_up(self.model, "cls", broadcast_mask=True)
+        budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
         # Graphs replay whatever adapter was active at capture: only the proximity runner has them.
-        self.run = BatchRunner(self.forward, device, pad, budget, graphs=self._graphs, widths=(self.max_tokens,))
-        self.run_queries = BatchRunner(self.forward, device, pad, budget)
+        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,))
+        self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
 
     def replicate(self, device: str | torch.device) -> PaperEncoder:
-        """The same encoder on another device (its own model copy and runners; tokenizer shared)."""
-        other = copy.copy(self)
-        dev = torch.device(device)
-        other._bind(dev, _prepare(copy.deepcopy(self.model), dev))
-        return other
+        """The same encoder on another device, loaded again: adapters' hooks hold references to
+        the layers they were registered on, so a deep copy would still call into the original."""
+        return PaperEncoder(**self._args, device=str(device))
 
     def tokenize_heads(self, titles: Sequence[str], abstracts: Sequence[str | None]) -> list[list[int]]:
         texts = [paper_head(t, a, self.tokenizer.sep_token) for t, a in zip(titles, abstracts)]
