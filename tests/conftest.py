@@ -23,11 +23,15 @@ def pytest_collection_modifyitems(config, items):
 
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     skip_server = pytest.mark.skip(reason="needs a Qdrant server: set QDRANT_URL")
+    skip_slow = pytest.mark.skip(reason="long-running: python -m pytest -m slow")
+    run_slow = "slow" in (config.getoption("markexpr") or "")  # -m slow (or any -m naming it) decides
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if "server" in item.keywords and not os.environ.get("QDRANT_URL"):
             item.add_marker(skip_server)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(scope="session")
