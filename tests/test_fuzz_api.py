@@ -37,11 +37,24 @@ def tiny_settings(tiny_models, **kw) -> Settings:
                     token_budget=4096, max_k=20, max_candidates=40, max_query_chars=300, max_body_bytes=MAX_BODY, **kw)
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_models):
+def indexed_runtime(tiny_models) -> Runtime:
     rt = build(tiny_settings(tiny_models, qdrant_url=":memory:"), store=ClientStore(location=":memory:"))
     with TestClient(create_app(runtime=rt)) as c:
         assert c.post("/index", params={"wait": True}, json=CORPUS).status_code == 200
+    return rt
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_models):
+    rt = indexed_runtime(tiny_models)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def fuzz_runtime(tiny_models):
+    """Its own index: the fuzzer writes papers with any id, which the other tests must not see."""
+    rt = indexed_runtime(tiny_models)
     yield rt
     rt.close()
 
@@ -114,8 +127,8 @@ def report(tried: Counter, seconds: float) -> str:
     return f"schema fuzzing: {sum(tried.values())} inputs over {ops} operations in {seconds:.0f}s; statuses {dict(sorted(by_status.items()))}"
 
 
-def test_schema_fuzzing_gives_no_5xx_and_every_4xx_says_what_is_wrong(runtime):
-    tried, problems, seconds = fuzz_schema(runtime, FUZZ_EXAMPLES)
+def test_schema_fuzzing_gives_no_5xx_and_every_4xx_says_what_is_wrong(fuzz_runtime):
+    tried, problems, seconds = fuzz_schema(fuzz_runtime, FUZZ_EXAMPLES)
     print("\n" + report(tried, seconds))
     assert problems == [], problems[:10]
     assert sum(tried.values()) >= 10 * FUZZ_EXAMPLES and len({label for label, _ in tried}) >= 11
@@ -123,8 +136,8 @@ def test_schema_fuzzing_gives_no_5xx_and_every_4xx_says_what_is_wrong(runtime):
 
 
 @pytest.mark.slow
-def test_schema_fuzzing_long(runtime):
-    tried, problems, seconds = fuzz_schema(runtime, 400)
+def test_schema_fuzzing_long(fuzz_runtime):
+    tried, problems, seconds = fuzz_schema(fuzz_runtime, 400)
     print("\n" + report(tried, seconds))
     assert problems == [], problems[:10]
 
@@ -301,7 +314,8 @@ def test_a_10k_paper_batch_is_accepted_or_refused_never_a_5xx(runtime):
 
 @pytest.mark.slow
 def test_a_10k_paper_batch_is_indexed_completely(tiny_models):
-    rt = build(tiny_settings(tiny_models, qdrant_url=":memory:", max_body_bytes=8 * 2**20, papers_per_batch=256), store=ClientStore(location=":memory:"))
+    s = tiny_settings(tiny_models, qdrant_url=":memory:").model_copy(update={"max_body_bytes": 8 * 2**20, "papers_per_batch": 256})
+    rt = build(s, store=ClientStore(location=":memory:"))
     batch = [{"paper_id": f"bulk-{i}", "title": f"paper {i} protein", "abstract": "graph neural network " * 5} for i in range(10_000)]
     try:
         with TestClient(create_app(runtime=rt)) as c:
