@@ -347,13 +347,20 @@ class FaultPlan:
         return make(f"{what} failed ({mode}; injected)")
 
 
-class FaultyStore:
-    """A Store whose writes (and commit-marker reads) fail as a FaultPlan says; everything else passes."""
+class _Faulty:
+    """Wraps an object; the calls named in FAULTY fail as the plan says. Subclasses say how a call is
+    applied in part (`part`) and which calls are applied before an "after" failure (`applies_after`)."""
 
-    FAULTY = ("upsert", "delete_chunks", "delete_papers", "committed", "create")
+    FAULTY: tuple[str, ...] = ()
 
-    def __init__(self, inner: Store, plan: FaultPlan) -> None:
+    def __init__(self, inner: Any, plan: FaultPlan) -> None:
         self.inner, self.plan = inner, plan
+
+    def part(self, name: str, attr: Callable, args: tuple, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def applies_after(self, name: str) -> bool:
+        return True
 
     def __getattr__(self, name: str):
         attr = getattr(self.inner, name)
@@ -365,11 +372,9 @@ class FaultyStore:
             mode = plan.decide()
             if mode is None:
                 return attr(*args, **kwargs)
-            if mode == "partial" and name == "upsert" and len(args[1]) > 1:
-                attr(args[0], args[1][: len(args[1]) // 2])
-            elif mode == "partial" and name in ("delete_chunks", "delete_papers") and len(args[0]) > 1:
-                attr(args[0][: len(args[0]) // 2])
-            elif mode == "after":
+            if mode == "partial":
+                self.part(name, attr, args, kwargs)
+            elif mode == "after" and self.applies_after(name):
                 attr(*args, **kwargs)
             raise plan.error(name, mode)
 
@@ -377,34 +382,31 @@ class FaultyStore:
         return call
 
 
-class FaultyClient:
+class FaultyStore(_Faulty):
+    """A Store whose writes (and commit-marker reads) fail as a FaultPlan says; everything else passes."""
+
+    FAULTY = ("upsert", "delete_chunks", "delete_papers", "committed", "create")
+
+    def part(self, name: str, attr: Callable, args: tuple, kwargs: dict) -> None:
+        if name == "upsert" and len(args[1]) > 1:
+            attr(args[0], args[1][: len(args[1]) // 2])
+        elif name in ("delete_chunks", "delete_papers") and len(args[0]) > 1:
+            attr(args[0][: len(args[0]) // 2])
+
+
+class FaultyClient(_Faulty):
     """A QdrantClient whose calls fail as a FaultPlan says, with the exceptions qdrant-client raises on
-    the wire (timeouts, refused connections); a timed-out upsert may still have been applied."""
+    the wire (timeouts, refused connections); a timed-out write may still have been applied."""
 
     FAULTY = ("upsert", "delete", "retrieve", "query_points", "query_points_groups", "count", "scroll", "collection_exists", "get_collection", "get_collections")
 
-    def __init__(self, inner: Any, plan: FaultPlan) -> None:
-        self.inner, self.plan = inner, plan
+    def part(self, name: str, attr: Callable, args: tuple, kwargs: dict) -> None:
+        points = kwargs.get("points")
+        if name == "upsert" and points and len(points) > 1:
+            attr(*args, **(kwargs | {"points": points[: len(points) // 2]}))
 
-    def __getattr__(self, name: str):
-        attr = getattr(self.inner, name)
-        if name not in self.FAULTY:
-            return attr
-        plan = self.plan
-
-        def call(*args, **kwargs):
-            mode = plan.decide()
-            if mode is None:
-                return attr(*args, **kwargs)
-            points = kwargs.get("points")
-            if mode == "partial" and name == "upsert" and points and len(points) > 1:
-                attr(*args, **(kwargs | {"points": points[: len(points) // 2]}))
-            elif mode == "after" and name in ("upsert", "delete"):
-                attr(*args, **kwargs)
-            raise plan.error(name, mode)
-
-        call.__name__ = name
-        return call
+    def applies_after(self, name: str) -> bool:
+        return name in ("upsert", "delete")
 
 
 def wire_errors() -> list[Callable[[str], BaseException]]:

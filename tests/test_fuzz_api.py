@@ -241,6 +241,7 @@ def post_raw(c: TestClient, path: str, body: bytes, **kw):
         ("/index", b'{"paper_id": "x", "title": "t", "year": true}', 422, "year"),
         ("/index", b'{"paper_id": "x", "title": "t", "authors": "not a list"}', 422, "authors"),
         ("/index", b'{"paper_id": "x", "title": "t", "text": 5}', 422, "text"),
+        ("/index", b'{"paper_id": "x", "title": "t", "score": NaN, "n": [1, Infinity]}', 422, "NaN"),  # Python's json reads them
         ("/index", b'{"paper_id": "' + b"x" * 600 + b'", "title": "t"}', 422, "paper_id"),
         ("/index", b"[" * 50_000 + b"]" * 50_000, 422, "not valid JSON"),
         ("/index", b'{"paper_id": "x", "title": "t"', 422, "not valid JSON"),
