@@ -15,7 +15,7 @@ from indexer.config import Settings
 from indexer.runtime import Runtime
 from indexer.store import StoreUnavailable
 
-from .errors import Unauthorized
+from .errors import Overloaded, Unauthorized
 from .jobs import JobQueue
 from .metrics import Metrics
 
@@ -33,7 +33,20 @@ class Service:
         self.store = runtime.store
         self._collections_lock = threading.Lock()
         self._collections_ready = False
+        self._reads_in_flight = 0  # touched on the event loop only
         self.jobs = JobQueue(runtime.indexer, settings.index_queue_size, metrics, before_job=self.ensure_collections)
+
+    async def read(self, fn, *args):
+        """Run a search off the event loop, or refuse it with 429 when `max_concurrent_searches` already
+        run: under overload callers get a fast answer to back off on, not a growing wait."""
+        limit = self.settings.max_concurrent_searches
+        if self._reads_in_flight >= limit:
+            raise Overloaded(f"{limit} searches are already running; retry shortly", retry_after=1)
+        self._reads_in_flight += 1
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self._reads_in_flight -= 1
 
     async def collections(self) -> None:
         """ensure_collections for a request, off the event loop (and without a thread hop once done)."""

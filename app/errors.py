@@ -39,6 +39,10 @@ class QueueFull(RuntimeError):
         self.retry_after = retry_after
 
 
+class Overloaded(QueueFull):
+    """Too many searches in flight: refused at once rather than queued behind the others."""
+
+
 class ShuttingDown(RuntimeError):
     """The server stopped before a queued job ran."""
 
@@ -63,6 +67,7 @@ _TABLE: list[tuple[type[BaseException], int, str]] = [
     (ModelLoadError, 400, "not_configured"),
     (Unauthorized, 401, "unauthorized"),
     (InvalidRequest, 422, "invalid_request"),
+    (Overloaded, 429, "overloaded"),
     (QueueFull, 429, "queue_full"),
     (StoreUnavailable, 503, "store_unavailable"),
     (ShuttingDown, 503, "shutting_down"),

@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     index_queue_size: int = Field(16, ge=1)
+    max_concurrent_searches: int = Field(32, ge=1, description="searches in flight before new ones get 429")
     max_query_chars: int = 2000
     max_k: int = 100
     max_candidates: int = 200

@@ -559,3 +559,32 @@ def test_store_unreachable_at_startup_is_not_ready_until_it_answers(runtime):
         flaky.down.clear()
         assert c.get("/ready").status_code == 200
         assert search(c, q="protein")["hits"] == []  # collections were created once Qdrant answered
+
+
+def test_searches_over_the_concurrency_limit_get_429_at_once(client, runtime):
+    """Under overload a search is refused fast with Retry-After rather than queued behind the others."""
+    release, started = threading.Event(), threading.Event()
+
+    class Gated:
+        def __getattr__(self, name):
+            return getattr(runtime.searcher, name)
+
+        def passages(self, *args):
+            started.set()
+            release.wait(10)
+            return runtime.searcher.passages(*args)
+
+    rt = dataclasses.replace(with_settings(runtime, max_concurrent_searches=1), searcher=Gated())
+    with TestClient(create_app(runtime=rt)) as c:
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(c.get("/search", params={"q": "protein", "k": 2})))
+        t.start()
+        assert started.wait(10)
+        t0 = time.perf_counter()
+        busy = c.get("/search", params={"q": "protein", "k": 2})
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "1" and busy.json()["code"] == "overloaded"
+        assert time.perf_counter() - t0 < 2
+        release.set()
+        t.join(10)
+        assert first[0].status_code == 200
+        assert c.get("/search", params={"q": "protein", "k": 2}).status_code == 200  # the slot is free again

@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from indexer.search import NotFound
 from indexer.store import SearchFilter
@@ -20,7 +19,10 @@ from .search import paper_hit
 router = APIRouter(responses=COMMON, tags=["papers"])
 
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no paper with this id in the index"}}
-UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Qdrant is unreachable"}}
+UNAVAILABLE = {
+    429: {"model": ErrorResponse, "description": "too many searches in flight (PAPERINDEX_MAX_CONCURRENT_SEARCHES); see Retry-After"},
+    503: {"model": ErrorResponse, "description": "Qdrant is unreachable"},
+}
 INVALID = {422: {"model": ErrorResponse, "description": "k out of bounds, or an invalid body"}}
 PaperId = Annotated[str, Path(description="the paper's id; may contain slashes (DOIs), e.g. /papers/10.1145/3292500.3330701")]
 
@@ -35,7 +37,7 @@ async def similar_to(svc: ServiceDep, body: SimilarRequest) -> SimilarResponse:
     check_bounds(svc.settings, k=body.k, year_from=body.year_from, year_to=body.year_to, where="body")
     await svc.collections()
     flt = SearchFilter(body.year_from, body.year_to)
-    hits = await run_in_threadpool(svc.searcher.similar_to, body.title, body.abstract, body.k, flt)
+    hits = await svc.read(svc.searcher.similar_to, body.title, body.abstract, body.k, flt)
     return SimilarResponse(paper_id=None, hits=[paper_hit(h) for h in hits])
 
 
@@ -49,14 +51,14 @@ async def similar(svc: ServiceDep, paper_id: PaperId, params: Annotated[SimilarQ
     check_bounds(svc.settings, k=params.k, year_from=params.year_from, year_to=params.year_to)
     await svc.collections()
     flt = SearchFilter(params.year_from, params.year_to)
-    hits = await run_in_threadpool(svc.searcher.similar, paper_id, params.k, flt)
+    hits = await svc.read(svc.searcher.similar, paper_id, params.k, flt)
     return SimilarResponse(paper_id=paper_id, hits=[paper_hit(h) for h in hits])
 
 
 @router.get("/papers/{paper_id:path}", response_model=Paper, summary="An indexed paper", responses={**NOT_FOUND, **UNAVAILABLE})
 async def get_paper(svc: ServiceDep, paper_id: PaperId) -> Paper:
     await svc.collections()
-    p = await run_in_threadpool(svc.searcher.paper, paper_id)
+    p = await svc.read(svc.searcher.paper, paper_id)
     return Paper(paper_id=p["paper_id"], title=p.get("title", ""), abstract=p.get("abstract"), year=p.get("year"),
                  n_chunks=int(p.get("n_chunks", 0)), metadata=p.get("metadata") or {})
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from starlette.concurrency import run_in_threadpool
 
 from indexer.search import PaperGroup as FoundGroup
 from indexer.search import PaperResult, Passage
@@ -33,6 +32,7 @@ router = APIRouter(responses=COMMON, tags=["search"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "rerank=true but no reranker is configured"},
     422: {"model": ErrorResponse, "description": "a parameter out of bounds (k, candidates, query length, years)"},
+    429: {"model": ErrorResponse, "description": "too many searches in flight (PAPERINDEX_MAX_CONCURRENT_SEARCHES); see Retry-After"},
     503: {"model": ErrorResponse, "description": "Qdrant is unreachable"},
 }
 
@@ -73,9 +73,9 @@ async def search(svc: ServiceDep, params: Annotated[SearchRequest, Query()]) -> 
     candidates = p.candidates or min(DEFAULT_CANDIDATES, svc.settings.max_candidates)
     await svc.collections()
     if p.group_by_paper:
-        groups = await run_in_threadpool(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, candidates)
+        groups = await svc.read(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, candidates)
         return GroupedSearchResponse(query=p.q, reranked=p.rerank, groups=[paper_group(g) for g in groups])
-    hits = await run_in_threadpool(svc.searcher.passages, p.q, p.k, flt, p.rerank, candidates)
+    hits = await svc.read(svc.searcher.passages, p.q, p.k, flt, p.rerank, candidates)
     return PassageSearchResponse(query=p.q, reranked=p.rerank, hits=[passage_hit(h) for h in hits])
 
 
@@ -89,5 +89,5 @@ async def search_papers(svc: ServiceDep, params: Annotated[PaperSearchRequest, Q
     p = params
     check_bounds(svc.settings, q=p.q, k=p.k, year_from=p.year_from, year_to=p.year_to)
     await svc.collections()
-    hits = await run_in_threadpool(svc.searcher.papers, p.q, p.k, SearchFilter(p.year_from, p.year_to))
+    hits = await svc.read(svc.searcher.papers, p.q, p.k, SearchFilter(p.year_from, p.year_to))
     return PaperSearchResponse(query=p.q, hits=[paper_hit(h) for h in hits])
