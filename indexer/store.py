@@ -145,6 +145,15 @@ def _query_value(vector: np.ndarray, multivector: bool) -> list:
     return v.tolist()
 
 
+def _paper_points(records, with_vectors: bool) -> dict[str, Point]:
+    """Retrieved `papers` records (either backend) by paper_id."""
+    out = {}
+    for r in records:
+        vec = np.asarray(r.vector[PAPER_VECTOR], dtype=np.float32) if with_vectors and r.vector else np.empty(0)
+        out[r.payload["paper_id"]] = Point(str(r.id), vec, dict(r.payload))
+    return out
+
+
 def group_hits(hits: Sequence[Hit], groups: int, group_size: int) -> list[tuple[str, list[Hit]]]:
     """Group ranked hits by paper, keeping each paper's best `group_size`, papers in order of their best hit."""
     by_paper: dict[str, list[Hit]] = {}
@@ -324,11 +333,7 @@ class EdgeStore:
         if not paper_ids or self.papers not in self._shards:
             return {}
         recs = self._shard(self.papers).retrieve([paper_point_id(p) for p in paper_ids], with_payload=True, with_vector=with_vectors)
-        out = {}
-        for r in recs:
-            vec = np.asarray(r.vector[PAPER_VECTOR], dtype=np.float32) if with_vectors and r.vector else np.empty(0)
-            out[r.payload["paper_id"]] = Point(str(r.id), vec, dict(r.payload))
-        return out
+        return _paper_points(recs, with_vectors)
 
     def committed(self, paper_ids: Sequence[str]) -> dict[str, str]:
         return {pid: p.payload.get("content_hash", "") for pid, p in self.get_papers(paper_ids).items()}
@@ -557,11 +562,7 @@ class ClientStore:
         if not paper_ids:
             return {}
         recs = self._call(self.client.retrieve, self.papers, ids=[paper_point_id(p) for p in paper_ids], with_payload=True, with_vectors=with_vectors)
-        out = {}
-        for r in recs:
-            vec = np.asarray(r.vector[PAPER_VECTOR], dtype=np.float32) if with_vectors and r.vector else np.empty(0)
-            out[r.payload["paper_id"]] = Point(str(r.id), vec, dict(r.payload))
-        return out
+        return _paper_points(recs, with_vectors)
 
     def committed(self, paper_ids: Sequence[str]) -> dict[str, str]:
         return {pid: p.payload.get("content_hash", "") for pid, p in self.get_papers(paper_ids).items()}
