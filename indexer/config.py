@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     papers_per_batch: int = Field(256, ge=1)
     compile: bool = False
     tokenizer_workers: int = Field(2, ge=1)
+    gpus: int = Field(1, ge=0, description="GPUs that encode while indexing (one model replica each); 0: all visible")
 
     # Store layout (defaults fit 1M+ chunks on one machine).
     hnsw_m: int = 16

@@ -35,9 +35,25 @@ def load_encoders(s: Settings) -> tuple[PaperEncoder, PassageEncoder]:
     return paper, passage
 
 
+def gpu_replicas(s: Settings, paper: PaperEncoder, passage: PassageEncoder) -> list[tuple[PaperEncoder, PassageEncoder]]:
+    """Encoder pairs on cuda:1..N-1 for `s.gpus` GPUs (0: all visible), beside the pair on cuda:0.
+
+    Only when the encoders sit on the first GPU by default (`device` auto or cuda): a device named
+    explicitly (cuda:N) means one GPU.
+    """
+    import torch
+
+    if passage.device.type != "cuda" or s.device not in ("auto", "cuda"):
+        return []
+    visible = torch.cuda.device_count()
+    n = visible if s.gpus == 0 else min(s.gpus, visible)
+    return [(paper.replicate(f"cuda:{i}"), passage.replicate(f"cuda:{i}")) for i in range(1, n)]
+
+
 def build(s: Settings, reranker: bool = True, store: Store | None = None) -> Runtime:
     paper, passage = load_encoders(s)
     rr = Reranker(s.reranker_model, device=s.device) if reranker and s.reranker_model else None
     store = store or open_store(s)
-    idx = Indexer(store, paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.papers_per_batch)
+    idx = Indexer(store, paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.papers_per_batch,
+                  replicas=gpu_replicas(s, paper, passage))
     return Runtime(s, store, paper, passage, rr, idx, Searcher(store, passage, paper, rr))
