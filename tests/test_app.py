@@ -207,7 +207,10 @@ def test_grouped_search_returns_each_paper_once_with_its_best_passages(client):
         assert 1 <= len(g["passages"]) <= 2 and all(p["paper_id"] == g["paper_id"] for p in g["passages"])
         assert g["score"] == pytest.approx(g["passages"][0]["score"])
         best = search(client, q="graph attention network", k=2, paper_id=g["paper_id"])["hits"]
-        assert [p["chunk_index"] for p in g["passages"]] == [p["chunk_index"] for p in best]
+        # the same best passages (scores compared: the tiny model scores some chunks within float rounding,
+        # and such ties may come in either order)
+        assert [p["score"] for p in g["passages"]] == pytest.approx([p["score"] for p in best], rel=1e-5)
+        assert {p["paper_id"] for p in g["passages"]} == {g["paper_id"]}
         paper = client.get(f"/papers/{g['paper_id']}").json()
         assert (g["title"], g["year"], g["abstract"]) == (paper["title"], paper["year"], paper["abstract"])
     # the best group holds the best passage overall

@@ -39,7 +39,10 @@ def test_search_grouped_similar_on_edge(client):
     assert len(groups) == 4 and len({g["paper_id"] for g in groups}) == 4
     for g in groups:
         best = client.get("/search", params={"q": "protein folding", "k": 2, "paper_id": g["paper_id"]}).json()["hits"]
-        assert [p["chunk_index"] for p in g["passages"]] == [p["chunk_index"] for p in best]
+        # the same best passages (scores compared: the tiny model scores some chunks within float rounding,
+        # and such ties may come in either order)
+        assert [p["score"] for p in g["passages"]] == pytest.approx([p["score"] for p in best], rel=1e-5)
+        assert {p["paper_id"] for p in g["passages"]} == {g["paper_id"]}
         assert g["abstract"] and g["year"] is not None
     reranked = client.get("/search", params={"q": "protein folding", "k": 3, "rerank": True, "candidates": 12}).json()["hits"]
     assert [h["rerank_score"] for h in reranked] == sorted((h["rerank_score"] for h in reranked), reverse=True)
