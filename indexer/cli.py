@@ -205,14 +205,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from .pipeline import retry
+    from .pipeline import delete_papers
     from .store import open_store
 
     store = open_store(_settings(args))
     try:
-        existing = retry(store.committed, args.paper_ids)
-        store.delete_papers(args.paper_ids)
-        store.flush()
+        existing = delete_papers(store, args.paper_ids)
     finally:
         store.close()
     missing = [p for p in args.paper_ids if p not in existing]

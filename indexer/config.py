@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LongChunk = Literal["multivector", "mean", "truncate"]
@@ -69,18 +69,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
 
-    @field_validator("chunk_overlap")
-    @classmethod
-    def _overlap_below_size(cls, v: int, info) -> int:
-        size = info.data.get("chunk_words", 512)
-        if v >= size:
-            raise ValueError(f"chunk_overlap ({v}) must be smaller than chunk_words ({size})")
-        return v
-
-    @field_validator("window_overlap")
-    @classmethod
-    def _window_overlap_below_size(cls, v: int, info) -> int:
-        size = info.data.get("window_tokens", 256)
-        if v >= size:
-            raise ValueError(f"window_overlap ({v}) must be smaller than window_tokens ({size})")
-        return v
+    @model_validator(mode="after")
+    def _overlaps_below_sizes(self) -> Settings:
+        for overlap, size in (("chunk_overlap", "chunk_words"), ("window_overlap", "window_tokens")):
+            if getattr(self, overlap) >= getattr(self, size):
+                raise ValueError(f"{overlap} ({getattr(self, overlap)}) must be smaller than {size} ({getattr(self, size)})")
+        return self

@@ -331,7 +331,12 @@ class Indexer:
     def delete(self, paper_ids: Sequence[str]) -> int:
         """Remove papers and all their chunks; returns how many papers existed."""
         with self._write_lock:
-            existing = retry(self.store.committed, list(paper_ids))
-            retry(self.store.delete_papers, list(paper_ids))
-            self.store.flush()
-        return len(existing)
+            return len(delete_papers(self.store, paper_ids))
+
+
+def delete_papers(store: Store, paper_ids: Sequence[str]) -> set[str]:
+    """Remove papers and all their chunks (with retries), flushed; returns the ids that existed."""
+    existing = retry(store.committed, list(paper_ids))
+    retry(store.delete_papers, list(paper_ids))
+    store.flush()
+    return set(existing)
