@@ -68,6 +68,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     from .papers import BadRecord, input_files, read_papers
     from .runtime import build
+    from .store import open_store
 
     shard = None
     if args.shard:
@@ -87,7 +88,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                 print(f"bad record {r}", file=sys.stderr)
             raise CliError(f"{len(bad)} bad record(s); nothing indexed (--strict)")
     s = _settings(args)
-    rt = build(s, reranker=False)
+    # Qdrant Edge in a child process: its upserts then run beside the encoders, not between them.
+    rt = build(s, reranker=False, store=open_store(s, own_process=True))
     total = _count_records(files)
     bar = tqdm(total=total, unit="paper", disable=args.quiet, dynamic_ncols=True)
 
