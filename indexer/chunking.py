@@ -34,14 +34,22 @@ def chunk_words(text: str, size: int = 512, overlap: int = 50, max_chunks: int |
     return chunks
 
 
-def windows(ids: list[int], length: int, overlap: int) -> list[list[int]]:
-    """Cut a token sequence (no special tokens) into windows of at most `length`, `overlap` shared.
+# How windows are placed (part of the settings fingerprint: a change re-embeds papers on the next run).
+WINDOWING = "spread"
 
-    The last window is aligned to the end of the sequence so it is as full as possible; every token
-    lands in at least one window.
-    """
-    if len(ids) <= length:
-        return [ids]
-    stride = length - overlap
-    starts = list(range(0, len(ids) - length, stride)) + [len(ids) - length]
-    return [ids[s : s + length] for s in starts]
+
+def window_starts(n: int, length: int, min_overlap: int) -> list[int]:
+    """Where the windows over n tokens start: as few full windows of `length` as cover every token
+    with consecutive windows sharing at least `min_overlap`, spread evenly from the first token to
+    the last (so spare room becomes extra overlap, shared out rather than all in the last window).
+    Full windows need no padding when batched: every window of a long chunk has the same width."""
+    if n <= length:
+        return [0]
+    count = -(-(n - min_overlap) // (length - min_overlap))
+    return [i * (n - length) // (count - 1) for i in range(count)]
+
+
+def windows(ids: list[int], length: int, overlap: int) -> list[list[int]]:
+    """Cut a token sequence (no special tokens) into windows of at most `length`, consecutive ones
+    sharing at least `overlap` tokens; every token lands in at least one window."""
+    return [ids[s : s + length] for s in window_starts(len(ids), length, overlap)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunking import Chunk, chunk_words
+from .chunking import WINDOWING, Chunk, chunk_words
 from .encoders import PaperEncoder, PassageEncoder
 from .papers import BadRecord, PaperIn
 from .store import Layout, Point, Store, StoreUnavailable, chunk_point_id, paper_point_id
@@ -91,7 +91,7 @@ def retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kwa
 
 def settings_fingerprint(passage: PassageEncoder, paper: PaperEncoder, chunk_size: int, overlap: int, max_chunks: int | None) -> str:
     """Everything besides the paper itself that shapes its points: a change re-indexes the paper."""
-    parts = [passage.name, passage.long_chunk, passage.window_tokens, passage.window_overlap, paper.name, chunk_size, overlap, max_chunks]
+    parts = [passage.name, passage.long_chunk, passage.window_tokens, passage.window_overlap, WINDOWING, paper.name, chunk_size, overlap, max_chunks]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .chunking import window_starts
+
 log = logging.getLogger(__name__)
 
 
@@ -89,13 +91,6 @@ def pack(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.nda
     for row, s in enumerate(seqs):
         ids[row, : len(s)] = s
     return ids, lengths
-
-
-def window_starts(n: int, length: int, overlap: int) -> list[int]:
-    """Start offsets of `chunking.windows` (the last window aligned to the end of the sequence)."""
-    if n <= length:
-        return [0]
-    return list(range(0, n - length, length - overlap)) + [n - length]
 
 
 @dataclass(frozen=True)

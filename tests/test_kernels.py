@@ -7,7 +7,7 @@ import torch
 from indexer.chunking import windows
 from indexer.encoders import BatchRunner, bucket_batches, bucket_rows, bucket_widths
 from indexer.kernels import PooledForward, pool
-from indexer.tokenizing import Windows, window_starts
+from indexer.tokenizing import Windows
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +64,6 @@ def test_cls_only_last_layer_still_sees_every_token(mpnet):
     with torch.no_grad():
         out = fast(ids, None)
     assert (out[0] - out[1]).abs().max() > 1e-4
-
-
-def test_window_starts_match_chunking_windows():
-    for n in [0, 1, 47, 48, 49, 90, 97, 200, 733]:
-        ids = list(range(n))
-        assert [ids[s : s + 48] for s in window_starts(n, 48, 8)] == windows(ids, 48, 8)
 
 
 def test_packed_windows_round_trip():
