@@ -13,8 +13,9 @@ Rows:
 - `old way`: SentenceTransformer(...).half().encode(chunks, batch_size=256), truncating at 512
   tokens: tokenization and forward only, nothing stored;
 - `paperindex`: Indexer.index end to end: read JSONL -> chunk -> tokenize (worker processes) ->
-  encode paper heads + every window of every chunk -> upsert into Qdrant Edge (or into nothing:
-  `no store`, to show what the store costs);
+  encode paper heads + every window of every chunk -> upsert into Qdrant Edge in its own process,
+  as `paperindex index` runs it (`--stores inline`: in the indexing process; `no store`: into
+  nothing, to show what the store costs);
 - paper heads: the SPECTER2 way (tokenizer padding + adapter model in fp16, batches of 256) and
   PaperEncoder.encode_papers.
 Token counts: `chunk tok/s` counts each chunk token once; `model tok/s` counts what the model ran
@@ -263,10 +264,11 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.store import EdgeStore
+    from indexer.store_process import StoreProcess
 
     devices = [passage_enc.device] + [p.device for _, p in replicas]
     tmp = tempfile.mkdtemp(prefix="pi-bench-")
-    store = EdgeStore(tmp) if store_kind == "edge" else NullStore()
+    store = {"process": StoreProcess, "inline": EdgeStore}[store_kind](tmp) if store_kind != "null" else NullStore()
     idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
     busy = instrument(idx)
     reset_peak(devices)
@@ -277,7 +279,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         for d in devices:
             sync(d)
         dt = time.perf_counter() - t
-    if store_kind == "edge":
+    if store_kind != "null":
         assert store.count(store.chunks) == stats.chunks and store.count(store.papers) == stats.papers_indexed
     store.close()
     ctok = chunk_tokens["per_chunk"] * stats.chunks
@@ -377,12 +379,16 @@ def main() -> None:
     ap.add_argument("--baseline-chunks", type=int, default=6000)
     ap.add_argument("--heads", type=int, default=2048, help="paper heads in the head rows")
     ap.add_argument("--window", type=int, nargs="+", default=[256], help="window tokens (each a run)")
+    ap.add_argument("--overlap", type=int, nargs="+", default=[32], help="least window overlap in tokens (each a run)")
+    ap.add_argument("--stores", nargs="+", default=["process", "null"], choices=["process", "inline", "null"],
+                    help="Qdrant Edge in a child process (as `paperindex index`), in this process, or none")
+    ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) - 4), help="tokenizer worker processes")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of this script on CPU)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads", "nostore"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads"])
     args = ap.parse_args()
 
     import corpus as corpus_mod
@@ -438,20 +444,23 @@ def main() -> None:
     RESULTS["notes"].append(f"reading + validating {parsed} papers (JSONL -> PaperIn) alone: {time.perf_counter() - t:.1f} s")
 
     paper_enc = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
-    for window in args.window:
-        passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=32, tokenizer_workers=args.workers)
+    store_names = {"process": "Qdrant Edge (own process)", "inline": "Qdrant Edge (in process)", "null": "no store"}
+    for window, overlap in [(w, o) for w in args.window for o in args.overlap]:
+        passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
+                                     tokenizer_workers=args.workers, compile=args.pipeline_compile)
         # Paper heads (~2% of the work) stay on the first GPU: its encoder is shared by the threads.
         replicas_all = [(paper_enc, passage_enc.replicate(f"cuda:{i}")) for i in range(1, args.gpus)]
         try:
-            # warm-up: worker processes started, CUDA graphs captured for the shapes a corpus needs
-            index_run(f"warm-up (window {window})", path, 300, paper_enc, passage_enc, replicas_all, "null", chunk_tokens, None, gemm)
+            # warm-up: worker processes started, CUDA graphs captured (and compiled) for the shapes a corpus needs
+            t = time.perf_counter()
+            index_run(f"warm-up (window {window}/{overlap})", path, 300, paper_enc, passage_enc, replicas_all, "null", chunk_tokens, None, gemm)
             RESULTS["rows"].pop()
+            RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s")
             for n_gpus in sorted({1, args.gpus}):
                 replicas = replicas_all[: n_gpus - 1]
-                tag = f"window {window}/32" + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
-                index_run(f"paperindex e2e → Qdrant Edge ({tag})", path, args.papers, paper_enc, passage_enc, replicas, "edge", chunk_tokens, base_cps, gemm)
-                if "nostore" not in args.skip:
-                    index_run(f"paperindex, no store ({tag})", path, args.papers, paper_enc, passage_enc, replicas, "null", chunk_tokens, base_cps, gemm)
+                tag = f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
+                for kind in args.stores:
+                    index_run(f"paperindex e2e → {store_names[kind]} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base_cps, gemm)
         finally:
             passage_enc.close()
 
