@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from indexer.chunking import chunk_words
 from indexer.store import Store, StoreUnavailable, chunk_point_id
@@ -248,36 +249,75 @@ class ThreadServer:
 
 
 PROGRESS = re.compile(rb"(\d+)/(\d+)")
+# The progress bar redraws at every batch (by default tqdm redraws at most every 0.1 s, and less often
+# when batches come fast), so the papers done are read batch by batch.
+EVERY_BATCH = {"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}
 
 
-def index_until_killed(cmd: list[str], env: dict[str, str], at_papers: int, jitter_s: float, timeout: float = 300.0) -> int | None:
-    """Run `paperindex index` and kill -9 it `jitter_s` after its progress bar passes `at_papers`.
-    Returns the progress seen when the kill was sent, or None when the run finished first."""
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def kill_margin(n_papers: int) -> int:
+    """Papers left undone when a run is killed at the latest: enough batches that the run cannot finish
+    between printing its progress and the kill arriving, even on a loaded machine."""
+    return max(8, n_papers // 4)
+
+
+def index_until_killed(cmd: list[str], env: dict[str, str], at_papers: int, jitter_s: float, last_papers: int,
+                       timeout: float = 300.0) -> int | None:
+    """Run `paperindex index` and kill -9 it `jitter_s` after its progress bar passes `at_papers`, or at
+    once when it passes `last_papers`, whichever comes first. The kill point depends on progress, not
+    on how fast this machine is: a run is never let past `last_papers` (keep it `kill_margin` below the
+    total), and a slow run is never killed before `at_papers`. Returns the progress seen when the kill
+    was sent, or None when the run ended first."""
+    proc = subprocess.Popen(cmd, env=env | EVERY_BATCH, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = [0]
-    reached = threading.Event()
+    tail = [b""]
+    reached, ended = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    killed: list[int] = []
+    children: list = []
+
+    def kill() -> None:
+        with lock:
+            if not killed:
+                try:
+                    children.extend(psutil.Process(proc.pid).children(recursive=True))
+                except psutil.Error:
+                    pass
+                proc.send_signal(signal.SIGKILL)
+                killed.append(seen[0])
 
     def read() -> None:
         assert proc.stderr is not None
-        tail = b""
         while chunk := proc.stderr.read1(4096):
-            tail = (tail + chunk)[-256:]
-            counts = PROGRESS.findall(tail)
+            tail[0] = (tail[0] + chunk)[-4096:]
+            counts = PROGRESS.findall(tail[0][-256:])
             if counts:
                 seen[0] = int(counts[-1][0])
+                if seen[0] >= last_papers:
+                    kill()  # from this thread, the moment the line is read
                 if seen[0] >= at_papers:
                     reached.set()
-        reached.set()  # the run ended
+        ended.set()
+        reached.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    reached.wait(timeout)
-    time.sleep(jitter_s)
-    finished = proc.poll() is not None
-    proc.send_signal(signal.SIGKILL)
+    if not reached.wait(timeout):
+        kill()
+        raise RuntimeError(f"no progress to {at_papers} papers in {timeout:.0f}s:\n{tail[0][-2000:].decode(errors='replace')}")
+    ended.wait(jitter_s)
+    kill()
     proc.wait()
     reader.join(5)
-    return None if finished else seen[0]
+    # Only the indexing process is killed; a child it left (the store's own process) applies the writes
+    # it was sent and exits. Wait for that, so the next run or check finds the index closed.
+    _, alive = psutil.wait_procs(children, timeout=60)
+    if alive:
+        raise RuntimeError(f"processes left by the killed run still running after 60 s: {[c.pid for c in alive]}")
+    if proc.returncode == -signal.SIGKILL:
+        return killed[0]
+    if proc.returncode != 0:
+        raise RuntimeError(f"the run failed ({proc.returncode}):\n{tail[0][-2000:].decode(errors='replace')}")
+    return None
 
 
 def index_cmd(path: Path, *extra: str) -> list[str]:
@@ -285,12 +325,14 @@ def index_cmd(path: Path, *extra: str) -> list[str]:
 
 
 def crash_and_resume(env: dict[str, str], path: Path, n_papers: int, kills: int, rng: random.Random, timeout: float = 600.0) -> dict:
-    """Index `path` (n_papers records), kill -9 the run `kills` times at random progress, each rerun
-    resuming the last; then rerun to the end. Returns the final run's summary and where the kills landed."""
+    """Index `path` (n_papers records), kill -9 the run `kills` times at random progress (each time between
+    1 and `n_papers - kill_margin(n_papers)` papers done), each rerun resuming the last; then rerun to the
+    end. Returns the final run's summary and where the kills landed."""
     killed_at: list[int] = []
+    last = max(1, n_papers - kill_margin(n_papers))
     t0 = time.perf_counter()
     for _ in range(kills):
-        at = index_until_killed(index_cmd(path), env, rng.randint(1, max(1, n_papers - 2)), rng.uniform(0.0, 0.4), timeout)
+        at = index_until_killed(index_cmd(path), env, rng.randint(1, last), rng.uniform(0.0, 0.4), last, timeout)
         if at is None:
             break
         killed_at.append(at)
@@ -435,6 +477,7 @@ class Sample:
     seconds: float
     job_id: str | None = None
     papers: list[dict] | None = None
+    error: str | None = None  # for status 0 / -1: the exception, as `Class: message`
 
 
 def load_request(kind: str, rng: random.Random, new_papers: Callable[[int], list[dict]], index_batch: int) -> tuple[str, str, dict]:
@@ -475,7 +518,7 @@ async def load(url: str, mix: dict[str, float], users: int, seconds: float, max_
                 method, path, kw = load_request(kind, rng, new_papers, index_batch)
                 papers = kw.pop("papers", None)
                 t0 = time.perf_counter()
-                job = None
+                job, error = None, None
                 try:
                     r = await client.request(method, path, **kw)
                     status = r.status_code
@@ -483,11 +526,11 @@ async def load(url: str, mix: dict[str, float], users: int, seconds: float, max_
                         job = r.json()["job_id"]
                     if status == 429 and "retry-after" not in r.headers:
                         status = 1429  # a 429 without Retry-After is counted apart
-                except httpx.TimeoutException:
-                    status = -1
-                except httpx.TransportError:
-                    status = 0
-                samples.append(Sample(kind, status, time.perf_counter() - t0, job, papers))
+                except httpx.TimeoutException as exc:
+                    status, error = -1, f"{type(exc).__name__}: {exc}"
+                except httpx.TransportError as exc:
+                    status, error = 0, f"{type(exc).__name__}: {exc}"
+                samples.append(Sample(kind, status, time.perf_counter() - t0, job, papers, error))
 
         import asyncio
 
