@@ -12,12 +12,24 @@ from indexer.config import Settings
 from .errors import InvalidRequest
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over `max_bytes` with 413: at once when Content-Length says so, else while streaming."""
+# The most of a refused body read (and thrown away) so that its client gets the answer; see below.
+DRAIN_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `max_bytes` with 413: at once when Content-Length says so, else while streaming.
+
+    The rest of a refused body is read and thrown away before the answer, up to `drain_bytes` in all.
+    An HTTP/1.1 client sends its whole body before it reads the response; a server that closes the
+    connection with data unread makes the kernel reset it, and the client then sees a connection error
+    instead of the 413. Memory stays bounded (nothing is kept); past `drain_bytes` nothing more is read
+    and the answer says `Connection: close`.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int = DRAIN_BYTES) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.drain_bytes = max(drain_bytes, max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -26,12 +38,13 @@ class BodyLimitMiddleware:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             try:
-                too_large = int(length) > self.max_bytes
+                declared = int(length)
             except ValueError:
                 await _reply(send, 400, "bad_request", "invalid Content-Length header")
                 return
-            if too_large:
-                await _reply(send, 413, "body_too_large", self._message())
+            if declared > self.max_bytes:
+                drained = declared <= self.drain_bytes and await _drain(receive, self.drain_bytes)
+                await _reply(send, 413, "body_too_large", self._message(), close=not drained)
                 return
         seen = 0
 
@@ -41,8 +54,9 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    drained = not message.get("more_body", False) or await _drain(receive, self.drain_bytes - seen)
                     # Raised inside the app, so the app's handlers turn it into the 413 response.
-                    raise HTTPException(413, self._message())
+                    raise HTTPException(413, self._message(), headers=None if drained else {"Connection": "close"})
             return message
 
         await self.app(scope, limited, send)
@@ -51,9 +65,23 @@ class BodyLimitMiddleware:
         return f"request body larger than {self.max_bytes} bytes (PAPERINDEX_MAX_BODY_BYTES)"
 
 
-async def _reply(send: Send, status: int, code: str, detail: str) -> None:
+async def _drain(receive: Receive, budget: int) -> bool:
+    """Read the rest of the request body and drop it. True when it ended within `budget` bytes."""
+    while budget >= 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False  # the client went away
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return budget >= 0
+    return False
+
+
+async def _reply(send: Send, status: int, code: str, detail: str, close: bool = True) -> None:
     body = json.dumps({"detail": detail, "code": code}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -120,3 +121,41 @@ def test_bench_load_figures():
     assert out.returncode == 0, (report, out.stderr[-2000:])
     assert report["server_errors"] == report["timeouts"] == report["connection_errors"] == 0
     assert report["refused_429"] > 0 and report["index_exact"] and report["jobs_done"] == report["accepted_jobs"]
+
+
+async def _pieces(body: bytes, size: int = 65536):
+    for i in range(0, len(body), size):
+        yield body[i : i + size]
+
+
+def test_bodies_over_the_limit_get_their_413_on_a_real_connection(runtime):
+    """An HTTP/1.1 client sends its whole body before it reads the answer. A server that answers 413
+    and closes with the body unread makes the kernel reset the connection, and the client gets a
+    connection error instead of the 413. Concurrent posts 16x over the limit, with and without a
+    Content-Length, must all read their 413; a body declared beyond what the server drains is refused
+    at once with `Connection: close`, unread."""
+    limit = 256 * 1024
+    app = create_app(runtime.settings.model_copy(update={"max_body_bytes": limit}), runtime=runtime)
+    big = b'{"paper_id": "big", "text": "' + b"a" * (16 * limit) + b'"}'
+
+    async def post_all(url: str) -> list:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+
+            async def one(i: int):
+                content = big if i % 2 else _pieces(big)  # no Content-Length: chunked
+                try:
+                    r = await c.post("/index", content=content, headers={"content-type": "application/json"})
+                    return r.status_code, r.json()["code"]
+                except httpx.TransportError as exc:
+                    return f"{type(exc).__name__}: {exc}"
+
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    with ThreadServer(app) as srv:
+        results = asyncio.run(post_all(srv.url))
+        assert results == [(413, "body_too_large")] * 24, results
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(b"POST /index HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n")
+            head = s.recv(65536).decode("latin-1").lower()
+        assert head.startswith("http/1.1 413") and "connection: close" in head, head
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
