@@ -68,7 +68,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     from .papers import BadRecord, input_files, read_papers
     from .runtime import build
-    from .store import open_store
 
     shard = None
     if args.shard:
@@ -88,8 +87,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 print(f"bad record {r}", file=sys.stderr)
             raise CliError(f"{len(bad)} bad record(s); nothing indexed (--strict)")
     s = _settings(args)
-    # Qdrant Edge in a child process: its upserts then run beside the encoders, not between them.
-    rt = build(s, reranker=False, store=open_store(s, own_process=True))
+    rt = build(s, reranker=False)
     total = _count_records(files)
     bar = tqdm(total=total, unit="paper", disable=args.quiet, dynamic_ncols=True)
 
@@ -255,7 +253,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     s = _settings(args)
     from app.main import create_app
 
-    uvicorn.run(create_app(s), host=args.host or s.host, port=args.port or s.port, log_level="info")
+    # uvicorn closes idle connections after 5 s by default, as long as httpx keeps them for reuse: a
+    # request sent just as the server closes is reset. The server must hold them longer than clients.
+    uvicorn.run(create_app(s), host=args.host or s.host, port=args.port or s.port, log_level="info", timeout_keep_alive=s.keep_alive_s)
     return 0
 
 

@@ -1,11 +1,9 @@
-"""One contract, every backend: Qdrant Edge (embedded default), the same in a child process (bulk
-indexing), and qdrant-client (":memory:" standing in for a server; the same suite runs against a real
-server in test_server*.py when QDRANT_URL is set)."""
+"""One contract, both backends: Qdrant Edge (embedded default) and qdrant-client (":memory:" standing
+in for a server; the same suite runs against a real server in test_server*.py when QDRANT_URL is set)."""
 
 import numpy as np
 import pytest
 
-from indexer.store_process import StoreProcess
 from indexer.store import (
     ClientStore, EdgeStore, Layout, Point, SearchFilter, StoreError, chunk_point_id, group_hits, paper_point_id,
 )
@@ -13,16 +11,9 @@ from indexer.store import (
 DIM = 8
 
 
-BACKENDS = {
-    "edge": lambda path: EdgeStore(path),
-    "edge-process": lambda path: StoreProcess(path),
-    "memory": lambda path: ClientStore(location=":memory:"),
-}
-
-
-@pytest.fixture(params=list(BACKENDS))
+@pytest.fixture(params=["edge", "memory"])
 def store(request, tmp_path):
-    s = BACKENDS[request.param](tmp_path / "idx")
+    s = EdgeStore(tmp_path / "idx") if request.param == "edge" else ClientStore(location=":memory:")
     yield s
     s.close()
 
