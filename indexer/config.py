@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = 8 * 1024 * 1024
     index_queue_size: int = Field(16, ge=1)
     max_concurrent_searches: int = Field(32, ge=1, description="searches in flight before new ones get 429")
+    keep_alive_s: int = Field(75, ge=1, description="idle keep-alive connections are closed after this; keep it above clients' and proxies' own")
     max_query_chars: int = 2000
     max_k: int = 100
     max_candidates: int = 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.client
 import json
 import os
 import socket
@@ -17,7 +18,8 @@ import time
 import httpx
 import pytest
 from reliability_support import (
-    ROOT, BodyPool, PaperSource, RssSampler, ThreadServer, audit, corpus_versions, final_state, load, summarize,
+    ROOT, BodyPool, PaperSource, RssSampler, ServerProcess, ThreadServer, audit, corpus_versions, final_state, load,
+    settings_env, summarize,
 )
 
 from app.main import create_app
@@ -159,3 +161,28 @@ def test_bodies_over_the_limit_get_their_413_on_a_real_connection(runtime):
             head = s.recv(65536).decode("latin-1").lower()
         assert head.startswith("http/1.1 413") and "connection: close" in head, head
         assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+
+
+def test_the_server_keeps_an_idle_connection_longer_than_clients_reuse_it(settings, tmp_path):
+    """`paperindex serve` must not close an idle keep-alive connection before a pooled client stops
+    reusing it (httpx: 5 s by default; proxies: 60 s and more). With both at 5 s a client sending its
+    next request just as the server's timer fires gets a reset; under load, when the client is slow to
+    send, that happens (`python bench/load.py` saw it as connection errors)."""
+    with ServerProcess(settings_env(settings), tmp_path / "server.log") as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        try:
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+            time.sleep(httpx.Limits().keepalive_expiry + 1.5)
+            assert conn.sock is not None
+            conn.sock.setblocking(False)
+            try:
+                closed = conn.sock.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                closed = False
+            assert not closed, "the server closed an idle connection that a client may still reuse"
+            conn.sock.setblocking(True)
+            conn.request("GET", "/health")  # on the same connection
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
