@@ -308,8 +308,8 @@ def index_until_killed(cmd: list[str], env: dict[str, str], at_papers: int, jitt
     kill()
     proc.wait()
     reader.join(5)
-    # Only the indexing process is killed; a child it left (the store's own process) applies the writes
-    # it was sent and exits. Wait for that, so the next run or check finds the index closed.
+    # Only the indexing process is killed; wait for any child it started to end too, so the next run
+    # or check finds the index closed.
     _, alive = psutil.wait_procs(children, timeout=60)
     if alive:
         raise RuntimeError(f"processes left by the killed run still running after 60 s: {[c.pid for c in alive]}")
