@@ -143,10 +143,15 @@ def main() -> int:
             store.close()
 
     errors = {k: sum(x.status == k for x in samples) for k in (-1, 0)}
+    error_kinds: dict[str, int] = {}
+    for x in samples:
+        if x.error:
+            error_kinds[x.error] = error_kinds.get(x.error, 0) + 1
     server_errors = sum(x.status >= 500 and x.status != 1429 for x in samples)
     no_retry_after = sum(x.status == 1429 for x in samples)
     report = {
         "startup_s": round(startup, 1), "phases": phases, "requests": len(samples), "timeouts": errors[-1], "connection_errors": errors[0],
+        "error_kinds": error_kinds,
         "server_errors": server_errors, "429_without_retry_after": no_retry_after, "refused_429": sum(x.status == 429 for x in samples),
         "accepted_jobs": len(jobs), "jobs_done": jobs.count("done"), "healthy_after": healthy, "index_exact": a.exact,
         "index_problems": a.problems[:10], "papers": a.papers, "chunks": a.chunks,
@@ -160,6 +165,8 @@ def main() -> int:
               f"{report['refused_429']} refused with 429 (all with Retry-After: {no_retry_after == 0}); "
               f"{report['jobs_done']}/{len(jobs)} accepted jobs done; healthy after: {healthy}; "
               f"index exact: {a.exact} ({a.papers} papers, {a.chunks} chunks); server start {startup:.0f}s")
+        for what, n in error_kinds.items():
+            print(f"   {n} x {what}")
     return 0 if ok else 1
 
 
