@@ -35,21 +35,23 @@ def chunk_words(text: str, size: int = 512, overlap: int = 50, max_chunks: int |
 
 
 # How windows are placed (part of the settings fingerprint: a change re-embeds papers on the next run).
-WINDOWING = "spread"
+WINDOWING = "even"
 
 
-def window_starts(n: int, length: int, min_overlap: int) -> list[int]:
-    """Where the windows over n tokens start: as few full windows of `length` as cover every token
-    with consecutive windows sharing at least `min_overlap`, spread evenly from the first token to
-    the last (so spare room becomes extra overlap, shared out rather than all in the last window).
-    Full windows need no padding when batched: every window of a long chunk has the same width."""
+def window_spans(n: int, length: int, min_overlap: int) -> tuple[int, list[int]]:
+    """(width, starts) of the windows over n tokens: as few windows of at most `length` as cover
+    every token with consecutive ones sharing at least `min_overlap`, all of one width (the least
+    that needs) and spread evenly from the first token to the last. A 747-token chunk at 256/0 is
+    three windows of 249, not three of 256 plus a fourth for the last 235 tokens."""
     if n <= length:
-        return [0]
+        return n, [0]
     count = -(-(n - min_overlap) // (length - min_overlap))
-    return [i * (n - length) // (count - 1) for i in range(count)]
+    width = -(-(n + (count - 1) * min_overlap) // count)
+    return width, [i * (n - width) // (count - 1) for i in range(count)]
 
 
 def windows(ids: list[int], length: int, overlap: int) -> list[list[int]]:
     """Cut a token sequence (no special tokens) into windows of at most `length`, consecutive ones
     sharing at least `overlap` tokens; every token lands in at least one window."""
-    return [ids[s : s + length] for s in window_starts(len(ids), length, overlap)]
+    width, starts = window_spans(len(ids), length, overlap)
+    return [ids[s : s + width] for s in starts]

@@ -60,6 +60,9 @@ def token_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return batches
 
 
+WIDTH_STEP = 16
+
+
 def bucket_widths(lengths: np.ndarray, preferred: Sequence[int] = (), step: int = 64) -> np.ndarray:
     """Padded width of each sequence: the smallest preferred width that holds it, else its length
     rounded up to `step`. Few widths mean few CUDA graphs; a preferred width (a full window) means
@@ -345,7 +348,10 @@ class PassageEncoder:
         budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
         full = spec.length + len(prefix) + len(suffix)
-        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(full, self.max_tokens))
+        # Windows of long chunks are as wide as they need (window_spans): buckets 16 tokens apart
+        # from the full window down keep padding to a few percent with a handful of graph shapes.
+        widths = (*range(full, full // 2, -WIDTH_STEP), self.max_tokens)
+        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=widths)
         # Queries come one request at a time: no graphs, and no waiting behind an indexing batch.
         self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
 

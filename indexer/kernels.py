@@ -165,7 +165,7 @@ class GraphedForward:
     same shape, so copy it out (on the same stream) before that.
     """
 
-    def __init__(self, forward: Forward, device: torch.device, max_graphs: int = 64) -> None:
+    def __init__(self, forward: Forward, device: torch.device, max_graphs: int = 128) -> None:
         self.forward, self.device, self.max_graphs = forward, device, max_graphs
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
         self._pool = None

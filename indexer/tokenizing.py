@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chunking import window_starts
+from .chunking import window_spans
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,9 @@ def _windows(token_ids: Sequence[Sequence[int]], spec: WindowSpec) -> Windows:
     counts = np.empty(len(token_ids), dtype=np.int32)
     for c, ids in enumerate(token_ids):
         arr = np.asarray(ids, dtype=np.int32)
-        starts = [0] if spec.truncate else window_starts(len(arr), spec.length, spec.overlap)
+        width, starts = (spec.length, [0]) if spec.truncate else window_spans(len(arr), spec.length, spec.overlap)
         counts[c] = len(starts)
-        rows.extend(np.concatenate([pre, arr[s : s + spec.length], suf]) for s in starts)
+        rows.extend(np.concatenate([pre, arr[s : s + width], suf]) for s in starts)
     ids2d, lengths = pack(rows, spec.pad_id)
     return Windows(ids2d, lengths, counts)
 

@@ -36,16 +36,17 @@ def test_max_chunks_cuts_and_overlap_must_be_smaller():
         chunk_words(words(10), 50, 50)
 
 
-@pytest.mark.parametrize("n", [0, 5, 48, 49, 100, 257])
+@pytest.mark.parametrize("n", [0, 5, 48, 49, 88, 89, 100, 257, 733])
 def test_windows_hold_every_token(n):
     ids = list(range(n))
     ws = windows(ids, 48, 8)
     assert all(len(w) <= 48 for w in ws)
     assert set(i for w in ws for i in w) == set(ids)
     if n > 48:
-        assert all(len(w) == 48 for w in ws)  # full windows: no padding when batched
+        assert len({len(w) for w in ws}) == 1  # one width: batches of them need no padding
         assert ws[0][0] == 0 and ws[-1][-1] == n - 1
         shared = [a[-1] - b[0] + 1 for a, b in zip(ws, ws[1:])]
         assert min(shared) >= 8  # consecutive windows share at least the overlap
-        assert max(shared) - min(shared) <= 1  # spare room spread evenly
-        assert len(ws) == -(-(n - 8) // (48 - 8))  # and no more windows than that needs
+        assert max(shared) - min(shared) <= 1  # spread evenly
+        assert len(ws) == -(-(n - 8) // (48 - 8))  # no more windows than that needs
+        assert len(ws[0]) == -(-(n + (len(ws) - 1) * 8) // len(ws))  # and none wider than that needs
