@@ -448,10 +448,10 @@ def main() -> None:
         # Paper heads (~2% of the work) stay on the first GPU: its encoder is shared by the threads.
         replicas_all = [(paper_enc, passage_enc.replicate(f"cuda:{i}")) for i in range(1, args.gpus)]
         try:
-            # warm-up on the same papers: worker processes started, CUDA graphs captured (and compiled)
-            # for every shape the corpus needs, so that no timed run pays for captures another did not
+            # warm-up on the same papers (up to 2,000): worker processes started, CUDA graphs captured
+            # (and compiled) for the shapes the corpus needs, so that no timed run pays for captures another did not
             t = time.perf_counter()
-            index_run(f"warm-up (window {window}/{overlap})", path, args.papers, paper_enc, passage_enc, replicas_all, "null", chunk_tokens, None, gemm)
+            index_run(f"warm-up (window {window}/{overlap})", path, min(args.papers, 2000), paper_enc, passage_enc, replicas_all, "null", chunk_tokens, None, gemm)
             RESULTS["rows"].pop()
             RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s")
             for n_gpus in sorted({1, args.gpus}):
