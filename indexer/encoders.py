@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels import Forward, GraphedForward, capture_lock, speed_up
+from .kernels import Forward, GraphedForward, gpu_gate, speed_up
 from .tokenizing import Windows, WindowSpec, WindowTokenizer, pack
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,9 @@ class BatchRunner:
                 vecs = self.forward(torch.from_numpy(ids[batch, :width]).long(), mask)
                 self._store(out, done, batch, vecs.float().numpy())
             return
-        while len(self._slots) < self.in_flight:
-            self._slots.append(_Slot())
+        with gpu_gate.shared():
+            while len(self._slots) < self.in_flight:
+                self._slots.append(_Slot())
         stream = torch.cuda.current_stream(self.device)
         try:
             for k, (batch, width) in enumerate(self._plan(lengths, todo)):
@@ -238,7 +239,8 @@ class BatchRunner:
     def _collect(self, slot: _Slot, out: list[np.ndarray], done: np.ndarray) -> None:
         if slot.batch is None:
             return
-        slot.event.synchronize()
+        with gpu_gate.shared():
+            slot.event.synchronize()
         self._store(out, done, slot.batch, slot.result.numpy())
         slot.batch = slot.result = None
 
@@ -247,17 +249,17 @@ class BatchRunner:
         rows = bucket_rows(n, max(1, self.budget // width)) if self._graphed is not None else n
         lens = lengths[batch]
         padded = bool((lens < width).any())
-        h_ids, h_mask = slot.inputs(rows, width, padded)
+        with gpu_gate.shared():  # pinned buffers are allocated on first use
+            h_ids, h_mask = slot.inputs(rows, width, padded)
         fill_batch(h_ids.numpy(), None if h_mask is None else h_mask.numpy(), ids, lengths, batch, self.pad_id)
         if self._graphed is not None:
-            with capture_lock:  # no other thread's capture may see these copies
-                vecs = self._graphed(h_ids, h_mask)
-                result = slot.output(vecs)
-                result.copy_(vecs, non_blocking=True)
-                slot.event.record(stream)
-        else:
-            d_mask = None if h_mask is None else h_mask.to(self.device, non_blocking=True)
-            vecs = self.forward(h_ids.to(self.device, non_blocking=True), d_mask)
+            self._graphed.ready(h_ids, h_mask)
+        with gpu_gate.shared():
+            if self._graphed is not None:
+                vecs = self._graphed.replay(h_ids, h_mask)
+            else:
+                d_mask = None if h_mask is None else h_mask.to(self.device, non_blocking=True)
+                vecs = self.forward(h_ids.to(self.device, non_blocking=True), d_mask)
             result = slot.output(vecs)
             result.copy_(vecs, non_blocking=True)
             slot.event.record(stream)
@@ -268,8 +270,9 @@ class BatchRunner:
         if self._graphed is not None:
             self._graphed.clear()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+            with gpu_gate.exclusive():
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
 
 
 def _prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -151,10 +152,54 @@ class PooledForward(torch.nn.Module):
 Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-# CUDA graph captures must not overlap (two threads capturing at once, e.g. one per GPU, clash on
-# process-wide state); replays and copies around them take it too, so that no other thread issues
-# work while a capture is under way. Each hold is short: a capture, or a copy and a replay.
-capture_lock = threading.RLock()
+class GpuGate:
+    """Many threads may issue GPU work at once; a CUDA graph capture runs alone.
+
+    A capture is invalidated (cudaErrorStreamCaptureInvalidated) by some CUDA calls another thread
+    makes meanwhile (pinned allocations, work on a legacy default stream, event waits), even on
+    another device: with one encoder thread per GPU, each thread's first batches of a new shape
+    clashed. So every piece of GPU work takes the gate shared, and a capture takes it exclusive: it
+    waits for the work under way to finish and holds new work back (captures are rare: once per shape).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # captures waiting: new shared work waits behind them
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+gpu_gate = GpuGate()
+CAPTURE_ATTEMPTS = 3
 
 
 class GraphedForward:
@@ -179,25 +224,36 @@ class GraphedForward:
         self._pool = None
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        with capture_lock:
-            return self._call(ids, mask)
+        self.ready(ids, mask)
+        with gpu_gate.shared():
+            return self.replay(ids, mask)
 
-    def _call(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def ready(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Capture the graph for this shape unless there is one (or graphs are off). Call it outside
+        any `gpu_gate.shared()` block: the capture waits for all such work to finish."""
         key = (ids.shape[0], ids.shape[1], mask is not None)
-        entry = self._graphs.get(key)
+        if key in self._graphs or self.disabled or len(self._graphs) >= self.max_graphs:
+            return
+        for attempt in range(1, CAPTURE_ATTEMPTS + 1):
+            with gpu_gate.exclusive():
+                try:
+                    self._capture(ids, mask)
+                    return
+                except RuntimeError as exc:
+                    if "out of memory" in str(exc).lower():
+                        raise
+                    torch.cuda.synchronize(self.device)
+                    error = exc
+            log.info("CUDA graph capture failed (attempt %d/%d): %s", attempt, CAPTURE_ATTEMPTS, error)
+        # A model whose forward cannot be captured still runs, just without graphs.
+        log.warning("CUDA graph capture failed, running eagerly from now on: %s", error)
+        self.disabled = True
+
+    def replay(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Run one batch (from the shape's graph if captured, else eagerly); inside `gpu_gate.shared()`."""
+        entry = self._graphs.get((ids.shape[0], ids.shape[1], mask is not None))
         if entry is None:
-            if self.disabled or len(self._graphs) >= self.max_graphs:
-                return self.forward(ids.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device, non_blocking=True))
-            try:
-                entry = self._capture(ids, mask)
-            except RuntimeError as exc:
-                if "out of memory" in str(exc).lower():
-                    raise
-                # A model whose forward cannot be captured still runs, just without graphs.
-                log.warning("CUDA graph capture failed, running eagerly from now on: %s", exc)
-                self.disabled = True
-                torch.cuda.synchronize(self.device)
-                return self._call(ids, mask)
+            return self.forward(ids.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device, non_blocking=True))
         graph, s_ids, s_mask, s_out = entry
         s_ids.copy_(ids, non_blocking=True)
         if s_mask is not None:

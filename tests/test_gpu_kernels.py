@@ -94,3 +94,31 @@ def test_a_replica_on_the_second_gpu_gives_the_same_vectors(tiny_models):
     for a, b in zip(enc.encode_chunks(texts), other.encode_chunks(texts)):
         assert cosine(a, b).min() >= 0.9999
     assert next(other.model.parameters()).device == torch.device("cuda:1")
+
+
+def test_threads_capturing_new_shapes_at_once_keep_their_graphs(mpnet_base):
+    """One encoder thread per GPU (here two on one GPU, or one on each of two): each meets new batch
+    shapes while the other runs; no capture may be spoiled by the other thread's work."""
+    import copy
+    import threading
+
+    devs = [torch.device("cuda:0"), torch.device(f"cuda:{min(1, torch.cuda.device_count() - 1)}")]
+    runners = [BatchRunner(PooledForward(copy.deepcopy(mpnet_base).to(d).half(), "cls"), d, pad_id=1, budget=16384,
+                           graphs=True, widths=(258, 242, 226, 210, 194, 512)) for d in devs]
+    work = [[sequences(120, seed=10 * i + j) for j in range(4)] for i in range(2)]
+    results: list = [None, None]
+
+    def go(i):
+        results[i] = [runners[i](seqs) for seqs in work[i]]
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in runners:
+        assert len(r._graphed) > 3 and not r._graphed.disabled
+    solo = BatchRunner(PooledForward(copy.deepcopy(mpnet_base).to(devs[0]).half(), "cls"), devs[0], pad_id=1, budget=16384)
+    for i in range(2):
+        for seqs, got in zip(work[i], results[i]):
+            assert cosine(got, solo(seqs)).min() >= 0.9999

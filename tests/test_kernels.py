@@ -178,3 +178,44 @@ def test_graph_inputs_are_padded_and_filled_with_a_real_row():
     narrow = np.full((2, 3), -5, np.int32)
     fill_batch(narrow, None, ids, lengths, np.array([2]), pad_id=1)
     assert narrow.tolist() == [[0, 2, 1], [0, 2, 1]]
+
+
+def test_gpu_gate_runs_a_capture_alone():
+    """Shared work runs together; an exclusive section waits for it, and new shared work waits behind
+    a waiting exclusive one (so captures are not starved)."""
+    import threading
+    import time
+
+    from indexer.kernels import GpuGate
+
+    gate, log = GpuGate(), []
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def shared(name, hold=None):
+        with gate.shared():
+            log.append(f"{name}+")
+            if hold:
+                first_in.set()
+                release_first.wait(5)
+            log.append(f"{name}-")
+
+    def exclusive():
+        with gate.exclusive():
+            log.append("X+")
+            time.sleep(0.05)
+            log.append("X-")
+
+    a = threading.Thread(target=shared, args=("a", True))
+    a.start()
+    first_in.wait(5)
+    x = threading.Thread(target=exclusive)
+    x.start()
+    time.sleep(0.1)  # x is waiting for a
+    b = threading.Thread(target=shared, args=("b",))
+    b.start()
+    time.sleep(0.1)  # b is waiting behind x
+    assert log == ["a+"]
+    release_first.set()
+    for t in (a, x, b):
+        t.join(5)
+    assert log == ["a+", "a-", "X+", "X-", "b+", "b-"]
