@@ -273,7 +273,9 @@ class GraphedForward:
                 self.forward(s_ids, s_mask)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        # The capture stream must be on this device: torch.cuda.graph's default one is shared by all
+        # graphs and lives on whichever device first captured ("already recording to mempool" on the next).
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
             s_out = self.forward(s_ids, s_mask)
         entry = (graph, s_ids, s_mask, s_out)
         self._graphs[(ids.shape[0], ids.shape[1], mask is not None)] = entry
