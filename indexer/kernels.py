@@ -155,11 +155,11 @@ Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 class GpuGate:
     """Many threads may issue GPU work at once; a CUDA graph capture runs alone.
 
-    A capture is invalidated (cudaErrorStreamCaptureInvalidated) by some CUDA calls another thread
-    makes meanwhile (pinned allocations, work on a legacy default stream, event waits), even on
-    another device: with one encoder thread per GPU, each thread's first batches of a new shape
-    clashed. So every piece of GPU work takes the gate shared, and a capture takes it exclusive: it
-    waits for the work under way to finish and holds new work back (captures are rare: once per shape).
+    Some CUDA calls another thread makes during a capture (pinned allocations, work on a legacy
+    default stream, device-wide synchronisation) invalidate it. With one encoder thread per GPU each
+    thread meets new shapes while the others run, so every piece of GPU work takes the gate shared,
+    and a capture takes it exclusive: it waits for the work under way to finish and holds new work
+    back (captures are rare: once per shape).
     """
 
     def __init__(self) -> None:
