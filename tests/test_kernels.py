@@ -100,11 +100,13 @@ def test_buckets_cover_every_item_within_the_budget():
     rng = np.random.default_rng(3)
     lengths = np.concatenate([np.full(500, 258), rng.integers(3, 512, 300)])
     seen = []
-    for idx, width in bucket_batches(lengths, 65536, preferred=(258, 512)):
+    batches = bucket_batches(lengths, 65536, preferred=(258, 242, 226, 512))
+    for idx, width in batches:
         assert (lengths[idx] <= width).all() and len(idx) * width <= 65536
-        assert len(set(bucket_widths(lengths[idx], (258, 512)).tolist())) == 1  # one bucket per batch
+        assert width == bucket_widths(lengths[idx[:1]], (258, 242, 226, 512))[0]  # the longest one's bucket
         seen += idx.tolist()
     assert sorted(seen) == list(range(len(lengths)))
+    assert all(len(idx) == 65536 // w for idx, w in batches[:-1])  # only the last batch is short of rows
     assert bucket_widths(np.array([258, 257, 259, 1]), (258,)).tolist() == [258, 258, 320, 64]
     assert [bucket_rows(n, 254) for n in (1, 8, 9, 100, 200, 254)] == [8, 8, 16, 128, 254, 254]
 

@@ -1,0 +1,81 @@
+"""Tokens the GPU runs per token embedded, by batch plan: no GPU needed.
+
+    python bench/padding.py --tokenizer path/to/all-mpnet-base-v2 [--papers 512] [--overlap 32 0]
+
+Cuts the throughput corpus (bench/corpus.py) into 512/50-word chunks and windows exactly as the
+indexer does, groups the windows of each 256-paper batch into forward batches (token budget 262,144,
+width buckets 16 apart, CUDA-graph row buckets) and counts the padded tokens, for
+- `per bucket`: one run of batches per width bucket (the earlier plan: a short batch in every bucket);
+- `sorted runs`: `encoders.bucket_batches`, batches cut from one length-sorted run (what runs now).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+BUDGET = 262144
+PAPERS_PER_BATCH = 256
+
+
+def per_bucket(lengths: np.ndarray, budget: int, preferred, step: int = 64):
+    from indexer.encoders import bucket_widths
+
+    order = np.argsort(-lengths, kind="stable")
+    widths = bucket_widths(lengths[order], preferred, step)
+    batches = []
+    for w in np.unique(widths)[::-1]:
+        idx = order[widths == w]
+        rows = max(1, budget // int(w))
+        batches += [(idx[i : i + rows], int(w)) for i in range(0, len(idx), rows)]
+    return batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer folder (MPNet's for multi-qa-mpnet)")
+    ap.add_argument("--papers", type=int, default=512)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--overlap", type=int, nargs="+", default=[32, 0])
+    args = ap.parse_args()
+
+    import corpus
+    from transformers import AutoTokenizer
+
+    from indexer.chunking import chunk_words, window_spans
+    from indexer.encoders import WIDTH_STEP, bucket_batches, bucket_rows
+
+    path = corpus.write(Path(tempfile.mkdtemp()) / "corpus.jsonl", args.papers, 8000)
+    papers = [json.loads(line) for line in path.open()]
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok.model_max_length = 10**9
+    full = args.window + 2
+    widths = (*range(full, full // 2, -WIDTH_STEP), 512)
+    plans = {"per bucket": per_bucket, "sorted runs": bucket_batches}
+    print("| windows | plan | model tokens / chunk token | padded / model tokens | GPU tokens / chunk token |")
+    print("|---|---|---|---|---|")
+    for overlap in args.overlap:
+        batches = []
+        for i in range(0, len(papers), PAPERS_PER_BATCH):
+            texts = [c.text for p in papers[i : i + PAPERS_PER_BATCH] for c in chunk_words(p["text"], 512, 50)]
+            ids = tok(texts, add_special_tokens=False)["input_ids"]
+            lengths = [w + 2 for x in ids for w, starts in [window_spans(len(x), args.window, overlap)] for _ in starts]
+            batches.append((np.array(lengths), sum(len(x) for x in ids)))
+        for name, plan in plans.items():
+            model = sum(int(lengths.sum()) for lengths, _ in batches)
+            chunk_tokens = sum(n for _, n in batches)
+            padded = sum(bucket_rows(len(idx), max(1, BUDGET // w)) * w for lengths, _ in batches for idx, w in plan(lengths, BUDGET, widths))
+            print(f"| {args.window}/{overlap} | {name} | {model / chunk_tokens:.3f} | {padded / model:.3f} | {padded / chunk_tokens:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
