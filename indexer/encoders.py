@@ -65,8 +65,8 @@ WIDTH_STEP = 16
 
 def bucket_widths(lengths: np.ndarray, preferred: Sequence[int] = (), step: int = 64) -> np.ndarray:
     """Padded width of each sequence: the smallest preferred width that holds it, else its length
-    rounded up to `step`. Few widths mean few CUDA graphs; a preferred width (a full window) means
-    no padding at all for the common case."""
+    rounded up to `step`. Few widths mean few CUDA graphs; preferred widths close together (the
+    windows' buckets) keep the padding small."""
     lengths = np.asarray(lengths, dtype=np.int64)
     out = -(-lengths // step) * step
     for w in preferred:
