@@ -20,6 +20,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -84,27 +85,87 @@ def fuse_qkv(model: torch.nn.Module) -> None:
             a.register_buffer("qkv_bias", torch.cat([a.q.bias, a.k.bias, a.v.bias]).detach(), persistent=False)
 
 
-def mpnet_layer(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
-    """One MPNet layer (inference): SDPA attention with `bias` as attn_mask. With `cls_only`, only the
-    first row comes out (it still attends to every key)."""
+@dataclass(frozen=True)
+class Fusions:
+    """How an MPNet layer's kernels are fused (measured in bench/kernel_levers.py).
+
+    - `gelu_epilogue`: the FFN's first matrix product, its bias and the GELU in one cuBLASLt call (on
+      CUDA; the tanh form of GELU, within fp16 rounding of the exact one). Saves a write and a read of
+      the (tokens, 3072) activations, the largest ones in the layer.
+    - `add_norm`: "compiled" fuses each residual add with its LayerNorm (torch.compile, one kernel for
+      every shape); "eager" runs them as two kernels.
+    - `attention`: the SDPA backend ("auto" lets PyTorch choose; "efficient" and "cudnn" are the ones
+      that take an additive bias).
+    """
+
+    gelu_epilogue: bool = True
+    add_norm: str = "eager"
+    attention: str = "auto"
+
+
+def _add_norm(x: torch.Tensor, res: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x + res, (x.shape[-1],), weight, bias, eps)
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def add_norm(x: torch.Tensor, res: torch.Tensor, norm: torch.nn.LayerNorm, mode: str) -> torch.Tensor:
+    if mode == "compiled" and x.is_cuda:
+        if "add_norm" not in _compiled:
+            _compiled["add_norm"] = torch.compile(_add_norm, dynamic=True, fullgraph=True)
+        return _compiled["add_norm"](x, res, norm.weight, norm.bias, norm.eps)
+    return _add_norm(x, res, norm.weight, norm.bias, norm.eps)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """x (tokens, in) @ weight.T + bias, optionally through GELU: the bias (and GELU) in the GEMM's epilogue."""
+    if gelu:
+        if x.is_cuda:
+            return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+        return F.gelu(torch.addmm(bias, x, weight.t()))
+    return torch.addmm(bias, x, weight.t())
+
+
+_BACKENDS = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "auto" or not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, _BACKENDS[backend])):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def mpnet_layer(layer: torch.nn.Module, x: torch.Tensor, rows: int, bias: torch.Tensor, cls_only: bool = False,
+                fusions: Fusions = Fusions()) -> torch.Tensor:
+    """One MPNet layer (inference) on x (rows·width, hidden), rows of equal width, token-major: SDPA
+    attention with `bias` as attn_mask, every bias in its GEMM's epilogue. With `cls_only`, only the
+    first token of each row comes out, (rows, hidden) (it still attends to every key)."""
     att = layer.attention
     a = att.attn
-    b, n, c = x.shape
+    c = x.shape[1]
+    n = x.shape[0] // rows
     h, d = a.num_attention_heads, a.attention_head_size
     if cls_only:
-        xq = x[:, :1]
-        q = F.linear(xq, a.qkv_weight[:c], a.qkv_bias[:c]).view(b, 1, h, d).transpose(1, 2)
-        kv = F.linear(x, a.qkv_weight[c:], a.qkv_bias[c:]).view(b, n, 2, h, d)
+        res = x.view(rows, n, c)[:, 0]
+        q = linear(res, a.qkv_weight[:c], a.qkv_bias[:c]).view(rows, 1, h, d).transpose(1, 2)
+        kv = linear(x, a.qkv_weight[c:], a.qkv_bias[c:]).view(rows, n, 2, h, d)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         bias = bias[:, :, :1]
     else:
-        xq = x
-        qkv = F.linear(x, a.qkv_weight, a.qkv_bias).view(b, n, 3, h, d)
+        res = x
+        qkv = linear(x, a.qkv_weight, a.qkv_bias).view(rows, n, 3, h, d)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    ctx = ctx.transpose(1, 2).reshape(b, xq.shape[1], c)
-    hid = att.LayerNorm(a.o(ctx) + xq)
-    return layer.output.LayerNorm(layer.output.dense(layer.intermediate(hid)) + hid)
+    ctx = attention(q, k, v, bias, fusions.attention).transpose(1, 2).reshape(res.shape[0], c)
+    hid = add_norm(linear(ctx, a.o.weight, a.o.bias), res, att.LayerNorm, fusions.add_norm)
+    inner = linear(hid, layer.intermediate.dense.weight, layer.intermediate.dense.bias, gelu=fusions.gelu_epilogue)
+    if not fusions.gelu_epilogue:
+        inner = layer.intermediate.intermediate_act_fn(inner)
+    out = layer.output
+    return add_norm(linear(inner, out.dense.weight, out.dense.bias), hid, out.LayerNorm, fusions.add_norm)
 
 
 class PooledForward(torch.nn.Module):
@@ -116,7 +177,8 @@ class PooledForward(torch.nn.Module):
     the data-dependent "is there any padding" test that cannot run inside a CUDA graph capture.
     """
 
-    def __init__(self, model: torch.nn.Module, pooling: str = "cls", normalize: bool = False, broadcast_mask: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, pooling: str = "cls", normalize: bool = False, broadcast_mask: bool = False,
+                 fusions: Fusions = Fusions()) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"unsupported pooling {pooling!r}")
@@ -124,6 +186,9 @@ class PooledForward(torch.nn.Module):
         self.fast = is_mpnet(model)
         if self.fast:
             fuse_qkv(model)
+            if model.config.hidden_act != "gelu":  # the epilogue is GELU's only
+                fusions = replace(fusions, gelu_epilogue=False)
+        self.fusions = fusions
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if not self.fast:
@@ -134,12 +199,14 @@ class PooledForward(torch.nn.Module):
             out = self.model.base_model(input_ids=ids, attention_mask=mask)
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         enc = self.model.encoder
+        rows, width = ids.shape
         x = self.model.embeddings(input_ids=ids)
-        bias = mpnet_attention_bias(enc, ids.shape[1], mask, x.dtype)
+        bias = mpnet_attention_bias(enc, width, mask, x.dtype)
+        x = x.view(rows * width, -1)
         last = len(enc.layer) - 1
         for i, layer in enumerate(enc.layer):
-            x = mpnet_layer(layer, x, bias, cls_only=i == last and self.pooling == "cls")
-        return x
+            x = mpnet_layer(layer, x, rows, bias, cls_only=i == last and self.pooling == "cls", fusions=self.fusions)
+        return x.view(rows, -1, x.shape[-1])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.hidden(ids, mask)
