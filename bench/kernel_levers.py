@@ -193,7 +193,8 @@ def main() -> None:
     gemm = gemm_tflops()
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, fp16 GEMM 8192^3 {gemm:.0f} TFLOP/s")
 
-    attention_rows(model, args.rows, args.width)
+    with torch.inference_mode():
+        attention_rows(model, args.rows, args.width)
 
     settings = {
         "no fusions (2.0 path)": Fusions(gelu_epilogue=False, add_norm="eager", attention="auto"),
