@@ -376,7 +376,7 @@ def main() -> None:
     ap.add_argument("--papers", type=int, default=1500, help="papers in each timed indexing run")
     ap.add_argument("--baseline-chunks", type=int, default=6000)
     ap.add_argument("--heads", type=int, default=2048, help="paper heads in the head rows")
-    ap.add_argument("--window", type=int, nargs="+", default=[256], help="window tokens (each a run)")
+    ap.add_argument("--window", type=int, nargs="+", default=[254], help="window tokens (each a run)")
     ap.add_argument("--overlap", type=int, nargs="+", default=[32], help="least window overlap in tokens (each a run)")
     ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "null"], help="Qdrant Edge, or none")
     ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
@@ -418,7 +418,7 @@ def main() -> None:
 
     # every token of each chunk counted once (per chunk, from a sample of the corpus)
     chunk_texts = [c.text for p in papers for c in chunk_words(p["text"], 512, 50)]
-    probe = PassageEncoder(str(st_dir), device="cpu", window_tokens=256, window_overlap=32)
+    probe = PassageEncoder(str(st_dir), device="cpu", window_tokens=254, window_overlap=32)
     ntok = [len(x) for x in probe.tokenizer(chunk_texts[:3000], add_special_tokens=False)["input_ids"]]
     chunk_tokens = {"per_chunk": float(np.mean(ntok))}
     RESULTS["chunk_tokens"] = dict(mean=float(np.mean(ntok)), median=float(np.median(ntok)), over_512=float(np.mean(np.array(ntok) > 510)))

@@ -35,18 +35,23 @@ def chunk_words(text: str, size: int = 512, overlap: int = 50, max_chunks: int |
 
 
 # How windows are placed (part of the settings fingerprint: a change re-embeds papers on the next run).
-WINDOWING = "even"
+WINDOWING = "even/16"
+# Window widths are `length` minus a multiple of this: the forward's batch widths (its CUDA graph
+# shapes) are the same grid, so a batch of such windows needs no padding and no attention mask.
+WIDTH_STEP = 16
 
 
-def window_spans(n: int, length: int, min_overlap: int) -> tuple[int, list[int]]:
+def window_spans(n: int, length: int, min_overlap: int, step: int = WIDTH_STEP) -> tuple[int, list[int]]:
     """(width, starts) of the windows over n tokens: as few windows of at most `length` as cover
-    every token with consecutive ones sharing at least `min_overlap`, all of one width (the least
-    that needs) and spread evenly from the first token to the last. A 747-token chunk at 256/0 is
-    three windows of 249, not three of 256 plus a fourth for the last 235 tokens."""
+    every token with consecutive ones sharing at least `min_overlap`, all of one width and spread
+    evenly from the first token to the last. The width is the least that needs, rounded up to
+    `length` minus a multiple of `step` (the spare tokens go to the overlaps). A 747-token chunk at
+    254/0 is three windows of 254 (the least, 249, rounded up), not three of 254 plus a fourth."""
     if n <= length:
         return n, [0]
     count = -(-(n - min_overlap) // (length - min_overlap))
-    width = -(-(n + (count - 1) * min_overlap) // count)
+    least = -(-(n + (count - 1) * min_overlap) // count)
+    width = length - (length - least) // step * step
     return width, [i * (n - width) // (count - 1) for i in range(count)]
 
 

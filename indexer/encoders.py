@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .chunking import WIDTH_STEP
 from .kernels import Forward, GraphedForward, gpu_gate, speed_up
 from .tokenizing import Windows, WindowSpec, WindowTokenizer, pack
 
@@ -58,9 +59,6 @@ def token_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
-
-
-WIDTH_STEP = 16
 
 
 def bucket_widths(lengths: np.ndarray, preferred: Sequence[int] = (), step: int = 64) -> np.ndarray:
@@ -302,7 +300,7 @@ class PassageEncoder:
         model: str,
         device: str = "auto",
         long_chunk: str = "multivector",
-        window_tokens: int = 256,
+        window_tokens: int = 254,
         window_overlap: int = 32,
         token_budget: int | None = None,
         compile: bool = False,
@@ -355,8 +353,9 @@ class PassageEncoder:
         budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
         full = spec.length + len(prefix) + len(suffix)
-        # Windows of long chunks are as wide as they need (window_spans): buckets 16 tokens apart
-        # from the full window down keep padding to a few percent with a handful of graph shapes.
+        # Windows of long chunks are cut on a grid 16 tokens apart from the full window down
+        # (window_spans): those widths are the buckets, so most batches need no padding, with a
+        # handful of graph shapes.
         widths = (*range(full, full // 2, -WIDTH_STEP), self.max_tokens)
         self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=widths)
         # Queries come one request at a time: no graphs, and no waiting behind an indexing batch.

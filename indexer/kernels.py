@@ -4,10 +4,13 @@ Outputs must match the reference path (fp32, the model's own forward): cosine �
 
 - MPNet: Hugging Face's MPNet adds a relative-position bias to the attention scores, so it runs
   eager attention (scores materialised, several passes over B×H×L×L). Here attention goes through
-  `scaled_dot_product_attention` with the bias as `attn_mask` (the memory-efficient kernel accepts
-  an additive bias), computed once per forward and shared by the 12 layers; Q, K and V come from one
-  fused matrix product. With CLS pooling the last layer runs for the CLS row only: the other rows'
-  outputs would be thrown away (their keys and values are still used).
+  `scaled_dot_product_attention` with the bias as `attn_mask` (cuDNN's and the memory-efficient
+  kernel accept an additive bias), computed once per forward and shared by the 12 layers. Tokens
+  are rows of one (tokens, hidden) matrix: Q, K and V come from one matrix product, every bias is
+  added in its product's epilogue, the FFN's GELU too (cuBLASLt), and each residual add runs in one
+  kernel with its LayerNorm (`Fusions`; bench/kernel_levers.py measures each). With CLS pooling the
+  last layer runs for the CLS row only: the other rows' outputs would be thrown away (their keys and
+  values are still used).
 - Other models (BERT, used by SPECTER2 and its adapters) run their own forward, already on SDPA.
 - `GraphedForward` captures one CUDA graph per (rows, width, padded) shape and replays it: a batch
   then costs the host a few calls instead of hundreds of kernel launches, so the GPU keeps busy even
@@ -93,13 +96,13 @@ class Fusions:
       CUDA; the tanh form of GELU, within fp16 rounding of the exact one). Saves a write and a read of
       the (tokens, 3072) activations, the largest ones in the layer.
     - `add_norm`: "compiled" fuses each residual add with its LayerNorm (torch.compile, one kernel for
-      every shape); "eager" runs them as two kernels.
+      every shape) in the CUDA graphs; "eager" runs them as two kernels.
     - `attention`: the SDPA backend ("auto" lets PyTorch choose; "efficient" and "cudnn" are the ones
       that take an additive bias).
     """
 
     gelu_epilogue: bool = True
-    add_norm: str = "eager"
+    add_norm: str = "compiled"
     attention: str = "auto"
 
 
@@ -107,14 +110,55 @@ def _add_norm(x: torch.Tensor, res: torch.Tensor, weight: torch.Tensor, bias: to
     return F.layer_norm(x + res, (x.shape[-1],), weight, bias, eps)
 
 
-_compiled: dict[str, Callable] = {}
+class _Compiled:
+    """`_add_norm` through torch.compile (one kernel for every shape: compiled once, a few seconds),
+    or, where compiling fails (no Triton, no C compiler), the eager function from then on.
+
+    torch.compile is not thread-safe, so the compiled function runs only while a CUDA graph is
+    warmed up and captured (`capturing()`): that happens under `gpu_gate.exclusive()`, one thread at a
+    time, and graph replays never enter Python. Eager batches (queries, shapes past the graph cap)
+    run `_add_norm` as two kernels.
+    """
+
+    def __init__(self) -> None:
+        self.fn: Callable | None = None
+        self.local = threading.local()
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        self.local.on = True
+        try:
+            yield
+        finally:
+            self.local.on = False
+
+    def __call__(self, *args):
+        if not getattr(self.local, "on", False):
+            return _add_norm(*args)
+        if self.fn is None:
+            fn = torch.compile(_add_norm, dynamic=True, fullgraph=True)
+            try:
+                out = fn(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                log.warning("torch.compile of add + LayerNorm failed, running them as two kernels: %s", str(exc)[:300])
+                self.fn = _add_norm
+                return _add_norm(*args)
+            self.fn = fn
+            return out
+        return self.fn(*args)
+
+
+_compiled_add_norm = _Compiled()
+# Where the compiled kernels run: GraphedForward's warm-up and capture (or a caller holding the GPU alone).
+compiled_kernels = _compiled_add_norm.capturing
 
 
 def add_norm(x: torch.Tensor, res: torch.Tensor, norm: torch.nn.LayerNorm, mode: str) -> torch.Tensor:
+    """LayerNorm(x + res); "compiled": in one kernel where CUDA graphs are captured."""
     if mode == "compiled" and x.is_cuda:
-        if "add_norm" not in _compiled:
-            _compiled["add_norm"] = torch.compile(_add_norm, dynamic=True, fullgraph=True)
-        return _compiled["add_norm"](x, res, norm.weight, norm.bias, norm.eps)
+        return _compiled_add_norm(x, res, norm.weight, norm.bias, norm.eps)
     return _add_norm(x, res, norm.weight, norm.bias, norm.eps)
 
 
@@ -335,15 +379,16 @@ class GraphedForward:
             self._pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: cuBLAS handles, kernel selection, allocator
-            for _ in range(2):
-                self.forward(s_ids, s_mask)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # The capture stream must be on this device: torch.cuda.graph's default one is shared by all
-        # graphs and lives on whichever device first captured ("already recording to mempool" on the next).
-        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-            s_out = self.forward(s_ids, s_mask)
+        with compiled_kernels():
+            with torch.cuda.stream(side):  # warm-up: compilation, cuBLAS handles, kernel selection, allocator
+                for _ in range(2):
+                    self.forward(s_ids, s_mask)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # The capture stream must be on this device: torch.cuda.graph's default one is shared by all
+            # graphs and lives on whichever device first captured ("already recording to mempool" on the next).
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                s_out = self.forward(s_ids, s_mask)
         entry = (graph, s_ids, s_mask, s_out)
         self._graphs[(ids.shape[0], ids.shape[1], mask is not None)] = entry
         log.debug("captured a CUDA graph for %d×%d (padded: %s); %d graphs", ids.shape[0], ids.shape[1], mask is not None, len(self._graphs))

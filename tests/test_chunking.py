@@ -1,6 +1,6 @@
 import pytest
 
-from indexer.chunking import chunk_words, windows
+from indexer.chunking import WIDTH_STEP, chunk_words, window_spans, windows
 
 
 def words(n):
@@ -49,4 +49,14 @@ def test_windows_hold_every_token(n):
         assert min(shared) >= 8  # consecutive windows share at least the overlap
         assert max(shared) - min(shared) <= 1  # spread evenly
         assert len(ws) == -(-(n - 8) // (48 - 8))  # no more windows than that needs
-        assert len(ws[0]) == -(-(n + (len(ws) - 1) * 8) // len(ws))  # and none wider than that needs
+        least = -(-(n + (len(ws) - 1) * 8) // len(ws))
+        # the least width that needs, rounded up onto the grid 48, 32, 16 (the forward's batch widths)
+        assert len(ws[0]) in (48, 32, 16) and least <= len(ws[0]) < least + WIDTH_STEP
+
+
+def test_window_widths_sit_on_the_grid_of_batch_widths():
+    # 747 tokens at 254/32: 4 windows; 211 tokens would do, 222 (= 254 - 2·16) is the grid's next width
+    assert window_spans(747, 254, 32) == (222, [0, 175, 350, 525])
+    assert window_spans(747, 254, 0)[0] == 254  # 249 needed, nothing on the grid between it and 254
+    assert window_spans(747, 254, 0, step=1) == (249, [0, 249, 498])
+    assert window_spans(100, 254, 32) == (100, [0])  # one window: as long as the chunk

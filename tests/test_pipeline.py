@@ -205,3 +205,16 @@ def test_retry_backs_off_on_transient_failures_only(monkeypatch):
     with pytest.raises(TimeoutError):
         retry(lambda: (_ for _ in ()).throw(TimeoutError("slow")), attempts=3)
     assert len(sleeps) == 4
+
+
+def test_first_groups_are_small_so_the_gpu_starts_early(settings, monkeypatch):
+    import indexer.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    r = build(settings.model_copy(update={"papers_per_batch": 8}), reranker=False, store=ClientStore(location=":memory:"))
+    try:
+        done = []
+        stats = r.indexer.index(papers(*[(i, 30) for i in range(21)]), on_batch=lambda s: done.append(s.papers_indexed))
+    finally:
+        r.close()
+    assert np.diff([0, *done]).tolist() == [2, 4, 8, 7] and stats.papers_indexed == 21
