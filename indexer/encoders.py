@@ -198,7 +198,8 @@ class BatchRunner:
                         raise
                     self._release()
                     self.budget = max(self.min_budget, self.budget // 2)
-                    log.warning("out of memory on %d sequences; token budget halved to %d", self._failed_rows, self.budget)
+                    log.warning("out of memory on %d sequences; token budget halved to %d (%s)", self._failed_rows, self.budget,
+                                str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
         return out[0]
 
     def _plan(self, lengths: np.ndarray, todo: np.ndarray) -> list[tuple[np.ndarray, int]]:

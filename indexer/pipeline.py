@@ -39,7 +39,8 @@ UPSERT_POINTS = 16
 # would let a busy writer stall a GPU thread's next launch for that long, many times per batch).
 SWITCH_INTERVAL_S = 0.0005
 # The first groups of papers are this many, then twice as many, up to papers_per_batch: the GPU
-# starts once this many are tokenised, not a whole batch (~1 s at 256 papers).
+# starts once this many are tokenised, not a whole batch (~1 s at 256 papers). The last ones shrink
+# by halves back towards it: the run ends with a short encode and a short write, not a whole batch's.
 FIRST_PAPERS = 32
 
 
@@ -215,7 +216,9 @@ class Indexer:
         errors: list[BaseException] = []
 
         def batches() -> Iterator[list[PaperIn]]:
+            # A full group waits until the next one has started, so that the last two can be re-cut.
             group: list[PaperIn] = []
+            held: list[PaperIn] = []
             size = min(FIRST_PAPERS, self.papers_per_batch)
             for rec in records:
                 if isinstance(rec, BadRecord):
@@ -223,12 +226,18 @@ class Indexer:
                     log.warning("bad record %s", rec)
                     continue
                 stats.papers_seen += 1
+                if held and not group:
+                    yield held
+                    held = []
                 group.append(rec)
                 if len(group) == size:
-                    yield group
-                    group, size = [], min(2 * size, self.papers_per_batch)
-            if group:
-                yield group
+                    held, group, size = group, [], min(2 * size, self.papers_per_batch)
+            rest = held + group
+            while len(rest) > 2 * FIRST_PAPERS:
+                yield rest[: len(rest) // 2]
+                rest = rest[len(rest) // 2 :]
+            if rest:
+                yield rest
 
         def offer(item) -> bool:
             """Put on `prepared` unless the run is stopping (then nobody may be taking)."""

@@ -207,14 +207,19 @@ def test_retry_backs_off_on_transient_failures_only(monkeypatch):
     assert len(sleeps) == 4
 
 
-def test_first_groups_are_small_so_the_gpu_starts_early(settings, monkeypatch):
+def test_first_and_last_groups_are_small_so_the_gpu_starts_early_and_the_run_ends_soon(settings, monkeypatch):
     import indexer.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
     r = build(settings.model_copy(update={"papers_per_batch": 8}), reranker=False, store=ClientStore(location=":memory:"))
     try:
-        done = []
-        stats = r.indexer.index(papers(*[(i, 30) for i in range(21)]), on_batch=lambda s: done.append(s.papers_indexed))
+        groups = {}
+        for n in (21, 14):
+            done = []
+            stats = r.indexer.index(papers(*[(i, 30) for i in range(n)]), force=True, on_batch=lambda s: done.append(s.papers_indexed))
+            assert stats.papers_indexed == n
+            groups[n] = np.diff([0, *done]).tolist()
     finally:
         r.close()
-    assert np.diff([0, *done]).tolist() == [2, 4, 8, 7] and stats.papers_indexed == 21
+    assert groups[21] == [2, 4, 8, 3, 4]  # 2, 4, 8, then the 7 left in halves down to 2 × FIRST_PAPERS
+    assert groups[14] == [2, 4, 4, 4]  # the input ends with a full group: it is cut in halves too
