@@ -325,6 +325,10 @@ class GraphedForward:
         self.forward, self.device, self.max_graphs = forward, device, max_graphs
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
         self._pool = None
+        # Every capture runs on this one stream: the caching allocator reuses a freed block only on
+        # the stream it was used on, so a new stream per capture would keep each graph's working
+        # memory apart (tens of GiB after a hundred shapes) instead of sharing it.
+        self._stream: torch.cuda.Stream | None = None
         self.disabled = False
 
     def __len__(self) -> int:
@@ -377,7 +381,9 @@ class GraphedForward:
         s_mask = None if mask is None else mask.to(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        side = self._stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with compiled_kernels():
             with torch.cuda.stream(side):  # warm-up: compilation, cuBLAS handles, kernel selection, allocator

@@ -122,3 +122,26 @@ def test_threads_capturing_new_shapes_at_once_keep_their_graphs(mpnet_base):
     for i in range(2):
         for seqs, got in zip(work[i], results[i]):
             assert cosine(got, solo(seqs)).min() >= 0.9999
+
+
+def test_graphs_of_many_shapes_share_their_working_memory(mpnet_base):
+    """Graphs' activations live in one pool shared by all graphs: after the largest shape, capturing
+    smaller ones must need little more memory (when each capture ran on a stream of its own, every
+    shape kept its own working set: tens of GiB after a hundred shapes)."""
+    import copy
+
+    from indexer.kernels import GraphedForward
+
+    dev = torch.device("cuda")
+    graphed = GraphedForward(PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_reserved(dev)
+    grown = []
+    with torch.inference_mode():
+        for rows in range(192, 0, -16):  # 12 shapes, the largest first
+            graphed(torch.randint(5, 30000, (rows, 242)).pin_memory(), None)
+            torch.cuda.synchronize()
+            grown.append(torch.cuda.memory_reserved(dev) - base)
+    assert len(graphed) == 12 and not graphed.disabled
+    # one working set per shape would be ~6.5 times the largest (sum of 1..12 over 12)
+    assert grown[-1] < 2 * grown[0], [g >> 20 for g in grown]
