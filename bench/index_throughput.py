@@ -269,6 +269,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     store = EdgeStore(tmp) if store_kind == "edge" else NullStore()
     idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
     busy = instrument(idx)
+    graphed = [p.run._graphed for _, p in idx.workers if p.run._graphed is not None]
+    before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
     with GpuMonitor(devices) as mon:
@@ -290,6 +292,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         gemm_pct=100 * (stats.tokens * flops_per_token(width) + stats.head_tokens * flops_per_token(384)) / dt / (gemm * len(devices) * 1e12) if gemm else None,
         gpu_busy=mon.busy, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base_cps if base_cps else None,
         stage_busy_s={k: round(v, 1) for k, v in busy.items()},
+        # passage graphs after the run, captured during it, and batches run without one
+        graphs=[{"graphs": len(g), "captured": len(g) - n0, "eager_batches": g.eager_batches - e0} for g, (n0, e0) in zip(graphed, before)],
     )
     row(name, **res)
     return res

@@ -330,6 +330,7 @@ class GraphedForward:
         # memory apart (tens of GiB after a hundred shapes) instead of sharing it.
         self._stream: torch.cuda.Stream | None = None
         self.disabled = False
+        self.eager_batches = 0  # batches run without a graph (graphs off, or past max_graphs)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -368,6 +369,7 @@ class GraphedForward:
         """Run one batch (from the shape's graph if captured, else eagerly); inside `gpu_gate.shared()`."""
         entry = self._graphs.get((ids.shape[0], ids.shape[1], mask is not None))
         if entry is None:
+            self.eager_batches += 1
             return self.forward(ids.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device, non_blocking=True))
         graph, s_ids, s_mask, s_out = entry
         s_ids.copy_(ids, non_blocking=True)
