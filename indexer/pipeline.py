@@ -173,6 +173,10 @@ class Indexer:
             ]
             for i in range(0, len(paper_points), UPSERT_POINTS):
                 retry(self.store.upsert, self.store.papers, paper_points[i : i + UPSERT_POINTS])
+            # Each group is flushed while the next ones encode (an embedded store writes its segments
+            # without the interpreter lock), so the run ends with one group to flush, not all of them
+            # (~1 s for 90,000 chunks).
+            retry(self.store.flush)
 
     @staticmethod
     def chunk_payload(p: PaperIn, c: Chunk, meta: dict) -> dict:

@@ -129,12 +129,15 @@ def test_graphs_of_many_shapes_share_their_working_memory(mpnet_base):
     smaller ones must need little more memory (when each capture ran on a stream of its own, every
     shape kept its own working set: tens of GiB after a hundred shapes)."""
     import copy
+    import gc
 
     from indexer.kernels import GraphedForward
 
     dev = torch.device("cuda")
     graphed = GraphedForward(PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
+    gc.collect()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # blocks cached by earlier tests would hide the first shape's growth
     base = torch.cuda.memory_reserved(dev)
     grown = []
     with torch.inference_mode():

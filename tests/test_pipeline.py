@@ -223,3 +223,17 @@ def test_first_and_last_groups_are_small_so_the_gpu_starts_early_and_the_run_end
         r.close()
     assert groups[21] == [2, 4, 8, 3, 4]  # 2, 4, 8, then the 7 left in halves down to 2 × FIRST_PAPERS
     assert groups[14] == [2, 4, 4, 4]  # the input ends with a full group: it is cut in halves too
+
+
+def test_each_group_is_flushed_once_written(settings):
+    r = build(settings.model_copy(update={"papers_per_batch": 2}), reranker=False)  # Qdrant Edge
+    flushed = []
+    flush = r.store.flush
+    r.store.flush = lambda: (flushed.append(True), flush())[1]
+    try:
+        at_batch = []
+        r.indexer.index(papers(*[(i, 30) for i in range(5)]), on_batch=lambda s: at_batch.append((s.papers_indexed, len(flushed))))
+    finally:
+        r.close()
+    # groups of 2, 2, 1 (FIRST_PAPERS is more than 2): every group flushed before it is reported
+    assert at_batch == [(2, 1), (4, 2), (5, 3)]
