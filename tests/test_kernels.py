@@ -221,3 +221,27 @@ def test_gpu_gate_runs_a_capture_alone():
     for t in (a, x, b):
         t.join(5)
     assert log == ["a+", "a-", "X+", "X-", "b+", "b-"]
+
+
+def test_compiled_add_norm_runs_only_in_captures_and_falls_back_when_compiling_fails(monkeypatch, caplog):
+    from indexer import kernels
+
+    calls = []
+
+    def broken_compile(fn, **kw):
+        def run(*args):
+            calls.append(1)
+            raise RuntimeError("no C compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    c = kernels._Compiled()
+    norm = torch.nn.LayerNorm(8)
+    x, res = torch.randn(4, 8), torch.randn(4, 8)
+    want = norm(x + res)
+    args = (x, res, norm.weight, norm.bias, norm.eps)
+    assert torch.allclose(c(*args), want) and not calls  # outside a capture: never compiled (not thread-safe)
+    with c.capturing():
+        assert torch.allclose(c(*args), want)  # compiling failed: the eager result
+        assert torch.allclose(c(*args), want)
+    assert len(calls) == 1 and "running them as two kernels" in caplog.text  # tried once, then eager for good
