@@ -171,8 +171,8 @@ def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float
     graphed = GraphedForward(fast, device)
     variants = {
         "kernel: HF MPNet eager fp16": lambda: model(input_ids=d_ids.long(), attention_mask=torch.ones_like(d_ids)).last_hidden_state[:, 0],
-        "kernel: SDPA pooled fp16": lambda: fast(d_ids, None),
-        "kernel: SDPA pooled fp16 + CUDA graph": lambda: graphed(h_ids, None),
+        "kernel: SDPA pooled fp16, eager (add + LayerNorm unfused)": lambda: fast(d_ids, None),
+        "kernel: SDPA pooled fp16 + CUDA graph (fused add + LayerNorm)": lambda: graphed(h_ids, None),
     }
     if compiled_only:
         variants = {}
@@ -183,7 +183,7 @@ def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float
                 compiled(h_ids, None)
             sync(device)
             RESULTS["notes"].append(f"torch.compile + capture took {time.perf_counter() - t:.0f} s")
-            variants["kernel: SDPA pooled fp16 + compile + CUDA graph"] = lambda: compiled(h_ids, None)
+            variants["kernel: SDPA pooled fp16, whole forward torch.compile + CUDA graph"] = lambda: compiled(h_ids, None)
         except Exception as exc:
             RESULTS["notes"].append(f"torch.compile failed after {time.perf_counter() - t:.0f} s: {exc!r}"[:500])
     for name, fn in variants.items():
@@ -430,8 +430,9 @@ def main() -> None:
 
     if "kernel" not in args.skip and device.type == "cuda":
         win = probe.tokenize_windows(chunk_texts[:2000])
-        full = win.ids[win.lengths == 258][:, :258]
-        kernel_ids = full[: 131072 // 258]
+        w = probe.window_tokens + 2
+        full = win.ids[win.lengths == w][:, :w]
+        kernel_ids = full[: 131072 // w]
         kernel_rows(hf_dir, kernel_ids, device, gemm)
 
     base_cps = None

@@ -405,7 +405,8 @@ class GraphedForward:
 
 def speed_up(model: torch.nn.Module, pooling: str = "cls", normalize: bool = False, compile: bool = False, broadcast_mask: bool = False) -> PooledForward:
     """The pooled forward to run for `model` (already on its device and dtype, in eval mode)."""
-    fwd = PooledForward(model, pooling, normalize, broadcast_mask)
+    # Compiling the whole forward fuses the adds and norms itself (measured slower: bench/kernel_levers.py).
+    fwd = PooledForward(model, pooling, normalize, broadcast_mask, Fusions(add_norm="eager") if compile else Fusions())
     if compile:
         # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape).
         fwd.forward = torch.compile(fwd.forward, dynamic=True)  # type: ignore[method-assign]
