@@ -39,10 +39,13 @@ class Strategy:
     long_chunk: str
     window_tokens: int | None = None  # None for truncate
     window_overlap: int | None = None
+    overlap_named: bool = field(default=False, compare=False)  # the spec gave the overlap: the label shows it
 
     @property
     def label(self) -> str:
-        return self.long_chunk if self.long_chunk == "truncate" else f"{self.long_chunk}:{self.window_tokens}"
+        if self.long_chunk == "truncate":
+            return self.long_chunk
+        return f"{self.long_chunk}:{self.window_tokens}" + (f":{self.window_overlap}" if self.overlap_named else "")
 
 
 def parse_strategy(spec: str, default_overlap: int) -> Strategy:
@@ -57,7 +60,9 @@ def parse_strategy(spec: str, default_overlap: int) -> Strategy:
     if not rest or not all(r.isdigit() for r in rest) or len(rest) > 2:
         raise ValueError(f"strategy {spec!r}: expected {name}:WINDOW_TOKENS[:OVERLAP]")
     window = int(rest[0])
-    return Strategy(name, window, int(rest[1]) if len(rest) == 2 else min(default_overlap, window // 4))
+    if len(rest) == 2:
+        return Strategy(name, window, int(rest[1]), overlap_named=True)
+    return Strategy(name, window, min(default_overlap, window // 4))
 
 
 def sentences(words: Sequence[str], min_words: int, max_words: int) -> list[tuple[int, int]]:

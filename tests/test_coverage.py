@@ -41,6 +41,7 @@ def test_parse_strategy():
     assert parse_strategy("multivector:64", 32) == Strategy("multivector", 64, 16)  # overlap kept below a quarter window
     assert parse_strategy("multivector:384:64", 32) == Strategy("multivector", 384, 64)
     assert parse_strategy("multivector:384", 32).label == "multivector:384"
+    assert parse_strategy("multivector:384:0", 32).label == "multivector:384:0"  # two overlaps of one window tell apart
     for bad in ("sum:128", "mean", "truncate:128", "mean:x", "mean:1:2:3"):
         with pytest.raises(ValueError):
             parse_strategy(bad, 32)
