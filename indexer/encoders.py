@@ -72,25 +72,34 @@ def bucket_widths(lengths: np.ndarray, preferred: Sequence[int] = (), step: int 
     return out
 
 
-def bucket_batches(lengths: np.ndarray, budget: int, preferred: Sequence[int] = (), step: int = 64) -> list[tuple[np.ndarray, int]]:
+def bucket_batches(lengths: np.ndarray, budget: int, preferred: Sequence[int] = (), step: int = 64,
+                   min_fill: float = 0.0) -> list[tuple[np.ndarray, int]]:
     """(indices, width) batches over the sequences sorted longest first: each batch takes as many
     rows as the budget allows at the bucket width of its first (longest) sequence, shorter ones
     padded to it. Only the last batch is short of rows (one batch per bucket would leave a short,
-    row-padded batch in every bucket: 7-9% more tokens run on a paper corpus)."""
+    row-padded batch in every bucket: 7-9% more tokens run on a paper corpus). With `min_fill`, a
+    batch also ends before the first sequence whose bucket is narrower than that share of its width
+    (for few sequences of spread-out lengths, e.g. one group's paper heads, which would otherwise
+    all be padded to the longest)."""
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
     widths = bucket_widths(lengths[order], preferred, step)
     batches, at = [], 0
     while at < len(order):
         width = int(widths[at])
-        rows = max(1, budget // width)
-        batches.append((order[at : at + rows], width))
-        at += rows
+        end = min(len(order), at + max(1, budget // width))
+        if min_fill:
+            end = at + 1 + int(np.searchsorted(-widths[at + 1 : end], -min_fill * width, side="right"))
+        batches.append((order[at:end], width))
+        at = end
     return batches
 
 
-def bucket_rows(n: int, full: int) -> int:
-    """Rows a batch of n is padded to for a CUDA graph: the full batch, or the next power of two (≥ 8)."""
+def bucket_rows(n: int, full: int, step: int | None = None) -> int:
+    """Rows a batch of n is padded to for a CUDA graph: the full batch, or the next power of two (≥ 8),
+    or with `step` the next multiple of it."""
+    if step:
+        return min(full, -(-n // step) * step)
     return min(full, max(8, 1 << (n - 1).bit_length()))
 
 
@@ -170,6 +179,8 @@ class BatchRunner:
     graphs: bool = False
     widths: tuple[int, ...] = ()
     in_flight: int = 4
+    min_fill: float = 0.0  # see bucket_batches
+    row_step: int | None = None  # graph rows: multiples of this, not powers of two
 
     def __post_init__(self) -> None:
         self._graphed = GraphedForward(self.forward, self.device) if self.graphs and self.device.type == "cuda" else None
@@ -204,7 +215,7 @@ class BatchRunner:
 
     def _plan(self, lengths: np.ndarray, todo: np.ndarray) -> list[tuple[np.ndarray, int]]:
         if self._graphed is not None:
-            return [(todo[i], w) for i, w in bucket_batches(lengths[todo], self.budget, self.widths)]
+            return [(todo[i], w) for i, w in bucket_batches(lengths[todo], self.budget, self.widths, min_fill=self.min_fill)]
         sub = lengths[todo].tolist()
         return [(todo[np.asarray(b)], max(sub[i] for i in b)) for b in token_batches(sub, self.budget)]
 
@@ -249,7 +260,7 @@ class BatchRunner:
 
     def _launch(self, slot: _Slot, ids: np.ndarray, lengths: np.ndarray, batch: np.ndarray, width: int, stream) -> None:
         n = len(batch)
-        rows = bucket_rows(n, max(1, self.budget // width)) if self._graphed is not None else n
+        rows = bucket_rows(n, max(1, self.budget // width), self.row_step) if self._graphed is not None else n
         lens = lengths[batch]
         padded = bool((lens < width).any())
         with gpu_gate.shared():  # pinned buffers are allocated on first use
@@ -457,7 +468,11 @@ class PaperEncoder:
         budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
         # Graphs replay whatever adapter was active at capture: only the proximity runner has them.
-        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,))
+        # One group's heads (~256, 100-512 tokens) fit one batch, which would pad them all to the
+        # longest (1.8 tokens run per token on the bench corpus): batches end where the width drops
+        # below 80% of theirs, rows in steps of 16 (1.4; bench/padding.py --heads).
+        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,),
+                               min_fill=0.8, row_step=16)
         self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
 
     def replicate(self, device: str | torch.device) -> PaperEncoder:

@@ -125,3 +125,16 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match="cannot load passage model"):
         PassageEncoder(str(tmp_path / "nope"), device="cpu")
+
+
+def test_batches_end_where_the_width_drops_below_min_fill():
+    from indexer.encoders import bucket_batches, bucket_rows
+
+    lengths = np.array([500, 480, 300, 290, 280, 120, 100])
+    plain = bucket_batches(lengths, 1 << 20)
+    assert [(sorted(i.tolist()), w) for i, w in plain] == [([0, 1, 2, 3, 4, 5, 6], 512)]  # all padded to 512
+    cut = bucket_batches(lengths, 1 << 20, min_fill=0.8)
+    assert [(sorted(i.tolist()), w) for i, w in cut] == [([0, 1], 512), ([2, 3, 4], 320), ([5, 6], 128)]
+    assert [(len(i), w) for i, w in bucket_batches(lengths, 1024, min_fill=0.8)] == [(2, 512), (3, 320), (2, 128)]
+    assert [(len(i), w) for i, w in bucket_batches(lengths, 640, min_fill=0.8)] == [(1, 512), (1, 512), (2, 320), (1, 320), (2, 128)]
+    assert bucket_rows(37, 512, 16) == 48 and bucket_rows(37, 40, 16) == 40 and bucket_rows(37, 512) == 64
