@@ -29,8 +29,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from indexer.kernels import Fusions, GraphedForward, PooledForward, compiled_kernels, mpnet_position_bias  # noqa: E402
+from index_throughput import flops_per_token, gemm_tflops  # noqa: E402
+from indexer.kernels import Fusions, GraphedForward, PooledForward, compiled_kernels, mpnet_attention_bias, mpnet_position_bias  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 ROWS: list[dict] = []
@@ -57,16 +59,6 @@ def timed(fn, n: int = 20) -> float:
     return statistics.median(rounds)
 
 
-def flops_per_token(width: int, layers: int = 12, hidden: int = 768, ffn: int = 3072) -> float:
-    return layers * (2 * hidden * (4 * hidden + 2 * ffn) + 4 * width * hidden)
-
-
-def gemm_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    b = torch.randn_like(a)
-    return 2 * 8192**3 / timed(lambda: a @ b) / 1e12
-
-
 def row(section: str, name: str, **kv) -> None:
     ROWS.append({"section": section, "name": name, **kv})
     say(f"[{section}] {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
@@ -79,14 +71,11 @@ def attention_rows(model, rows: int, width: int, flex: bool = True) -> None:
     h, d = 12, 64
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(rows, h, width, d, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
-    pos = mpnet_position_bias(model.encoder, width, torch.float16)  # (1, h, L, L)
-    shared = torch.empty(1, h, width, -(-width // 16) * 16, device="cuda", dtype=torch.float16)[..., :width]
-    shared.copy_(pos)
     lens = torch.randint(width // 2, width + 1, (rows,), device="cuda", generator=g)
     lens[0] = width
-    keys = (torch.arange(width, device="cuda")[None, :] >= lens[:, None]).to(torch.float16) * torch.finfo(torch.float16).min
-    padded = torch.empty(rows, h, width, -(-width // 16) * 16, device="cuda", dtype=torch.float16)[..., :width]
-    torch.add(pos, keys[:, None, None, :], out=padded)
+    # the biases the indexer builds: (1, h, L, L) shared, (rows, h, L, L) with the padding mask
+    shared = mpnet_attention_bias(model.encoder, width, None, torch.float16)
+    padded = mpnet_attention_bias(model.encoder, width, (torch.arange(width, device="cuda")[None, :] < lens[:, None]).long(), torch.float16)
     flops = 4 * rows * h * width * width * d
 
     def sdpa(backend, bias):
@@ -95,7 +84,7 @@ def attention_rows(model, rows: int, width: int, flex: bool = True) -> None:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return fn
 
-    table = pos[0].contiguous()  # (h, L, L)
+    table = mpnet_position_bias(model.encoder, width, torch.float16)[0].contiguous()  # (h, L, L)
 
     def score_mod(score, b, hh, qi, ki):
         return score + table[hh, qi, ki]
@@ -192,7 +181,7 @@ def main() -> None:
     model = MPNetModel(cfg, add_pooling_layer=False).eval()
     model.load_state_dict(ref32.state_dict())
     model = model.cuda().half()
-    gemm = gemm_tflops()
+    gemm = gemm_tflops(torch.device("cuda"))
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, fp16 GEMM 8192^3 {gemm:.0f} TFLOP/s")
 
     with torch.inference_mode():

@@ -220,7 +220,7 @@ class Indexer:
         errors: list[BaseException] = []
 
         def batches() -> Iterator[list[PaperIn]]:
-            # A full group waits until the next one has started, so that the last two can be re-cut.
+            # A full group waits for the next record: if the input ends there, it is cut in halves too.
             group: list[PaperIn] = []
             held: list[PaperIn] = []
             size = min(FIRST_PAPERS, self.papers_per_batch)
