@@ -42,11 +42,11 @@ def per_bucket(lengths: np.ndarray, budget: int, preferred, step: int = 64):
 
 def heads(papers: list[dict], tok) -> None:
     """One batch plan per group of 256 papers' heads (≤ 512 tokens), as PaperEncoder runs them."""
-    from indexer.encoders import bucket_batches, bucket_rows
+    from indexer.encoders import HEAD_BATCHES, bucket_batches, bucket_rows
 
     lengths = np.array([min(512, len(tok(p["title"], p.get("abstract") or "")["input_ids"])) for p in papers])
     plans = {"one sorted run, rows in powers of two": dict(min_fill=0.0, row_step=None),
-             "cut below 80% of the width, rows in steps of 16 (now)": dict(min_fill=0.8, row_step=16)}
+             "cut below 80% of the width, rows in steps of 16 (now)": HEAD_BATCHES}
     print(f"heads: {lengths.mean():.0f} tokens on average\n| plan | padded / head tokens |\n|---|---|")
     for name, kw in plans.items():
         real = padded = 0

@@ -289,6 +289,12 @@ class BatchRunner:
                 torch.cuda.empty_cache()
 
 
+# One group's paper heads (~256, 100-512 tokens) fit one batch, which would pad them all to the
+# longest (1.8 tokens run per token on the bench corpus): batches end where the width drops below
+# 80% of theirs, graph rows in steps of 16 (1.4; bench/padding.py --heads).
+HEAD_BATCHES = dict(min_fill=0.8, row_step=16)
+
+
 def _prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     model.eval().to(device)
     if device.type == "cuda":
@@ -468,11 +474,7 @@ class PaperEncoder:
         budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
         # Graphs replay whatever adapter was active at capture: only the proximity runner has them.
-        # One group's heads (~256, 100-512 tokens) fit one batch, which would pad them all to the
-        # longest (1.8 tokens run per token on the bench corpus): batches end where the width drops
-        # below 80% of theirs, rows in steps of 16 (1.4; bench/padding.py --heads).
-        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,),
-                               min_fill=0.8, row_step=16)
+        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,), **HEAD_BATCHES)
         self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
 
     def replicate(self, device: str | torch.device) -> PaperEncoder:
