@@ -263,10 +263,11 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.store import EdgeStore
+    from indexer.store_process import StoreProcess
 
     devices = [passage_enc.device] + [p.device for _, p in replicas]
     tmp = tempfile.mkdtemp(prefix="pi-bench-")
-    store = EdgeStore(tmp) if store_kind == "edge" else NullStore()
+    store = {"edge": StoreProcess, "edge-inline": EdgeStore}.get(store_kind, lambda _: NullStore())(tmp)
     idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
     busy = instrument(idx)
     graphed = [p.run._graphed for _, p in idx.workers if p.run._graphed is not None]
@@ -382,7 +383,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=2048, help="paper heads in the head rows")
     ap.add_argument("--window", type=int, nargs="+", default=[254], help="window tokens (each a run)")
     ap.add_argument("--overlap", type=int, nargs="+", default=[32], help="least window overlap in tokens (each a run)")
-    ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "null"], help="Qdrant Edge, or none")
+    ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "edge-inline", "null"],
+                    help="Qdrant Edge in its own process (as `paperindex index` runs it), in the indexing process, or none")
     ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) - 4), help="tokenizer worker processes")
@@ -446,7 +448,7 @@ def main() -> None:
     RESULTS["notes"].append(f"reading + validating {parsed} papers (JSONL -> PaperIn) alone: {time.perf_counter() - t:.1f} s")
 
     paper_enc = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
-    store_names = {"edge": "Qdrant Edge", "null": "no store"}
+    store_names = {"edge": "Qdrant Edge", "edge-inline": "Qdrant Edge in-process", "null": "no store"}
     for window, overlap in [(w, o) for w in args.window for o in args.overlap]:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
                                      tokenizer_workers=args.workers, compile=args.pipeline_compile)

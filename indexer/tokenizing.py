@@ -12,19 +12,16 @@ This module does not import torch: its workers start in well under a second.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import subprocess
-import sys
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .chunking import window_spans
+from .workers import answer, send, spawn, stop, streams
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +135,7 @@ def _tokenize(tok, texts: list[str], spec: WindowSpec) -> Windows:
 def _serve() -> None:
     """A worker's loop: a (tokenizer JSON, spec) message, then
     lists of texts in and ("ok", Windows) or ("error", message) out, pickled over stdin/stdout."""
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the replies
-    inp = sys.stdin.buffer
+    inp, out = streams()
     tokenizer_json, spec = pickle.load(inp)
     tok = _load(tokenizer_json)
     while True:
@@ -152,45 +147,25 @@ def _serve() -> None:
             reply = ("ok", _tokenize(tok, texts, spec))
         except Exception as exc:  # reported to the caller, which raises it
             reply = ("error", repr(exc))
-        pickle.dump(reply, out, protocol=5)
-        out.flush()
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        try:
-            p.stdin.close()
-        except OSError:
-            pass
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        answer(out, reply)
 
 
 class _Workers:
-    """Worker processes running `_serve` (plain subprocesses, not multiprocessing: nothing of the
-    caller's main module is imported again, so they start in a fraction of a second)."""
+    """Worker processes running `_serve`."""
 
     def __init__(self, n: int, tokenizer_json: str, spec: WindowSpec) -> None:
-        root = str(Path(__file__).resolve().parent.parent)
-        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         # One process per core already: the tokenizer's own thread pool would only oversubscribe.
-        env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
-        self.procs = [subprocess.Popen([sys.executable, "-c", "from indexer.tokenizing import _serve; _serve()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(n)]
-        self._finalizer = weakref.finalize(self, _stop, self.procs)
+        self.procs = [spawn("from indexer.tokenizing import _serve; _serve()", TOKENIZERS_PARALLELISM="false") for _ in range(n)]
+        self._finalizer = weakref.finalize(self, stop, self.procs)
         for p in self.procs:
-            pickle.dump((tokenizer_json, spec), p.stdin, protocol=5)
-            p.stdin.flush()
+            send(p, (tokenizer_json, spec))
 
     def map(self, parts: list[list[str]]) -> list[Windows]:
         """One part per worker (len(parts) ≤ workers); each reads its whole request before
         replying, so writing all requests first and then reading all replies cannot deadlock."""
         try:
             for p, part in zip(self.procs, parts):
-                pickle.dump(part, p.stdin, protocol=5)
-                p.stdin.flush()
+                send(p, part)
             replies = [pickle.load(p.stdout) for p, _ in zip(self.procs, parts)]
         except (EOFError, BrokenPipeError) as exc:
             codes = [p.poll() for p in self.procs]

@@ -1,0 +1,55 @@
+"""Helper processes that talk pickles over stdin/stdout.
+
+Plain subprocesses, not multiprocessing: nothing of the caller's main module is imported again, so
+they start in a fraction of a second. Used for the tokenizer workers and the embedded store's process.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def spawn(call: str, **env: str) -> subprocess.Popen:
+    """A Python process running `call` (e.g. "from indexer.x import serve; serve()"), with this
+    package importable and pipes on its stdin and stdout."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, "-c", call], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": path, **env})
+
+
+def send(proc: subprocess.Popen, obj: Any) -> None:
+    proc.stdin.write(pickle.dumps(obj, protocol=5))
+    proc.stdin.flush()
+
+
+def stop(procs: list[subprocess.Popen], timeout: float = 10) -> None:
+    """Close their stdin (each worker ends on end of input), wait, kill what does not end."""
+    for p in procs:
+        try:
+            p.stdin.close()
+        except OSError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def streams() -> tuple[BinaryIO, BinaryIO]:
+    """In a worker: its request and reply streams. Anything a library prints goes to stderr, never
+    into the replies."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    return sys.stdin.buffer, out
+
+
+def answer(out: BinaryIO, obj: Any) -> None:
+    pickle.dump(obj, out, protocol=5)
+    out.flush()
