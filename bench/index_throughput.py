@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from indexer.config import Settings  # noqa: E402
+
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 RESULTS: dict = {"rows": [], "notes": []}
 
@@ -263,11 +265,10 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.store import EdgeStore
-    from indexer.store_process import StoreProcess
 
-    devices = [passage_enc.device] + [p.device for _, p in replicas]
+    devices = list(dict.fromkeys(torch.device("cuda", d.index or 0) if d.type == "cuda" else d for d in [passage_enc.device] + [p.device for _, p in replicas]))
     tmp = tempfile.mkdtemp(prefix="pi-bench-")
-    store = {"edge": StoreProcess, "edge-inline": EdgeStore}.get(store_kind, lambda _: NullStore())(tmp)
+    store = EdgeStore(tmp) if store_kind == "edge" else NullStore()
     idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
     busy = instrument(idx)
     graphed = [p.run._graphed for _, p in idx.workers if p.run._graphed is not None]
@@ -382,11 +383,12 @@ def main() -> None:
     ap.add_argument("--baseline-chunks", type=int, default=6000)
     ap.add_argument("--heads", type=int, default=2048, help="paper heads in the head rows")
     ap.add_argument("--window", type=int, nargs="+", default=[254], help="window tokens (each a run)")
-    ap.add_argument("--overlap", type=int, nargs="+", default=[32], help="least window overlap in tokens (each a run)")
-    ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "edge-inline", "null"],
-                    help="Qdrant Edge in its own process (as `paperindex index` runs it), in the indexing process, or none")
+    ap.add_argument("--overlap", type=int, nargs="+", default=[Settings.model_fields["window_overlap"].default], help="least window overlap in tokens (each a run)")
+    ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "null"], help="Qdrant Edge, or none")
     ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
     ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--per-gpu", type=int, nargs="+", default=[Settings.model_fields["encoders_per_gpu"].default],
+                    help="encoder threads per GPU (each a run; default: PAPERINDEX_ENCODERS_PER_GPU's)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) - 4), help="tokenizer worker processes")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
     ap.add_argument("--device", default="cuda")
@@ -424,7 +426,7 @@ def main() -> None:
 
     # every token of each chunk counted once (per chunk, from a sample of the corpus)
     chunk_texts = [c.text for p in papers for c in chunk_words(p["text"], 512, 50)]
-    probe = PassageEncoder(str(st_dir), device="cpu", window_tokens=254, window_overlap=32)
+    probe = PassageEncoder(str(st_dir), device="cpu")
     ntok = [len(x) for x in probe.tokenizer(chunk_texts[:3000], add_special_tokens=False)["input_ids"]]
     chunk_tokens = {"per_chunk": float(np.mean(ntok))}
     RESULTS["chunk_tokens"] = dict(mean=float(np.mean(ntok)), median=float(np.median(ntok)), over_512=float(np.mean(np.array(ntok) > 510)))
@@ -448,12 +450,17 @@ def main() -> None:
     RESULTS["notes"].append(f"reading + validating {parsed} papers (JSONL -> PaperIn) alone: {time.perf_counter() - t:.1f} s")
 
     paper_enc = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
-    store_names = {"edge": "Qdrant Edge", "edge-inline": "Qdrant Edge in-process", "null": "no store"}
+    store_names = {"edge": "Qdrant Edge", "null": "no store"}
     for window, overlap in [(w, o) for w in args.window for o in args.overlap]:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
                                      tokenizer_workers=args.workers, compile=args.pipeline_compile)
-        # Paper heads (~2% of the work) stay on the first GPU: its encoder is shared by the threads.
-        replicas_all = [(paper_enc, passage_enc.replicate(f"cuda:{i}")) for i in range(1, args.gpus)]
+        # Paper heads (~4% of the work) stay on the first GPU: its encoder is shared by the threads.
+        extra = {(i, j): passage_enc.replicate(f"cuda:{i}") for i in range(args.gpus) for j in range(max(args.per_gpu)) if (i, j) != (0, 0)}
+
+        def replicas_for(n_gpus: int, per_gpu: int) -> list:
+            return [(paper_enc, enc) for (i, j), enc in extra.items() if i < n_gpus and j < per_gpu]
+
+        replicas_all = replicas_for(args.gpus, max(args.per_gpu))
         try:
             # warm-up on the same papers (up to 2,000): worker processes started, CUDA graphs captured
             # (and compiled) for the shapes the corpus needs, so that no timed run pays for captures another did not
@@ -461,9 +468,10 @@ def main() -> None:
             index_run(f"warm-up (window {window}/{overlap})", path, min(args.papers, 2000), paper_enc, passage_enc, replicas_all, "null", chunk_tokens, None, gemm)
             RESULTS["rows"].pop()
             RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s")
-            for n_gpus in sorted({1, args.gpus}):
-                replicas = replicas_all[: n_gpus - 1]
-                tag = f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
+            for n_gpus, per_gpu in [(n, k) for n in sorted({1, args.gpus}) for k in args.per_gpu]:
+                replicas = replicas_for(n_gpus, per_gpu)
+                tag = (f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
+                       + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else ""))
                 for kind in args.stores:
                     index_run(f"paperindex e2e → {store_names[kind]} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base_cps, gemm)
         finally:

@@ -68,7 +68,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     from .papers import BadRecord, input_files, read_papers
     from .runtime import build
-    from .store import open_store
 
     shard = None
     if args.shard:
@@ -88,13 +87,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 print(f"bad record {r}", file=sys.stderr)
             raise CliError(f"{len(bad)} bad record(s); nothing indexed (--strict)")
     s = _settings(args)
-    # The embedded store writes from its own process, off the interpreter lock the GPU threads need.
-    store = open_store(s, own_process=True)
-    try:
-        rt = build(s, reranker=False, store=store)
-    except BaseException:
-        store.close()
-        raise
+    rt = build(s, reranker=False)
     total = _count_records(files)
     bar = tqdm(total=total, unit="paper", disable=args.quiet, dynamic_ncols=True)
 

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     # kernel; 258 would take three): measured with `paperindex coverage` and `eval` (README, Retrieval quality)
     long_chunk: LongChunk = "multivector"
     window_tokens: int = Field(254, ge=16, le=510)
-    window_overlap: int = Field(32, ge=0)
+    window_overlap: int = Field(16, ge=0)
 
     # Batching.
     token_budget: int | None = Field(None, ge=512, description="tokens per forward batch; None: 262144 on CUDA, 16384 on CPU")
@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     compile: bool = False
     tokenizer_workers: int = Field(2, ge=1)
     gpus: int = Field(1, ge=0, description="GPUs that encode while indexing (one model replica each); 0: all visible")
+    encoders_per_gpu: int = Field(2, ge=1, description="encoder threads (passage model replicas) per GPU: while one collects a group's vectors and starts the next, another keeps the GPU busy")
 
     # Store layout (defaults fit 1M+ chunks on one machine).
     hnsw_m: int = 16

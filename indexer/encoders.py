@@ -128,7 +128,9 @@ class _Slot:
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
-        self.event = torch.cuda.Event()
+        # Waiting threads sleep rather than spin: a spinning wait takes a core from the tokenizer
+        # workers and the store process for the whole run.
+        self.event = torch.cuda.Event(blocking=True)
         self.batch: np.ndarray | None = None
         self.result: torch.Tensor | None = None
 
@@ -319,7 +321,7 @@ class PassageEncoder:
         device: str = "auto",
         long_chunk: str = "multivector",
         window_tokens: int = 254,
-        window_overlap: int = 32,
+        window_overlap: int = 16,
         token_budget: int | None = None,
         compile: bool = False,
         tokenizer_workers: int = 0,

@@ -311,6 +311,8 @@ class GpuGate:
 
 gpu_gate = GpuGate()
 CAPTURE_ATTEMPTS = 3
+# Shapes whose capture may fail (after some were captured) before graphs are given up.
+MAX_FAILED_SHAPES = 8
 
 
 class GraphedForward:
@@ -331,6 +333,7 @@ class GraphedForward:
         self._stream: torch.cuda.Stream | None = None
         self.disabled = False
         self.eager_batches = 0  # batches run without a graph (graphs off, or past max_graphs)
+        self.failed_shapes = 0
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -361,9 +364,15 @@ class GraphedForward:
                     torch.cuda.synchronize(self.device)
                     error = exc
             log.info("CUDA graph capture failed (attempt %d/%d): %s", attempt, CAPTURE_ATTEMPTS, error)
-        # A model whose forward cannot be captured still runs, just without graphs.
-        log.warning("CUDA graph capture failed, running eagerly from now on: %s", error)
-        self.disabled = True
+        self.failed_shapes += 1
+        if not self._graphs or self.failed_shapes >= MAX_FAILED_SHAPES:
+            # A model whose forward cannot be captured still runs, just without graphs.
+            log.warning("CUDA graph capture failed, running eagerly from now on: %s", error)
+            self.disabled = True
+        else:
+            # Other shapes were captured, so the forward can be: this batch runs eagerly, and the
+            # shape is tried again when it comes back.
+            log.warning("CUDA graph capture of %s failed, this batch runs eagerly: %s", key, error)
 
     def replay(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Run one batch (from the shape's graph if captured, else eagerly); inside `gpu_gate.shared()`."""

@@ -36,18 +36,26 @@ def load_encoders(s: Settings) -> tuple[PaperEncoder, PassageEncoder]:
 
 
 def gpu_replicas(s: Settings, paper: PaperEncoder, passage: PassageEncoder) -> list[tuple[PaperEncoder, PassageEncoder]]:
-    """Encoder pairs on cuda:1..N-1 for `s.gpus` GPUs (0: all visible), beside the pair on cuda:0.
+    """More encoder pairs beside (paper, passage): `s.encoders_per_gpu` passage replicas per GPU, on
+    `s.gpus` GPUs (0: all visible) from cuda:0, each GPU's threads sharing one paper encoder.
 
-    Only when the encoders sit on the first GPU by default (`device` auto or cuda): a device named
-    explicitly (cuda:N) means one GPU.
+    More than one GPU only when the encoders sit on the first GPU by default (`device` auto or
+    cuda): a device named explicitly (cuda:N) means that one GPU.
     """
     import torch
 
-    if passage.device.type != "cuda" or s.device not in ("auto", "cuda"):
+    if passage.device.type != "cuda":
         return []
-    visible = torch.cuda.device_count()
-    n = visible if s.gpus == 0 else min(s.gpus, visible)
-    return [(paper.replicate(f"cuda:{i}"), passage.replicate(f"cuda:{i}")) for i in range(1, n)]
+    if s.device in ("auto", "cuda"):
+        visible = torch.cuda.device_count()
+        devices = [f"cuda:{i}" for i in range(visible if s.gpus == 0 else min(s.gpus, visible))]
+    else:
+        devices = [str(passage.device)]
+    pairs = []
+    for i, device in enumerate(devices):
+        heads = paper if i == 0 else paper.replicate(device)
+        pairs += [(heads, passage.replicate(device)) for j in range(s.encoders_per_gpu) if (i, j) != (0, 0)]
+    return pairs
 
 
 def build(s: Settings, reranker: bool = True, store: Store | None = None) -> Runtime:

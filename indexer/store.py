@@ -645,10 +645,8 @@ def store_options(settings) -> StoreOptions:
     )
 
 
-def open_store(settings, own_process: bool = False) -> Store:
-    """The store the settings ask for: a server when qdrant_url is set, else embedded Qdrant Edge;
-    with `own_process`, the embedded store runs in a child process (for bulk indexing: see
-    store_process)."""
+def open_store(settings) -> Store:
+    """The store the settings ask for: a server when qdrant_url is set, else embedded Qdrant Edge."""
     names = dict(papers=settings.papers_collection, chunks=settings.chunks_collection, options=store_options(settings))
     if settings.qdrant_url:
         if settings.qdrant_url == ":memory:":
@@ -656,8 +654,4 @@ def open_store(settings, own_process: bool = False) -> Store:
         # An empty key (e.g. a blank variable in a compose file) means no key, not the key "".
         api_key = settings.qdrant_api_key or None
         return ClientStore(settings.qdrant_url, api_key, settings.qdrant_prefer_grpc, settings.qdrant_timeout, **names)
-    if own_process:
-        from .store_process import StoreProcess
-
-        return StoreProcess(settings.qdrant_path, **names)
     return EdgeStore(settings.qdrant_path, **names)

@@ -1,7 +1,7 @@
 """Helper processes that talk pickles over stdin/stdout.
 
 Plain subprocesses, not multiprocessing: nothing of the caller's main module is imported again, so
-they start in a fraction of a second. Used for the tokenizer workers and the embedded store's process.
+they start in a fraction of a second.
 """
 
 from __future__ import annotations

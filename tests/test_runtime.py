@@ -20,21 +20,24 @@ class FakeEncoder:
 
 
 @pytest.mark.parametrize(
-    "device, gpus, visible, expected",
+    "device, gpus, per_gpu, visible, papers, passages",
     [
-        ("auto", 1, 4, []),  # the default: one GPU
-        ("auto", 0, 4, ["cuda:1", "cuda:2", "cuda:3"]),  # 0: all visible
-        ("cuda", 2, 4, ["cuda:1"]),
-        ("auto", 8, 2, ["cuda:1"]),  # never more than are visible
-        ("cuda:2", 0, 4, []),  # a device named explicitly means that one GPU
+        ("auto", 1, 1, 4, [], []),  # one GPU, one thread
+        ("auto", 1, 2, 4, [], ["cuda:0"]),  # the default: one GPU, two threads
+        ("auto", 0, 1, 4, ["cuda:1", "cuda:2", "cuda:3"], ["cuda:1", "cuda:2", "cuda:3"]),  # 0: all visible
+        ("cuda", 2, 2, 4, ["cuda:1"], ["cuda:0", "cuda:1", "cuda:1"]),  # a GPU's threads share its paper encoder
+        ("auto", 8, 1, 2, ["cuda:1"], ["cuda:1"]),  # never more than are visible
+        ("cuda:2", 0, 1, 4, [], []),  # a device named explicitly means that one GPU
+        ("cuda:2", 0, 2, 4, [], ["cuda:2"]),
     ],
 )
-def test_replicas_follow_the_gpus_setting(monkeypatch, device, gpus, visible, expected):
+def test_replicas_follow_the_gpu_settings(monkeypatch, device, gpus, per_gpu, visible, papers, passages):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    paper, passage = FakeEncoder(), FakeEncoder()
-    pairs = gpu_replicas(Settings(device=device, gpus=gpus), paper, passage)
-    assert paper.made == expected and passage.made == expected
-    assert [(str(p.device), str(q.device)) for p, q in pairs] == [(d, d) for d in expected]
+    paper, passage = FakeEncoder(device if device.startswith("cuda:") else "cuda:0"), FakeEncoder(device if device.startswith("cuda:") else "cuda:0")
+    pairs = gpu_replicas(Settings(device=device, gpus=gpus, encoders_per_gpu=per_gpu), paper, passage)
+    assert paper.made == papers and passage.made == passages
+    assert [str(q.device) for _, q in pairs] == passages
+    assert all(p.device == q.device for p, q in pairs)
 
 
 def test_no_replicas_on_cpu(monkeypatch):

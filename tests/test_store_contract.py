@@ -1,6 +1,5 @@
-"""One contract, both backends: Qdrant Edge (embedded default; also run by a child process, as bulk
-indexing does) and qdrant-client (":memory:" standing in for a server; the same suite runs against a
-real server in test_server*.py when QDRANT_URL is set)."""
+"""One contract, both backends: Qdrant Edge (embedded default) and qdrant-client (":memory:" standing
+in for a server; the same suite runs against a real server in test_server*.py when QDRANT_URL is set)."""
 
 import numpy as np
 import pytest
@@ -8,15 +7,13 @@ import pytest
 from indexer.store import (
     ClientStore, EdgeStore, Layout, Point, SearchFilter, StoreError, chunk_point_id, group_hits, paper_point_id,
 )
-from indexer.store_process import StoreProcess
 
 DIM = 8
 
 
-@pytest.fixture(params=["edge", "edge-process", "memory"])
+@pytest.fixture(params=["edge", "memory"])
 def store(request, tmp_path):
-    kinds = {"edge": EdgeStore, "edge-process": StoreProcess, "memory": lambda _: ClientStore(location=":memory:")}
-    s = kinds[request.param](tmp_path / "idx")
+    s = EdgeStore(tmp_path / "idx") if request.param == "edge" else ClientStore(location=":memory:")
     yield s
     s.close()
 
