@@ -70,7 +70,7 @@ def build(path: Path, n: int, layout: str, dim: int, windows: int, words: int, s
             batch.append(Point(chunk_point_id(pid, c), unit(rng, (windows, dim) if multivector else (dim,)), payload))
         store.upsert(store.chunks, batch)
     store.finish_bulk()
-    info = store._shards[store.chunks].info()
+    info = store._shards[store.chunks][0].info()
     if info.indexed_vectors_count < n:
         print(f"  warning: {layout} n={n}: only {info.indexed_vectors_count} vectors indexed", file=sys.stderr)
     store.close()

@@ -261,14 +261,17 @@ def instrument(indexer) -> dict:
     return busy
 
 
-def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base_cps: float | None, gemm: float) -> dict:
+def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base_cps: float | None,
+              gemm: float, chunk_shards: int = 1) -> dict:
+    from contextlib import nullcontext
+
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
-    from indexer.store import EdgeStore
+    from indexer.store import EdgeStore, StoreOptions
 
     devices = list(dict.fromkeys(torch.device("cuda", d.index or 0) if d.type == "cuda" else d for d in [passage_enc.device] + [p.device for _, p in replicas]))
     tmp = tempfile.mkdtemp(prefix="pi-bench-")
-    store = EdgeStore(tmp) if store_kind == "edge" else NullStore()
+    store = EdgeStore(tmp, options=StoreOptions(chunk_shards=chunk_shards)) if store_kind == "edge" else NullStore()
     idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
     busy = instrument(idx)
     graphed = [p.run._graphed for _, p in idx.workers if p.run._graphed is not None]
@@ -277,7 +280,9 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
     with GpuMonitor(devices) as mon:
         t = time.perf_counter()
-        stats = idx.index((p for i, p in enumerate(read_papers([corpus])) if i < n), on_batch=lambda s: marks.append((time.perf_counter(), s.chunks)))
+        idx.ensure_collections()  # as `paperindex index` runs it: the chunk shards' writer processes open them
+        with store.parallel_writes() if store_kind == "edge" else nullcontext():
+            stats = idx.index((p for i, p in enumerate(read_papers([corpus])) if i < n), on_batch=lambda s: marks.append((time.perf_counter(), s.chunks)))
         for d in devices:
             sync(d)
         dt = time.perf_counter() - t
@@ -385,6 +390,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, nargs="+", default=[254], help="window tokens (each a run)")
     ap.add_argument("--overlap", type=int, nargs="+", default=[Settings.model_fields["window_overlap"].default], help="least window overlap in tokens (each a run)")
     ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "null"], help="Qdrant Edge, or none")
+    ap.add_argument("--chunk-shards", type=int, nargs="+", default=[Settings.model_fields["edge_chunk_shards"].default],
+                    help="Qdrant Edge chunk shards, each written by its own process (each a run; default: PAPERINDEX_EDGE_CHUNK_SHARDS's)")
     ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--per-gpu", type=int, nargs="+", default=[Settings.model_fields["encoders_per_gpu"].default],
@@ -455,6 +462,8 @@ def main() -> None:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
                                      tokenizer_workers=args.workers, compile=args.pipeline_compile)
         # Paper heads (~4% of the work) stay on the first GPU: its encoder is shared by the threads.
+        if device.type != "cuda":
+            args.per_gpu = [1]  # replicas are per GPU
         extra = {(i, j): passage_enc.replicate(f"cuda:{i}") for i in range(args.gpus) for j in range(max(args.per_gpu)) if (i, j) != (0, 0)}
 
         def replicas_for(n_gpus: int, per_gpu: int) -> list:
@@ -472,8 +481,9 @@ def main() -> None:
                 replicas = replicas_for(n_gpus, per_gpu)
                 tag = (f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
                        + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else ""))
-                for kind in args.stores:
-                    index_run(f"paperindex e2e → {store_names[kind]} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base_cps, gemm)
+                for kind, shards in [(k, n) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]:
+                    label = store_names[kind] + (f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else "")
+                    index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base_cps, gemm, shards)
         finally:
             passage_enc.close()
 

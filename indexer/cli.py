@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -100,7 +101,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar.set_postfix(post, refresh=False)
 
     try:
-        stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
+        # The embedded store writes its chunk shards from processes of their own meanwhile (they
+        # open the shards, so the collections are made first).
+        rt.indexer.ensure_collections()
+        with getattr(rt.store, "parallel_writes", contextlib.nullcontext)():
+            stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
         rt.store.finish_bulk()
     finally:
         bar.close()

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     shard_number: int = Field(1, ge=1)
     replication_factor: int = Field(1, ge=1)
     upload_parallel: int = Field(2, ge=1)
+    # Embedded store: chunk shards of a new index (an existing one keeps its own); `paperindex index`
+    # writes each from a process of its own (Qdrant Edge inserts under the interpreter lock).
+    edge_chunk_shards: int = Field(2, ge=1, le=64)
 
     # Service.
     api_key: str | None = None

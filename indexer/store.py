@@ -16,16 +16,25 @@ Point ids are uuid5 of paper_id (papers) and of "paper_id:chunk_index" (chunks),
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import pickle
+import signal
+import threading
+import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from .workers import answer, send, spawn, stop, streams
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,7 @@ class StoreOptions:
     shard_number: int = 1
     replication_factor: int = 1
     upload_parallel: int = 2
+    chunk_shards: int = 1  # embedded store only: chunk shards of a new index, each written by its own process in bulk
 
 
 class Store(Protocol):
@@ -173,8 +183,24 @@ def group_hits(hits: Sequence[Hit], groups: int, group_size: int) -> list[tuple[
 # --------------------------------------------------------------------------------------------------
 
 
+def chunk_shard(paper_id: str, shards: int) -> int:
+    """Which of `shards` chunk shards holds a paper's chunks (all of them in one)."""
+    return uuid.UUID(paper_point_id(paper_id)).int % shards
+
+
+def _edge_points(qe, vname: str, points: Sequence[Point]) -> list:
+    return [qe.Point(p.id, {vname: _vector_value(p.vector)}, p.payload) for p in points]
+
+
+def _edge_paper_filter(qe, paper_ids: Sequence[str]):
+    return qe.Filter(must=[qe.FieldCondition("paper_id", match=qe.MatchAny(list(paper_ids)))])
+
+
 class EdgeStore:
-    """Qdrant Edge shards in one folder: <path>/<papers>/ and <path>/<chunks>/."""
+    """Qdrant Edge shards in one folder: <path>/<papers>/ and <path>/<chunks>/, and for an index
+    created with `chunk_shards` N > 1 also <path>/<chunks>.1/ … <chunks>.N-1/, a paper's chunks all
+    in one of them (`chunk_shard`). Searches run over every chunk shard and merge; in
+    `parallel_writes` each chunk shard is written by a process of its own (bulk indexing)."""
 
     def __init__(self, path: Path | str, papers: str = "papers", chunks: str = "chunks", options: StoreOptions | None = None) -> None:
         import qdrant_edge as qe
@@ -183,16 +209,32 @@ class EdgeStore:
         self.path = Path(path)
         self.papers, self.chunks = papers, chunks
         self.options = options or StoreOptions()
-        self._shards: dict[str, Any] = {}
+        self._shards: dict[str, list[Any]] = {}
+        self._writers: ShardWriters | None = None
         self._multivector = False
         for name in (papers, chunks):
-            if (self.path / name / "edge_config.json").exists():
+            dirs = self._dirs(name)
+            if dirs:
                 try:
-                    self._shards[name] = qe.EdgeShard.load(str(self.path / name))
+                    self._shards[name] = [_load_shard(qe, str(d)) for d in dirs]
                 except Exception as exc:
                     raise StoreUnavailable(f"cannot open embedded collection at {self.path / name}: {exc}") from exc
         if chunks in self._shards:
             self._multivector = self._read_layout()[1]
+
+    def _dirs(self, name: str, n: int | None = None) -> list[Path]:
+        """The shard folders of a collection: `n` of them, or those on disk."""
+        at = (self.path / (name if i == 0 else f"{name}.{i}") for i in itertools.count())
+        if n is not None:
+            return list(itertools.islice(at, n))
+        return list(itertools.takewhile(lambda d: (d / "edge_config.json").exists(), at))
+
+    @property
+    def chunk_shards(self) -> int:
+        """Shards of the chunks collection (open, held by writers, or to be created)."""
+        if self.chunks in self._shards:
+            return len(self._shards[self.chunks])
+        return self._writers.shards if self._writers is not None else self.options.chunk_shards
 
     # layout ------------------------------------------------------------------------------------
     def _read_layout(self) -> tuple[int, bool]:
@@ -201,7 +243,7 @@ class EdgeStore:
         return int(params["size"]), params.get("multivector_config") is not None
 
     def layout(self) -> Layout | None:
-        if self.papers not in self._shards or self.chunks not in self._shards:
+        if not self._exists(self.papers) or not self._exists(self.chunks):
             return None
         paper_cfg = json.loads((self.path / self.papers / "edge_config.json").read_text())
         dim, multi = self._read_layout()
@@ -248,16 +290,23 @@ class EdgeStore:
         for name, spec in self._specs(layout).items():
             if name in self._shards:
                 continue
-            indexed = spec[4]
-            shard = qe.EdgeShard.create(str(self.path / name), self._config(spec, m, self.options.quantization, self.options.vectors_on_disk))
-            for key in indexed:
-                kind = qe.PayloadSchemaType.Integer if key in ("year", "chunk_index") else qe.PayloadSchemaType.Keyword
-                shard.update(qe.UpdateOperation.create_field_index(key, kind))
-            shard.flush()
-            self._shards[name] = shard
+            shards = []
+            for d in self._dirs(name, self.options.chunk_shards if name == self.chunks else 1):
+                shard = qe.EdgeShard.create(str(d), self._config(spec, m, self.options.quantization, self.options.vectors_on_disk))
+                for key in spec[4]:
+                    kind = qe.PayloadSchemaType.Integer if key in ("year", "chunk_index") else qe.PayloadSchemaType.Keyword
+                    shard.update(qe.UpdateOperation.create_field_index(key, kind))
+                shard.flush()
+                shards.append(shard)
+            self._shards[name] = shards
         self._multivector = layout.multivector
 
-    def _shard(self, name: str):
+    def _exists(self, name: str) -> bool:
+        return name in self._shards or (name == self.chunks and self._writers is not None)
+
+    def _shard_list(self, name: str) -> list[Any]:
+        if self._writers is not None and name == self.chunks:
+            raise StoreError("the chunk shards are being written by their own processes (parallel_writes)")
         try:
             return self._shards[name]
         except KeyError:
@@ -278,15 +327,17 @@ class EdgeStore:
         if layout is None:
             return
         for name, spec in self._specs(layout).items():
-            shard = self._shards[name]
+            shards = self._shard_list(name)
             if self.hnsw_m(name) != self.options.hnsw_m:
                 # only m changes: the vectors keep the quantization and placement they were created with
                 stored = json.loads((self.path / name / "edge_config.json").read_text())["vectors"][spec[0]]
                 quantization = "int8" if stored.get("quantization_config") else "none"
                 cfg = self._config(spec, self.options.hnsw_m, quantization, bool(stored.get("on_disk")))
-                shard.close()
-                self._shards[name] = shard = self.qe.EdgeShard.load(str(self.path / name), cfg)
-            shard.optimize()
+                for i, d in enumerate(self._dirs(name, len(shards))):
+                    shards[i].close()
+                    shards[i] = self.qe.EdgeShard.load(str(d), cfg)
+            for shard in shards:
+                shard.optimize()
         self.options = StoreOptions(**{**self.options.__dict__, "bulk_load": False})
 
     # filters -----------------------------------------------------------------------------------
@@ -304,35 +355,80 @@ class EdgeStore:
         return qe.Filter(must=must or None, must_not=must_not or None)
 
     # writes ------------------------------------------------------------------------------------
+    def _by_chunk_shard(self, items: Sequence, paper_id) -> dict[int, list]:
+        out: dict[int, list] = {}
+        n = self.chunk_shards
+        for item in items:
+            out.setdefault(chunk_shard(paper_id(item), n), []).append(item)
+        return out
+
     def upsert(self, collection: str, points: Sequence[Point]) -> None:
         if not points:
             return
-        qe = self.qe
-        vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
-        shard = self._shard(collection)
-        shard.update(qe.UpdateOperation.upsert_points([qe.Point(p.id, {vname: _vector_value(p.vector)}, p.payload) for p in points]))
+        if collection == self.papers:
+            if self._writers is not None:
+                self._writers.wait()  # a paper point commits its chunks: they must all be written first
+            self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PAPER_VECTOR, points)))
+            return
+        for i, part in self._by_chunk_shard(points, lambda p: p.payload["paper_id"]).items():
+            if self._writers is not None:
+                self._writers.upsert(i, part)
+            else:
+                self._shard_list(self.chunks)[i].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PASSAGE_VECTOR, part)))
 
     def delete_chunks(self, paper_ids: Sequence[str]) -> None:
-        if paper_ids and self.chunks in self._shards:
-            self._shard(self.chunks).update(self.qe.UpdateOperation.delete_points_by_filter(self._filter(SearchFilter(paper_ids=list(paper_ids)))))
+        if not paper_ids or not self._exists(self.chunks):
+            return
+        for i, ids in self._by_chunk_shard(paper_ids, lambda p: p).items():
+            if self._writers is not None:
+                self._writers.delete(i, ids)
+            else:
+                self._shard_list(self.chunks)[i].update(self.qe.UpdateOperation.delete_points_by_filter(_edge_paper_filter(self.qe, ids)))
 
     def delete_papers(self, paper_ids: Sequence[str]) -> None:
         """Remove papers: the commit marker first, then the chunks, so a crash in between leaves no half paper visible as done."""
         if not paper_ids:
             return
         if self.papers in self._shards:
-            self._shard(self.papers).update(self.qe.UpdateOperation.delete_points([paper_point_id(p) for p in paper_ids]))
+            self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.delete_points([paper_point_id(p) for p in paper_ids]))
         self.delete_chunks(paper_ids)
 
     def flush(self) -> None:
-        for shard in self._shards.values():
+        if self._writers is not None:
+            self._writers.flush()
+        for shards in self._shards.values():  # without the chunk shards while their writers have them
+            for shard in shards:
+                shard.flush()
+
+    @contextmanager
+    def parallel_writes(self) -> Iterator[None]:
+        """While the block runs, each chunk shard is written by a process of its own, so writes go
+        at up to `chunk_shards` times one process's rate (Qdrant Edge converts and inserts a point
+        holding the interpreter lock: ~0.2-0.3 ms per chunk of multivectors and text). Chunk reads
+        wait for the end of the block; paper writes wait for the chunk writes sent before them."""
+        if self.chunks not in self._shards or self.chunk_shards < 2 or self._writers is not None:
+            yield
+            return
+        dirs = self._dirs(self.chunks, self.chunk_shards)
+        for shard in self._shards[self.chunks]:
             shard.flush()
+            shard.close()
+        del self._shards[self.chunks]
+        try:
+            self._writers = ShardWriters(dirs, PASSAGE_VECTOR)
+            yield
+            self._writers.close()
+        finally:
+            if self._writers is not None:
+                self._writers.stop()
+                self._writers = None
+            self._shards[self.chunks] = [_load_shard(self.qe, str(d)) for d in dirs]
 
     # reads -------------------------------------------------------------------------------------
     def get_papers(self, paper_ids: Sequence[str], with_vectors: bool = False) -> dict[str, Point]:
         if not paper_ids or self.papers not in self._shards:
             return {}
-        recs = self._shard(self.papers).retrieve([paper_point_id(p) for p in paper_ids], with_payload=True, with_vector=with_vectors)
+        recs = self._shard_list(self.papers)[0].retrieve([paper_point_id(p) for p in paper_ids], with_payload=True, with_vector=with_vectors)
         return _paper_points(recs, with_vectors)
 
     def committed(self, paper_ids: Sequence[str]) -> dict[str, str]:
@@ -342,10 +438,11 @@ class EdgeStore:
         qe = self.qe
         multi = collection == self.chunks and self._multivector
         vname = PASSAGE_VECTOR if collection == self.chunks else PAPER_VECTOR
-        res = self._shard(collection).query(
-            qe.QueryRequest(limit=limit, query=qe.Query.Nearest(_query_value(vector, multi), using=vname), filter=self._filter(flt), with_payload=True)
-        )
-        return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res]
+        request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(_query_value(vector, multi), using=vname), filter=self._filter(flt), with_payload=True)
+        hits = [Hit(str(p.id), float(p.score), dict(p.payload or {})) for shard in self._shard_list(collection) for p in shard.query(request)]
+        if len(self._shards[collection]) > 1:  # chunks: dot product / MaxSim, higher is better
+            hits = sorted(hits, key=lambda h: -h.score)[:limit]
+        return hits
 
     def search_groups(self, vector: np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None) -> list[Group]:
         # Edge has no group query: group an oversampled top-N here, widening N until enough papers show up.
@@ -368,31 +465,179 @@ class EdgeStore:
         return [Group(pid, hs, papers[pid].payload if pid in papers else None) for pid, hs in grouped]
 
     def count(self, collection: str, flt: SearchFilter | None = None) -> int:
-        if collection not in self._shards:
+        if not self._exists(collection):
             return 0
-        return int(self._shard(collection).count(self.qe.CountRequest(filter=self._filter(flt), exact=True)))
+        request = self.qe.CountRequest(filter=self._filter(flt), exact=True)
+        return sum(int(shard.count(request)) for shard in self._shard_list(collection))
 
     def scroll(self, collection: str, batch: int = 256, with_vectors: bool = True, offset: str | None = None) -> Iterator[tuple[list[Point], str | None]]:
-        if collection not in self._shards:
+        if not self._exists(collection):
             return
+        shards = self._shard_list(collection)
         vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
-        while True:
-            recs, nxt = self._shard(collection).scroll(self.qe.ScrollRequest(offset=offset, limit=batch, with_payload=True, with_vector=with_vectors))
-            offset = None if nxt is None else str(nxt)
-            yield [Point(str(r.id), np.asarray(r.vector[vname], dtype=np.float32) if with_vectors else np.empty(0), dict(r.payload)) for r in recs], offset
-            if offset is None:
+        # One shard: its own offsets. Several: "<shard>:<offset within it>".
+        at, inner = 0, offset
+        if len(shards) > 1 and offset is not None:
+            head, _, rest = offset.partition(":")
+            at, inner = int(head), rest or None
+        while at < len(shards):
+            recs: list = []
+            while at < len(shards) and len(recs) < batch:  # a page runs on into the next shard
+                got, nxt = shards[at].scroll(self.qe.ScrollRequest(offset=inner, limit=batch - len(recs), with_payload=True, with_vector=with_vectors))
+                recs += got
+                inner = None if nxt is None else str(nxt)
+                if inner is None:
+                    at += 1
+            out = None if at == len(shards) else inner if len(shards) == 1 else f"{at}:{inner or ''}"
+            yield [Point(str(r.id), np.asarray(r.vector[vname], dtype=np.float32) if with_vectors else np.empty(0), dict(r.payload)) for r in recs], out
+            if out is None:
                 return
 
     def ping(self) -> None:
-        for name in (self.papers, self.chunks):
-            if name in self._shards:
-                self._shards[name].info()
+        for shards in self._shards.values():
+            for shard in shards:
+                shard.info()
 
     def close(self) -> None:
-        for shard in self._shards.values():
-            shard.flush()
-            shard.close()
+        if self._writers is not None:
+            self._writers.stop()
+            self._writers = None
+        for shards in self._shards.values():
+            for shard in shards:
+                shard.flush()
+                shard.close()
         self._shards.clear()
+
+
+# How long a process opening a shard waits for another to let go of it (see _load_shard).
+OPEN_WAIT_S = 10.0
+
+
+def _load_shard(qe, path: str, wait_s: float = OPEN_WAIT_S):
+    """EdgeShard.load, waiting while another process holds the shard: the engine locks a shard's
+    write-ahead log, and after a crash the crashed run's writer processes may still be closing theirs."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return qe.EdgeShard.load(path)
+        except Exception as exc:
+            if "WouldBlock" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2)
+
+
+def _serve_shard() -> None:
+    """A chunk shard's writer process: (path, vector name, wait_s), then ("upsert", ids, vectors,
+    payloads) / ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
+    ("error", message). After a failure it refuses what follows: the caller did not wait for it."""
+    import qdrant_edge as qe
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
+    inp, out = streams()
+    path, vname, wait_s = pickle.load(inp)
+    try:
+        shard = _load_shard(qe, path, wait_s)
+    except Exception as exc:
+        answer(out, ("error", f"cannot open {path}: {exc}"))
+        return
+    answer(out, ("ok", None))
+    failed: str | None = None
+    try:
+        while True:
+            try:
+                op, *args = pickle.load(inp)
+            except EOFError:
+                return
+            if failed is not None:
+                answer(out, ("error", f"not done: an earlier write failed ({failed})"))
+                continue
+            try:
+                if op == "upsert":
+                    shard.update(qe.UpdateOperation.upsert_points([qe.Point(i, {vname: _vector_value(v)}, p) for i, v, p in zip(*args)]))
+                elif op == "delete":
+                    shard.update(qe.UpdateOperation.delete_points_by_filter(_edge_paper_filter(qe, args[0])))
+                elif op == "flush":
+                    shard.flush()
+                answer(out, ("ok", None))
+            except Exception as exc:
+                failed = repr(exc)
+                answer(out, ("error", failed))
+            if op == "close":
+                return
+    finally:
+        shard.flush()
+        shard.close()
+
+
+class ShardWriters:
+    """One writer process per chunk shard (EdgeStore.parallel_writes). Writes are sent without
+    waiting for them, up to IN_FLIGHT per process; `wait` reads every answer. A failed write is
+    raised by the next call, and its process refuses every write after it."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, dirs: Sequence[Path], vname: str) -> None:
+        self.shards = len(dirs)
+        self._procs = [spawn("from indexer.store import _serve_shard; _serve_shard()") for _ in dirs]
+        self._finalizer = weakref.finalize(self, stop, self._procs, 60)
+        self._pending = [0] * len(dirs)
+        self._lock = threading.Lock()
+        try:
+            for p, d in zip(self._procs, dirs):
+                send(p, (str(d), vname, OPEN_WAIT_S))
+            for i in range(len(dirs)):
+                self._answer(i)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answer(self, i: int) -> None:
+        try:
+            status, value = pickle.load(self._procs[i].stdout)
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
+        if status != "ok":
+            raise StoreError(f"chunk shard {i}: {value}")
+
+    def _send(self, i: int, message: tuple) -> None:
+        with self._lock:
+            while self._pending[i] >= self.IN_FLIGHT:
+                self._pending[i] -= 1
+                self._answer(i)
+            try:
+                send(self._procs[i], message)
+            except (BrokenPipeError, OSError) as exc:
+                raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
+            self._pending[i] += 1
+
+    def upsert(self, i: int, points: Sequence[Point]) -> None:
+        self._send(i, ("upsert", [p.id for p in points], [p.vector for p in points], [p.payload for p in points]))
+
+    def delete(self, i: int, paper_ids: Sequence[str]) -> None:
+        self._send(i, ("delete", list(paper_ids)))
+
+    def wait(self) -> None:
+        """Until every write sent is done; raises the first that failed."""
+        with self._lock:
+            for i in range(len(self._procs)):
+                while self._pending[i]:
+                    self._pending[i] -= 1
+                    self._answer(i)
+
+    def flush(self) -> None:
+        for i in range(len(self._procs)):
+            self._send(i, ("flush",))
+        self.wait()
+
+    def close(self) -> None:
+        """Finish every write, close the shards, end the processes."""
+        for i in range(len(self._procs)):
+            self._send(i, ("close",))
+        self.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        self._finalizer()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -642,6 +887,7 @@ def store_options(settings) -> StoreOptions:
         shard_number=settings.shard_number,
         replication_factor=settings.replication_factor,
         upload_parallel=settings.upload_parallel,
+        chunk_shards=settings.edge_chunk_shards,
     )
 
 

@@ -51,7 +51,7 @@ def edge_config(store: EdgeStore, name: str) -> dict:
 def test_edge_bulk_load_defers_hnsw_and_finish_restores_it(tmp_path):
     store = EdgeStore(tmp_path / "ix", options=StoreOptions(bulk_load=True, quantization="int8", vectors_on_disk=True))
     store.create(Layout(16, 16, True))
-    chunks = store._shards[store.chunks]
+    chunks = store._shards[store.chunks][0]
     assert set(chunks.info().payload_schema) == PAYLOAD_INDEXES  # before any upload
     assert store.hnsw_m(store.chunks) == store.hnsw_m(store.papers) == 0
     params = edge_config(store, store.chunks)["vectors"]["passage"]
@@ -93,9 +93,9 @@ def test_edge_finish_bulk_builds_the_graph(tmp_path):
     points = chunk_points(3400, 768)
     for i in range(0, len(points), 512):
         store.upsert(store.chunks, points[i : i + 512])
-    assert store._shards[store.chunks].info().indexed_vectors_count == 0
+    assert store._shards[store.chunks][0].info().indexed_vectors_count == 0
     store.finish_bulk()
-    assert store._shards[store.chunks].info().indexed_vectors_count == 3400
+    assert store._shards[store.chunks][0].info().indexed_vectors_count == 3400
     # the graph finds (almost) every probe itself; random 768-d vectors are the hardest case for HNSW
     probes = points[::50]
     assert sum(store.search(store.chunks, p.vector, 1)[0].id == p.id for p in probes) >= 0.8 * len(probes)

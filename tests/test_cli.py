@@ -118,3 +118,21 @@ def test_migrate_to_server_is_resumable(env, papers_file, tmp_path, capsys, monk
     hit = target.search(target.chunks, source.get_papers(["p0002"], with_vectors=True)["p0002"].vector[:1].repeat(target.layout().chunk_dim), 1)
     assert hit and hit[0].payload["text"]
     source.close()
+
+
+def test_index_writes_the_chunk_shards_from_processes_of_their_own(env, papers_file, monkeypatch, capsys):
+    from indexer import store as store_module
+
+    made = []
+    real = store_module.ShardWriters
+
+    def counting(dirs, vname):
+        made.append(len(dirs))
+        return real(dirs, vname)
+
+    monkeypatch.setattr(store_module, "ShardWriters", counting)
+    code, out, err = run(capsys, "index", str(papers_file), "-q", "--json")
+    assert code == 0, err
+    assert made == [2]  # PAPERINDEX_EDGE_CHUNK_SHARDS' default
+    code, out, _ = run(capsys, "stats", "--json")
+    assert code == 0 and json.loads(out)["chunks"] == json.loads(run(capsys, "index", str(papers_file), "-q", "--json", "--force")[1])["chunks"]

@@ -1,19 +1,21 @@
-"""One contract, both backends: Qdrant Edge (embedded default) and qdrant-client (":memory:" standing
-in for a server; the same suite runs against a real server in test_server*.py when QDRANT_URL is set)."""
+"""One contract, both backends: Qdrant Edge (embedded default; with one chunk shard and with several)
+and qdrant-client (":memory:" standing in for a server; the same suite runs against a real server in test_server*.py when QDRANT_URL is set)."""
 
 import numpy as np
 import pytest
 
 from indexer.store import (
-    ClientStore, EdgeStore, Layout, Point, SearchFilter, StoreError, chunk_point_id, group_hits, paper_point_id,
+    ClientStore, EdgeStore, Layout, Point, SearchFilter, StoreError, StoreOptions, chunk_point_id, group_hits, paper_point_id,
 )
 
 DIM = 8
 
 
-@pytest.fixture(params=["edge", "memory"])
+@pytest.fixture(params=["edge", "edge-3-chunk-shards", "memory"])
 def store(request, tmp_path):
-    s = EdgeStore(tmp_path / "idx") if request.param == "edge" else ClientStore(location=":memory:")
+    kinds = {"edge": lambda: EdgeStore(tmp_path / "idx"), "memory": lambda: ClientStore(location=":memory:"),
+             "edge-3-chunk-shards": lambda: EdgeStore(tmp_path / "idx", options=StoreOptions(chunk_shards=3))}
+    s = kinds[request.param]()
     yield s
     s.close()
 

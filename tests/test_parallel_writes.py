@@ -1,0 +1,127 @@
+"""Several chunk shards in the embedded store, each written by a process of its own while bulk
+indexing (EdgeStore.parallel_writes). The shared read/write behaviour is the store contract
+(test_store_contract.py runs it on a store of three chunk shards too)."""
+
+import numpy as np
+import pytest
+
+from indexer import store as store_module
+from indexer.store import EdgeStore, Layout, Point, SearchFilter, StoreError, StoreOptions, chunk_point_id, chunk_shard, paper_point_id
+
+DIM = 16
+
+
+def chunks(papers, per_paper=5, seed=0, windows=3):
+    rng = np.random.default_rng(seed)
+    return [Point(chunk_point_id(f"p{p}", c), rng.standard_normal((windows, DIM)).astype(np.float32),
+                  {"paper_id": f"p{p}", "paper_uuid": paper_point_id(f"p{p}"), "chunk_index": c, "year": 2000 + p % 5, "text": f"p{p} c{c}"})
+            for p in papers for c in range(per_paper)]
+
+
+def paper_points(papers):
+    return [Point(paper_point_id(f"p{p}"), np.full(DIM, p, dtype=np.float32), {"paper_id": f"p{p}", "title": f"t{p}", "content_hash": "h"})
+            for p in papers]
+
+
+def sharded(path, shards=3):
+    s = EdgeStore(path, options=StoreOptions(chunk_shards=shards))
+    s.create(Layout(DIM, DIM, True))
+    return s
+
+
+def test_parallel_writes_end_with_the_points_of_plain_writes(tmp_path):
+    first, second = chunks(range(40)), chunks(range(30, 50), seed=1)  # p30-p39 written twice
+    plain, par = sharded(tmp_path / "plain"), sharded(tmp_path / "par")
+    for s, ctx in ((plain, None), (par, par.parallel_writes)):
+        def write(s=s):
+            s.upsert(s.chunks, first)
+            s.upsert(s.papers, paper_points(range(40)))
+            s.delete_papers(["p1", "p2"])
+            s.delete_chunks([f"p{p}" for p in range(30, 40)])
+            s.upsert(s.chunks, second)
+            s.flush()
+        if ctx is None:
+            write()
+        else:
+            with ctx():
+                write()
+    assert par.count(par.chunks) == plain.count(plain.chunks) == 48 * 5
+    assert par.count(par.papers) == plain.count(plain.papers) == 38
+    q = np.random.default_rng(7).standard_normal(DIM).astype(np.float32)
+    for flt in (None, SearchFilter(year_from=2002), SearchFilter(paper_ids=["p33", "p7"])):
+        a, b = plain.search(plain.chunks, q, 20, flt), par.search(par.chunks, q, 20, flt)
+        assert [h.id for h in a] == [h.id for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
+    # every paper's chunks sit in the one shard its id names
+    for i, shard in enumerate(par._shards[par.chunks]):
+        recs, _ = shard.scroll(par.qe.ScrollRequest(limit=1000, with_payload=True, with_vector=False))
+        assert recs and {chunk_shard(r.payload["paper_id"], 3) for r in recs} == {i}
+    plain.close()
+    par.close()
+
+
+def test_chunk_reads_wait_for_the_end_of_parallel_writes(tmp_path):
+    s = sharded(tmp_path / "idx")
+    with s.parallel_writes():
+        s.upsert(s.chunks, chunks(range(4)))
+        s.upsert(s.papers, paper_points(range(4)))
+        assert s.committed(["p0", "p9"]) == {"p0": "h"}  # papers are read as usual
+        with pytest.raises(StoreError, match="own processes"):
+            s.search(s.chunks, np.ones(DIM, dtype=np.float32), 3)
+    assert s.count(s.chunks) == 20
+    s.close()
+
+
+def test_a_failed_chunk_write_keeps_its_paper_uncommitted(tmp_path):
+    """Chunk writes are not waited for, but a paper point (the commit marker) waits for them: if
+    one failed, the marker is not written, and the error surfaces."""
+    s = sharded(tmp_path / "idx")
+    bad = [Point(chunk_point_id("p0", 0), np.zeros((2, DIM + 1), dtype=np.float32), {"paper_id": "p0"})]  # wrong dimension
+    with pytest.raises(StoreError, match="chunk shard"):
+        with s.parallel_writes():
+            s.upsert(s.chunks, bad)
+            s.upsert(s.papers, paper_points([0]))
+    assert s.count(s.papers) == 0 and s.count(s.chunks) == 0
+    s.upsert(s.chunks, chunks([0]))  # the shards are back in this process and writable
+    assert s.count(s.chunks) == 5
+    s.close()
+
+
+def test_a_dead_writer_process_is_a_clear_error(tmp_path):
+    s = sharded(tmp_path / "idx", shards=2)
+    with pytest.raises(StoreError, match="exited"):
+        with s.parallel_writes():
+            for p in s._writers._procs:
+                p.kill()
+                p.wait()
+            s.upsert(s.chunks, chunks(range(6)))
+            s.flush()
+    s.upsert(s.chunks, chunks([1]))
+    assert s.count(s.chunks) == 5
+    s.close()
+
+
+def test_an_index_of_one_chunk_shard_writes_in_process(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(store_module, "ShardWriters", lambda *a: started.append(a))
+    s = sharded(tmp_path / "idx", shards=1)
+    with s.parallel_writes():
+        s.upsert(s.chunks, chunks(range(3)))
+    assert started == [] and s.count(s.chunks) == 15
+    s.close()
+    again = EdgeStore(tmp_path / "idx", options=StoreOptions(chunk_shards=4))  # an index keeps the shards it was made with
+    assert again.chunk_shards == 1 and again.count(again.chunks) == 15
+    again.close()
+
+
+
+def test_the_layout_is_known_while_the_writers_hold_the_chunk_shards(tmp_path):
+    """An indexing run starts by making sure the collections exist: inside parallel_writes that
+    must find them, not create them again."""
+    s = sharded(tmp_path / "idx")
+    with s.parallel_writes():
+        assert s.layout() == Layout(DIM, DIM, True)
+        s.create(Layout(DIM, DIM, True))
+        s.upsert(s.chunks, chunks(range(2)))
+    assert s.count(s.chunks) == 10 and s.chunk_shards == 3
+    s.close()
