@@ -527,8 +527,8 @@ def _load_shard(qe, path: str, wait_s: float = OPEN_WAIT_S):
 
 
 def _serve_shard() -> None:
-    """A chunk shard's writer process: (path, vector name, wait_s), then ("upsert", ids, vectors,
-    payloads) / ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
+    """A chunk shard's writer process: (path, vector name, wait_s), then ("upsert", points) /
+    ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
     ("error", message). After a failure it refuses what follows: the caller did not wait for it."""
     import qdrant_edge as qe
 
@@ -553,7 +553,7 @@ def _serve_shard() -> None:
                 continue
             try:
                 if op == "upsert":
-                    shard.update(qe.UpdateOperation.upsert_points([qe.Point(i, {vname: _vector_value(v)}, p) for i, v, p in zip(*args)]))
+                    shard.update(qe.UpdateOperation.upsert_points(_edge_points(qe, vname, args[0])))
                 elif op == "delete":
                     shard.update(qe.UpdateOperation.delete_points_by_filter(_edge_paper_filter(qe, args[0])))
                 elif op == "flush":
@@ -611,7 +611,7 @@ class ShardWriters:
             self._pending[i] += 1
 
     def upsert(self, i: int, points: Sequence[Point]) -> None:
-        self._send(i, ("upsert", [p.id for p in points], [p.vector for p in points], [p.payload for p in points]))
+        self._send(i, ("upsert", list(points)))
 
     def delete(self, i: int, paper_ids: Sequence[str]) -> None:
         self._send(i, ("delete", list(paper_ids)))
