@@ -129,7 +129,7 @@ class _Slot:
         self.mask: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
         # Waiting threads sleep rather than spin: a spinning wait takes a core from the tokenizer
-        # workers and the store process for the whole run.
+        # workers and the chunk shards' writer processes for the whole run.
         self.event = torch.cuda.Event(blocking=True)
         self.batch: np.ndarray | None = None
         self.result: torch.Tensor | None = None

@@ -405,7 +405,7 @@ class EdgeStore:
         """While the block runs, each chunk shard is written by a process of its own, so writes go
         at up to `chunk_shards` times one process's rate (Qdrant Edge converts and inserts a point
         holding the interpreter lock: ~0.2-0.3 ms per chunk of multivectors and text). Chunk reads
-        wait for the end of the block; paper writes wait for the chunk writes sent before them."""
+        are refused until the block ends; paper writes wait for the chunk writes sent before them."""
         if self.chunks not in self._shards or self.chunk_shards < 2 or self._writers is not None:
             yield
             return
