@@ -210,6 +210,8 @@ class EdgeStore:
         self.papers, self.chunks = papers, chunks
         self.options = options or StoreOptions()
         self._shards: dict[str, list[Any]] = {}
+        # Collections on disk not open in this process (closed by parallel_writes): opened on first use.
+        self._unopened: dict[str, list[Path]] = {}
         self._writers: ShardWriters | None = None
         self._multivector = False
         for name in (papers, chunks):
@@ -234,6 +236,8 @@ class EdgeStore:
         """Shards of the chunks collection (open, held by writers, or to be created)."""
         if self.chunks in self._shards:
             return len(self._shards[self.chunks])
+        if self.chunks in self._unopened:
+            return len(self._unopened[self.chunks])
         return self._writers.shards if self._writers is not None else self.options.chunk_shards
 
     # layout ------------------------------------------------------------------------------------
@@ -288,7 +292,7 @@ class EdgeStore:
         qe = self.qe
         m = 0 if self.options.bulk_load else self.options.hnsw_m
         for name, spec in self._specs(layout).items():
-            if name in self._shards:
+            if name in self._shards or name in self._unopened:
                 continue
             shards = []
             for d in self._dirs(name, self.options.chunk_shards if name == self.chunks else 1):
@@ -302,11 +306,27 @@ class EdgeStore:
         self._multivector = layout.multivector
 
     def _exists(self, name: str) -> bool:
-        return name in self._shards or (name == self.chunks and self._writers is not None)
+        return name in self._shards or name in self._unopened or (name == self.chunks and self._writers is not None)
+
+    def _open(self, name: str, config=None) -> None:
+        """Open a collection's shards in this process if they are not (with `config`: load them with
+        it, closing them first if open)."""
+        if config is None and name in self._shards:
+            return
+        dirs = self._unopened.pop(name, None) or self._dirs(name, len(self._shards.get(name, ())) or None)
+        for shard in self._shards.pop(name, ()):
+            shard.close()
+        try:
+            self._shards[name] = [_load_shard(self.qe, str(d)) if config is None else self.qe.EdgeShard.load(str(d), config) for d in dirs]
+        except Exception as exc:
+            self._unopened[name] = dirs
+            raise StoreUnavailable(f"cannot open embedded collection at {self.path / name}: {exc}") from exc
 
     def _shard_list(self, name: str) -> list[Any]:
         if self._writers is not None and name == self.chunks:
             raise StoreError("the chunk shards are being written by their own processes (parallel_writes)")
+        if name in self._unopened:
+            self._open(name)
         try:
             return self._shards[name]
         except KeyError:
@@ -326,17 +346,15 @@ class EdgeStore:
         layout = self.layout()
         if layout is None:
             return
+        if self._writers is not None:
+            raise StoreError("finish_bulk runs after parallel_writes: the chunk shards are being written by their own processes")
         for name, spec in self._specs(layout).items():
-            shards = self._shard_list(name)
             if self.hnsw_m(name) != self.options.hnsw_m:
                 # only m changes: the vectors keep the quantization and placement they were created with
                 stored = json.loads((self.path / name / "edge_config.json").read_text())["vectors"][spec[0]]
                 quantization = "int8" if stored.get("quantization_config") else "none"
-                cfg = self._config(spec, self.options.hnsw_m, quantization, bool(stored.get("on_disk")))
-                for i, d in enumerate(self._dirs(name, len(shards))):
-                    shards[i].close()
-                    shards[i] = self.qe.EdgeShard.load(str(d), cfg)
-            for shard in shards:
+                self._open(name, self._config(spec, self.options.hnsw_m, quantization, bool(stored.get("on_disk"))))
+            for shard in self._shard_list(name):
                 shard.optimize()
         self.options = StoreOptions(**{**self.options.__dict__, "bulk_load": False})
 
@@ -389,7 +407,7 @@ class EdgeStore:
         """Remove papers: the commit marker first, then the chunks, so a crash in between leaves no half paper visible as done."""
         if not paper_ids:
             return
-        if self.papers in self._shards:
+        if self._exists(self.papers):
             self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.delete_points([paper_point_id(p) for p in paper_ids]))
         self.delete_chunks(paper_ids)
 
@@ -406,14 +424,14 @@ class EdgeStore:
         at up to `chunk_shards` times one process's rate (Qdrant Edge converts and inserts a point
         holding the interpreter lock: ~0.2-0.3 ms per chunk of multivectors and text). Chunk reads
         are refused until the block ends; paper writes wait for the chunk writes sent before them."""
-        if self.chunks not in self._shards or self.chunk_shards < 2 or self._writers is not None:
+        if not self._exists(self.chunks) or self.chunk_shards < 2 or self._writers is not None:
             yield
             return
         dirs = self._dirs(self.chunks, self.chunk_shards)
-        for shard in self._shards[self.chunks]:
+        for shard in self._shards.pop(self.chunks, ()):
             shard.flush()
             shard.close()
-        del self._shards[self.chunks]
+        self._unopened.pop(self.chunks, None)
         try:
             self._writers = ShardWriters(dirs, PASSAGE_VECTOR)
             yield
@@ -422,11 +440,13 @@ class EdgeStore:
             if self._writers is not None:
                 self._writers.stop()
                 self._writers = None
-            self._shards[self.chunks] = [_load_shard(self.qe, str(d)) for d in dirs]
+            # Opened again when next read or written here: a `paperindex index` run ends without (~0.4 s
+            # a shard of 30,000 chunks), and `finish_bulk` opens them once, with its own config.
+            self._unopened[self.chunks] = dirs
 
     # reads -------------------------------------------------------------------------------------
     def get_papers(self, paper_ids: Sequence[str], with_vectors: bool = False) -> dict[str, Point]:
-        if not paper_ids or self.papers not in self._shards:
+        if not paper_ids or not self._exists(self.papers):
             return {}
         recs = self._shard_list(self.papers)[0].retrieve([paper_point_id(p) for p in paper_ids], with_payload=True, with_vector=with_vectors)
         return _paper_points(recs, with_vectors)
@@ -507,6 +527,7 @@ class EdgeStore:
                 shard.flush()
                 shard.close()
         self._shards.clear()
+        self._unopened.clear()
 
 
 # How long a process opening a shard waits for another to let go of it (see _load_shard).
@@ -580,13 +601,13 @@ class ShardWriters:
         self.shards = len(dirs)
         self._procs = [spawn("from indexer.store import _serve_shard; _serve_shard()") for _ in dirs]
         self._finalizer = weakref.finalize(self, stop, self._procs, 60)
-        self._pending = [0] * len(dirs)
+        # Each process answers once it has opened its shard; that answer is read like a write's, so
+        # the caller goes on meanwhile (starting Python and opening a shard take ~0.3 s).
+        self._pending = [1] * len(dirs)
         self._lock = threading.Lock()
         try:
             for p, d in zip(self._procs, dirs):
                 send(p, (str(d), vname, OPEN_WAIT_S))
-            for i in range(len(dirs)):
-                self._answer(i)
         except BaseException:
             self.stop()
             raise

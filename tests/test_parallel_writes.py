@@ -2,6 +2,9 @@
 indexing (EdgeStore.parallel_writes). The shared read/write behaviour is the store contract
 (test_store_contract.py runs it on a store of three chunk shards too)."""
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -125,3 +128,50 @@ def test_the_layout_is_known_while_the_writers_hold_the_chunk_shards(tmp_path):
         s.upsert(s.chunks, chunks(range(2)))
     assert s.count(s.chunks) == 10 and s.chunk_shards == 3
     s.close()
+
+
+def test_a_shard_the_writers_cannot_open_fails_the_run_without_holding_it_up(tmp_path, monkeypatch):
+    """The writer processes open their shards while the caller goes on; a shard another process
+    holds (here: this one, after the wait runs out) is a clear error at the next write, and no
+    paper is committed."""
+    monkeypatch.setattr(store_module, "OPEN_WAIT_S", 0.5)
+    s = sharded(tmp_path / "idx", shards=2)
+    with s.parallel_writes():  # a first run: the shards exist and are closed in this process
+        pass
+    held = store_module._load_shard(s.qe, str(tmp_path / "idx" / "chunks.1"))
+    t, entered = time.perf_counter(), []
+    with pytest.raises(StoreError, match="chunk shard 1: cannot open"):
+        with s.parallel_writes():
+            entered.append(time.perf_counter() - t)
+            s.upsert(s.chunks, chunks(range(8)))
+            s.upsert(s.papers, paper_points(range(8)))
+    held.close()
+    assert entered and entered[0] < 0.5  # the run went on while the writers opened (and waited)
+    # no paper marked done (a rerun redoes them all); shard 0's chunks are redone then too
+    assert s.count(s.papers) == 0
+    assert s.count(s.chunks) == 5 * sum(chunk_shard(f"p{p}", 2) == 0 for p in range(8)) > 0
+    s.close()
+
+
+def test_after_parallel_writes_the_chunk_shards_open_on_first_use(tmp_path, monkeypatch):
+    """A bulk run ends without opening the chunk shards again in-process; the first read opens them,
+    and finish_bulk opens them once, with the graph settings it restores."""
+    s = EdgeStore(tmp_path / "idx", options=StoreOptions(chunk_shards=2, bulk_load=True))
+    s.create(Layout(DIM, DIM, True))
+    loads = []
+    real_load = s.qe.EdgeShard.load
+    monkeypatch.setattr(s.qe.EdgeShard, "load", lambda path, *cfg: loads.append((Path(path).name, bool(cfg))) or real_load(path, *cfg))
+    with s.parallel_writes():
+        s.upsert(s.chunks, chunks(range(6)))
+        s.upsert(s.papers, paper_points(range(6)))
+    assert s.chunk_shards == 2 and loads == []
+    s.finish_bulk()
+    assert sorted(loads) == [("chunks", True), ("chunks.1", True), ("papers", True)]
+    assert s.hnsw_m(s.chunks) == s.options.hnsw_m > 0
+    assert len(s.search(s.chunks, np.ones(DIM, dtype=np.float32), 5)) == 5 and s.count(s.chunks) == 30
+    s.close()
+    again = EdgeStore(tmp_path / "idx")
+    with again.parallel_writes():
+        again.upsert(again.chunks, chunks([9]))
+    assert again.count(again.chunks) == 35  # read after the second run: opened then
+    again.close()
