@@ -27,11 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
+import subprocess
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,7 @@ from indexer.config import Settings  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 RESULTS: dict = {"rows": [], "notes": []}
+PROFILE = False  # --profile
 
 
 def say(*a) -> None:
@@ -261,6 +267,24 @@ def instrument(indexer) -> dict:
     return busy
 
 
+@contextmanager
+def sampled(name: str | None) -> Iterator[None]:
+    """py-spy samples this process (every thread, and the worker processes) while the block runs."""
+    if name is None:
+        yield
+        return
+    out = OUT / ("profile-" + "".join(c if c.isalnum() else "-" for c in name)[:80] + ".txt")
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--subprocesses", "--threads", "--idle", "--rate", "200",
+                            "--format", "raw", "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base_cps: float | None,
               gemm: float, chunk_shards: int = 1) -> dict:
     from contextlib import nullcontext
@@ -278,7 +302,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
-    with GpuMonitor(devices) as mon:
+    with GpuMonitor(devices) as mon, sampled(name if store_kind == "edge" and PROFILE else None):
         t = time.perf_counter()
         idx.ensure_collections()  # as `paperindex index` runs it: the chunk shards' writer processes open them
         with store.parallel_writes() if store_kind == "edge" else nullcontext():
@@ -400,8 +424,12 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of this script on CPU)")
+    ap.add_argument("--profile", action="store_true", help="sample each timed Qdrant Edge run with py-spy (threads and subprocesses; "
+                    "collapsed stacks in $OUT/profile-*.txt)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads"])
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
 
     import corpus as corpus_mod
     import models as bench_models

@@ -32,8 +32,9 @@ from .tokenizing import Windows
 log = logging.getLogger(__name__)
 
 HEAD_FALLBACK_WORDS = 300
-# Points per upsert call. Qdrant Edge holds the interpreter lock for a whole call (~0.2 ms a
-# chunk), so short calls let the GPU threads in between (they need it briefly, a few times a batch).
+# Points per upsert call, unless the store says (`upsert_points`). Qdrant Edge in this process holds
+# the interpreter lock for a whole call (~0.2 ms a chunk), so short calls let the GPU threads in
+# between (they need it briefly, a few times a batch).
 UPSERT_POINTS = 16
 # While indexing, threads hand over the interpreter lock after this long (Python's default, 5 ms,
 # would let a busy writer stall a GPU thread's next launch for that long, many times per batch).
@@ -164,7 +165,7 @@ class Indexer:
                 for c in cs:
                     points.append(Point(chunk_point_id(p.paper_id, c.chunk_index), b.chunk_vecs[at], self.chunk_payload(p, c, meta)))
                     at += 1
-            step = getattr(self.store, "upsert_points", UPSERT_POINTS)  # a server store takes bigger calls
+            step = getattr(self.store, "upsert_points", None) or UPSERT_POINTS  # a server store takes bigger calls
             for i in range(0, len(points), step):
                 retry(self.store.upsert, self.store.chunks, points[i : i + step])
             paper_points = [

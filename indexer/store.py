@@ -202,6 +202,11 @@ class EdgeStore:
     in one of them (`chunk_shard`). Searches run over every chunk shard and merge; in
     `parallel_writes` each chunk shard is written by a process of its own (bulk indexing)."""
 
+    # Chunk points per upsert call from the pipeline (`upsert_points`) while writer processes have
+    # the chunk shards: a call is one message per shard, so bigger calls mean fewer messages and
+    # answers. Their size stays well within a pipe (a chunk pickles to ~15 KB).
+    WRITER_UPSERT_POINTS = 32
+
     def __init__(self, path: Path | str, papers: str = "papers", chunks: str = "chunks", options: StoreOptions | None = None) -> None:
         import qdrant_edge as qe
 
@@ -373,6 +378,11 @@ class EdgeStore:
         return qe.Filter(must=must or None, must_not=must_not or None)
 
     # writes ------------------------------------------------------------------------------------
+    @property
+    def upsert_points(self) -> int | None:
+        """Points per upsert call the pipeline should make (None: its own default)."""
+        return self.WRITER_UPSERT_POINTS if self._writers is not None else None
+
     def _by_chunk_shard(self, items: Sequence, paper_id) -> dict[int, list]:
         out: dict[int, list] = {}
         n = self.chunk_shards
@@ -595,7 +605,7 @@ class ShardWriters:
     waiting for them, up to IN_FLIGHT per process; `wait` reads every answer. A failed write is
     raised by the next call, and its process refuses every write after it."""
 
-    IN_FLIGHT = 2
+    IN_FLIGHT = 4
 
     def __init__(self, dirs: Sequence[Path], vname: str) -> None:
         self.shards = len(dirs)

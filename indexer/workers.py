@@ -6,6 +6,7 @@ they start in a fraction of a second.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import subprocess
@@ -14,13 +15,26 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+# Bytes a pipe to a worker holds (Linux's default is 64 KiB). A request bigger than what the pipe
+# holds blocks the sender until the worker has read it, i.e. until it has finished the requests
+# before it: a thread feeding several workers would then wait on each in turn, and they would take
+# turns instead of running side by side.
+PIPE_BYTES = 1 << 20
+
+
 def spawn(call: str, **env: str) -> subprocess.Popen:
     """A Python process running `call` (e.g. "from indexer.x import serve; serve()"), with this
     package importable and pipes on its stdin and stdout."""
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return subprocess.Popen([sys.executable, "-c", call], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", call], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": path, **env})
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except (AttributeError, OSError):  # not Linux, or over /proc/sys/fs/pipe-max-size: the default size
+            pass
+    return proc
 
 
 def send(proc: subprocess.Popen, obj: Any) -> None:

@@ -2,6 +2,8 @@
 indexing (EdgeStore.parallel_writes). The shared read/write behaviour is the store contract
 (test_store_contract.py runs it on a store of three chunk shards too)."""
 
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -175,3 +177,28 @@ def test_after_parallel_writes_the_chunk_shards_open_on_first_use(tmp_path, monk
         again.upsert(again.chunks, chunks([9]))
     assert again.count(again.chunks) == 35  # read after the second run: opened then
     again.close()
+
+
+def test_a_busy_writer_does_not_hold_up_writes_to_the_others(tmp_path):
+    """A write is handed to its shard's pipe and the caller goes on: while shard 0's process is
+    busy (here: stopped), writes bigger than a default pipe (64 KiB) still reach shard 1 at once."""
+    s = sharded(tmp_path / "idx", shards=2)
+    papers = {i: [p for p in range(200) if chunk_shard(f"p{p}", 2) == i][:4] for i in (0, 1)}
+    with s.parallel_writes():
+        s.flush()  # both processes have opened their shards
+        busy = s._writers._procs[0]
+        busy.send_signal(signal.SIGSTOP)
+        try:
+            big = {i: chunks(papers[i], per_paper=20) for i in (0, 1)}
+            for pt in big[0] + big[1]:
+                pt.payload["text"] = "word " * 1000  # 80 chunks: ~400 KB a message
+            sent = threading.Thread(target=lambda: (s.upsert(s.chunks, big[0]), s.upsert(s.chunks, big[1])))
+            sent.start()
+            sent.join(5)
+            assert not sent.is_alive(), "a write to a stopped writer blocked the caller"
+        finally:
+            busy.send_signal(signal.SIGCONT)
+        sent.join()
+        s.upsert(s.papers, paper_points(papers[0] + papers[1]))
+    assert s.count(s.chunks) == 8 * 20 and s.count(s.papers) == 8
+    s.close()
