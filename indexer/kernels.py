@@ -11,7 +11,11 @@ Outputs must match the reference path (fp32, the model's own forward): cosine 鈮
   kernel with its LayerNorm (`Fusions`; bench/kernel_levers.py measures each). With CLS pooling the
   last layer runs for the CLS row only: the other rows' outputs would be thrown away (their keys and
   values are still used).
-- Other models (BERT, used by SPECTER2 and its adapters) run their own forward, already on SDPA.
+- BERT (SPECTER2's base) runs the same layer, with only a key-padding mask for SDPA (none at all
+  for full rows). Its bottleneck adapters (`adapters`: SPECTER2's proximity and ad-hoc query
+  adapters) run through the library's own bottleneck layers, so every bottleneck configuration
+  works as it does there; a BERT with other kinds of adapters (LoRA, prefix tuning, invertible
+  adapters, fusion) runs its own forward (`fusable`).
 - `GraphedForward` captures one CUDA graph per (rows, width, padded) shape and replays it: a batch
   then costs the host a few calls instead of hundreds of kernel launches, so the GPU keeps busy even
   while other threads hold the interpreter lock (tokenisation bookkeeping, Qdrant upserts).
@@ -51,6 +55,29 @@ def is_mpnet(model: torch.nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "mpnet" and hasattr(model, "encoder")
 
 
+def _bottleneck_adapters_only(base: torch.nn.Module) -> bool:
+    """Whether every adapter loaded into the model is a bottleneck adapter without invertible
+    adapters, and none are fused: what the fast BERT layer runs (through adapters' own layers)."""
+    config = getattr(base, "adapters_config", None)
+    if config is None:
+        return True
+    from adapters import BnConfig
+
+    if getattr(config, "fusions", None):
+        return False
+    return all(isinstance(c := config.get(name), BnConfig) and not c.get("inv_adapter") for name in config.adapters)
+
+
+def fusable(model: torch.nn.Module) -> bool:
+    """Models the fast forward runs: MPNet, and BERT with absolute positions and at most bottleneck adapters."""
+    if is_mpnet(model):
+        return True
+    config = getattr(model, "config", None)
+    base = getattr(model, "base_model", model)
+    return (getattr(config, "model_type", None) == "bert" and getattr(config, "position_embedding_type", "absolute") == "absolute"
+            and hasattr(base, "encoder") and hasattr(base, "embeddings") and _bottleneck_adapters_only(base))
+
+
 def _aligned(batch: int, heads: int, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     padded = -(-width // BIAS_ALIGN) * BIAS_ALIGN
     return torch.empty(batch, heads, rows, padded, dtype=dtype, device=device)[..., :width]
@@ -79,13 +106,32 @@ def mpnet_attention_bias(encoder: torch.nn.Module, width: int, mask: torch.Tenso
     return out
 
 
-def fuse_qkv(model: torch.nn.Module) -> None:
-    """Give each MPNet attention block one (3路hidden, hidden) projection (a non-persistent buffer)."""
-    for layer in model.encoder.layer:
-        a = layer.attention.attn
+def padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(batch, 1, 1, width): key padding as an additive bias, stored with aligned strides (None: no padding)."""
+    if mask is None:
+        return None
+    out = _aligned(mask.shape[0], 1, 1, mask.shape[1], dtype, mask.device)
+    torch.mul(1.0 - mask.to(dtype)[:, None, None, :], torch.finfo(dtype).min, out=out)
+    return out
+
+
+def _attention_parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(self-attention with the q, k, v projections, output projection, block holding the
+    attention's LayerNorm and, in BERT with adapters, its bottleneck adapters) of an MPNet or BERT layer."""
+    att = layer.attention
+    if hasattr(att, "attn"):  # MPNet
+        return att.attn, att.attn.o, att
+    return att.self, att.output.dense, att.output
+
+
+def fuse_qkv(base: torch.nn.Module) -> None:
+    """Give each attention block one (3路hidden, hidden) projection (a non-persistent buffer)."""
+    for layer in base.encoder.layer:
+        a = _attention_parts(layer)[0]
         if not hasattr(a, "qkv_weight"):
-            a.register_buffer("qkv_weight", torch.cat([a.q.weight, a.k.weight, a.v.weight]).detach(), persistent=False)
-            a.register_buffer("qkv_bias", torch.cat([a.q.bias, a.k.bias, a.v.bias]).detach(), persistent=False)
+            q, k, v = (a.q, a.k, a.v) if hasattr(a, "q") else (a.query, a.key, a.value)
+            a.register_buffer("qkv_weight", torch.cat([q.weight, k.weight, v.weight]).detach(), persistent=False)
+            a.register_buffer("qkv_bias", torch.cat([q.bias, k.bias, v.bias]).detach(), persistent=False)
 
 
 @dataclass(frozen=True)
@@ -183,13 +229,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-def mpnet_layer(layer: torch.nn.Module, x: torch.Tensor, rows: int, bias: torch.Tensor, cls_only: bool = False,
-                fusions: Fusions = Fusions()) -> torch.Tensor:
-    """One MPNet layer (inference) on x (rows路width, hidden), rows of equal width, token-major: SDPA
-    attention with `bias` as attn_mask, every bias in its GEMM's epilogue. With `cls_only`, only the
-    first token of each row comes out, (rows, hidden) (it still attends to every key)."""
-    att = layer.attention
-    a = att.attn
+def residual_norm(block: torch.nn.Module, h: torch.Tensor, res: torch.Tensor, rows: int, mode: str) -> torch.Tensor:
+    """LayerNorm(h + res) with `block`'s LayerNorm, or, where `block` has an active bottleneck
+    adapter (BERT with `adapters`), what the library's bottleneck layer makes of them."""
+    active = getattr(block, "get_active_setup", None)
+    if active is not None and active() is not None:
+        c = h.shape[-1]  # the library's adapters take (rows, tokens, hidden)
+        return block.bottleneck_layer_forward(h.view(rows, -1, c), res.view(rows, -1, c), block.LayerNorm).view(-1, c)
+    return add_norm(h, res, block.LayerNorm, mode)
+
+
+def encoder_layer(layer: torch.nn.Module, x: torch.Tensor, rows: int, bias: torch.Tensor | None, cls_only: bool = False,
+                  fusions: Fusions = Fusions()) -> torch.Tensor:
+    """One MPNet or BERT layer (inference) on x (rows路width, hidden), rows of equal width,
+    token-major: SDPA attention with `bias` as attn_mask, every bias in its GEMM's epilogue. With
+    `cls_only`, only the first token of each row comes out, (rows, hidden) (it still attends to every key)."""
+    a, o, norm1 = _attention_parts(layer)
     c = x.shape[1]
     n = x.shape[0] // rows
     h, d = a.num_attention_heads, a.attention_head_size
@@ -198,27 +253,28 @@ def mpnet_layer(layer: torch.nn.Module, x: torch.Tensor, rows: int, bias: torch.
         q = linear(res, a.qkv_weight[:c], a.qkv_bias[:c]).view(rows, 1, h, d).transpose(1, 2)
         kv = linear(x, a.qkv_weight[c:], a.qkv_bias[c:]).view(rows, n, 2, h, d)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-        bias = bias[:, :, :1]
+        bias = None if bias is None else bias[:, :, :1]
     else:
         res = x
         qkv = linear(x, a.qkv_weight, a.qkv_bias).view(rows, n, 3, h, d)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     ctx = attention(q, k, v, bias, fusions.attention).transpose(1, 2).reshape(res.shape[0], c)
-    hid = add_norm(linear(ctx, a.o.weight, a.o.bias), res, att.LayerNorm, fusions.add_norm)
+    hid = residual_norm(norm1, linear(ctx, o.weight, o.bias), res, rows, fusions.add_norm)
     inner = linear(hid, layer.intermediate.dense.weight, layer.intermediate.dense.bias, gelu=fusions.gelu_epilogue)
     if not fusions.gelu_epilogue:
         inner = layer.intermediate.intermediate_act_fn(inner)
     out = layer.output
-    return add_norm(linear(inner, out.dense.weight, out.dense.bias), hid, out.LayerNorm, fusions.add_norm)
+    return residual_norm(out, linear(inner, out.dense.weight, out.dense.bias), hid, rows, fusions.add_norm)
 
 
 class PooledForward(torch.nn.Module):
     """(ids, mask) -> pooled (and, if asked, L2-normalised) vectors in the model's dtype.
 
     `mask` None means every row is full (no padding): MPNet then shares one (1, H, L, L) bias over
-    the batch instead of a (B, H, L, L) one. Other models get the mask as is, or, with
-    `broadcast_mask`, as (B, 1, L) (ones when None), which Hugging Face's BERT broadcasts without
-    the data-dependent "is there any padding" test that cannot run inside a CUDA graph capture.
+    the batch instead of a (B, H, L, L) one, and BERT attends without a mask. Models the fast
+    layers do not run (`fusable`) get the mask as is, or, with `broadcast_mask`, as (B, 1, L)
+    (ones when None), which Hugging Face's BERT broadcasts without the data-dependent "is there any
+    padding" test that cannot run inside a CUDA graph capture.
     """
 
     def __init__(self, model: torch.nn.Module, pooling: str = "cls", normalize: bool = False, broadcast_mask: bool = False,
@@ -227,9 +283,11 @@ class PooledForward(torch.nn.Module):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"unsupported pooling {pooling!r}")
         self.model, self.pooling, self.normalize, self.broadcast_mask = model, pooling, normalize, broadcast_mask
-        self.fast = is_mpnet(model)
+        self.fast = fusable(model)
+        # The encoder stack: MPNetModel is its own base model; adapters' BertAdapterModel holds a BertModel.
+        self.base = getattr(model, "base_model", model)
         if self.fast:
-            fuse_qkv(model)
+            fuse_qkv(self.base)
             if model.config.hidden_act != "gelu":  # the epilogue is GELU's only
                 fusions = replace(fusions, gelu_epilogue=False)
         self.fusions = fusions
@@ -242,14 +300,14 @@ class PooledForward(torch.nn.Module):
             # (B, 1, L) mask back to (B, L); only token states are needed here anyway.
             out = self.model.base_model(input_ids=ids, attention_mask=mask)
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        enc = self.model.encoder
+        enc = self.base.encoder
         rows, width = ids.shape
-        x = self.model.embeddings(input_ids=ids)
-        bias = mpnet_attention_bias(enc, width, mask, x.dtype)
+        x = self.base.embeddings(input_ids=ids)
+        bias = mpnet_attention_bias(enc, width, mask, x.dtype) if is_mpnet(self.base) else padding_bias(mask, x.dtype)
         x = x.view(rows * width, -1)
         last = len(enc.layer) - 1
         for i, layer in enumerate(enc.layer):
-            x = mpnet_layer(layer, x, rows, bias, cls_only=i == last and self.pooling == "cls", fusions=self.fusions)
+            x = encoder_layer(layer, x, rows, bias, cls_only=i == last and self.pooling == "cls", fusions=self.fusions)
         return x.view(rows, -1, x.shape[-1])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -54,6 +54,47 @@ def test_fp16_graphs_match_the_fp32_reference(mpnet_base, pooling):
     assert cosine(out, eager).min() >= 0.9999
 
 
+def test_specter2_shaped_heads_in_fp16_graphs_match_the_fp32_reference():
+    """BERT-base with a bottleneck adapter (SPECTER2's shape and adapter kind, random weights):
+    heads of every length through the fused layers, fp16 and CUDA graphs, against the adapter
+    model's own fp32 forward."""
+    import copy
+
+    from adapters import AutoAdapterModel
+    from transformers import BertConfig, BertModel
+
+    from indexer.encoders import HEAD_BATCHES
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=31090), add_pooling_layer=False)
+    model = AutoAdapterModel.from_config(base.config)
+    model.base_model.load_state_dict(base.state_dict(), strict=False)
+    model.add_adapter("proximity", config="seq_bn")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapters.proximity." in name:
+                p.normal_(0, 0.05)
+    model.set_active_adapters("proximity")
+    model.eval()
+    rng = np.random.default_rng(3)
+    seqs = [[102, *rng.integers(200, 31000, n - 2).tolist(), 103] for n in rng.integers(2, 513, 96)]
+    ref_model = copy.deepcopy(model).to(dev)
+    with torch.inference_mode():
+        ref = np.stack([ref_model.base_model(input_ids=torch.tensor([s], device=dev)).last_hidden_state[0, 0].double().cpu().numpy() for s in seqs])
+        no_adapter = copy.deepcopy(model).to(dev)
+        no_adapter.set_active_adapters(None)
+        base_vecs = np.stack([no_adapter.base_model(input_ids=torch.tensor([s], device=dev)).last_hidden_state[0, 0].double().cpu().numpy() for s in seqs[:8]])
+    del ref_model, no_adapter
+    fast = PooledForward(model.to(dev).half(), "cls", broadcast_mask=True)
+    assert fast.fast
+    run = BatchRunner(fast, dev, pad_id=0, budget=65536, graphs=True, widths=(512,), **HEAD_BATCHES)
+    out = run(seqs)
+    assert np.isfinite(out).all() and cosine(out, ref).min() >= 0.999
+    assert cosine(out[:8], base_vecs).max() < 0.999  # the adapter is active in the graphs
+    assert len(run._graphed) > 0 and not run._graphed.disabled
+
+
 def test_out_of_order_lengths_come_back_in_input_order(mpnet_base):
     import copy
 

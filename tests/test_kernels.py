@@ -245,3 +245,50 @@ def test_compiled_add_norm_runs_only_in_captures_and_falls_back_when_compiling_f
         assert torch.allclose(c(*args), want)  # compiling failed: the eager result
         assert torch.allclose(c(*args), want)
     assert len(calls) == 1 and "running them as two kernels" in caplog.text  # tried once, then eager for good
+
+
+@pytest.fixture(scope="module")
+def bert_with_adapters(tiny_models):
+    """The tiny SPECTER2: BERT plus two bottleneck adapters, as PaperEncoder loads it."""
+    from adapters import AutoAdapterModel
+
+    model = AutoAdapterModel.from_pretrained(tiny_models["paper_model"])
+    model.load_adapter(tiny_models["paper_adapter"], load_as="proximity", set_active=True)
+    model.load_adapter(tiny_models["query_adapter"], load_as="adhoc_query")
+    return model.eval()
+
+
+@pytest.mark.parametrize("adapter", ["proximity", "adhoc_query", None])
+def test_bert_fast_layers_match_the_adapter_models_own_forward(bert_with_adapters, adapter):
+    """SPECTER2's BERT runs the fused layers, its bottleneck adapters through the library's own
+    layers: the same vectors as its forward, whichever adapter is active (or none), padded or not."""
+    model = bert_with_adapters
+    fast = PooledForward(model, "cls", broadcast_mask=True)
+    assert fast.fast
+    ids, mask = padded_batch([37, 21, 9, 2], 37, seed=3)
+    ids = (ids % model.config.vocab_size).masked_fill(mask == 0, 0)  # BERT's pad id
+    model.set_active_adapters(adapter)
+    try:
+        with torch.no_grad():
+            ref = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+            ref_full = model.base_model(input_ids=ids[:, :9]).last_hidden_state[:, 0]
+            out, out_full = fast(ids, mask), fast(ids[:, :9], None)
+    finally:
+        model.set_active_adapters("proximity")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_full, ref_full, atol=1e-5, rtol=1e-4)
+
+
+def test_bert_with_other_adapter_kinds_runs_its_own_forward(tiny_models):
+    """LoRA changes the attention projections the fused layers would bypass: such a model is not fused."""
+    from adapters import AutoAdapterModel, LoRAConfig
+
+    model = AutoAdapterModel.from_pretrained(tiny_models["paper_model"]).eval()
+    model.add_adapter("lora", config=LoRAConfig(r=4, alpha=8, init_weights="bert"))
+    model.set_active_adapters("lora")
+    fast = PooledForward(model, "cls", broadcast_mask=True)
+    assert not fast.fast
+    ids, mask = padded_batch([30, 12], 30, seed=4)
+    ids = (ids % model.config.vocab_size).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids, mask), model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
