@@ -249,7 +249,8 @@ def baseline_chunks(st_dir: Path, texts: list[str], device: torch.device) -> flo
 def instrument(indexer) -> dict:
     """Per stage (prepare / encode / write): seconds inside it, summed over threads, and CPU seconds
     of the calling thread (for prepare and write nearly all of it holds the interpreter lock)."""
-    busy = {f"{stage}_{kind}": 0.0 for stage in ("prepare", "encode", "write") for kind in ("s", "cpu")}
+    busy: dict = {f"{stage}_{kind}": 0.0 for stage in ("prepare", "encode", "write") for kind in ("s", "cpu")}
+    busy["spans"] = []  # (stage, start, end): the run's timeline
     lock = threading.Lock()
     for stage in ("prepare", "encode", "write"):
         inner = getattr(indexer, "_" + stage)
@@ -260,8 +261,10 @@ def instrument(indexer) -> dict:
                 return inner(*a, **kw)
             finally:
                 with lock:
-                    busy[stage + "_s"] += time.perf_counter() - t
+                    end = time.perf_counter()
+                    busy[stage + "_s"] += end - t
                     busy[stage + "_cpu"] += time.thread_time() - c
+                    busy["spans"].append((stage, t, end))
 
         setattr(indexer, "_" + stage, timed)
     return busy
@@ -283,6 +286,30 @@ def sampled(name: str | None) -> Iterator[None]:
     finally:
         spy.send_signal(signal.SIGINT)
         spy.wait(timeout=60)
+
+
+def timeline(spans: list, t0: float, t1: float) -> dict:
+    """Where the run's wall time went: before the first encode, after the last, and between them
+    the time no encoder thread was encoding (the GPU then has nothing queued), split by whether
+    a prepared group was waiting (then the encoders were not taking it: e.g. the writer was behind)."""
+    enc = sorted((a, b) for s, a, b in spans if s == "encode")
+    if not enc:
+        return {}
+    idle, at = [], enc[0][0]
+    for a, b in enc:
+        if a > at:
+            idle.append((at, a))
+        at = max(at, b)
+    prep_done = sorted(b for s, _, b in spans if s == "prepare")
+    enc_starts = sorted(a for a, _ in enc)
+    # a gap with fewer groups prepared than taken by then: the encoders waited for the producer
+    starved = sum(b - a for a, b in idle if sum(p <= a for p in prep_done) <= sum(e <= a for e in enc_starts))
+    writes = sorted((a, b) for s, a, b in spans if s == "write")
+    return dict(before_first_encode_s=round(enc[0][0] - t0, 3), after_last_encode_s=round(t1 - at, 3),
+                no_encoder_s=round(sum(b - a for a, b in idle), 3), no_encoder_waiting_for_prepare_s=round(starved, 3), gaps=len(idle),
+                # the last writes (start, end) from the last encode's end, and the run's end after the last write
+                last_writes_s=[(round(a - at, 3), round(b - at, 3)) for a, b in writes[-4:]],
+                after_last_write_s=round(t1 - writes[-1][1], 3) if writes else None)
 
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base_cps: float | None,
@@ -309,7 +336,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
             stats = idx.index((p for i, p in enumerate(read_papers([corpus])) if i < n), on_batch=lambda s: marks.append((time.perf_counter(), s.chunks)))
         for d in devices:
             sync(d)
-        dt = time.perf_counter() - t
+        t_end = time.perf_counter()
+        dt = t_end - t
     if store_kind != "null":
         assert store.count(store.chunks) == stats.chunks and store.count(store.papers) == stats.papers_indexed
     store.close()
@@ -322,7 +350,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         steady_chunks_s=(marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) > 2 else None,
         gemm_pct=100 * (stats.tokens * flops_per_token(width) + stats.head_tokens * flops_per_token(384)) / dt / (gemm * len(devices) * 1e12) if gemm else None,
         gpu_busy=mon.busy, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base_cps if base_cps else None,
-        stage_busy_s={k: round(v, 1) for k, v in busy.items()},
+        stage_busy_s={k: round(v, 1) for k, v in busy.items() if k != "spans"},
+        timeline=timeline(busy["spans"], t, t_end),
         # passage graphs after the run, captured during it, and batches run without one
         graphs=[{"graphs": len(g), "captured": len(g) - n0, "eager_batches": g.eager_batches - e0} for g, (n0, e0) in zip(graphed, before)],
     )

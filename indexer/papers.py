@@ -103,30 +103,34 @@ def input_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line, object, error) for each record of a file."""
-    raw = path.read_bytes()
-    head = raw.lstrip()[:1]
-    if head == b"[":
-        try:
-            arr = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            yield 1, None, f"not UTF-8: {exc}"
+    """(line, object, error) for each record of a file. JSON Lines are read a line at a time: the
+    first papers are out at once, and a file of any size takes the memory of its longest line."""
+    with path.open("rb") as f:
+        head = b""
+        while not head and (block := f.read(4096)):  # the first character that is not white space
+            head = block.lstrip()[:1]
+        f.seek(0)
+        if head == b"[":
+            try:
+                arr = json.loads(f.read().decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield 1, None, f"not UTF-8: {exc}"
+                return
+            except json.JSONDecodeError as exc:
+                yield exc.lineno, None, f"invalid JSON: {exc.msg}"
+                return
+            for i, obj in enumerate(arr, 1):
+                yield i, obj, None
             return
-        except json.JSONDecodeError as exc:
-            yield exc.lineno, None, f"invalid JSON: {exc.msg}"
-            return
-        for i, obj in enumerate(arr, 1):
-            yield i, obj, None
-        return
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line.decode("utf-8")), None
-        except UnicodeDecodeError as exc:
-            yield n, None, f"not UTF-8: {exc.reason} at byte {exc.start}"
-        except json.JSONDecodeError as exc:
-            yield n, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line.decode("utf-8")), None
+            except UnicodeDecodeError as exc:
+                yield n, None, f"not UTF-8: {exc.reason} at byte {exc.start}"
+            except json.JSONDecodeError as exc:
+                yield n, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
 
 
 def shard_of(paper_id: str, n: int) -> int:

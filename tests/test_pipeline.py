@@ -126,6 +126,29 @@ def test_json_array_and_folder_input(tmp_path):
         list(read_papers([tmp_path / "missing.jsonl"]))
 
 
+def test_json_lines_are_read_a_line_at_a_time(tmp_path):
+    """A big JSONL file takes the memory of a few records, not of the file (corpora of millions of
+    papers come as one file), and the first paper is out before the rest is read."""
+    import tracemalloc
+
+    rec = json.dumps(make_paper(0, words=2000))  # ~13 KB a line
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as f:
+        for i in range(2500):  # ~33 MB
+            f.write(rec.replace('"p0000"', f'"p{i:05d}"') + "\n")
+    tracemalloc.start()
+    try:
+        it = read_papers([path])
+        first = next(it)
+        _, peak_first = tracemalloc.get_traced_memory()
+        n = 1 + sum(1 for _ in it)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first.paper_id == "p00000" and n == 2500
+    assert peak_first < 2_000_000 and peak < 5_000_000, (peak_first, peak)
+
+
 def test_shards_split_papers_disjointly(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [make_paper(i, words=5) for i in range(40)])
     parts = [{p.paper_id for p in read_papers([path], shard=(i, 3))} for i in range(3)]
@@ -214,15 +237,16 @@ def test_first_and_last_groups_are_small_so_the_gpu_starts_early_and_the_run_end
     r = build(settings.model_copy(update={"papers_per_batch": 8}), reranker=False, store=ClientStore(location=":memory:"))
     try:
         groups = {}
-        for n in (21, 14):
+        for n in (21, 14, 15):
             done = []
             stats = r.indexer.index(papers(*[(i, 30) for i in range(n)]), force=True, on_batch=lambda s: done.append(s.papers_indexed))
             assert stats.papers_indexed == n
             groups[n] = np.diff([0, *done]).tolist()
     finally:
         r.close()
-    assert groups[21] == [2, 4, 8, 3, 4]  # 2, 4, 8, then the 7 left in halves down to 2 × FIRST_PAPERS
-    assert groups[14] == [2, 4, 4, 4]  # the input ends with a full group: it is cut in halves too
+    assert groups[21] == [2, 3, 4, 6, 3, 3]  # 2, then 1.5 times the last, then the 6 left in halves down to 2 × FIRST_PAPERS
+    assert groups[14] == [2, 3, 4, 2, 3]  # the input ends within a group: what is left is cut in halves too
+    assert groups[15] == [2, 3, 4, 3, 3]  # it ends with a full group: that one is cut in halves too
 
 
 def test_each_group_is_flushed_once_written(settings):
