@@ -247,12 +247,13 @@ def baseline_chunks(st_dir: Path, texts: list[str], device: torch.device) -> flo
 
 
 def instrument(indexer) -> dict:
-    """Per stage (prepare / encode / write): seconds inside it, summed over threads, and CPU seconds
-    of the calling thread (for prepare and write nearly all of it holds the interpreter lock)."""
-    busy: dict = {f"{stage}_{kind}": 0.0 for stage in ("prepare", "encode", "write") for kind in ("s", "cpu")}
+    """Per stage (plan / tokenize / encode / write): seconds inside it, summed over threads, and CPU
+    seconds of the calling thread (for plan and write nearly all of it holds the interpreter lock)."""
+    stages = ("plan", "tokenize", "encode", "write")
+    busy: dict = {f"{stage}_{kind}": 0.0 for stage in stages for kind in ("s", "cpu")}
     busy["spans"] = []  # (stage, start, end): the run's timeline
     lock = threading.Lock()
-    for stage in ("prepare", "encode", "write"):
+    for stage in stages:
         inner = getattr(indexer, "_" + stage)
 
         def timed(*a, inner=inner, stage=stage, **kw):
@@ -291,7 +292,7 @@ def sampled(name: str | None) -> Iterator[None]:
 def timeline(spans: list, t0: float, t1: float) -> dict:
     """Where the run's wall time went: before the first encode, after the last, and between them
     the time no encoder thread was encoding (the GPU then has nothing queued), split by whether
-    a prepared group was waiting (then the encoders were not taking it: e.g. the writer was behind)."""
+    a tokenized group was waiting (then the encoders were not taking it: e.g. the writer was behind)."""
     enc = sorted((a, b) for s, a, b in spans if s == "encode")
     if not enc:
         return {}
@@ -300,13 +301,13 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
         if a > at:
             idle.append((at, a))
         at = max(at, b)
-    prep_done = sorted(b for s, _, b in spans if s == "prepare")
+    prep_done = sorted(b for s, _, b in spans if s == "tokenize")
     enc_starts = sorted(a for a, _ in enc)
     # a gap with fewer groups prepared than taken by then: the encoders waited for the producer
     starved = sum(b - a for a, b in idle if sum(p <= a for p in prep_done) <= sum(e <= a for e in enc_starts))
     writes = sorted((a, b) for s, a, b in spans if s == "write")
     return dict(before_first_encode_s=round(enc[0][0] - t0, 3), after_last_encode_s=round(t1 - at, 3),
-                no_encoder_s=round(sum(b - a for a, b in idle), 3), no_encoder_waiting_for_prepare_s=round(starved, 3), gaps=len(idle),
+                no_encoder_s=round(sum(b - a for a, b in idle), 3), no_encoder_waiting_for_tokens_s=round(starved, 3), gaps=len(idle),
                 # the last writes (start, end) from the last encode's end, and the run's end after the last write
                 last_writes_s=[(round(a - at, 3), round(b - at, 3)) for a, b in writes[-4:]],
                 after_last_write_s=round(t1 - writes[-1][1], 3) if writes else None)

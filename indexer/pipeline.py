@@ -1,9 +1,10 @@
 """Papers -> heads + chunks -> encoders -> store, batch by batch, resumable.
 
-Three stages overlap: a thread plans and tokenizes the next batch (CPU; the passage encoder spreads
-tokenization over worker processes) while the encoders run the current one (GPU; one thread per
-encoder replica, e.g. one per GPU, each taking whole batches of papers) and another thread writes
-finished batches to Qdrant, in input order.
+Four stages overlap: a thread plans the next batch (content hashes, what is already indexed,
+chunks, the heads' tokens), another tokenizes the chunks of the batch before it (the passage
+encoder spreads that over worker processes), while the encoders run earlier ones (GPU; one thread
+per encoder replica, e.g. one per GPU, each taking whole batches of papers) and another thread
+writes finished batches to Qdrant, in input order.
 
 Commit protocol, per paper: delete what a previous version left, write the chunks, then the paper
 point last. The paper point carries the content hash, so it is the commit marker: a rerun after any
@@ -130,8 +131,8 @@ class Indexer:
     def ensure_collections(self) -> None:
         retry(self.store.create, self.layout)
 
-    # stage 1: plan + chunk + tokenize (CPU) ------------------------------------------------------
-    def _prepare(self, papers: list[PaperIn], force: bool) -> _Batch:
+    # stage 1: plan + chunk (CPU, this process) ----------------------------------------------------
+    def _plan(self, papers: list[PaperIn], force: bool) -> _Batch:
         hashes = [p.content_hash(self.fingerprint) for p in papers]
         done = retry(self.store.committed, [p.paper_id for p in papers])
         todo = [(p, h) for p, h in zip(papers, hashes) if force or done.get(p.paper_id) != h]
@@ -144,17 +145,20 @@ class Indexer:
             chunks.append(cs)
         heads = [(p.title, p.abstract or " ".join((p.text or "").split()[:HEAD_FALLBACK_WORDS])) for p, _ in todo]
         head_ids = self.paper_encoder.tokenize_heads([t for t, _ in heads], [a for _, a in heads]) if todo else []
-        flat = [c.text for cs in chunks for c in cs]
-        windows = self.passage_encoder.tokenize_windows(flat) if flat else None
-        return _Batch([p for p, _ in todo], [h for _, h in todo], replace, chunks, capped, head_ids, windows)
+        return _Batch([p for p, _ in todo], [h for _, h in todo], replace, chunks, capped, head_ids, None)
 
-    # stage 2: encode (GPU) -----------------------------------------------------------------------
+    # stage 2: tokenize the chunks' windows (CPU, the passage encoder's worker processes) ----------
+    def _tokenize(self, b: _Batch) -> None:
+        flat = [c.text for cs in b.chunks for c in cs]
+        b.windows = self.passage_encoder.tokenize_windows(flat) if flat else None
+
+    # stage 3: encode (GPU) -----------------------------------------------------------------------
     def _encode(self, b: _Batch, paper_encoder: PaperEncoder | None = None, passage_encoder: PassageEncoder | None = None) -> None:
         if b.papers:
             b.paper_vecs = (paper_encoder or self.paper_encoder).encode_ids(b.head_ids)
         b.chunk_vecs = (passage_encoder or self.passage_encoder).encode_windows(b.windows) if b.windows is not None else []
 
-    # stage 3: write (store) ----------------------------------------------------------------------
+    # stage 4: write (store) ----------------------------------------------------------------------
     def _write(self, b: _Batch) -> None:
         if not b.papers:
             return
@@ -218,6 +222,7 @@ class Indexer:
         t0 = time.perf_counter()
         self.ensure_collections()
         n_enc = len(self.workers)
+        planned: queue.Queue = queue.Queue(maxsize=2)
         prepared: queue.Queue = queue.Queue(maxsize=2 * n_enc)
         encoded: queue.Queue = queue.Queue(maxsize=2 * n_enc)
         stop = threading.Event()
@@ -247,43 +252,56 @@ class Indexer:
             if rest:
                 yield rest
 
-        def offer(item) -> bool:
-            """Put on `prepared` unless the run is stopping (then nobody may be taking)."""
+        def offer(q: queue.Queue, item) -> bool:
+            """Put on `q` unless the run is stopping (then nobody may be taking)."""
             while not stop.is_set():
                 try:
-                    prepared.put(item, timeout=0.05)
+                    q.put(item, timeout=0.05)
                     return True
                 except queue.Full:
                     pass
             return False
 
-        def producer() -> None:
+        def take(q: queue.Queue):
+            """The next item of `q`; None once the run is stopping."""
+            while True:
+                try:
+                    return q.get(timeout=0.05)
+                except queue.Empty:
+                    if stop.is_set():
+                        return None
+
+        def planner() -> None:
             try:
                 for seq, group in enumerate(batches()):
                     if stop.is_set():
                         return
-                    b = self._prepare(group, force)
+                    b = self._plan(group, force)
                     stats.papers_unchanged += len(group) - len(b.papers)
-                    if not offer((seq, b)):
+                    if not offer(planned, (seq, b)):
                         return
             except BaseException as exc:  # handed to the main thread
                 errors.append(exc)
                 stop.set()
             finally:
+                offer(planned, None)
+
+        def tokenizer() -> None:
+            try:
+                while (item := take(planned)) is not None and not errors:
+                    self._tokenize(item[1])
+                    if not offer(prepared, item):
+                        return
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+            finally:
                 for _ in range(n_enc):
-                    offer(None)
+                    offer(prepared, None)
 
         def encoder(paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
             try:
-                while True:
-                    try:
-                        item = prepared.get(timeout=0.05)
-                    except queue.Empty:
-                        if stop.is_set():
-                            break
-                        continue
-                    if item is None or errors:
-                        break
+                while (item := take(prepared)) is not None and not errors:
                     self._encode(item[1], paper_enc, passage_enc)
                     encoded.put(item)  # the writer always takes, so this never blocks for long
             except BaseException as exc:
@@ -329,7 +347,7 @@ class Indexer:
 
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
-        threads = [threading.Thread(target=producer, daemon=True, name="prepare")]
+        threads = [threading.Thread(target=planner, daemon=True, name="plan"), threading.Thread(target=tokenizer, daemon=True, name="tokenize")]
         threads += [threading.Thread(target=encoder, args=w, daemon=True, name=f"encode-{i}") for i, w in enumerate(self.workers)]
         threads.append(threading.Thread(target=writer, daemon=True, name="write"))
         try:
