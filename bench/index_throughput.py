@@ -314,7 +314,7 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
 
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base_cps: float | None,
-              gemm: float, chunk_shards: int = 1) -> dict:
+              gemm: float, chunk_shards: int = 1, in_process: bool = False) -> dict:
     from contextlib import nullcontext
 
     from indexer.papers import read_papers
@@ -324,6 +324,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     devices = list(dict.fromkeys(torch.device("cuda", d.index or 0) if d.type == "cuda" else d for d in [passage_enc.device] + [p.device for _, p in replicas]))
     tmp = tempfile.mkdtemp(prefix="pi-bench-")
     store = EdgeStore(tmp, options=StoreOptions(chunk_shards=chunk_shards)) if store_kind == "edge" else NullStore()
+    if in_process:
+        store.WRITER_MIN_SHARDS = chunk_shards + 1  # no writer processes: the chunks written in this process
     idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
     busy = instrument(idx)
     graphed = [p.run._graphed for _, p in idx.workers if p.run._graphed is not None]
@@ -446,6 +448,7 @@ def main() -> None:
     ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "null"], help="Qdrant Edge, or none")
     ap.add_argument("--chunk-shards", type=int, nargs="+", default=[Settings.model_fields["edge_chunk_shards"].default],
                     help="Qdrant Edge chunk shards, each written by its own process (each a run; default: PAPERINDEX_EDGE_CHUNK_SHARDS's)")
+    ap.add_argument("--in-process", action="store_true", help="also a run with one chunk shard written in this process (no writer process)")
     ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--per-gpu", type=int, nargs="+", default=[Settings.model_fields["encoders_per_gpu"].default],
@@ -539,9 +542,13 @@ def main() -> None:
                 replicas = replicas_for(n_gpus, per_gpu)
                 tag = (f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
                        + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else ""))
-                for kind, shards in [(k, n) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]:
+                runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
+                runs += [("edge", 1, True)] if args.in_process else []
+                for kind, shards, in_process in runs:
                     label = store_names[kind] + (f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else "")
-                    index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base_cps, gemm, shards)
+                    label += ", written in-process" if in_process else ""
+                    index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base_cps, gemm,
+                              shards, in_process)
         finally:
             passage_enc.close()
 

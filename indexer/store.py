@@ -206,6 +206,10 @@ class EdgeStore:
     # the chunk shards: a call is one message per shard, so bigger calls mean fewer messages and
     # answers. Their size stays well within a pipe (a chunk pickles to ~15 KB).
     WRITER_UPSERT_POINTS = 32
+    # parallel_writes gives the chunk shards writer processes from this many shards on (an index of
+    # one shard too: this process then only pickles the points, ~50 µs a chunk against ~280 µs of
+    # converting and inserting them under the interpreter lock, which the GPU threads need).
+    WRITER_MIN_SHARDS = 1
 
     def __init__(self, path: Path | str, papers: str = "papers", chunks: str = "chunks", options: StoreOptions | None = None) -> None:
         import qdrant_edge as qe
@@ -434,7 +438,7 @@ class EdgeStore:
         at up to `chunk_shards` times one process's rate (Qdrant Edge converts and inserts a point
         holding the interpreter lock: ~0.2-0.3 ms per chunk of multivectors and text). Chunk reads
         are refused until the block ends; paper writes wait for the chunk writes sent before them."""
-        if not self._exists(self.chunks) or self.chunk_shards < 2 or self._writers is not None:
+        if not self._exists(self.chunks) or self.chunk_shards < self.WRITER_MIN_SHARDS or self._writers is not None:
             yield
             return
         dirs = self._dirs(self.chunks, self.chunk_shards)
