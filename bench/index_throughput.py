@@ -446,14 +446,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, nargs="+", default=[254], help="window tokens (each a run)")
     ap.add_argument("--overlap", type=int, nargs="+", default=[Settings.model_fields["window_overlap"].default], help="least window overlap in tokens (each a run)")
     ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "null"], help="Qdrant Edge, or none")
-    ap.add_argument("--chunk-shards", type=int, nargs="+", default=[Settings.model_fields["edge_chunk_shards"].default],
-                    help="Qdrant Edge chunk shards, each written by its own process (each a run; default: PAPERINDEX_EDGE_CHUNK_SHARDS's)")
+    ap.add_argument("--chunk-shards", type=int, nargs="+", default=[2],
+                    help="Qdrant Edge chunk shards, each written by its own process (each a run; default 2, PAPERINDEX_EDGE_CHUNK_SHARDS's on one GPU)")
     ap.add_argument("--in-process", action="store_true", help="also a run with one chunk shard written in this process (no writer process)")
     ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--per-gpu", type=int, nargs="+", default=[Settings.model_fields["encoders_per_gpu"].default],
                     help="encoder threads per GPU (each a run; default: PAPERINDEX_ENCODERS_PER_GPU's)")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) - 4), help="tokenizer worker processes")
+    ap.add_argument("--workers", type=int, default=max(2, min((os.cpu_count() or 4) - 4, 24)),
+                    help="tokenizer worker processes (default: PAPERINDEX_TOKENIZER_WORKERS's on a GPU host)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of this script on CPU)")

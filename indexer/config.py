@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     token_budget: int | None = Field(None, ge=512, description="tokens per forward batch; None: 262144 on CUDA, 16384 on CPU")
     papers_per_batch: int = Field(256, ge=1)
     compile: bool = False
-    tokenizer_workers: int = Field(2, ge=1)
+    tokenizer_workers: int | None = Field(None, ge=1, description="processes that tokenize chunks; None: on a GPU host all cores but 4 (up to 24), else 2")
     gpus: int = Field(1, ge=0, description="GPUs that encode while indexing (one model replica each); 0: all visible")
     encoders_per_gpu: int = Field(2, ge=1, description="encoder threads (passage model replicas) per GPU: while one collects a group's vectors and starts the next, another keeps the GPU busy")
 
@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     upload_parallel: int = Field(2, ge=1)
     # Embedded store: chunk shards of a new index (an existing one keeps its own); `paperindex index`
     # writes each from a process of its own (Qdrant Edge inserts under the interpreter lock).
-    edge_chunk_shards: int = Field(2, ge=1, le=64)
+    edge_chunk_shards: int | None = Field(None, ge=1, le=64, description="None: 2 for each GPU that indexes (`gpus`), at least 2")
 
     # Service.
     api_key: str | None = None
@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     host: str = "0.0.0.0"
     port: int = 8000
+
+    def indexing_gpus(self) -> int:
+        """GPUs `paperindex index` encodes on with these settings: `gpus` of those visible (0: all)
+        where the device is auto or cuda; 1 on CPU or on one GPU named (cuda:N)."""
+        if self.device not in ("auto", "cuda"):
+            return 1
+        import torch
+
+        visible = torch.cuda.device_count()
+        return max(1, visible if self.gpus == 0 else min(self.gpus, visible))
 
     @model_validator(mode="after")
     def _overlaps_below_sizes(self) -> Settings:

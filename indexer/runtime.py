@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .config import Settings
-from .encoders import PaperEncoder, PassageEncoder, Reranker
+from .encoders import PaperEncoder, PassageEncoder, Reranker, resolve_device
 from .pipeline import Indexer
 from .search import Searcher
 from .store import Store, open_store
@@ -25,12 +26,23 @@ class Runtime:
         self.store.close()
 
 
+def tokenizer_workers(s: Settings) -> int:
+    """PAPERINDEX_TOKENIZER_WORKERS, or by default: on a GPU host all cores but 4, up to 24 (one GPU
+    embeds ~2.2 M tokens/s and one tokenizer process makes ~0.5 M; the indexing process and the
+    chunk shards' writers need the other cores), else 2 (a CPU encoder is far slower than them)."""
+    if s.tokenizer_workers is not None:
+        return s.tokenizer_workers
+    if resolve_device(s.device).type == "cuda":
+        return max(2, min(len(os.sched_getaffinity(0)) - 4, 24))
+    return 2
+
+
 def load_encoders(s: Settings) -> tuple[PaperEncoder, PassageEncoder]:
     paper = PaperEncoder(s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, token_budget=s.token_budget)
     passage = PassageEncoder(
         s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
         window_overlap=s.window_overlap, token_budget=s.token_budget, compile=s.compile,
-        tokenizer_workers=s.tokenizer_workers,
+        tokenizer_workers=tokenizer_workers(s),
     )
     return paper, passage
 
@@ -42,13 +54,10 @@ def gpu_replicas(s: Settings, paper: PaperEncoder, passage: PassageEncoder) -> l
     More than one GPU only when the encoders sit on the first GPU by default (`device` auto or
     cuda): a device named explicitly (cuda:N) means that one GPU.
     """
-    import torch
-
     if passage.device.type != "cuda":
         return []
     if s.device in ("auto", "cuda"):
-        visible = torch.cuda.device_count()
-        devices = [f"cuda:{i}" for i in range(visible if s.gpus == 0 else min(s.gpus, visible))]
+        devices = [f"cuda:{i}" for i in range(s.indexing_gpus())]
     else:
         devices = [str(passage.device)]
     pairs = []

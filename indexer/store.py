@@ -922,7 +922,7 @@ def store_options(settings) -> StoreOptions:
         shard_number=settings.shard_number,
         replication_factor=settings.replication_factor,
         upload_parallel=settings.upload_parallel,
-        chunk_shards=settings.edge_chunk_shards,
+        chunk_shards=settings.edge_chunk_shards or 2 * settings.indexing_gpus(),
     )
 
 

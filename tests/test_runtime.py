@@ -44,3 +44,40 @@ def test_no_replicas_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     cpu = types.SimpleNamespace(device=torch.device("cpu"))
     assert gpu_replicas(Settings(gpus=0), cpu, cpu) == []
+
+
+@pytest.mark.parametrize(
+    "device, cores, setting, workers",
+    [
+        ("cpu", 16, None, 2),  # a CPU encoder is far slower than two tokenizer processes
+        ("cuda", 16, None, 12),  # a GPU host: all cores but 4
+        ("cuda", 5, None, 2),  # at least 2
+        ("cuda", 128, None, 24),  # at most 24
+        ("cuda", 16, 3, 3),  # PAPERINDEX_TOKENIZER_WORKERS wins
+    ],
+)
+def test_tokenizer_workers_follow_the_host(monkeypatch, device, cores, setting, workers):
+    import indexer.runtime as runtime
+
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert runtime.tokenizer_workers(Settings(device=device, tokenizer_workers=setting)) == workers
+
+
+@pytest.mark.parametrize(
+    "device, gpus, visible, setting, shards",
+    [
+        ("cpu", 1, 4, None, 2),
+        ("auto", 1, 4, None, 2),  # the default: one GPU indexes, two writer processes
+        ("auto", 0, 4, None, 8),  # every GPU: two chunk shards (writer processes) each
+        ("cuda", 2, 4, None, 4),
+        ("cuda:3", 0, 4, None, 2),  # one GPU named
+        ("auto", 0, 0, None, 2),  # no GPU visible
+        ("auto", 0, 4, 3, 3),  # PAPERINDEX_EDGE_CHUNK_SHARDS wins
+    ],
+)
+def test_chunk_shards_of_a_new_index_follow_the_gpus_that_index(monkeypatch, device, gpus, visible, setting, shards):
+    from indexer.store import store_options
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert store_options(Settings(device=device, gpus=gpus, edge_chunk_shards=setting)).chunk_shards == shards
