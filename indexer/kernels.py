@@ -169,6 +169,31 @@ class _Compiled:
     def __init__(self) -> None:
         self.fn: Callable | None = None
         self.local = threading.local()
+        self._warming: threading.Thread | None = None
+
+    def warm(self, device: torch.device, hidden: int, dtype: torch.dtype) -> None:
+        """Compile now, in a thread of its own, rather than in the first capture (~7 s on a fresh
+        machine, during which every encoder thread would wait). Until it is done `warming` is true:
+        GraphedForward then runs batches eagerly instead of capturing them. Its work on the GPU
+        holds the gate shared, so no capture runs meanwhile."""
+        if self.fn is not None or self._warming is not None or device.type != "cuda":
+            return
+
+        def run() -> None:
+            try:
+                with gpu_gate.shared(), torch.inference_mode(), torch.cuda.device(device), self.capturing():
+                    x = torch.zeros(64, hidden, dtype=dtype, device=device)
+                    self(x, x, torch.ones(hidden, dtype=dtype, device=device), torch.zeros(hidden, dtype=dtype, device=device), 1e-12)
+                    torch.cuda.synchronize(device)
+            except Exception as exc:  # the capture that needs it compiles again, or runs the plain kernels
+                log.warning("compiling add + LayerNorm ahead failed: %s", str(exc)[:300])
+
+        self._warming = threading.Thread(target=run, daemon=True, name="compile")
+        self._warming.start()
+
+    @property
+    def warming(self) -> bool:
+        return self._warming is not None and self._warming.is_alive()
 
     @contextmanager
     def capturing(self) -> Iterator[None]:
@@ -199,6 +224,7 @@ class _Compiled:
 _compiled_add_norm = _Compiled()
 # Where the compiled kernels run: GraphedForward's warm-up and capture (or a caller holding the GPU alone).
 compiled_kernels = _compiled_add_norm.capturing
+warm_compiled_kernels = _compiled_add_norm.warm
 
 
 def add_norm(x: torch.Tensor, res: torch.Tensor, norm: torch.nn.LayerNorm, mode: str) -> torch.Tensor:
@@ -381,8 +407,11 @@ class GraphedForward:
     same shape, so copy it out (on the same stream) before that.
     """
 
-    def __init__(self, forward: Forward, device: torch.device, max_graphs: int = 128) -> None:
-        self.forward, self.device, self.max_graphs = forward, device, max_graphs
+    def __init__(self, forward: Forward, device: torch.device, max_graphs: int = 128, capture_after: int = 1) -> None:
+        """`capture_after`: a shape is captured the n-th time it comes, and runs eagerly before (a
+        capture costs ~0.3 s, a few batches' time: shapes that come once are not worth it)."""
+        self.forward, self.device, self.max_graphs, self.capture_after = forward, device, max_graphs, capture_after
+        self._seen: dict[tuple[int, int, bool], int] = {}
         self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
         self._pool = None
         # Every capture runs on this one stream: the caching allocator reuses a freed block only on
@@ -411,6 +440,9 @@ class GraphedForward:
         key = (ids.shape[0], ids.shape[1], mask is not None)
         if key in self._graphs or self.disabled or len(self._graphs) >= self.max_graphs:
             return
+        self._seen[key] = seen = self._seen.get(key, 0) + 1
+        if seen < self.capture_after or _compiled_add_norm.warming:
+            return  # eagerly, this time
         for attempt in range(1, CAPTURE_ATTEMPTS + 1):
             with gpu_gate.exclusive():
                 try:
@@ -474,6 +506,9 @@ def speed_up(model: torch.nn.Module, pooling: str = "cls", normalize: bool = Fal
     """The pooled forward to run for `model` (already on its device and dtype, in eval mode)."""
     # Compiling the whole forward fuses the adds and norms itself (measured slower: bench/kernel_levers.py).
     fwd = PooledForward(model, pooling, normalize, broadcast_mask, Fusions(add_norm="eager") if compile else Fusions())
+    param = next(model.parameters())
+    if fwd.fast and fwd.fusions.add_norm == "compiled":
+        warm_compiled_kernels(param.device, model.config.hidden_size, param.dtype)
     if compile:
         # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape).
         fwd.forward = torch.compile(fwd.forward, dynamic=True)  # type: ignore[method-assign]

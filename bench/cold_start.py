@@ -1,0 +1,86 @@
+"""What a fresh process pays before it runs at speed: loading the models, compiling, capturing CUDA graphs.
+
+    python bench/cold_start.py [--papers 500]      # on a CUDA machine
+    python bench/cold_start.py --tiny --device cpu --papers 20   # a smoke run of this script
+
+Indexes the same papers twice in one process, into no store, with the defaults (two encoder threads
+per GPU, tokenizer workers as PAPERINDEX_TOKENIZER_WORKERS's default on a GPU host): the first run is
+what a short `paperindex index` run costs, the second what it costs once the graphs are there. Prints
+the time spent capturing graphs (each capture runs the batch twice, then records it) and in the first
+capture, which also compiles the fused add + LayerNorm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--papers", type=int, default=500)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+
+    import corpus as corpus_mod
+    import models as bench_models
+    from index_throughput import NullStore
+
+    from indexer import kernels
+    from indexer.config import Settings
+    from indexer.encoders import PaperEncoder, PassageEncoder
+    from indexer.papers import read_papers
+    from indexer.pipeline import Indexer
+    from indexer.runtime import gpu_replicas, tokenizer_workers
+
+    work = Path(tempfile.mkdtemp(prefix="pi-cold-"))
+    path = corpus_mod.write(work / "corpus.jsonl", args.papers, 8000 if not args.tiny else 1500)
+    sample = [json.loads(line)["text"] for _, line in zip(range(200), path.open())]
+    st_dir = bench_models.build_passage(work / "mpnet", sample, tiny=args.tiny)
+    paper_dirs = bench_models.build_paper(work / "specter2", sample, tiny=args.tiny)
+
+    captures: list[float] = []
+    capture = kernels.GraphedForward._capture
+
+    def timed_capture(self, ids, mask):
+        t = time.perf_counter()
+        try:
+            return capture(self, ids, mask)
+        finally:
+            captures.append(time.perf_counter() - t)
+
+    kernels.GraphedForward._capture = timed_capture
+    s = Settings(device=args.device)
+    t = time.perf_counter()
+    paper = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
+    passage = PassageEncoder(str(st_dir), device=args.device, window_tokens=s.window_tokens, window_overlap=s.window_overlap,
+                             tokenizer_workers=tokenizer_workers(s))
+    idx = Indexer(NullStore(), paper, passage, papers_per_batch=s.papers_per_batch, replicas=gpu_replicas(s, paper, passage))
+    load_s = time.perf_counter() - t
+    out = {"papers": args.papers, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
+    for run in ("cold", "warm"):
+        captures.clear()
+        t = time.perf_counter()
+        stats = idx.index(read_papers([path]), force=True)
+        dt = time.perf_counter() - t
+        out[run] = {"seconds": round(dt, 2), "chunks": stats.chunks, "chunks_s": round(stats.chunks / dt),
+                    "captures": len(captures), "capturing_s": round(sum(captures), 2),
+                    "first_capture_s": round(captures[0], 2) if captures else None}
+        print(run, json.dumps(out[run]), flush=True)
+    passage.close()
+    print(json.dumps(out))
+    (Path(os.environ.get("OUT", tempfile.gettempdir())) / "cold_start.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
