@@ -29,8 +29,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading

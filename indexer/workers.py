@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
-
 # Bytes a pipe to a worker holds (Linux's default is 64 KiB). A request bigger than what the pipe
 # holds blocks the sender until the worker has read it, i.e. until it has finished the requests
 # before it: a thread feeding several workers would then wait on each in turn, and they would take
