@@ -224,12 +224,9 @@ class EdgeStore:
         self._writers: ShardWriters | None = None
         self._multivector = False
         for name in (papers, chunks):
-            dirs = self._dirs(name)
-            if dirs:
-                try:
-                    self._shards[name] = [_load_shard(qe, str(d)) for d in dirs]
-                except Exception as exc:
-                    raise StoreUnavailable(f"cannot open embedded collection at {self.path / name}: {exc}") from exc
+            if dirs := self._dirs(name):
+                self._unopened[name] = dirs
+                self._open(name)
         if chunks in self._shards:
             self._multivector = self._read_layout()[1]
 

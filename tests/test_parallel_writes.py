@@ -200,3 +200,15 @@ def test_a_busy_writer_does_not_hold_up_writes_to_the_others(tmp_path):
         s.upsert(s.papers, paper_points(papers[0] + papers[1]))
     assert s.count(s.chunks) == 8 * 20 and s.count(s.papers) == 8
     s.close()
+
+
+def test_a_shard_that_cannot_be_opened_is_a_clear_error(tmp_path):
+    s = sharded(tmp_path / "idx", shards=2)
+    with s.parallel_writes():
+        s.upsert(s.chunks, chunks(range(4)))
+    (tmp_path / "idx" / "chunks.1" / "edge_config.json").write_text("{not json")
+    with pytest.raises(store_module.StoreUnavailable, match="cannot open embedded collection"):
+        s.count(s.chunks)  # opened on first use after parallel_writes
+    s.close()
+    with pytest.raises(store_module.StoreUnavailable, match="cannot open embedded collection"):
+        EdgeStore(tmp_path / "idx")
