@@ -38,10 +38,9 @@ def main() -> None:
 
     from indexer import kernels
     from indexer.config import Settings
-    from indexer.encoders import PaperEncoder, PassageEncoder
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
-    from indexer.runtime import gpu_replicas, tokenizer_workers
+    from indexer.runtime import gpu_replicas, load_encoders
 
     work = Path(tempfile.mkdtemp(prefix="pi-cold-"))
     path = corpus_mod.write(work / "corpus.jsonl", args.papers, 8000 if not args.tiny else 1500)
@@ -60,12 +59,12 @@ def main() -> None:
             captures.append(time.perf_counter() - t)
 
     kernels.GraphedForward._capture = timed_capture
-    s = Settings(device=args.device)
+    s = Settings(device=args.device, passage_model=str(st_dir), paper_model=str(paper_dirs[0]), paper_adapter=str(paper_dirs[1]),
+                 query_adapter=str(paper_dirs[2]))
     t = time.perf_counter()
-    paper = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
-    passage = PassageEncoder(str(st_dir), device=args.device, window_tokens=s.window_tokens, window_overlap=s.window_overlap,
-                             tokenizer_workers=tokenizer_workers(s))
-    idx = Indexer(NullStore(), paper, passage, papers_per_batch=s.papers_per_batch, replicas=gpu_replicas(s, paper, passage))
+    paper, passage = load_encoders(s)
+    idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.papers_per_batch,
+                  replicas=gpu_replicas(s, paper, passage))
     load_s = time.perf_counter() - t
     out = {"papers": args.papers, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
     for run in ("cold", "warm"):

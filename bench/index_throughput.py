@@ -453,8 +453,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--per-gpu", type=int, nargs="+", default=[Settings.model_fields["encoders_per_gpu"].default],
                     help="encoder threads per GPU (each a run; default: PAPERINDEX_ENCODERS_PER_GPU's)")
-    ap.add_argument("--workers", type=int, default=max(2, min((os.cpu_count() or 4) - 4, 24)),
-                    help="tokenizer worker processes (default: PAPERINDEX_TOKENIZER_WORKERS's on a GPU host)")
+    ap.add_argument("--workers", type=int, help="tokenizer worker processes (default: PAPERINDEX_TOKENIZER_WORKERS's for --device)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of this script on CPU)")
@@ -470,6 +469,7 @@ def main() -> None:
 
     from indexer.chunking import chunk_words
     from indexer.encoders import PaperEncoder, PassageEncoder
+    from indexer.runtime import tokenizer_workers
 
     device = torch.device(args.device)
     RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args=vars(args),
@@ -522,7 +522,8 @@ def main() -> None:
     store_names = {"edge": "Qdrant Edge", "null": "no store"}
     for window, overlap in [(w, o) for w in args.window for o in args.overlap]:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
-                                     tokenizer_workers=args.workers, compile=args.pipeline_compile)
+                                     tokenizer_workers=args.workers or tokenizer_workers(Settings(device=args.device)),
+                                     compile=args.pipeline_compile)
         # Paper heads (~4% of the work) stay on the first GPU: its encoder is shared by the threads.
         if device.type != "cuda":
             args.per_gpu = [1]  # replicas are per GPU

@@ -312,6 +312,7 @@ class PooledForward(torch.nn.Module):
         self.fast = fusable(model)
         # The encoder stack: MPNetModel is its own base model; adapters' BertAdapterModel holds a BertModel.
         self.base = getattr(model, "base_model", model)
+        self.mpnet = is_mpnet(self.base)
         if self.fast:
             fuse_qkv(self.base)
             if model.config.hidden_act != "gelu":  # the epilogue is GELU's only
@@ -329,7 +330,7 @@ class PooledForward(torch.nn.Module):
         enc = self.base.encoder
         rows, width = ids.shape
         x = self.base.embeddings(input_ids=ids)
-        bias = mpnet_attention_bias(enc, width, mask, x.dtype) if is_mpnet(self.base) else padding_bias(mask, x.dtype)
+        bias = mpnet_attention_bias(enc, width, mask, x.dtype) if self.mpnet else padding_bias(mask, x.dtype)
         x = x.view(rows * width, -1)
         last = len(enc.layer) - 1
         for i, layer in enumerate(enc.layer):
