@@ -6,8 +6,8 @@
 Indexes the same papers twice in one process, into no store, with the defaults (two encoder threads
 per GPU, tokenizer workers as PAPERINDEX_TOKENIZER_WORKERS's default on a GPU host): the first run is
 what a short `paperindex index` run costs, the second what it costs once the graphs are there. Prints
-the time spent capturing graphs (each capture runs the batch twice, then records it) and in the first
-capture, which also compiles the fused add + LayerNorm.
+the time spent loading the models (on CUDA that compiles the fused add + LayerNorm) and capturing graphs
+(each capture runs the batch twice, then records it).
 """
 
 from __future__ import annotations

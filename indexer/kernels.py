@@ -156,75 +156,78 @@ def _add_norm(x: torch.Tensor, res: torch.Tensor, weight: torch.Tensor, bias: to
     return F.layer_norm(x + res, (x.shape[-1],), weight, bias, eps)
 
 
-class _Compiled:
-    """`_add_norm` through torch.compile (one kernel for every shape: compiled once, a few seconds),
-    or, where compiling fails (no Triton, no C compiler), the eager function from then on.
+# Inside GraphedForward's captures (this thread): compiled kernels may run (see CompiledKernel).
+_capture_state = threading.local()
 
-    torch.compile is not thread-safe, so the compiled function runs only while a CUDA graph is
-    warmed up and captured (`capturing()`): that happens under `gpu_gate.exclusive()`, one thread at a
-    time, and graph replays never enter Python. Eager batches (queries, shapes past the graph cap)
-    run `_add_norm` as two kernels.
+
+@contextmanager
+def compiled_kernels() -> Iterator[None]:
+    """Where compiled kernels run: GraphedForward's warm-up and capture, or a caller holding the GPU alone."""
+    _capture_state.on = True
+    try:
+        yield
+    finally:
+        _capture_state.on = False
+
+
+class CompiledKernel:
+    """`fn` through torch.compile, compiled only in `warm` and run only inside CUDA graph captures
+    (`compiled_kernels()`); every other call, and every call after compiling failed (no Triton, no C
+    compiler), runs `fn` itself.
+
+    Compiling traces Python, and while it does, torch.fx patches `torch.nn.Module.__call__` for the
+    whole process: a module that another thread calls meanwhile fails ("module is not installed as a
+    submodule"). So compiling happens only in `warm`, where the models are loaded, before any thread
+    encodes; later calls never compile (torch.compile's "eager_on_recompile" stance: inputs that
+    `warm` did not cover run the compiled code's plain Python). Captures run one at a time, under
+    `gpu_gate.exclusive()`, and graph replays never enter Python, so no two threads are ever in
+    torch.compile's code at once.
     """
 
-    def __init__(self) -> None:
-        self.fn: Callable | None = None
-        self.local = threading.local()
-        self._warming: threading.Thread | None = None
+    def __init__(self, fn: Callable, name: str, **options) -> None:
+        self.fn, self.name, self.options = fn, name, options
+        self.compiled: Callable | None = None
+        self.failed = False
+        self._warmed: set = set()
 
-    def warm(self, device: torch.device, hidden: int, dtype: torch.dtype) -> None:
-        """Compile now, in a thread of its own, rather than in the first capture (~7 s on a fresh
-        machine, during which every encoder thread would wait). Until it is done `warming` is true:
-        GraphedForward then runs batches eagerly instead of capturing them. Its work on the GPU
-        holds the gate shared, so no capture runs meanwhile."""
-        if self.fn is not None or self._warming is not None or device.type != "cuda":
+    def warm(self, key, *args) -> None:
+        """Compile for inputs like `args` (once per `key`, e.g. device and dtype); in the thread that
+        loads the models, while no other thread runs a model."""
+        if self.failed or key in self._warmed:
             return
-
-        def run() -> None:
-            try:
-                with gpu_gate.shared(), torch.inference_mode(), torch.cuda.device(device), self.capturing():
-                    x = torch.zeros(64, hidden, dtype=dtype, device=device)
-                    self(x, x, torch.ones(hidden, dtype=dtype, device=device), torch.zeros(hidden, dtype=dtype, device=device), 1e-12)
-                    torch.cuda.synchronize(device)
-            except Exception as exc:  # the capture that needs it compiles again, or runs the plain kernels
-                log.warning("compiling add + LayerNorm ahead failed: %s", str(exc)[:300])
-
-        self._warming = threading.Thread(target=run, daemon=True, name="compile")
-        self._warming.start()
-
-    @property
-    def warming(self) -> bool:
-        return self._warming is not None and self._warming.is_alive()
-
-    @contextmanager
-    def capturing(self) -> Iterator[None]:
-        self.local.on = True
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, **self.options)
         try:
-            yield
-        finally:
-            self.local.on = False
+            with torch.inference_mode():
+                self.compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            log.warning("torch.compile of %s failed, running it uncompiled: %s", self.name, str(exc)[:300])
+            self.failed = True
+            return
+        self._warmed.add(key)
 
     def __call__(self, *args):
-        if not getattr(self.local, "on", False):
-            return _add_norm(*args)
-        if self.fn is None:
-            fn = torch.compile(_add_norm, dynamic=True, fullgraph=True)
-            try:
-                out = fn(*args)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:
-                log.warning("torch.compile of add + LayerNorm failed, running them as two kernels: %s", str(exc)[:300])
-                self.fn = _add_norm
-                return _add_norm(*args)
-            self.fn = fn
-            return out
-        return self.fn(*args)
+        if self.compiled is None or self.failed or not getattr(_capture_state, "on", False):
+            return self.fn(*args)
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self.compiled(*args)
 
 
-_compiled_add_norm = _Compiled()
-# Where the compiled kernels run: GraphedForward's warm-up and capture (or a caller holding the GPU alone).
-compiled_kernels = _compiled_add_norm.capturing
-warm_compiled_kernels = _compiled_add_norm.warm
+# The fused add + LayerNorm: one kernel for every shape (symbolic sizes), compiled once per device.
+_compiled_add_norm = CompiledKernel(_add_norm, "add + LayerNorm", dynamic=True, fullgraph=True)
+
+
+def warm_compiled_kernels(device: torch.device, hidden: int, dtype: torch.dtype, eps: float) -> None:
+    """Compile the fused add + LayerNorm for `device` (~2-7 s the first time in a process)."""
+    if device.type != "cuda":
+        return
+    with torch.cuda.device(device):
+        x = torch.zeros(64, hidden, dtype=dtype, device=device)
+        _compiled_add_norm.warm((device, dtype, eps), x, x, torch.ones(hidden, dtype=dtype, device=device),
+                                torch.zeros(hidden, dtype=dtype, device=device), eps)
+        torch.cuda.synchronize(device)
 
 
 def add_norm(x: torch.Tensor, res: torch.Tensor, norm: torch.nn.LayerNorm, mode: str) -> torch.Tensor:
@@ -442,7 +445,7 @@ class GraphedForward:
         if key in self._graphs or self.disabled or len(self._graphs) >= self.max_graphs:
             return
         self._seen[key] = seen = self._seen.get(key, 0) + 1
-        if seen < self.capture_after or _compiled_add_norm.warming:
+        if seen < self.capture_after:
             return  # eagerly, this time
         for attempt in range(1, CAPTURE_ATTEMPTS + 1):
             with gpu_gate.exclusive():
@@ -508,9 +511,16 @@ def speed_up(model: torch.nn.Module, pooling: str = "cls", normalize: bool = Fal
     # Compiling the whole forward fuses the adds and norms itself (measured slower: bench/kernel_levers.py).
     fwd = PooledForward(model, pooling, normalize, broadcast_mask, Fusions(add_norm="eager") if compile else Fusions())
     param = next(model.parameters())
+    if param.device.type != "cuda":
+        return fwd
     if fwd.fast and fwd.fusions.add_norm == "compiled":
-        warm_compiled_kernels(param.device, model.config.hidden_size, param.dtype)
+        warm_compiled_kernels(param.device, model.config.hidden_size, param.dtype, model.config.layer_norm_eps)
     if compile:
-        # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape).
-        fwd.forward = torch.compile(fwd.forward, dynamic=True)  # type: ignore[method-assign]
+        # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape),
+        # one with a padding mask and one without.
+        forward = CompiledKernel(fwd.forward, "the whole forward", dynamic=True)
+        ids = torch.zeros(4, 16, dtype=torch.int32, device=param.device)
+        for mask in (None, torch.ones_like(ids)):
+            forward.warm((param.device, mask is None), ids, mask)
+        fwd.forward = forward  # type: ignore[method-assign]
     return fwd

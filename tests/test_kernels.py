@@ -223,7 +223,48 @@ def test_gpu_gate_runs_a_capture_alone():
     assert log == ["a+", "a-", "X+", "X-", "b+", "b-"]
 
 
-def test_compiled_add_norm_runs_only_in_captures_and_falls_back_when_compiling_fails(monkeypatch, caplog):
+def _add_norm_args(dtype=torch.float32):
+    norm = torch.nn.LayerNorm(8)
+    return (torch.randn(4, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype), norm.weight.detach().to(dtype), norm.bias.detach().to(dtype), norm.eps)
+
+
+def test_a_compiled_kernel_compiles_only_when_warmed_and_runs_only_in_captures():
+    """Compiling patches torch.nn.Module.__call__ process-wide while it traces, so it must never
+    happen while other threads run models: only `warm` compiles; later calls with inputs it did not
+    cover run the plain function instead of compiling again."""
+    from indexer import kernels
+
+    compiles, runs = [], []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+
+        def run(*args):
+            runs.append(1)
+            return gm(*args)
+
+        return run
+
+    k = kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm", backend=backend, dynamic=True)
+    args = _add_norm_args()
+    want = kernels._add_norm(*args)
+    with torch.inference_mode():  # as captures run
+        with kernels.compiled_kernels():
+            assert torch.allclose(k(*args), want)
+        assert not compiles and not runs  # not warmed: never compiled, not even in a capture
+        k.warm("cpu", *args)
+        assert len(compiles) == 1
+        ran = len(runs)
+        assert torch.allclose(k(*args), want) and len(runs) == ran  # outside a capture: the plain function
+        with kernels.compiled_kernels():
+            assert torch.allclose(k(*args), want) and len(runs) == ran + 1  # in a capture: the compiled one
+            wide = _add_norm_args(torch.float64)  # inputs the warm-up did not cover
+            assert torch.allclose(k(*wide), kernels._add_norm(*wide)) and len(runs) == ran + 1
+        k.warm("cpu", *args)  # once per key
+    assert len(compiles) == 1
+
+
+def test_a_compiled_kernel_runs_uncompiled_when_compiling_fails(monkeypatch, caplog):
     from indexer import kernels
 
     calls = []
@@ -235,16 +276,15 @@ def test_compiled_add_norm_runs_only_in_captures_and_falls_back_when_compiling_f
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    c = kernels._Compiled()
-    norm = torch.nn.LayerNorm(8)
-    x, res = torch.randn(4, 8), torch.randn(4, 8)
-    want = norm(x + res)
-    args = (x, res, norm.weight, norm.bias, norm.eps)
-    assert torch.allclose(c(*args), want) and not calls  # outside a capture: never compiled (not thread-safe)
-    with c.capturing():
-        assert torch.allclose(c(*args), want)  # compiling failed: the eager result
-        assert torch.allclose(c(*args), want)
-    assert len(calls) == 1 and "running them as two kernels" in caplog.text  # tried once, then eager for good
+    k = kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm")
+    args = _add_norm_args()
+    want = kernels._add_norm(*args)
+    k.warm("cpu", *args)
+    assert len(calls) == 1 and "running it uncompiled" in caplog.text
+    with torch.inference_mode(), kernels.compiled_kernels():
+        assert torch.allclose(k(*args), want)
+    k.warm("cuda", *args)  # not tried again
+    assert len(calls) == 1
 
 
 @pytest.fixture(scope="module")
