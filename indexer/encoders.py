@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .chunking import WIDTH_STEP
-from .kernels import Forward, GraphedForward, gpu_gate, speed_up
+from .kernels import Forward, GraphedForward, gpu_gate, on_device, speed_up
 from .tokenizing import Windows, WindowSpec, WindowTokenizer, pack
 
 log = logging.getLogger(__name__)
@@ -153,15 +152,6 @@ class _Slot:
         return out
 
 
-@contextmanager
-def _on(device: torch.device):
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            yield
-    else:
-        yield
-
-
 @dataclass
 class BatchRunner:
     """Runs token sequences through a forward function in token-budget batches.
@@ -203,7 +193,7 @@ class BatchRunner:
             raise ValueError("nothing to encode")
         out: list[np.ndarray] = []
         done = np.zeros(len(lengths), dtype=bool)
-        with self._lock, torch.inference_mode(), _on(self.device):
+        with self._lock, torch.inference_mode(), on_device(self.device):
             while not done.all():
                 todo = np.flatnonzero(~done)
                 try:

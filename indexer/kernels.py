@@ -156,83 +156,88 @@ def _add_norm(x: torch.Tensor, res: torch.Tensor, weight: torch.Tensor, bias: to
     return F.layer_norm(x + res, (x.shape[-1],), weight, bias, eps)
 
 
-# Inside GraphedForward's captures (this thread): compiled kernels may run (see CompiledKernel).
+# This thread's state: inside a CUDA graph capture (compiled kernels run), or warming them up (they may compile).
 _capture_state = threading.local()
 
 
 @contextmanager
-def compiled_kernels() -> Iterator[None]:
-    """Where compiled kernels run: GraphedForward's warm-up and capture, or a caller holding the GPU alone."""
-    _capture_state.on = True
+def compiled_kernels(compile: bool = False) -> Iterator[None]:
+    """Where compiled kernels run: GraphedForward's warm-up and capture, or a caller holding the GPU
+    alone. With `compile`, calls compile what they need (only `warm_up` does that: see CompiledKernel)."""
+    _capture_state.on, _capture_state.compile = True, compile
     try:
         yield
     finally:
-        _capture_state.on = False
+        _capture_state.on = _capture_state.compile = False
 
 
 class CompiledKernel:
-    """`fn` through torch.compile, compiled only in `warm` and run only inside CUDA graph captures
-    (`compiled_kernels()`); every other call, and every call after compiling failed (no Triton, no C
-    compiler), runs `fn` itself.
+    """`fn` through torch.compile: compiled only while a model is warmed up (`warm_up`), run only
+    inside CUDA graph captures (`compiled_kernels()`); every other call, and every call once
+    compiling has failed (no Triton, no C compiler), runs `fn` itself.
 
     Compiling traces Python, and while it does, torch.fx patches `torch.nn.Module.__call__` for the
     whole process: a module that another thread calls meanwhile fails ("module is not installed as a
-    submodule"). So compiling happens only in `warm`, where the models are loaded, before any thread
-    encodes; later calls never compile (torch.compile's "eager_on_recompile" stance: inputs that
-    `warm` did not cover run the compiled code's plain Python). Captures run one at a time, under
-    `gpu_gate.exclusive()`, and graph replays never enter Python, so no two threads are ever in
-    torch.compile's code at once.
+    submodule"). So compiling happens only where the models are loaded, before any thread encodes;
+    later calls never compile (torch.compile's "eager_on_recompile" stance: inputs unlike the
+    warm-up's run `fn`'s plain Python). Captures run one at a time, under `gpu_gate.exclusive()`, and
+    graph replays never enter Python, so no two threads are ever in torch.compile's code at once.
     """
 
     def __init__(self, fn: Callable, name: str, **options) -> None:
         self.fn, self.name, self.options = fn, name, options
         self.compiled: Callable | None = None
         self.failed = False
-        self._warmed: set = set()
-
-    def warm(self, key, *args) -> None:
-        """Compile for inputs like `args` (once per `key`, e.g. device and dtype); in the thread that
-        loads the models, while no other thread runs a model."""
-        if self.failed or key in self._warmed:
-            return
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, **self.options)
-        try:
-            with torch.inference_mode():
-                self.compiled(*args)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            log.warning("torch.compile of %s failed, running it uncompiled: %s", self.name, str(exc)[:300])
-            self.failed = True
-            return
-        self._warmed.add(key)
 
     def __call__(self, *args):
-        if self.compiled is None or self.failed or not getattr(_capture_state, "on", False):
+        if self.failed or not getattr(_capture_state, "on", False):
+            return self.fn(*args)
+        if getattr(_capture_state, "compile", False):
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, **self.options)
+            try:
+                return self.compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                log.warning("torch.compile of %s failed, running it uncompiled: %s", self.name, str(exc)[:300])
+                self.failed = True
+                return self.fn(*args)
+        if self.compiled is None:
             return self.fn(*args)
         with torch.compiler.set_stance("eager_on_recompile"):
             return self.compiled(*args)
 
 
-# The fused add + LayerNorm: one kernel for every shape (symbolic sizes), compiled once per device.
+# The fused add + LayerNorm: one kernel for every shape (symbolic sizes).
 _compiled_add_norm = CompiledKernel(_add_norm, "add + LayerNorm", dynamic=True, fullgraph=True)
 
 
-def warm_compiled_kernels(device: torch.device, hidden: int, dtype: torch.dtype, eps: float) -> None:
-    """Compile the fused add + LayerNorm for `device` (~2-7 s the first time in a process)."""
-    if device.type != "cuda":
-        return
-    with torch.cuda.device(device):
-        x = torch.zeros(64, hidden, dtype=dtype, device=device)
-        _compiled_add_norm.warm((device, dtype, eps), x, x, torch.ones(hidden, dtype=dtype, device=device),
-                                torch.zeros(hidden, dtype=dtype, device=device), eps)
-        torch.cuda.synchronize(device)
+@contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """torch.cuda.device(device) for a GPU; nothing for the CPU."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
+
+def warm_up(forward: Callable, device: torch.device) -> None:
+    """Compile the kernels that `forward`'s CUDA graph captures will run, by running it on a small
+    batch, with and without a padding mask (the captures then run exactly what compiled here). Call
+    it where the model is loaded, while no other thread runs a model (~2-7 s the first time in a process)."""
+    # Sizes unlike each other and unlike the hidden size: torch.compile's symbolic sizes would
+    # otherwise assume they are always equal.
+    ids = torch.full((3, 40), 5, dtype=torch.int32, device=device)
+    with on_device(device), torch.inference_mode(), compiled_kernels(compile=True):
+        for mask in (None, torch.ones_like(ids)):
+            forward(ids, mask)
 
 
 def add_norm(x: torch.Tensor, res: torch.Tensor, norm: torch.nn.LayerNorm, mode: str) -> torch.Tensor:
     """LayerNorm(x + res); "compiled": in one kernel where CUDA graphs are captured."""
-    if mode == "compiled" and x.is_cuda:
+    if mode == "compiled":
         return _compiled_add_norm(x, res, norm.weight, norm.bias, norm.eps)
     return _add_norm(x, res, norm.weight, norm.bias, norm.eps)
 
@@ -510,17 +515,11 @@ def speed_up(model: torch.nn.Module, pooling: str = "cls", normalize: bool = Fal
     """The pooled forward to run for `model` (already on its device and dtype, in eval mode)."""
     # Compiling the whole forward fuses the adds and norms itself (measured slower: bench/kernel_levers.py).
     fwd = PooledForward(model, pooling, normalize, broadcast_mask, Fusions(add_norm="eager") if compile else Fusions())
-    param = next(model.parameters())
-    if param.device.type != "cuda":
-        return fwd
-    if fwd.fast and fwd.fusions.add_norm == "compiled":
-        warm_compiled_kernels(param.device, model.config.hidden_size, param.dtype, model.config.layer_norm_eps)
     if compile:
-        # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape),
-        # one with a padding mask and one without.
-        forward = CompiledKernel(fwd.forward, "the whole forward", dynamic=True)
-        ids = torch.zeros(4, 16, dtype=torch.int32, device=param.device)
-        for mask in (None, torch.ones_like(ids)):
-            forward.warm((param.device, mask is None), ids, mask)
-        fwd.forward = forward  # type: ignore[method-assign]
+        # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape).
+        fwd.forward = CompiledKernel(fwd.forward, "the whole forward", dynamic=True)  # type: ignore[method-assign]
+    device = next(model.parameters()).device
+    if device.type == "cuda" and (compile or (fwd.fast and fwd.fusions.add_norm == "compiled")):
+        warm_up(fwd, device)
+        torch.cuda.synchronize(device)
     return fwd

@@ -15,23 +15,21 @@ def cosine(a, b) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fused_add_norm():
-    """The fused add + LayerNorm compiled for every GPU, as loading an encoder does (`speed_up`):
-    the captures below then run it, as the indexer's do."""
-    from indexer.kernels import warm_compiled_kernels
-
-    for i in range(torch.cuda.device_count()):
-        warm_compiled_kernels(torch.device("cuda", i), 768, torch.float16, 1e-12)
-
-
 @pytest.fixture(scope="module")
 def mpnet_base():
-    """MPNet-base's shape (12 × 768), random weights."""
+    """MPNet-base's shape (12 × 768), random weights. Loaded on each GPU as the encoders load it
+    (`speed_up`), which compiles the fused add + LayerNorm that the captures below run."""
+    import copy
+
     from transformers import MPNetConfig, MPNetModel
 
+    from indexer.kernels import speed_up
+
     torch.manual_seed(0)
-    return MPNetModel(MPNetConfig(vocab_size=30527, max_position_embeddings=514), add_pooling_layer=False).eval()
+    model = MPNetModel(MPNetConfig(vocab_size=30527, max_position_embeddings=514), add_pooling_layer=False).eval()
+    for i in range(torch.cuda.device_count()):
+        speed_up(copy.deepcopy(model).to(torch.device("cuda", i)).half(), "cls")
+    return model
 
 
 def sequences(n: int, seed: int) -> list[list[int]]:
@@ -238,15 +236,16 @@ def test_a_shape_is_captured_when_it_comes_again_and_loading_compiles_ahead(mpne
     later, while other threads may be running models."""
     import copy
 
-    from indexer.kernels import GraphedForward, _compiled_add_norm, speed_up
+    from indexer.kernels import GraphedForward, speed_up
 
     dev = torch.device("cuda", 0)
     model = copy.deepcopy(mpnet_base).to(dev).half()
     model.config.layer_norm_eps = 1e-6  # a key the fixture did not warm
     for layer in model.encoder.layer:
         layer.attention.LayerNorm.eps = layer.output.LayerNorm.eps = 1e-6
+    graphs_compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     fast = speed_up(model, "cls")
-    assert (dev, torch.float16, 1e-6) in _compiled_add_norm._warmed
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_compiled  # eps 1e-6: compiled anew
     graphs_compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     g = GraphedForward(fast, dev, capture_after=2)
     ids = torch.from_numpy(np.array([s[:130] + [0] * (130 - len(s[:130])) for s in sequences(8, seed=5)], dtype=np.int32)).pin_memory()
@@ -258,3 +257,35 @@ def test_a_shape_is_captured_when_it_comes_again_and_loading_compiles_ahead(mpne
         third = g(ids, None).float().cpu().numpy()
     assert cosine(first, second).min() >= 0.9999 and cosine(second, third).min() >= 0.9999
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_compiled  # the capture compiled nothing
+
+
+def test_captures_run_the_add_norm_compiled_at_load(mpnet_base, monkeypatch):
+    """Every add + LayerNorm of a captured graph runs what loading compiled (a counting torch.compile
+    backend stands in for Inductor), for batch shapes other than the warm-up's, padded or not."""
+    import copy
+
+    from indexer import kernels
+
+    compiles, runs = [], []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+
+        def run(*args):
+            runs.append(1)
+            return gm(*args)
+
+        return run
+
+    monkeypatch.setattr(kernels, "_compiled_add_norm", kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm", backend=backend, dynamic=True))
+    dev = torch.device("cuda", 0)
+    g = kernels.GraphedForward(kernels.speed_up(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
+    compiled = len(compiles)
+    for rows, width, padded in ((16, 256, False), (48, 208, True)):
+        ids = torch.randint(5, 30000, (rows, width), dtype=torch.int32).pin_memory()
+        mask = (torch.arange(width) < torch.randint(1, width + 1, (rows, 1))).int().pin_memory() if padded else None
+        runs.clear()
+        with torch.inference_mode():
+            g(ids, mask)
+        assert len(runs) == 3 * 24  # warm-up twice and the capture, 2 per layer: every one compiled
+    assert len(compiles) == compiled

@@ -228,12 +228,8 @@ def _add_norm_args(dtype=torch.float32):
     return (torch.randn(4, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype), norm.weight.detach().to(dtype), norm.bias.detach().to(dtype), norm.eps)
 
 
-def test_a_compiled_kernel_compiles_only_when_warmed_and_runs_only_in_captures():
-    """Compiling patches torch.nn.Module.__call__ process-wide while it traces, so it must never
-    happen while other threads run models: only `warm` compiles; later calls with inputs it did not
-    cover run the plain function instead of compiling again."""
-    from indexer import kernels
-
+def counting_kernel(kernels):
+    """The fused add + LayerNorm through a torch.compile backend that counts compilations and runs."""
     compiles, runs = [], []
 
     def backend(gm, example_inputs):
@@ -245,14 +241,24 @@ def test_a_compiled_kernel_compiles_only_when_warmed_and_runs_only_in_captures()
 
         return run
 
-    k = kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm", backend=backend, dynamic=True)
+    return kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm", backend=backend, dynamic=True, fullgraph=True), compiles, runs
+
+
+def test_a_compiled_kernel_compiles_only_in_the_warm_up_and_runs_only_in_captures():
+    """Compiling patches torch.nn.Module.__call__ process-wide while it traces, so it must never
+    happen while other threads run models: only the warm-up compiles; later calls with inputs it did
+    not cover run the plain function instead of compiling again."""
+    from indexer import kernels
+
+    k, compiles, runs = counting_kernel(kernels)
     args = _add_norm_args()
     want = kernels._add_norm(*args)
     with torch.inference_mode():  # as captures run
         with kernels.compiled_kernels():
             assert torch.allclose(k(*args), want)
-        assert not compiles and not runs  # not warmed: never compiled, not even in a capture
-        k.warm("cpu", *args)
+        assert not compiles and not runs  # not warmed up: never compiled, not even in a capture
+        with kernels.compiled_kernels(compile=True):
+            k(*args)
         assert len(compiles) == 1
         ran = len(runs)
         assert torch.allclose(k(*args), want) and len(runs) == ran  # outside a capture: the plain function
@@ -260,8 +266,34 @@ def test_a_compiled_kernel_compiles_only_when_warmed_and_runs_only_in_captures()
             assert torch.allclose(k(*args), want) and len(runs) == ran + 1  # in a capture: the compiled one
             wide = _add_norm_args(torch.float64)  # inputs the warm-up did not cover
             assert torch.allclose(k(*wide), kernels._add_norm(*wide)) and len(runs) == ran + 1
-        k.warm("cpu", *args)  # once per key
     assert len(compiles) == 1
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_after_the_warm_up_captures_of_every_shape_run_the_compiled_add_norm(monkeypatch, mpnet, pooling):
+    """The warm-up runs the model itself, so what it compiles is what a capture calls (its weights
+    are Parameters, the residual and the input are two tensors, the CLS-only last layer's residual
+    is a strided view): every add + LayerNorm of a capture, of any batch shape, padded or not, runs
+    compiled, and nothing compiles after the warm-up."""
+    from indexer import kernels
+
+    k, compiles, runs = counting_kernel(kernels)
+    monkeypatch.setattr(kernels, "_compiled_add_norm", k)
+    fwd = PooledForward(mpnet, pooling)
+    kernels.warm_up(fwd, torch.device("cpu"))
+    compiled = len(compiles)
+    assert compiled >= 1
+    per_forward = 2 * mpnet.config.num_hidden_layers
+    for rows, width, padded in ((8, 64, False), (16, 48, True), (2, 100, False), (64, 64, True)):
+        ids = torch.randint(5, 300, (rows, width))
+        mask = (torch.arange(width) < torch.randint(1, width + 1, (rows, 1))).long() if padded else None
+        runs.clear()
+        with torch.inference_mode():
+            with kernels.compiled_kernels():
+                got = fwd(ids, mask)
+            assert len(runs) == per_forward, (rows, width, padded)
+            assert torch.allclose(got, fwd(ids, mask), atol=1e-5)
+    assert len(compiles) == compiled
 
 
 def test_a_compiled_kernel_runs_uncompiled_when_compiling_fails(monkeypatch, caplog):
@@ -279,12 +311,15 @@ def test_a_compiled_kernel_runs_uncompiled_when_compiling_fails(monkeypatch, cap
     k = kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm")
     args = _add_norm_args()
     want = kernels._add_norm(*args)
-    k.warm("cpu", *args)
-    assert len(calls) == 1 and "running it uncompiled" in caplog.text
-    with torch.inference_mode(), kernels.compiled_kernels():
-        assert torch.allclose(k(*args), want)
-    k.warm("cuda", *args)  # not tried again
-    assert len(calls) == 1
+    with torch.inference_mode():
+        with kernels.compiled_kernels(compile=True):
+            assert torch.allclose(k(*args), want)  # the plain result
+        assert len(calls) == 1 and "running it uncompiled" in caplog.text
+        with kernels.compiled_kernels(compile=True):
+            assert torch.allclose(k(*args), want)
+        with kernels.compiled_kernels():
+            assert torch.allclose(k(*args), want)
+    assert len(calls) == 1  # tried once
 
 
 @pytest.fixture(scope="module")
