@@ -530,5 +530,8 @@ class Reranker:
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
         if not passages:
             return []
-        scores = self.model.predict([(query, p) for p in passages], batch_size=self.batch_size, show_progress_bar=False)
+        # Under the GPU gate like every encoder's work: a CUDA graph capture the indexer makes
+        # meanwhile (e.g. POST /index in the service) would fail on this thread's GPU calls.
+        with gpu_gate.shared():
+            scores = self.model.predict([(query, p) for p in passages], batch_size=self.batch_size, show_progress_bar=False)
         return [float(s) for s in np.asarray(scores).reshape(len(passages), -1)[:, -1]]

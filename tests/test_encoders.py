@@ -138,3 +138,33 @@ def test_batches_end_where_the_width_drops_below_min_fill():
     assert [(len(i), w) for i, w in bucket_batches(lengths, 1024, min_fill=0.8)] == [(2, 512), (3, 320), (2, 128)]
     assert [(len(i), w) for i, w in bucket_batches(lengths, 640, min_fill=0.8)] == [(1, 512), (1, 512), (2, 320), (1, 320), (2, 128)]
     assert bucket_rows(37, 512, 16) == 48 and bucket_rows(37, 40, 16) == 40 and bucket_rows(37, 512) == 64
+
+
+def test_the_reranker_waits_for_a_graph_capture(tiny_models):
+    """A CUDA graph capture holds the GPU gate exclusively; reranking (the service's, while it also
+    indexes) waits for it like the encoders' work, rather than making GPU calls during the capture."""
+    import threading
+
+    from indexer.encoders import Reranker
+    from indexer.kernels import gpu_gate
+
+    rr = Reranker(tiny_models["reranker_model"], device="cpu")
+    scores: list[list[float]] = []
+    capturing, release = threading.Event(), threading.Event()
+
+    def capture():
+        with gpu_gate.exclusive():
+            capturing.set()
+            release.wait(10)
+
+    t = threading.Thread(target=capture)
+    t.start()
+    capturing.wait(10)
+    r = threading.Thread(target=lambda: scores.append(rr.score("query", ["a passage", "another"])))
+    r.start()
+    r.join(0.5)
+    assert r.is_alive() and not scores  # waiting for the capture
+    release.set()
+    r.join(10)
+    t.join(10)
+    assert len(scores) == 1 and len(scores[0]) == 2
