@@ -231,6 +231,9 @@ def test_image_is_multi_stage_non_root_and_pinned():
     copied = [a.split()[0] for a in instruction("COPY") if not a.startswith("--from")]
     assert "tests" not in copied and all((ROOT / c).exists() for c in copied)
     assert "HF_HOME=/models" in " ".join(instruction("ENV")) and '"/models"' in instruction("VOLUME")[0]
+    # torch.compile's kernels (compiled when the models load) are kept in the models volume too
+    env = dict(kv.split("=", 1) for kv in " ".join(instruction("ENV")).split())
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith("/models/") and env["TRITON_CACHE_DIR"].startswith("/models/")
 
 
 def serve(statuses: dict[str, int], port: int = 0) -> tuple[http.server.HTTPServer, int]:
