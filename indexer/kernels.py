@@ -223,6 +223,12 @@ def on_device(device: torch.device) -> Iterator[None]:
         yield
 
 
+# Compilations of one function torch.compile keeps. Each GPU adds its own (the add + LayerNorm: two,
+# for a contiguous and for the CLS rows' strided residual); past PyTorch's default of 8 it would
+# quietly run the rest uncompiled, i.e. unfused on every GPU past the fourth.
+RECOMPILE_LIMIT = 256
+
+
 def warm_up(forward: Callable, device: torch.device) -> None:
     """Compile the kernels that `forward`'s CUDA graph captures will run, by running it on a small
     batch, with and without a padding mask (the captures then run exactly what compiled here). Call
@@ -230,7 +236,7 @@ def warm_up(forward: Callable, device: torch.device) -> None:
     # Sizes unlike each other and unlike the hidden size: torch.compile's symbolic sizes would
     # otherwise assume they are always equal.
     ids = torch.full((3, 40), 5, dtype=torch.int32, device=device)
-    with on_device(device), torch.inference_mode(), compiled_kernels(compile=True):
+    with on_device(device), torch.inference_mode(), compiled_kernels(compile=True), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         for mask in (None, torch.ones_like(ids)):
             forward(ids, mask)
 

@@ -367,3 +367,20 @@ def test_bert_with_other_adapter_kinds_runs_its_own_forward(tiny_models):
     ids = (ids % model.config.vocab_size).masked_fill(mask == 0, 0)
     with torch.no_grad():
         torch.testing.assert_close(fast(ids, mask), model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+
+
+def test_the_warm_up_compiles_for_every_gpu_past_the_default_limit():
+    """Each GPU (and model kind) adds compilations of the one add + LayerNorm function; PyTorch's
+    default limit (8) would leave the later ones running uncompiled. Sixteen variants, all compiled."""
+    from indexer import kernels
+
+    k, compiles, runs = counting_kernel(kernels)
+    args = _add_norm_args()
+    for i in range(16):  # a variant each: eps is part of what a compilation is for
+        kernels.warm_up(lambda ids, mask, eps=10.0 ** -(i + 1): k(*args[:4], eps), torch.device("cpu"))
+    assert len(compiles) == 16
+    with torch.inference_mode(), kernels.compiled_kernels():
+        runs.clear()
+        for i in range(16):
+            k(*args[:4], 10.0 ** -(i + 1))
+    assert len(runs) == 16
