@@ -289,3 +289,29 @@ def test_captures_run_the_add_norm_compiled_at_load(mpnet_base, monkeypatch):
             g(ids, mask)
         assert len(runs) == 3 * 24  # warm-up twice and the capture, 2 per layer: every one compiled
     assert len(compiles) == compiled
+
+
+def test_the_whole_forward_compiled_at_load_matches_the_fused_layers(mpnet_base):
+    """PAPERINDEX_COMPILE: the whole forward through torch.compile, compiled where the model loads
+    (padded and not), run in the CUDA graphs; nothing compiles in a capture."""
+    import copy
+
+    from indexer.kernels import GraphedForward, speed_up
+
+    dev = torch.device("cuda", 0)
+    fused = speed_up(copy.deepcopy(mpnet_base).to(dev).half(), "cls")
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    whole = speed_up(copy.deepcopy(mpnet_base).to(dev).half(), "cls", compile=True)
+    loaded = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert loaded > before
+    g_whole, g_fused = GraphedForward(whole, dev), GraphedForward(fused, dev)
+    seqs = sequences(40, seed=7)
+    ids = torch.from_numpy(np.array([s[:96] + [1] * (96 - len(s[:96])) for s in seqs], dtype=np.int32)).pin_memory()
+    mask = torch.from_numpy(np.array([[1] * min(len(s), 96) + [0] * (96 - min(len(s), 96)) for s in seqs], dtype=np.int32)).pin_memory()
+    with torch.inference_mode():
+        for m in (None, mask):
+            a = g_whole(ids, m).float().cpu().numpy()
+            b = g_fused(ids, m).float().cpu().numpy()
+            assert cosine(a, b).min() >= 0.999
+    assert len(g_whole) == 2 and not g_whole.disabled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == loaded
