@@ -83,3 +83,23 @@ def write_jsonl(path: Path, records: list) -> Path:
 @pytest.fixture
 def papers_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "papers.jsonl", [make_paper(i, words=150 + 90 * (i % 5)) for i in range(12)])
+
+
+@pytest.fixture
+def counting_add_norm():
+    """(kernel, compiles, runs): a CompiledKernel of the fused add + LayerNorm whose torch.compile
+    backend (standing in for Inductor) counts its compilations and the runs of what it compiled."""
+    from indexer import kernels
+
+    compiles, runs = [], []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+
+        def run(*args):
+            runs.append(1)
+            return gm(*args)
+
+        return run
+
+    return kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm", backend=backend, dynamic=True, fullgraph=True), compiles, runs

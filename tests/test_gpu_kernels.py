@@ -259,25 +259,15 @@ def test_a_shape_is_captured_when_it_comes_again_and_loading_compiles_ahead(mpne
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_compiled  # the capture compiled nothing
 
 
-def test_captures_run_the_add_norm_compiled_at_load(mpnet_base, monkeypatch):
+def test_captures_run_the_add_norm_compiled_at_load(mpnet_base, monkeypatch, counting_add_norm):
     """Every add + LayerNorm of a captured graph runs what loading compiled (a counting torch.compile
     backend stands in for Inductor), for batch shapes other than the warm-up's, padded or not."""
     import copy
 
     from indexer import kernels
 
-    compiles, runs = [], []
-
-    def backend(gm, example_inputs):
-        compiles.append(1)
-
-        def run(*args):
-            runs.append(1)
-            return gm(*args)
-
-        return run
-
-    monkeypatch.setattr(kernels, "_compiled_add_norm", kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm", backend=backend, dynamic=True))
+    k, compiles, runs = counting_add_norm
+    monkeypatch.setattr(kernels, "_compiled_add_norm", k)
     dev = torch.device("cuda", 0)
     g = kernels.GraphedForward(kernels.speed_up(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
     compiled = len(compiles)

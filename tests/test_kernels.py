@@ -228,29 +228,13 @@ def _add_norm_args(dtype=torch.float32):
     return (torch.randn(4, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype), norm.weight.detach().to(dtype), norm.bias.detach().to(dtype), norm.eps)
 
 
-def counting_kernel(kernels):
-    """The fused add + LayerNorm through a torch.compile backend that counts compilations and runs."""
-    compiles, runs = [], []
-
-    def backend(gm, example_inputs):
-        compiles.append(1)
-
-        def run(*args):
-            runs.append(1)
-            return gm(*args)
-
-        return run
-
-    return kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm", backend=backend, dynamic=True, fullgraph=True), compiles, runs
-
-
-def test_a_compiled_kernel_compiles_only_in_the_warm_up_and_runs_only_in_captures():
+def test_a_compiled_kernel_compiles_only_in_the_warm_up_and_runs_only_in_captures(counting_add_norm):
     """Compiling patches torch.nn.Module.__call__ process-wide while it traces, so it must never
     happen while other threads run models: only the warm-up compiles; later calls with inputs it did
     not cover run the plain function instead of compiling again."""
     from indexer import kernels
 
-    k, compiles, runs = counting_kernel(kernels)
+    k, compiles, runs = counting_add_norm
     args = _add_norm_args()
     want = kernels._add_norm(*args)
     with torch.inference_mode():  # as captures run
@@ -270,14 +254,14 @@ def test_a_compiled_kernel_compiles_only_in_the_warm_up_and_runs_only_in_capture
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_after_the_warm_up_captures_of_every_shape_run_the_compiled_add_norm(monkeypatch, mpnet, pooling):
+def test_after_the_warm_up_captures_of_every_shape_run_the_compiled_add_norm(monkeypatch, mpnet, pooling, counting_add_norm):
     """The warm-up runs the model itself, so what it compiles is what a capture calls (its weights
     are Parameters, the residual and the input are two tensors, the CLS-only last layer's residual
     is a strided view): every add + LayerNorm of a capture, of any batch shape, padded or not, runs
     compiled, and nothing compiles after the warm-up."""
     from indexer import kernels
 
-    k, compiles, runs = counting_kernel(kernels)
+    k, compiles, runs = counting_add_norm
     monkeypatch.setattr(kernels, "_compiled_add_norm", k)
     fwd = PooledForward(mpnet, pooling)
     kernels.warm_up(fwd, torch.device("cpu"))
@@ -369,12 +353,12 @@ def test_bert_with_other_adapter_kinds_runs_its_own_forward(tiny_models):
         torch.testing.assert_close(fast(ids, mask), model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
 
 
-def test_the_warm_up_compiles_for_every_gpu_past_the_default_limit():
+def test_the_warm_up_compiles_for_every_gpu_past_the_default_limit(counting_add_norm):
     """Each GPU (and model kind) adds compilations of the one add + LayerNorm function; PyTorch's
     default limit (8) would leave the later ones running uncompiled. Sixteen variants, all compiled."""
     from indexer import kernels
 
-    k, compiles, runs = counting_kernel(kernels)
+    k, compiles, runs = counting_add_norm
     args = _add_norm_args()
     for i in range(16):  # a variant each: eps is part of what a compilation is for
         kernels.warm_up(lambda ids, mask, eps=10.0 ** -(i + 1): k(*args[:4], eps), torch.device("cpu"))
