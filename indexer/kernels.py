@@ -223,9 +223,9 @@ def on_device(device: torch.device) -> Iterator[None]:
         yield
 
 
-# Compilations of one function torch.compile keeps. Each GPU adds its own (the add + LayerNorm: two,
-# for a contiguous and for the CLS rows' strided residual); past PyTorch's default of 8 it would
-# quietly run the rest uncompiled, i.e. unfused on every GPU past the fourth.
+# Compilations of one function torch.compile keeps. Each GPU adds its own (and each kind of model
+# whose add + LayerNorm inputs differ, e.g. in eps); past PyTorch's default of 8 compiling fails
+# (fullgraph) and the kernels run unfused from then on, on every GPU.
 RECOMPILE_LIMIT = 256
 
 
@@ -289,7 +289,9 @@ def encoder_layer(layer: torch.nn.Module, x: torch.Tensor, rows: int, bias: torc
     n = x.shape[0] // rows
     h, d = a.num_attention_heads, a.attention_head_size
     if cls_only:
-        res = x.view(rows, n, c)[:, 0]
+        # Contiguous: the compiled add + LayerNorm then needs one compilation, not a second for a
+        # strided residual (a few seconds more at load, on each GPU).
+        res = x.view(rows, n, c)[:, 0].contiguous()
         q = linear(res, a.qkv_weight[:c], a.qkv_bias[:c]).view(rows, 1, h, d).transpose(1, 2)
         kv = linear(x, a.qkv_weight[c:], a.qkv_bias[c:]).view(rows, n, 2, h, d)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
