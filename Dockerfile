@@ -36,7 +36,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # A C compiler: Triton builds its kernel launchers with it (the fused add + LayerNorm kernels that
 # torch.compile makes on the GPU; without one they run as two kernels each, ~10% slower). The
 # compiled kernels are cached in the models volume (TORCHINDUCTOR_CACHE_DIR above): loading the
-# models takes ~11 s on a new container's first start, ~5 s once they are cached.
+# models took ~8 s on a new machine, ~5 s once the kernels were cached.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
