@@ -164,11 +164,12 @@ _capture_state = threading.local()
 def compiled_kernels(compile: bool = False) -> Iterator[None]:
     """Where compiled kernels run: GraphedForward's warm-up and capture, or a caller holding the GPU
     alone. With `compile`, calls compile what they need (only `warm_up` does that: see CompiledKernel)."""
+    before = getattr(_capture_state, "on", False), getattr(_capture_state, "compile", False)
     _capture_state.on, _capture_state.compile = True, compile
     try:
         yield
     finally:
-        _capture_state.on = _capture_state.compile = False
+        _capture_state.on, _capture_state.compile = before
 
 
 class CompiledKernel:
@@ -232,7 +233,8 @@ RECOMPILE_LIMIT = 256
 def warm_up(forward: Callable, device: torch.device) -> None:
     """Compile the kernels that `forward`'s CUDA graph captures will run, by running it on a small
     batch, with and without a padding mask (the captures then run exactly what compiled here). Call
-    it where the model is loaded, while no other thread runs a model (~2-7 s the first time in a process)."""
+    it where the model is loaded, while no other thread runs a model (~7 s the first time on a
+    machine, less once PyTorch's cache holds the kernels)."""
     # Sizes unlike each other and unlike the hidden size: torch.compile's symbolic sizes would
     # otherwise assume they are always equal.
     ids = torch.full((3, 40), 5, dtype=torch.int32, device=device)
