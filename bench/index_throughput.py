@@ -471,7 +471,7 @@ def main() -> None:
 
     from indexer.chunking import chunk_words
     from indexer.encoders import CAPTURE_AFTER, PaperEncoder, PassageEncoder
-    from indexer.runtime import tokenizer_workers
+    from indexer.runtime import encoder_grid, tokenizer_workers
 
     device = torch.device(args.device)
     RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args=vars(args),
@@ -526,13 +526,14 @@ def main() -> None:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
                                      tokenizer_workers=args.workers or tokenizer_workers(Settings(device=args.device)),
                                      compile=args.pipeline_compile)
-        # Paper heads (~4% of the work) stay on the first GPU: its encoder is shared by the threads.
+        # The encoders `paperindex index` runs (indexer.runtime): each GPU its own paper encoder, shared
+        # by that GPU's threads, and a passage replica per thread.
         if device.type != "cuda":
             args.per_gpu = [1]  # replicas are per GPU
-        extra = {(i, j): passage_enc.replicate(f"cuda:{i}") for i in range(args.gpus) for j in range(max(args.per_gpu)) if (i, j) != (0, 0)}
+        grid = encoder_grid([f"cuda:{i}" for i in range(args.gpus)], max(args.per_gpu), paper_enc, passage_enc) if device.type == "cuda" else {}
 
         def replicas_for(n_gpus: int, per_gpu: int) -> list:
-            return [(paper_enc, enc) for (i, j), enc in extra.items() if i < n_gpus and j < per_gpu]
+            return [pair for (i, j), pair in grid.items() if i < n_gpus and j < per_gpu]
 
         replicas_all = replicas_for(args.gpus, max(args.per_gpu))
         try:
@@ -541,7 +542,8 @@ def main() -> None:
             # The encoders capture a shape the second time it comes; the warm-up captures each the
             # first time, so the timed runs start where a long run is: every shape the corpus needs captured.
             t = time.perf_counter()
-            graphed = [enc.run._graphed for enc in (paper_enc, passage_enc, *extra.values()) if enc.run._graphed is not None]
+            encoders = {id(e): e for e in (paper_enc, passage_enc, *(e for pair in grid.values() for e in pair))}.values()
+            graphed = [enc.run._graphed for enc in encoders if enc.run._graphed is not None]
             for g in graphed:
                 g.capture_after = 1
             index_run(f"warm-up (window {window}/{overlap})", path, min(args.papers, 2000), paper_enc, passage_enc, replicas_all, "null", chunk_tokens, None, gemm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import Settings
@@ -60,11 +61,18 @@ def gpu_replicas(s: Settings, paper: PaperEncoder, passage: PassageEncoder) -> l
         devices = [f"cuda:{i}" for i in range(s.indexing_gpus())]
     else:
         devices = [str(passage.device)]
-    pairs = []
+    return list(encoder_grid(devices, s.encoders_per_gpu, paper, passage).values())
+
+
+def encoder_grid(devices: Sequence[str], per_gpu: int, paper: PaperEncoder, passage: PassageEncoder) -> dict[tuple[int, int], tuple[PaperEncoder, PassageEncoder]]:
+    """{(GPU index, thread index): (paper, passage) encoders} beside (paper, passage), which sit on
+    devices[0] and are (0, 0): `per_gpu` passage replicas per device, each device's threads sharing
+    one paper encoder (heads of a device's groups are encoded on that device)."""
+    grid = {}
     for i, device in enumerate(devices):
         heads = paper if i == 0 else paper.replicate(device)
-        pairs += [(heads, passage.replicate(device)) for j in range(s.encoders_per_gpu) if (i, j) != (0, 0)]
-    return pairs
+        grid.update({(i, j): (heads, passage.replicate(device)) for j in range(per_gpu) if (i, j) != (0, 0)})
+    return grid
 
 
 def build(s: Settings, reranker: bool = True, store: Store | None = None) -> Runtime:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from indexer.config import Settings
-from indexer.runtime import gpu_replicas
+from indexer.runtime import encoder_grid, gpu_replicas
 
 
 class FakeEncoder:
@@ -38,6 +38,15 @@ def test_replicas_follow_the_gpu_settings(monkeypatch, device, gpus, per_gpu, vi
     assert paper.made == papers and passage.made == passages
     assert [str(q.device) for _, q in pairs] == passages
     assert all(p.device == q.device for p, q in pairs)
+
+
+def test_the_encoder_grid_is_keyed_by_gpu_and_thread():
+    """What the benchmark picks its one- and several-GPU runs from: a GPU's threads share its paper encoder."""
+    paper, passage = FakeEncoder(), FakeEncoder()
+    grid = encoder_grid(["cuda:0", "cuda:1"], 2, paper, passage)
+    assert list(grid) == [(0, 1), (1, 0), (1, 1)]
+    assert grid[(0, 1)][0] is paper and grid[(1, 0)][0] is grid[(1, 1)][0] is not paper
+    assert [str(q.device) for _, q in grid.values()] == ["cuda:0", "cuda:1", "cuda:1"]
 
 
 def test_no_replicas_on_cpu(monkeypatch):
