@@ -134,7 +134,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .runtime import build
 
     s = _settings(args)
-    rt = build(s, reranker=args.rerank)
+    rt = build(s, reranker=args.rerank, indexing=False)
     try:
         flt = _filter(args)
         if args.papers:
@@ -170,7 +170,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_similar(args: argparse.Namespace) -> int:
     from .runtime import build
 
-    rt = build(_settings(args), reranker=False)
+    rt = build(_settings(args), reranker=False, indexing=False)
     try:
         res = rt.searcher.similar(args.paper_id, args.k, _filter(args))
         if args.json:

@@ -364,7 +364,7 @@ class PassageEncoder:
         )
         self.windows = WindowTokenizer(self.tokenizer, spec, workers=tokenizer_workers)
         self.model = _prepare(st[0].auto_model, self.device)
-        self.forward = speed_up(self.model, self.pooling, self.normalize, compile=compile and self.device.type == "cuda")
+        self.forward = speed_up(self.model, self.pooling, self.normalize, compile=compile and self.device.type == "cuda", graphs=graphs)
         budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
         full = spec.length + len(prefix) + len(suffix)
@@ -467,7 +467,7 @@ class PaperEncoder:
         self.model = _prepare(base, self.device)
         # A (batch, 1, length) mask: the model broadcasts it itself, with no data-dependent check
         # that a CUDA graph could not capture.
-        self.forward = speed_up(self.model, "cls", broadcast_mask=True)
+        self.forward = speed_up(self.model, "cls", broadcast_mask=True, graphs=graphs)
         budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
         # Graphs replay whatever adapter was active at capture: only the proximity runner has them.

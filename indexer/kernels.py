@@ -521,15 +521,18 @@ class GraphedForward:
         return entry
 
 
-def speed_up(model: torch.nn.Module, pooling: str = "cls", normalize: bool = False, compile: bool = False, broadcast_mask: bool = False) -> PooledForward:
-    """The pooled forward to run for `model` (already on its device and dtype, in eval mode)."""
+def speed_up(model: torch.nn.Module, pooling: str = "cls", normalize: bool = False, compile: bool = False, broadcast_mask: bool = False,
+             graphs: bool = True) -> PooledForward:
+    """The pooled forward to run for `model` (already on its device and dtype, in eval mode). With
+    `graphs` (CUDA graphs will be captured of it), the kernels the captures run are compiled now;
+    without, nothing compiles: eager calls run the plain kernels anyway."""
     # Compiling the whole forward fuses the adds and norms itself (measured slower: bench/kernel_levers.py).
     fwd = PooledForward(model, pooling, normalize, broadcast_mask, Fusions(add_norm="eager") if compile else Fusions())
     if compile:
         # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape).
         fwd.forward = CompiledKernel(fwd.forward, "the whole forward", dynamic=True)  # type: ignore[method-assign]
     device = next(model.parameters()).device
-    if device.type == "cuda" and (compile or (fwd.fast and fwd.fusions.add_norm == "compiled")):
+    if graphs and device.type == "cuda" and (compile or (fwd.fast and fwd.fusions.add_norm == "compiled")):
         warm_up(fwd, device)
         torch.cuda.synchronize(device)
     return fwd

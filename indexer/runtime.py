@@ -38,12 +38,14 @@ def tokenizer_workers(s: Settings) -> int:
     return 2
 
 
-def load_encoders(s: Settings) -> tuple[PaperEncoder, PassageEncoder]:
-    paper = PaperEncoder(s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, token_budget=s.token_budget)
+def load_encoders(s: Settings, indexing: bool = True) -> tuple[PaperEncoder, PassageEncoder]:
+    """The paper and passage encoders; without `indexing` (queries only: `paperindex search`), no
+    CUDA graphs and nothing compiled for them, and passages tokenized in this process."""
+    paper = PaperEncoder(s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, token_budget=s.token_budget, graphs=indexing)
     passage = PassageEncoder(
         s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
         window_overlap=s.window_overlap, token_budget=s.token_budget, compile=s.compile,
-        tokenizer_workers=tokenizer_workers(s),
+        tokenizer_workers=tokenizer_workers(s) if indexing else 0, graphs=indexing,
     )
     return paper, passage
 
@@ -75,10 +77,12 @@ def encoder_grid(devices: Sequence[str], per_gpu: int, paper: PaperEncoder, pass
     return grid
 
 
-def build(s: Settings, reranker: bool = True, store: Store | None = None) -> Runtime:
-    paper, passage = load_encoders(s)
+def build(s: Settings, reranker: bool = True, store: Store | None = None, indexing: bool = True) -> Runtime:
+    """Everything a command needs; `indexing` False for one that only queries (see load_encoders): its
+    Indexer, if used at all, runs on the one encoder pair, eagerly."""
+    paper, passage = load_encoders(s, indexing)
     rr = Reranker(s.reranker_model, device=s.device) if reranker and s.reranker_model else None
     store = store or open_store(s)
     idx = Indexer(store, paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.papers_per_batch,
-                  replicas=gpu_replicas(s, paper, passage))
+                  replicas=gpu_replicas(s, paper, passage) if indexing else ())
     return Runtime(s, store, paper, passage, rr, idx, Searcher(store, passage, paper, rr))

@@ -90,3 +90,24 @@ def test_chunk_shards_of_a_new_index_follow_the_gpus_that_index(monkeypatch, dev
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     assert store_options(Settings(device=device, gpus=gpus, edge_chunk_shards=setting)).chunk_shards == shards
+
+
+def test_a_query_only_runtime_loads_no_graphs_workers_or_replicas(settings):
+    """`paperindex search` / `similar` only encode queries: no CUDA graphs (so nothing is compiled
+    for them at load), no tokenizer worker processes, no encoder replicas."""
+    from indexer.runtime import build
+
+    rt = build(settings.model_copy(update={"tokenizer_workers": 2}), reranker=False, indexing=False)
+    try:
+        assert not rt.passage_encoder.run.graphs and not rt.paper_encoder.run.graphs
+        assert rt.passage_encoder.windows.workers == 0
+        assert len(rt.indexer.workers) == 1
+    finally:
+        rt.passage_encoder.close()
+        rt.store.close()
+    rt = build(settings.model_copy(update={"tokenizer_workers": 2}), reranker=False)  # indexing: as configured
+    try:
+        assert rt.passage_encoder.run.graphs and rt.passage_encoder.windows.workers == 2
+    finally:
+        rt.passage_encoder.close()
+        rt.store.close()
