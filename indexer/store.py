@@ -203,9 +203,8 @@ class EdgeStore:
     `parallel_writes` each chunk shard is written by a process of its own (bulk indexing)."""
 
     # Chunk points per upsert call from the pipeline (`upsert_points`) while writer processes have
-    # the chunk shards: a call is one message per shard, so bigger calls mean fewer messages and
-    # answers. Their size stays well within a pipe (a chunk pickles to ~15 KB).
-    WRITER_UPSERT_POINTS = 32
+    # the chunk shards: ShardWriters gathers them per shard into messages of its own size.
+    WRITER_UPSERT_POINTS = 256
     # parallel_writes gives the chunk shards writer processes from this many shards on (an index of
     # one shard too: this process then only pickles the points, ~50 µs a chunk against ~280 µs of
     # converting and inserting them under the interpreter lock, which the GPU threads need).
@@ -602,10 +601,16 @@ def _serve_shard() -> None:
 
 
 class ShardWriters:
-    """One writer process per chunk shard (EdgeStore.parallel_writes). Writes are sent without
-    waiting for them, up to IN_FLIGHT per process; `wait` reads every answer. A failed write is
-    raised by the next call, and its process refuses every write after it."""
+    """One writer process per chunk shard (EdgeStore.parallel_writes). Points are gathered per shard
+    and sent MESSAGE_POINTS at a time, without waiting for them, up to IN_FLIGHT messages per
+    process; `wait` sends what is gathered and reads every answer. A failed write is raised by a
+    later call, and its process refuses every write after it."""
 
+    # Points per message (~15 KB each pickled, ~0.25 ms each for the process to insert). Each message
+    # and its answer cost the sending thread the interpreter lock twice (a pipe write and a read let
+    # it go), and taking it back waits for whichever thread holds it: with the GPU threads running,
+    # a few hundred points per batch of messages, not a few, keep the writer ahead of them.
+    MESSAGE_POINTS = 48
     IN_FLIGHT = 4
 
     def __init__(self, dirs: Sequence[Path], vname: str) -> None:
@@ -615,6 +620,7 @@ class ShardWriters:
         # Each process answers once it has opened its shard; that answer is read like a write's, so
         # the caller goes on meanwhile (starting Python and opening a shard take ~0.3 s).
         self._pending = [1] * len(dirs)
+        self._gathered: list[list[Point]] = [[] for _ in dirs]
         self._lock = threading.Lock()
         try:
             for p, d in zip(self._procs, dirs):
@@ -632,39 +638,56 @@ class ShardWriters:
             raise StoreError(f"chunk shard {i}: {value}")
 
     def _send(self, i: int, message: tuple) -> None:
-        with self._lock:
-            while self._pending[i] >= self.IN_FLIGHT:
-                self._pending[i] -= 1
-                self._answer(i)
-            try:
-                send(self._procs[i], message)
-            except (BrokenPipeError, OSError) as exc:
-                raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
-            self._pending[i] += 1
+        """Send one message to shard i's process (the caller holds the lock)."""
+        while self._pending[i] >= self.IN_FLIGHT:
+            self._pending[i] -= 1
+            self._answer(i)
+        try:
+            send(self._procs[i], message)
+        except (BrokenPipeError, OSError) as exc:
+            raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
+        self._pending[i] += 1
+
+    def _send_gathered(self, i: int) -> None:
+        if self._gathered[i]:
+            points, self._gathered[i] = self._gathered[i], []
+            self._send(i, ("upsert", points))
 
     def upsert(self, i: int, points: Sequence[Point]) -> None:
-        self._send(i, ("upsert", list(points)))
+        with self._lock:
+            self._gathered[i].extend(points)
+            while len(self._gathered[i]) >= self.MESSAGE_POINTS:
+                part, self._gathered[i] = self._gathered[i][: self.MESSAGE_POINTS], self._gathered[i][self.MESSAGE_POINTS :]
+                self._send(i, ("upsert", part))
 
     def delete(self, i: int, paper_ids: Sequence[str]) -> None:
-        self._send(i, ("delete", list(paper_ids)))
+        with self._lock:
+            self._send_gathered(i)  # writes keep their order
+            self._send(i, ("delete", list(paper_ids)))
 
     def wait(self) -> None:
-        """Until every write sent is done; raises the first that failed."""
+        """Until every write is done; raises the first that failed."""
         with self._lock:
+            for i in range(len(self._procs)):
+                self._send_gathered(i)
             for i in range(len(self._procs)):
                 while self._pending[i]:
                     self._pending[i] -= 1
                     self._answer(i)
 
     def flush(self) -> None:
-        for i in range(len(self._procs)):
-            self._send(i, ("flush",))
+        with self._lock:
+            for i in range(len(self._procs)):
+                self._send_gathered(i)
+                self._send(i, ("flush",))
         self.wait()
 
     def close(self) -> None:
         """Finish every write, close the shards, end the processes."""
-        for i in range(len(self._procs)):
-            self._send(i, ("close",))
+        with self._lock:
+            for i in range(len(self._procs)):
+                self._send_gathered(i)
+                self._send(i, ("close",))
         self.wait()
         self.stop()
 

@@ -212,3 +212,46 @@ def test_a_shard_that_cannot_be_opened_is_a_clear_error(tmp_path):
     s.close()
     with pytest.raises(store_module.StoreUnavailable, match="cannot open embedded collection"):
         EdgeStore(tmp_path / "idx")
+
+
+def test_chunk_writes_are_gathered_into_messages_of_a_set_size(tmp_path, monkeypatch):
+    """Points go to a shard's process MESSAGE_POINTS at a time (each message costs the writer
+    thread the interpreter lock twice); what is left over is sent when the block ends."""
+    monkeypatch.setattr(store_module.ShardWriters, "MESSAGE_POINTS", 4)
+    sizes = []
+    real_send = store_module.send
+
+    def counting(proc, message):
+        if isinstance(message, tuple) and message[0] == "upsert":
+            sizes.append(len(message[1]))
+        real_send(proc, message)
+
+    monkeypatch.setattr(store_module, "send", counting)
+    s = sharded(tmp_path / "idx", shards=2)
+    points = chunks(range(9))  # 45 points over two shards
+    with s.parallel_writes():
+        for p in points:  # one point a call, as a slow caller might
+            s.upsert(s.chunks, [p])
+    per_shard = [sum(chunk_shard(p.payload["paper_id"], 2) == i for p in points) for i in range(2)]
+    assert sum(sizes) == 45 and max(sizes) == 4
+    assert len(sizes) == sum(-(-n // 4) for n in per_shard)  # full messages, then one remainder a shard
+    assert s.count(s.chunks) == 45
+    s.close()
+
+
+def test_gathered_chunk_writes_keep_their_order_with_deletes(tmp_path, monkeypatch):
+    """A delete is not sent ahead of writes gathered before it: deleted papers stay deleted, and
+    chunks written after the delete are the ones kept."""
+    monkeypatch.setattr(store_module.ShardWriters, "MESSAGE_POINTS", 1000)  # everything gathered until sent
+    s = sharded(tmp_path / "idx", shards=2)
+    with s.parallel_writes():
+        s.upsert(s.chunks, chunks(range(10)))
+        s.delete_chunks([f"p{p}" for p in range(5)])
+        s.upsert(s.chunks, chunks(range(3), seed=1))
+    assert s.count(s.chunks) == 5 * 5 + 3 * 5
+    stored = {p.id: p for page, _ in s.scroll(s.chunks) for p in page}
+    expected = {p.id: p for p in chunks(range(3), seed=1) + [c for c in chunks(range(10)) if c.payload["paper_id"] in {f"p{i}" for i in range(5, 10)}]}
+    assert set(stored) == set(expected)
+    for pid, point in expected.items():
+        np.testing.assert_allclose(stored[pid].vector, point.vector, rtol=1e-6)
+    s.close()

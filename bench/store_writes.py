@@ -1,0 +1,154 @@
+"""The indexing writer alone: how many chunks/s `Indexer._write` puts into Qdrant Edge, by chunk shards.
+
+No models: batches of real-prose papers (bench/corpus.py) are chunked as indexing does, given random
+vectors of the shapes the encoders return (window multivectors, ~3.5 windows of 768 a chunk; 768-d
+paper vectors), and written batch after batch through the pipeline's own write stage into chunk shards
+written by their own processes (`parallel_writes`), as `paperindex index` does, alone or beside
+threads that run Python (as the GPU and planning threads do). The table splits the writer thread's
+time by call. The pipeline needs the writer to keep up with the GPUs
+(~2,800 chunks/s per H100), with the interpreter lock shared with them.
+
+    python bench/store_writes.py --papers 2000 --shards 1 2 4 8 --busy-threads 0 2 --message-points 8 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import corpus as corpus_mod  # noqa: E402
+
+from indexer.chunking import chunk_words  # noqa: E402
+from indexer.papers import PaperIn  # noqa: E402
+from indexer.pipeline import SWITCH_INTERVAL_S, Indexer, _Batch  # noqa: E402
+from indexer.store import EdgeStore, Layout, ShardWriters, StoreOptions  # noqa: E402
+
+DIM = 768
+WINDOWS_PER_CHUNK = (3, 4)  # a 512-word chunk is ~750 tokens: 3 or 4 windows of 254
+
+
+class _Enc:
+    """What `Indexer` reads off its encoders when only writing."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.dim, self.multivector = name, DIM, True
+        self.long_chunk, self.window_tokens, self.window_overlap = "multivector", 254, 16
+
+
+def batches(papers: list[PaperIn], per_batch: int, rng: np.random.Generator) -> list[_Batch]:
+    out = []
+    for at in range(0, len(papers), per_batch):
+        group = papers[at : at + per_batch]
+        chunks = [chunk_words(p.text or "", 512, 50) for p in group]
+        vecs = [rng.standard_normal((int(rng.integers(*WINDOWS_PER_CHUNK, endpoint=True)), DIM)).astype(np.float32) for cs in chunks for _ in cs]
+        b = _Batch(group, [f"h{at + i}" for i in range(len(group))], [], chunks, 0, [], None)
+        b.paper_vecs = rng.standard_normal((len(group), DIM)).astype(np.float32)
+        b.chunk_vecs = vecs
+        out.append(b)
+    return out
+
+
+def timed(store: EdgeStore, spent: dict[str, float]) -> None:
+    """Wrap the store's write calls so their time adds to `spent` by kind."""
+    for name in ("upsert", "delete_chunks", "flush"):
+        fn = getattr(store, name)
+
+        def wrapper(*args, _fn=fn, _name=name, **kw):
+            key = _name
+            if _name == "upsert":
+                key = "upsert papers (waits for the chunk writes)" if args[0] == store.papers else "upsert chunks (send)"
+            t = time.perf_counter()
+            try:
+                return _fn(*args, **kw)
+            finally:
+                spent[key] += time.perf_counter() - t
+
+        setattr(store, name, wrapper)
+
+
+def busy(stop: threading.Event) -> None:
+    """A stand-in for the pipeline's other threads: Python code that wants the interpreter lock."""
+    while not stop.is_set():
+        sum(i * i for i in range(2000))
+
+
+def run(bs: list[_Batch], shards: int, busy_threads: int, message_points: int) -> dict:
+    stop = threading.Event()
+    others = [threading.Thread(target=busy, args=(stop,), daemon=True) for _ in range(busy_threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    default, ShardWriters.MESSAGE_POINTS = ShardWriters.MESSAGE_POINTS, message_points
+    try:
+        for t in others:
+            t.start()
+        return _run(bs, shards)
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+        sys.setswitchinterval(interval)
+        ShardWriters.MESSAGE_POINTS = default
+
+
+def _run(bs: list[_Batch], shards: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="pi-writes-") as tmp:
+        store = EdgeStore(tmp, options=StoreOptions(chunk_shards=shards))
+        idx = Indexer.__new__(Indexer)
+        idx.store, idx._write_lock = store, threading.Lock()
+        store.create(Layout(DIM, DIM, True))
+        spent: dict[str, float] = defaultdict(float)
+        timed(store, spent)
+        n_chunks = sum(len(cs) for b in bs for cs in b.chunks)
+        with store.parallel_writes():
+            time.sleep(1.0)  # the writer processes start and open their shards
+            t0 = time.perf_counter()
+            for b in bs:
+                idx._write(b)
+            seconds = time.perf_counter() - t0
+        row = {"shards": shards, "chunks": n_chunks, "seconds": round(seconds, 2), "chunks_s": round(n_chunks / seconds),
+               "split_s": {k: round(v, 2) for k, v in spent.items()}}
+        row["split_s"]["other (payloads, points)"] = round(seconds - sum(spent.values()), 2)
+        return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--papers", type=int, default=1000)
+    ap.add_argument("--words", type=int, default=8000, help="body words per paper")
+    ap.add_argument("--per-batch", type=int, default=256, help="papers per write (the pipeline's papers_per_batch)")
+    ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--busy-threads", type=int, nargs="+", default=[0, 2],
+                    help="threads running Python beside the writer, as the pipeline's GPU and planning threads do (each a run)")
+    ap.add_argument("--message-points", type=int, nargs="+", default=[ShardWriters.MESSAGE_POINTS],
+                    help="points per message to a shard's process (each a run)")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    papers = [PaperIn(**p) for p in corpus_mod.papers(args.papers, args.words)]
+    bs = batches(papers, args.per_batch, rng)
+    rows = [{"busy_threads": k, "message_points": m, **run(bs, n, k, m)} for k in args.busy_threads for n in args.shards for m in args.message_points]
+    print(f"cores: {os.cpu_count()}")
+    print("| chunk shards | busy threads | points a message | chunks | seconds | chunks/s | writer time by call (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        split = ", ".join(f"{k} {v}" for k, v in r["split_s"].items())
+        print(f"| {r['shards']} | {r['busy_threads']} | {r['message_points']} | {r['chunks']:,} | {r['seconds']} | {r['chunks_s']:,} | {split} |")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "store_writes.json").write_text(json.dumps({"rows": rows, "args": vars(args), "cores": os.cpu_count()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
