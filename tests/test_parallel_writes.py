@@ -255,3 +255,42 @@ def test_gathered_chunk_writes_keep_their_order_with_deletes(tmp_path, monkeypat
     for pid, point in expected.items():
         np.testing.assert_allclose(stored[pid].vector, point.vector, rtol=1e-6)
     s.close()
+
+
+def test_paper_points_are_converted_and_written_by_a_process_of_their_own(tmp_path, monkeypatch):
+    """Converting a point's payload lets go of the interpreter lock many times, which costs the
+    writer thread a wait each time while GPU threads run: in parallel_writes no point is converted
+    in this process. What was committed is still read back, in order with the writes before it."""
+    monkeypatch.setattr(store_module.ShardWriters, "MESSAGE_POINTS", 1000)  # the papers stay gathered until asked
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a point converted in the indexing process")
+
+    s = sharded(tmp_path / "idx", shards=2)
+    monkeypatch.setattr(store_module, "_edge_points", not_here)
+    with s.parallel_writes():
+        s.upsert(s.chunks, chunks(range(6)))
+        s.upsert(s.papers, paper_points(range(6)))
+        assert s.committed(["p0", "p5", "p9"]) == {"p0": "h", "p5": "h"}  # gathered writes go first
+        s.delete_papers(["p5"])
+        assert s.committed(["p5", "p4"]) == {"p4": "h"}
+        with pytest.raises(StoreError, match="papers shard is being written"):
+            s.get_papers(["p0"])
+    monkeypatch.undo()
+    assert s.count(s.papers) == 5 and s.count(s.chunks) == 25
+    assert s.get_papers(["p3"], with_vectors=True)["p3"].vector[0] == 3
+    s.close()
+
+
+def test_a_failed_paper_write_is_a_clear_error(tmp_path):
+    s = sharded(tmp_path / "idx", shards=2)
+    bad = [Point(paper_point_id("p0"), np.zeros(DIM + 1, dtype=np.float32), {"paper_id": "p0", "content_hash": "h"})]  # wrong dimension
+    with pytest.raises(StoreError, match="papers shard"):
+        with s.parallel_writes():
+            s.upsert(s.chunks, chunks([0]))
+            s.upsert(s.papers, bad)
+            s.flush()
+    assert s.count(s.papers) == 0
+    s.upsert(s.papers, paper_points([0]))  # the shard is back in this process and writable
+    assert s.committed(["p0"]) == {"p0": "h"}
+    s.close()
