@@ -221,7 +221,6 @@ class EdgeStore:
         # Collections on disk not open in this process (closed by parallel_writes): opened on first use.
         self._unopened: dict[str, list[Path]] = {}
         self._writers: ShardWriters | None = None
-        self._paper_writer: ShardWriters | None = None
         self._multivector = False
         for name in (papers, chunks):
             if dirs := self._dirs(name):
@@ -312,8 +311,7 @@ class EdgeStore:
         self._multivector = layout.multivector
 
     def _exists(self, name: str) -> bool:
-        return (name in self._shards or name in self._unopened or (name == self.chunks and self._writers is not None)
-                or (name == self.papers and self._paper_writer is not None))
+        return name in self._shards or name in self._unopened or (name == self.chunks and self._writers is not None)
 
     def _open(self, name: str, config=None) -> None:
         """Open a collection's shards in this process if they are not (with `config`: load them with
@@ -332,8 +330,6 @@ class EdgeStore:
     def _shard_list(self, name: str) -> list[Any]:
         if self._writers is not None and name == self.chunks:
             raise StoreError("the chunk shards are being written by their own processes (parallel_writes)")
-        if self._paper_writer is not None and name == self.papers:
-            raise StoreError("the papers shard is being written by its own process (parallel_writes)")
         if name in self._unopened:
             self._open(name)
         try:
@@ -400,9 +396,6 @@ class EdgeStore:
         if collection == self.papers:
             if self._writers is not None:
                 self._writers.wait()  # a paper point commits its chunks: they must all be written first
-            if self._paper_writer is not None:
-                self._paper_writer.upsert(0, points)
-                return
             self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PAPER_VECTOR, points)))
             return
         for i, part in self._by_chunk_shard(points, lambda p: p.payload["paper_id"]).items():
@@ -424,58 +417,42 @@ class EdgeStore:
         """Remove papers: the commit marker first, then the chunks, so a crash in between leaves no half paper visible as done."""
         if not paper_ids:
             return
-        ids = [paper_point_id(p) for p in paper_ids]
-        if self._paper_writer is not None:
-            self._paper_writer.delete(0, ids, by="delete_ids")
-            self._paper_writer.wait()  # gone before the chunks go
-        elif self._exists(self.papers):
-            self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.delete_points(ids))
+        if self._exists(self.papers):
+            self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.delete_points([paper_point_id(p) for p in paper_ids]))
         self.delete_chunks(paper_ids)
 
     def flush(self) -> None:
         if self._writers is not None:
             self._writers.flush()
-        if self._paper_writer is not None:
-            self._paper_writer.flush()
-        for shards in self._shards.values():  # without the shards while writer processes have them
+        for shards in self._shards.values():  # without the chunk shards while their writers have them
             for shard in shards:
                 shard.flush()
 
     @contextmanager
     def parallel_writes(self) -> Iterator[None]:
-        """While the block runs, each chunk shard and the papers shard are written by a process of
-        their own, so chunk writes go at up to `chunk_shards` times one process's rate (Qdrant Edge
-        converts and inserts a point holding the interpreter lock: ~0.2-0.3 ms per chunk of
-        multivectors and text), and no write converts points in this process. Converting a point's
-        payload lets go of the interpreter lock again and again, and with other threads running
-        Python each time costs a wait to take it back: a paper point took ~6 ms instead of 0.08 ms
-        beside one busy thread on a 16-core host (`bench/store_writes.py --busy-threads`). Reads are
-        refused until the block ends, but for `committed`, which the papers process answers; paper
-        writes wait for the chunk writes sent before them."""
-        if (not self._exists(self.chunks) or not self._exists(self.papers) or self.chunk_shards < self.WRITER_MIN_SHARDS
-                or self._writers is not None):
+        """While the block runs, each chunk shard is written by a process of its own, so writes go
+        at up to `chunk_shards` times one process's rate (Qdrant Edge converts and inserts a point
+        holding the interpreter lock: ~0.2-0.3 ms per chunk of multivectors and text). Chunk reads
+        are refused until the block ends; paper writes wait for the chunk writes sent before them."""
+        if not self._exists(self.chunks) or self.chunk_shards < self.WRITER_MIN_SHARDS or self._writers is not None:
             yield
             return
-        dirs = {name: self._dirs(name, self.chunk_shards if name == self.chunks else 1) for name in (self.chunks, self.papers)}
-        for name in dirs:
-            for shard in self._shards.pop(name, ()):
-                shard.flush()
-                shard.close()
-            self._unopened.pop(name, None)
+        dirs = self._dirs(self.chunks, self.chunk_shards)
+        for shard in self._shards.pop(self.chunks, ()):
+            shard.flush()
+            shard.close()
+        self._unopened.pop(self.chunks, None)
         try:
-            self._writers = ShardWriters(dirs[self.chunks], PASSAGE_VECTOR)
-            self._paper_writer = ShardWriters(dirs[self.papers], PAPER_VECTOR, label="papers shard")
+            self._writers = ShardWriters(dirs, PASSAGE_VECTOR)
             yield
-            self._writers.close()  # chunks first: every paper point sent commits chunks already written
-            self._paper_writer.close()
+            self._writers.close()
         finally:
-            for writers in (self._writers, self._paper_writer):
-                if writers is not None:
-                    writers.stop()
-            self._writers = self._paper_writer = None
+            if self._writers is not None:
+                self._writers.stop()
+                self._writers = None
             # Opened again when next read or written here: a `paperindex index` run ends without (~0.4 s
             # a shard of 30,000 chunks), and `finish_bulk` opens them once, with its own config.
-            self._unopened.update(dirs)
+            self._unopened[self.chunks] = dirs
 
     # reads -------------------------------------------------------------------------------------
     def get_papers(self, paper_ids: Sequence[str], with_vectors: bool = False) -> dict[str, Point]:
@@ -485,8 +462,6 @@ class EdgeStore:
         return _paper_points(recs, with_vectors)
 
     def committed(self, paper_ids: Sequence[str]) -> dict[str, str]:
-        if self._paper_writer is not None:
-            return self._paper_writer.request(0, ("hashes", list(paper_ids))) if paper_ids else {}
         return {pid: p.payload.get("content_hash", "") for pid, p in self.get_papers(paper_ids).items()}
 
     def search(self, collection: str, vector: np.ndarray, limit: int, flt: SearchFilter | None = None) -> list[Hit]:
@@ -554,10 +529,9 @@ class EdgeStore:
                 shard.info()
 
     def close(self) -> None:
-        for writers in (self._writers, self._paper_writer):
-            if writers is not None:
-                writers.stop()
-        self._writers = self._paper_writer = None
+        if self._writers is not None:
+            self._writers.stop()
+            self._writers = None
         for shards in self._shards.values():
             for shard in shards:
                 shard.flush()
@@ -584,11 +558,9 @@ def _load_shard(qe, path: str, wait_s: float = OPEN_WAIT_S):
 
 
 def _serve_shard() -> None:
-    """A shard's writer process: (path, vector name, wait_s), then ("upsert", points) /
-    ("delete", paper_ids) (a chunk shard: by the paper_id payload) / ("delete_ids", point_ids) /
-    ("hashes", paper_ids) (the papers shard: their committed content hashes) / ("flush",) /
-    ("close",), each answered ("ok", value) or ("error", message). After a failure it refuses what
-    follows: the caller did not wait for it."""
+    """A chunk shard's writer process: (path, vector name, wait_s), then ("upsert", points) /
+    ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
+    ("error", message). After a failure it refuses what follows: the caller did not wait for it."""
     import qdrant_edge as qe
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
@@ -611,19 +583,13 @@ def _serve_shard() -> None:
                 answer(out, ("error", f"not done: an earlier write failed ({failed})"))
                 continue
             try:
-                value = None
                 if op == "upsert":
                     shard.update(qe.UpdateOperation.upsert_points(_edge_points(qe, vname, args[0])))
                 elif op == "delete":
                     shard.update(qe.UpdateOperation.delete_points_by_filter(_edge_paper_filter(qe, args[0])))
-                elif op == "delete_ids":
-                    shard.update(qe.UpdateOperation.delete_points(list(args[0])))
-                elif op == "hashes":
-                    recs = shard.retrieve([paper_point_id(p) for p in args[0]], with_payload=True, with_vector=False)
-                    value = {pid: p.payload.get("content_hash", "") for pid, p in _paper_points(recs, False).items()}
                 elif op == "flush":
                     shard.flush()
-                answer(out, ("ok", value))
+                answer(out, ("ok", None))
             except Exception as exc:
                 failed = repr(exc)
                 answer(out, ("error", failed))
@@ -635,7 +601,7 @@ def _serve_shard() -> None:
 
 
 class ShardWriters:
-    """One writer process per shard (EdgeStore.parallel_writes). Points are gathered per shard
+    """One writer process per chunk shard (EdgeStore.parallel_writes). Points are gathered per shard
     and sent MESSAGE_POINTS at a time, without waiting for them, up to IN_FLIGHT messages per
     process; `wait` sends what is gathered and reads every answer. A failed write is raised by a
     later call, and its process refuses every write after it."""
@@ -647,9 +613,8 @@ class ShardWriters:
     MESSAGE_POINTS = 48
     IN_FLIGHT = 4
 
-    def __init__(self, dirs: Sequence[Path], vname: str, label: str = "chunk shard") -> None:
+    def __init__(self, dirs: Sequence[Path], vname: str) -> None:
         self.shards = len(dirs)
-        self._names = [f"{label} {i}" for i in range(len(dirs))]
         self._procs = [spawn("from indexer.store import _serve_shard; _serve_shard()") for _ in dirs]
         self._finalizer = weakref.finalize(self, stop, self._procs, 60)
         # Each process answers once it has opened its shard; that answer is read like a write's, so
@@ -664,14 +629,13 @@ class ShardWriters:
             self.stop()
             raise
 
-    def _answer(self, i: int) -> Any:
+    def _answer(self, i: int) -> None:
         try:
             status, value = pickle.load(self._procs[i].stdout)
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
-            raise StoreError(f"the writer process of {self._names[i]} exited (exit code {self._procs[i].poll()})") from exc
+            raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
         if status != "ok":
-            raise StoreError(f"{self._names[i]}: {value}")
-        return value
+            raise StoreError(f"chunk shard {i}: {value}")
 
     def _send(self, i: int, message: tuple) -> None:
         """Send one message to shard i's process (the caller holds the lock)."""
@@ -681,7 +645,7 @@ class ShardWriters:
         try:
             send(self._procs[i], message)
         except (BrokenPipeError, OSError) as exc:
-            raise StoreError(f"the writer process of {self._names[i]} exited (exit code {self._procs[i].poll()})") from exc
+            raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
         self._pending[i] += 1
 
     def _send_gathered(self, i: int) -> None:
@@ -696,22 +660,10 @@ class ShardWriters:
                 part, self._gathered[i] = self._gathered[i][: self.MESSAGE_POINTS], self._gathered[i][self.MESSAGE_POINTS :]
                 self._send(i, ("upsert", part))
 
-    def delete(self, i: int, paper_ids: Sequence[str], by: str = "delete") -> None:
-        """Delete by paper_id payload (a chunk shard), or with `by` "delete_ids", by point id."""
+    def delete(self, i: int, paper_ids: Sequence[str]) -> None:
         with self._lock:
             self._send_gathered(i)  # writes keep their order
-            self._send(i, (by, list(paper_ids)))
-
-    def request(self, i: int, message: tuple) -> Any:
-        """Send a message to shard i's process after every write before it, and return its answer."""
-        with self._lock:
-            self._send_gathered(i)
-            self._send(i, message)
-            value = None
-            while self._pending[i]:  # answers come in order: the last one is this message's
-                self._pending[i] -= 1
-                value = self._answer(i)
-            return value
+            self._send(i, ("delete", list(paper_ids)))
 
     def wait(self) -> None:
         """Until every write is done; raises the first that failed."""
