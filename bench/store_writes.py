@@ -4,9 +4,10 @@ No models: batches of real-prose papers (bench/corpus.py) are chunked as indexin
 vectors of the shapes the encoders return (window multivectors, ~3.5 windows of 768 a chunk; 768-d
 paper vectors), and written batch after batch through the pipeline's own write stage into chunk shards
 written by their own processes (`parallel_writes`), as `paperindex index` does, alone or beside
-threads that run Python (as the GPU and planning threads do). The table splits the writer thread's
-time by call. The pipeline needs the writer to keep up with the GPUs
-(~2,800 chunks/s per H100), with the interpreter lock shared with them.
+threads that run Python without a break. Those are harsher than the pipeline's own threads (the GPU
+and planning threads let go of the interpreter lock often): they show what waiting for the lock
+costs each kind of call, not the pipeline's rate. The table splits the writer thread's time by call.
+The pipeline needs the writer to keep up with the GPUs (~2,800 chunks/s per H100).
 
     python bench/store_writes.py --papers 2000 --shards 1 2 4 8 --busy-threads 0 2 --message-points 8 48
 """
@@ -80,7 +81,7 @@ def timed(store: EdgeStore, spent: dict[str, float]) -> None:
 
 
 def busy(stop: threading.Event) -> None:
-    """A stand-in for the pipeline's other threads: Python code that wants the interpreter lock."""
+    """Python that wants the interpreter lock all the time (the pipeline's threads want it less)."""
     while not stop.is_set():
         sum(i * i for i in range(2000))
 
