@@ -41,14 +41,6 @@ DIM = 768
 WINDOWS_PER_CHUNK = (3, 4)  # a 512-word chunk is ~750 tokens: 3 or 4 windows of 254
 
 
-class _Enc:
-    """What `Indexer` reads off its encoders when only writing."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self.dim, self.multivector = name, DIM, True
-        self.long_chunk, self.window_tokens, self.window_overlap = "multivector", 254, 16
-
-
 def batches(papers: list[PaperIn], per_batch: int, rng: np.random.Generator) -> list[_Batch]:
     out = []
     for at in range(0, len(papers), per_batch):
@@ -107,7 +99,7 @@ def run(bs: list[_Batch], shards: int, busy_threads: int, message_points: int) -
 def _run(bs: list[_Batch], shards: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="pi-writes-") as tmp:
         store = EdgeStore(tmp, options=StoreOptions(chunk_shards=shards))
-        idx = Indexer.__new__(Indexer)
+        idx = Indexer.__new__(Indexer)  # the write stage needs no encoders
         idx.store, idx._write_lock = store, threading.Lock()
         store.create(Layout(DIM, DIM, True))
         spent: dict[str, float] = defaultdict(float)
