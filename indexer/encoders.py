@@ -16,7 +16,7 @@ import torch
 
 from .chunking import WIDTH_STEP
 from .kernels import Forward, GraphedForward, gpu_gate, on_device, speed_up
-from .tokenizing import Windows, WindowSpec, WindowTokenizer, pack
+from .tokenizing import ChunkSpec, PreparedPapers, Windows, WindowSpec, WindowTokenizer, pack
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +394,10 @@ class PassageEncoder:
     def tokenize_windows(self, texts: Sequence[str]) -> Windows:
         """Token windows (with special tokens) of each chunk, packed."""
         return self.windows(texts)
+
+    def prepare_papers(self, papers: Sequence[dict], chunking: ChunkSpec) -> PreparedPapers:
+        """Content hashes, chunks and their packed windows of papers (`PaperIn.model_dump()`s)."""
+        return self.windows.papers(papers, chunking)
 
     def chunk_windows(self, texts: Sequence[str]) -> list[list[list[int]]]:
         """Token windows (with special tokens) of each chunk."""

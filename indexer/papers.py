@@ -57,8 +57,14 @@ class PaperIn(BaseModel):
 
     def content_hash(self, fingerprint: str = "") -> str:
         """Hash of everything that shapes this paper's points; `fingerprint` carries the indexing settings."""
-        doc = json.dumps(self.model_dump(), sort_keys=True, ensure_ascii=False, default=str)
-        return hashlib.sha256((fingerprint + "\x00" + doc).encode()).hexdigest()[:32]
+        return content_hash(self.model_dump(), fingerprint)
+
+
+def content_hash(fields: dict[str, Any], fingerprint: str = "") -> str:
+    """`PaperIn.content_hash` from the paper's `model_dump()`: what the tokenizer worker processes
+    compute for the papers they chunk, so the indexing process need not serialise their bodies."""
+    doc = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256((fingerprint + "\x00" + doc).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

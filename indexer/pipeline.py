@@ -1,10 +1,10 @@
 """Papers -> heads + chunks -> encoders -> store, batch by batch, resumable.
 
-Four stages overlap: a thread plans the next batch (content hashes, what is already indexed,
-chunks, the heads' tokens), another tokenizes the chunks of the batch before it (the passage
-encoder spreads that over worker processes), while the encoders run earlier ones (GPU; one thread
-per encoder replica, e.g. one per GPU, each taking whole batches of papers) and another thread
-writes finished batches to Qdrant, in input order.
+Four stages overlap: a thread plans the next batch (what is already indexed, the heads' tokens),
+another has the passage encoder's worker processes hash, chunk and tokenize the papers of the batch
+before it, while the encoders run earlier ones (GPU; one thread per encoder replica, e.g. one per
+GPU, each taking whole batches of papers) and another thread writes finished batches to Qdrant, in
+input order.
 
 Commit protocol, per paper: delete what a previous version left, write the chunks, then the paper
 point last. The paper point carries the content hash, so it is the commit marker: a rerun after any
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunking import WINDOWING, Chunk, chunk_words
+from .chunking import WINDOWING, Chunk
 from .encoders import PaperEncoder, PassageEncoder
 from .papers import BadRecord, PaperIn
 from .store import Layout, Point, Store, StoreUnavailable, chunk_point_id, paper_point_id
-from .tokenizing import Windows
+from .tokenizing import ChunkSpec, Windows
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class IndexStats:
 @dataclass
 class _Batch:
     papers: list[PaperIn]
-    hashes: list[str]
+    hashes: list[str]  # this and the chunks from stage 2 on
     replace: list[str]  # committed with other content: uncommit before writing
     chunks: list[list[Chunk]]
     capped: int
@@ -125,32 +125,29 @@ class Indexer:
         self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks
         self.papers_per_batch = papers_per_batch
         self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks)
+        self.chunking = ChunkSpec(chunk_size, chunk_overlap, max_chunks, self.fingerprint)
         self.layout = Layout(paper_encoder.dim, passage_encoder.dim, passage_encoder.multivector)
         self._write_lock = threading.Lock()
 
     def ensure_collections(self) -> None:
         retry(self.store.create, self.layout)
 
-    # stage 1: plan + chunk (CPU, this process) ----------------------------------------------------
+    # stage 1: plan (CPU, this process) ----------------------------------------------------------
     def _plan(self, papers: list[PaperIn], force: bool) -> _Batch:
-        hashes = [p.content_hash(self.fingerprint) for p in papers]
         done = retry(self.store.committed, [p.paper_id for p in papers])
-        todo = [(p, h) for p, h in zip(papers, hashes) if force or done.get(p.paper_id) != h]
-        replace = [p.paper_id for p, _ in todo if p.paper_id in done]
-        chunks, capped = [], 0
-        for p, _ in todo:
-            cs = chunk_words(p.text or "", self.chunk_size, self.chunk_overlap)
-            if self.max_chunks is not None and len(cs) > self.max_chunks:
-                cs, capped = cs[: self.max_chunks], capped + 1
-            chunks.append(cs)
-        heads = [(p.title, p.abstract or " ".join((p.text or "").split()[:HEAD_FALLBACK_WORDS])) for p, _ in todo]
+        # Only a paper indexed before needs its content hash here, to see whether it changed; the
+        # tokenizer workers hash the others while they chunk them.
+        todo = [p for p in papers if force or p.paper_id not in done or done[p.paper_id] != p.content_hash(self.fingerprint)]
+        replace = [p.paper_id for p in todo if p.paper_id in done]
+        heads = [(p.title, p.abstract or " ".join((p.text or "").split(maxsplit=HEAD_FALLBACK_WORDS)[:HEAD_FALLBACK_WORDS])) for p in todo]
         head_ids = self.paper_encoder.tokenize_heads([t for t, _ in heads], [a for _, a in heads]) if todo else []
-        return _Batch([p for p, _ in todo], [h for _, h in todo], replace, chunks, capped, head_ids, None)
+        return _Batch(todo, [], replace, [], 0, head_ids, None)
 
-    # stage 2: tokenize the chunks' windows (CPU, the passage encoder's worker processes) ----------
+    # stage 2: content hashes, chunks and their windows (CPU, the passage encoder's worker processes)
     def _tokenize(self, b: _Batch) -> None:
-        flat = [c.text for cs in b.chunks for c in cs]
-        b.windows = self.passage_encoder.tokenize_windows(flat) if flat else None
+        if b.papers:
+            prepared = self.passage_encoder.prepare_papers([p.model_dump() for p in b.papers], self.chunking)
+            b.hashes, b.chunks, b.capped, b.windows = prepared.hashes, prepared.chunks, prepared.capped, prepared.windows
 
     # stage 3: encode (GPU) -----------------------------------------------------------------------
     def _encode(self, b: _Batch, paper_encoder: PaperEncoder | None = None, passage_encoder: PassageEncoder | None = None) -> None:

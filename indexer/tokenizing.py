@@ -6,6 +6,10 @@ the GPU thread and the Qdrant writer need too. So workers (separate processes, e
 copy of the fast tokenizer) return windows as one padded int32 array per call: the main process
 receives a few arrays, never millions of Python ints.
 
+While indexing, the workers take whole papers (`WindowTokenizer.papers`): they also cut the bodies
+into word chunks and compute the content hashes, ~0.75 ms of CPU a paper that would otherwise hold
+the indexing process's interpreter lock.
+
 This module does not import torch: its workers start in well under a second.
 """
 
@@ -20,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunking import window_spans
+from .chunking import Chunk, chunk_words, window_spans
+from .papers import content_hash
 from .workers import answer, send, spawn, stop, streams
 
 log = logging.getLogger(__name__)
@@ -116,6 +121,61 @@ def _windows(token_ids: Sequence[Sequence[int]], spec: WindowSpec) -> Windows:
     return Windows(ids2d, lengths, counts)
 
 
+@dataclass(frozen=True)
+class ChunkSpec:
+    """How a paper's body becomes chunks: words per chunk, overlap, at most `max_chunks` (None: no
+    cap); `fingerprint` is the indexing settings' part of the content hash."""
+
+    size: int
+    overlap: int
+    max_chunks: int | None
+    fingerprint: str
+
+
+@dataclass
+class PreparedPapers:
+    """Papers made ready to encode: content hashes, chunks, and the chunks' windows (None without chunks)."""
+
+    hashes: list[str]
+    chunks: list[list[Chunk]]
+    capped: int  # papers whose chunks were cut at max_chunks
+    windows: Windows | None
+
+    @classmethod
+    def concat(cls, parts: Sequence[PreparedPapers], pad_id: int) -> PreparedPapers:
+        windows = [p.windows for p in parts if p.windows is not None]
+        return cls([h for p in parts for h in p.hashes], [cs for p in parts for cs in p.chunks], sum(p.capped for p in parts),
+                   Windows.concat(windows, pad_id) if windows else None)
+
+    def __reduce__(self):
+        # Sent back from the workers as flat lists: pickling one small object per chunk costs the
+        # indexing process ~3 times as much to load.
+        flat = [(c.word_start, c.word_end, c.text) for cs in self.chunks for c in cs]
+        return _unflatten, (self.hashes, [len(cs) for cs in self.chunks], flat, self.capped, self.windows)
+
+
+def _unflatten(hashes: list[str], counts: list[int], flat: list[tuple[int, int, str]], capped: int, windows: Windows | None) -> PreparedPapers:
+    chunks, at = [], 0
+    for n in counts:
+        chunks.append([Chunk(i, *flat[at + i]) for i in range(n)])
+        at += n
+    return PreparedPapers(hashes, chunks, capped, windows)
+
+
+def _prepare(tok, papers: list[dict], chunking: ChunkSpec, spec: WindowSpec) -> PreparedPapers:
+    """`papers`: `PaperIn.model_dump()`s."""
+    hashes, chunks, capped = [], [], 0
+    cap = chunking.max_chunks
+    for fields in papers:
+        hashes.append(content_hash(fields, chunking.fingerprint))
+        cs = chunk_words(fields.get("text") or "", chunking.size, chunking.overlap, None if cap is None else cap + 1)
+        if cap is not None and len(cs) > cap:
+            cs, capped = cs[:cap], capped + 1
+        chunks.append(cs)
+    texts = [c.text for cs in chunks for c in cs]
+    return PreparedPapers(hashes, chunks, capped, _tokenize(tok, texts, spec) if texts else None)
+
+
 # worker processes -------------------------------------------------------------------------------
 
 
@@ -133,18 +193,23 @@ def _tokenize(tok, texts: list[str], spec: WindowSpec) -> Windows:
 
 
 def _serve() -> None:
-    """A worker's loop: a (tokenizer JSON, spec) message, then
-    lists of texts in and ("ok", Windows) or ("error", message) out, pickled over stdin/stdout."""
+    """A worker's loop: a (tokenizer JSON, spec) message, then requests in, ("ok", result) or
+    ("error", message) out, pickled over stdin/stdout. A request is a list of texts (result:
+    Windows) or a ("papers", model dumps, ChunkSpec) tuple (result: PreparedPapers)."""
     inp, out = streams()
     tokenizer_json, spec = pickle.load(inp)
     tok = _load(tokenizer_json)
     while True:
         try:
-            texts = pickle.load(inp)
+            request = pickle.load(inp)
         except EOFError:
             return
         try:
-            reply = ("ok", _tokenize(tok, texts, spec))
+            if isinstance(request, tuple):
+                _, papers, chunking = request
+                reply = ("ok", _prepare(tok, papers, chunking, spec))
+            else:
+                reply = ("ok", _tokenize(tok, request, spec))
         except Exception as exc:  # reported to the caller, which raises it
             reply = ("error", repr(exc))
         answer(out, reply)
@@ -160,7 +225,7 @@ class _Workers:
         for p in self.procs:
             send(p, (tokenizer_json, spec))
 
-    def map(self, parts: list[list[str]]) -> list[Windows]:
+    def map(self, parts: list) -> list:
         """One part per worker (len(parts) ≤ workers); each reads its whole request before
         replying, so writing all requests first and then reading all replies cannot deadlock."""
         try:
@@ -179,14 +244,21 @@ class _Workers:
         self._finalizer()
 
 
+# Fewer papers than this per worker and the request goes to fewer workers.
+MIN_PAPERS_PER_TASK = 2
+
+
 class WindowTokenizer:
     """Texts -> Windows. With ``workers`` > 0 the work is split over that many processes."""
 
-    def __init__(self, tokenizer, spec: WindowSpec, workers: int = 0, min_texts_per_task: int = 32) -> None:
-        """`tokenizer`: a transformers fast tokenizer (its backend is copied, never shared)."""
+    def __init__(self, tokenizer, spec: WindowSpec, workers: int = 0, min_texts_per_task: int = 32, min_chars_per_task: int = 20_000) -> None:
+        """`tokenizer`: a transformers fast tokenizer (its backend is copied, never shared).
+        Requests are split over fewer workers than there are when a part would get fewer than
+        `min_texts_per_task` texts, or papers with fewer than `min_chars_per_task` characters of body."""
         self.spec = spec
         self.workers = workers
         self.min_texts_per_task = min_texts_per_task
+        self.min_chars_per_task = min_chars_per_task
         self._json = tokenizer.backend_tokenizer.to_str()
         self._local = _load(self._json)
         self._pool: _Workers | None = None
@@ -209,6 +281,23 @@ class WindowTokenizer:
             assert self._pool is not None
             parts = self._pool.map([texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
         return Windows.concat(parts, self.spec.pad_id)
+
+    def papers(self, papers: Sequence[dict], chunking: ChunkSpec) -> PreparedPapers:
+        """Content hashes, chunks and windows of papers (`PaperIn.model_dump()`s). With workers the
+        papers are split over them by body length, in order."""
+        papers = list(papers)
+        sizes = np.cumsum([len(p.get("text") or "") + 1 for p in papers])
+        n = min(self.workers, len(papers) // MIN_PAPERS_PER_TASK, int(sizes[-1]) // self.min_chars_per_task) if papers else 0
+        if n <= 1:
+            return _prepare(self._local, papers, chunking, self.spec)
+        self.start()
+        # Part i ends at the first paper whose running length reaches i/n of the total.
+        bounds = [0, *(np.searchsorted(sizes, sizes[-1] * np.arange(1, n) / n) + 1).tolist(), len(papers)]
+        requests = [("papers", papers[a:b], chunking) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        with self._lock:
+            assert self._pool is not None
+            parts = self._pool.map(requests)
+        return PreparedPapers.concat(parts, self.spec.pad_id)
 
     def close(self) -> None:
         with self._lock:

@@ -96,6 +96,34 @@ def test_window_tokenizer_matches_the_reference_windows(encoders, workers):
     assert got.as_lists() == want and len(got) == len(texts)
 
 
+@pytest.mark.parametrize("workers", [0, 3])
+def test_papers_are_hashed_chunked_and_tokenized_as_in_the_indexing_process(encoders, workers):
+    """The tokenizer workers compute a paper's content hash and chunks themselves: the same ones as
+    `PaperIn.content_hash` and `chunk_words`, in input order, with the cap counted."""
+    from conftest import make_paper
+
+    from indexer.chunking import chunk_words
+    from indexer.papers import PaperIn
+    from indexer.tokenizing import ChunkSpec, WindowTokenizer
+
+    _, enc = encoders
+    papers = [PaperIn(**make_paper(i, words=w, venue="v" if i % 2 else None)) for i, w in enumerate([600, 0, 130, 1000, 60, 400, 250])]
+    spec = ChunkSpec(120, 20, 6, "settings")
+    tok = WindowTokenizer(enc.tokenizer, enc.windows.spec, workers=workers, min_chars_per_task=1)
+    try:
+        got = tok.papers([p.model_dump() for p in papers], spec)
+        assert (tok._pool is not None) == (workers > 0)  # a request through the worker processes
+    finally:
+        tok.close()
+    assert got.hashes == [p.content_hash("settings") for p in papers]
+    want = [chunk_words(p.text or "", 120, 20) for p in papers]
+    assert got.chunks == [cs[:6] for cs in want] and got.capped == 1  # 1000 words: 10 chunks; 600: 6
+    texts = [c.text for cs in got.chunks for c in cs]
+    assert got.windows.as_lists() == enc.tokenize_windows(texts).as_lists()
+    empty = WindowTokenizer(enc.tokenizer, enc.windows.spec).papers([papers[1].model_dump()], spec)
+    assert empty.chunks == [[]] and empty.windows is None
+
+
 def test_buckets_cover_every_item_within_the_budget():
     rng = np.random.default_rng(3)
     lengths = np.concatenate([np.full(500, 258), rng.integers(3, 512, 300)])

@@ -44,6 +44,32 @@ def test_chunk_points_match_the_chunking(rt):
     assert meta["authors"] == ["Author 0"] and meta["title"].endswith("study 0") and hit.payload["year"] == 1990
 
 
+def test_papers_prepared_in_worker_processes_give_the_same_points(settings):
+    """Hashes, chunks and windows made by the tokenizer workers (papers split over three of them)
+    give exactly the points of the same run in this process; a rerun finds every paper unchanged."""
+    specs = [(i, w) for i, w in enumerate([300, 0, 520, 120, 90, 700, 260, 410, 30, 350, 220, 600])]
+    runs = []
+    for workers in (0, 3):
+        r = build(settings.model_copy(update={"tokenizer_workers": workers, "qdrant_path": settings.qdrant_path / str(workers)}), reranker=False)
+        try:
+            r.indexer.passage_encoder.windows.min_chars_per_task = 1
+            stats = r.indexer.index(papers(*specs))
+            assert r.indexer.index(papers(*specs)).papers_unchanged == len(specs)
+            got = r.store.get_papers([f"p{i:04d}" for i, _ in specs], with_vectors=True)
+            hits = r.store.search(r.store.chunks, np.ones(store_dim(r.store), dtype=np.float32), 1000)
+            runs.append((stats.chunks, stats.windows, {k: (v.payload["content_hash"], v.payload["n_chunks"]) for k, v in got.items()},
+                         {(h.payload["paper_id"], h.payload["chunk_index"]): (h.payload["text"], h.score) for h in hits},
+                         r.indexer.passage_encoder.windows._pool is not None))
+        finally:
+            r.close()
+    (chunks0, windows0, papers0, hits0, pool0), (chunks3, windows3, papers3, hits3, pool3) = runs
+    assert not pool0 and pool3
+    assert (chunks0, windows0, papers0) == (chunks3, windows3, papers3) and chunks0 == len(hits0) > 20
+    assert hits0.keys() == hits3.keys()
+    for key, (text, score) in hits0.items():
+        assert hits3[key][0] == text and hits3[key][1] == pytest.approx(score, rel=1e-4, abs=1e-4)
+
+
 def test_reindex_replaces_exactly_no_orphans_no_duplicates(rt):
     rt.indexer.index(papers((0, 500), (1, 200)))
     assert chunk_ids(rt.store, "p0000") == [0, 1, 2, 3, 4]
