@@ -528,7 +528,7 @@ def main() -> None:
     store_names = {"edge": "Qdrant Edge", "null": "no store"}
     for window, overlap in [(w, o) for w in args.window for o in args.overlap]:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
-                                     tokenizer_workers=args.workers or tokenizer_workers(Settings(device=args.device)),
+                                     tokenizer_workers=args.workers or tokenizer_workers(Settings(device=args.device, gpus=args.gpus)),
                                      compile=args.pipeline_compile)
         # The encoders `paperindex index` runs (indexer.runtime): each GPU its own paper encoder, shared
         # by that GPU's threads, and a passage replica per thread.

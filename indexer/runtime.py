@@ -13,6 +13,9 @@ from .search import Searcher
 from .store import Store, open_store
 
 
+WORKERS_PER_GPU = 12
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -28,13 +31,14 @@ class Runtime:
 
 
 def tokenizer_workers(s: Settings) -> int:
-    """PAPERINDEX_TOKENIZER_WORKERS, or by default: on a GPU host all cores but 4, up to 24 (one GPU
-    embeds ~2.2 M tokens/s and one tokenizer process makes ~0.5 M; the indexing process and the
-    chunk shards' writers need the other cores), else 2 (a CPU encoder is far slower than them)."""
+    """PAPERINDEX_TOKENIZER_WORKERS, or by default: on a GPU host all cores but 4, up to 12 per GPU
+    that indexes (one GPU embeds ~2.4 M model tokens/s and one worker process chunks and tokenizes
+    ~0.5 M; the indexing process and the chunk shards' writers need the other cores), else 2 (a CPU
+    encoder is far slower than them)."""
     if s.tokenizer_workers is not None:
         return s.tokenizer_workers
     if resolve_device(s.device).type == "cuda":
-        return max(2, min(len(os.sched_getaffinity(0)) - 4, 24))
+        return max(2, min(len(os.sched_getaffinity(0)) - 4, WORKERS_PER_GPU * s.indexing_gpus()))
     return 2
 
 

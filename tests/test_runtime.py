@@ -56,21 +56,24 @@ def test_no_replicas_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "device, cores, setting, workers",
+    "device, cores, gpus, setting, workers",
     [
-        ("cpu", 16, None, 2),  # a CPU encoder is far slower than two tokenizer processes
-        ("cuda", 16, None, 12),  # a GPU host: all cores but 4
-        ("cuda", 5, None, 2),  # at least 2
-        ("cuda", 128, None, 24),  # at most 24
-        ("cuda", 16, 3, 3),  # PAPERINDEX_TOKENIZER_WORKERS wins
+        ("cpu", 16, 1, None, 2),  # a CPU encoder is far slower than two tokenizer processes
+        ("cuda", 16, 1, None, 12),  # a GPU host: all cores but 4
+        ("cuda", 5, 1, None, 2),  # at least 2
+        ("cuda", 128, 1, None, 12),  # at most 12 per GPU that indexes
+        ("cuda", 128, 0, None, 96),  # PAPERINDEX_GPUS=0: all eight
+        ("cuda", 32, 0, None, 28),  # eight GPUs on 32 cores: all cores but 4
+        ("cuda", 16, 1, 3, 3),  # PAPERINDEX_TOKENIZER_WORKERS wins
     ],
 )
-def test_tokenizer_workers_follow_the_host(monkeypatch, device, cores, setting, workers):
+def test_tokenizer_workers_follow_the_host(monkeypatch, device, cores, gpus, setting, workers):
     import indexer.runtime as runtime
 
     monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device(device))
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert runtime.tokenizer_workers(Settings(device=device, tokenizer_workers=setting)) == workers
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert runtime.tokenizer_workers(Settings(device=device, gpus=gpus, tokenizer_workers=setting)) == workers
 
 
 @pytest.mark.parametrize(
