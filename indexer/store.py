@@ -16,6 +16,7 @@ Point ids are uuid5 of paper_id (papers) and of "paper_id:chunk_index" (chunks),
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -44,6 +45,8 @@ PASSAGE_VECTOR = "passage"
 MIN_PARALLEL_BATCH = 64  # points per request below which splitting an upsert costs more than it gains
 
 
+# Cached: while indexing, a paper's id is asked for by each of its chunks (their payload, their shard).
+@functools.lru_cache(maxsize=4096)
 def paper_point_id(paper_id: str) -> str:
     return str(uuid.uuid5(NAMESPACE, paper_id))
 
@@ -183,6 +186,7 @@ def group_hits(hits: Sequence[Hit], groups: int, group_size: int) -> list[tuple[
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def chunk_shard(paper_id: str, shards: int) -> int:
     """Which of `shards` chunk shards holds a paper's chunks (all of them in one)."""
     return uuid.UUID(paper_point_id(paper_id)).int % shards
