@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -322,6 +323,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.store import EdgeStore, StoreOptions
+    from store_writes import timed as store_calls_timed
 
     devices = list(dict.fromkeys(torch.device("cuda", d.index or 0) if d.type == "cuda" else d for d in [passage_enc.device] + [p.device for _, p in replicas]))
     tmp = tempfile.mkdtemp(prefix="pi-bench-")
@@ -330,6 +332,9 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         store.WRITER_MIN_SHARDS = chunk_shards + 1  # no writer processes: the chunks written in this process
     idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
     busy = instrument(idx)
+    writes: dict[str, float] = defaultdict(float)  # the writer thread's time by store call
+    if store_kind == "edge":
+        store_calls_timed(store, writes)
     graphed = [p.run._graphed for _, p in idx.workers if p.run._graphed is not None]
     before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
@@ -357,6 +362,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         gpu_busy=mon.busy, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base[0] if base else None,
         tok_ratio_vs_old=ctok / dt / base[1] if base else None,
         stage_busy_s={k: round(v, 1) for k, v in busy.items() if k != "spans"},
+        writer_split_s={**{k: round(v, 2) for k, v in writes.items()}, "other (payloads, points)": round(busy["write_s"] - sum(writes.values()), 2)} if writes else None,
         timeline=timeline(busy["spans"], t, t_end),
         # passage graphs after the run, captured during it, and batches run without one
         graphs=[{"graphs": len(g), "captured": len(g) - n0, "eager_batches": g.eager_batches - e0} for g, (n0, e0) in zip(graphed, before)],
