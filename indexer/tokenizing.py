@@ -147,20 +147,6 @@ class PreparedPapers:
         return cls([h for p in parts for h in p.hashes], [cs for p in parts for cs in p.chunks], sum(p.capped for p in parts),
                    Windows.concat(windows, pad_id) if windows else None)
 
-    def __reduce__(self):
-        # Sent back from the workers as flat lists: pickling one small object per chunk costs the
-        # indexing process ~3 times as much to load.
-        flat = [(c.word_start, c.word_end, c.text) for cs in self.chunks for c in cs]
-        return _unflatten, (self.hashes, [len(cs) for cs in self.chunks], flat, self.capped, self.windows)
-
-
-def _unflatten(hashes: list[str], counts: list[int], flat: list[tuple[int, int, str]], capped: int, windows: Windows | None) -> PreparedPapers:
-    chunks, at = [], 0
-    for n in counts:
-        chunks.append([Chunk(i, *flat[at + i]) for i in range(n)])
-        at += n
-    return PreparedPapers(hashes, chunks, capped, windows)
-
 
 def _prepare(tok, papers: list[dict], chunking: ChunkSpec, spec: WindowSpec) -> PreparedPapers:
     """`papers`: `PaperIn.model_dump()`s."""
