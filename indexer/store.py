@@ -26,7 +26,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -225,6 +226,9 @@ class EdgeStore:
         # Collections on disk not open in this process (closed by parallel_writes): opened on first use.
         self._unopened: dict[str, list[Path]] = {}
         self._writers: ShardWriters | None = None
+        # Paper points waiting for their chunk writes (ShardWriters.ticket) while the writers run,
+        # and what to call once they are written (flush_soon).
+        self._commits: deque[tuple[tuple[int, ...], list[Point], Callable[[], None] | None]] = deque()
         self._multivector = False
         for name in (papers, chunks):
             if dirs := self._dirs(name):
@@ -399,14 +403,36 @@ class EdgeStore:
             return
         if collection == self.papers:
             if self._writers is not None:
-                self._writers.wait()  # a paper point commits its chunks: they must all be written first
-            self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PAPER_VECTOR, points)))
+                # A paper point commits its chunks: it is written once the chunk writes sent so far
+                # are done, by a later write call or flush, while this thread goes on.
+                self._commits.append((self._writers.ticket(), list(points), None))
+                self._commit(wait=False)
+                return
+            self._write_papers(points)
             return
         for i, part in self._by_chunk_shard(points, lambda p: p.payload["paper_id"]).items():
             if self._writers is not None:
                 self._writers.upsert(i, part)
             else:
                 self._shard_list(self.chunks)[i].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PASSAGE_VECTOR, part)))
+        if self._writers is not None:
+            self._commit(wait=False)
+
+    def _write_papers(self, points: Sequence[Point]) -> None:
+        self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PAPER_VECTOR, points)))
+
+    def _commit(self, wait: bool) -> None:
+        """Write the paper points whose chunk writes are done, in the order they came; with `wait`,
+        all of them, waiting for their chunks. A failed chunk write is raised here, and no paper
+        point after it is written."""
+        while self._commits and (wait or self._writers.reached(self._commits[0][0])):
+            ticket, points, then = self._commits[0]
+            self._writers.wait(ticket)
+            if points:
+                self._write_papers(points)
+            self._commits.popleft()
+            if then is not None:
+                then()
 
     def delete_chunks(self, paper_ids: Sequence[str]) -> None:
         if not paper_ids or not self._exists(self.chunks):
@@ -421,6 +447,8 @@ class EdgeStore:
         """Remove papers: the commit marker first, then the chunks, so a crash in between leaves no half paper visible as done."""
         if not paper_ids:
             return
+        if self._writers is not None:
+            self._commit(wait=True)  # a paper point still to come would undo the delete
         if self._exists(self.papers):
             self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.delete_points([paper_point_id(p) for p in paper_ids]))
         self.delete_chunks(paper_ids)
@@ -428,16 +456,33 @@ class EdgeStore:
     def flush(self) -> None:
         if self._writers is not None:
             self._writers.flush()
+            self._commit(wait=True)
         for shards in self._shards.values():  # without the chunk shards while their writers have them
             for shard in shards:
                 shard.flush()
+
+    def flush_soon(self, then: Callable[[], None] | None = None) -> None:
+        """The end of a batch of writes; `then` is called once they are all written (the caller's
+        progress). While writer processes hold the chunk shards, their flushes are queued behind
+        the writes and the paper points that are ready are written, without waiting for either;
+        `then` comes after this batch's paper points, from a later write call or flush. Otherwise
+        the same as `flush`, then `then`."""
+        if self._writers is None:
+            self.flush()
+            if then is not None:
+                then()
+            return
+        self._writers.flush(wait=False)
+        self._commits.append((self._writers.ticket(), [], then))
+        self._commit(wait=False)
 
     @contextmanager
     def parallel_writes(self) -> Iterator[None]:
         """While the block runs, each chunk shard is written by a process of its own, so writes go
         at up to `chunk_shards` times one process's rate (Qdrant Edge converts and inserts a point
         holding the interpreter lock: ~0.2-0.3 ms per chunk of multivectors and text). Chunk reads
-        are refused until the block ends; paper writes wait for the chunk writes sent before them."""
+        are refused until the block ends; a paper point is written once the chunk writes sent before it
+        are done (the block's end writes the last ones)."""
         if not self._exists(self.chunks) or self.chunk_shards < self.WRITER_MIN_SHARDS or self._writers is not None:
             yield
             return
@@ -449,11 +494,13 @@ class EdgeStore:
         try:
             self._writers = ShardWriters(dirs, PASSAGE_VECTOR)
             yield
+            self._commit(wait=True)
             self._writers.close()
         finally:
             if self._writers is not None:
                 self._writers.stop()
                 self._writers = None
+            self._commits.clear()  # after a failure: not written, so a rerun redoes those papers
             # Opened again when next read or written here: a `paperindex index` run ends without (~0.4 s
             # a shard of 30,000 chunks), and `finish_bulk` opens them once, with its own config.
             self._unopened[self.chunks] = dirs
@@ -607,8 +654,9 @@ def _serve_shard() -> None:
 class ShardWriters:
     """One writer process per chunk shard (EdgeStore.parallel_writes). Points are gathered per shard
     and sent MESSAGE_POINTS at a time, without waiting for them, up to IN_FLIGHT messages per
-    process; `wait` sends what is gathered and reads every answer. A failed write is raised by a
-    later call, and its process refuses every write after it."""
+    process; a thread per process reads its answers. `ticket` marks the writes sent so far, for
+    `reached` and `wait`. A failed write is raised by a later call, and its process refuses every
+    write after it."""
 
     # Points per message (~15 KB each pickled, so a message fits a 1 MiB pipe; ~0.25 ms each for the
     # process to insert). Each message and its answer cost the sending thread the interpreter lock
@@ -622,36 +670,57 @@ class ShardWriters:
         self.shards = len(dirs)
         self._procs = [spawn("from indexer.store import _serve_shard; _serve_shard()") for _ in dirs]
         self._finalizer = weakref.finalize(self, stop, self._procs, 60)
-        # Each process answers once it has opened its shard; that answer is read like a write's, so
-        # the caller goes on meanwhile (starting Python and opening a shard take ~0.3 s).
-        self._pending = [1] * len(dirs)
+        # Messages sent to each process and answers read from it. Each process answers once it has
+        # opened its shard; that answer counts like a write's, so the caller goes on meanwhile
+        # (starting Python and opening a shard take ~0.3 s).
+        self._sent = [1] * len(dirs)
+        self._done = [0] * len(dirs)
+        self._failed: list[str | None] = [None] * len(dirs)
         self._gathered: list[list[Point]] = [[] for _ in dirs]
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the senders' side: _sent, _gathered, the pipes
+        self._answered = threading.Condition()  # the readers' side: _done, _failed
         try:
             for p, d in zip(self._procs, dirs):
                 send(p, (str(d), vname, OPEN_WAIT_S))
         except BaseException:
             self.stop()
             raise
+        for i in range(len(dirs)):
+            threading.Thread(target=self._read_answers, args=(i,), daemon=True, name=f"chunk-shard-{i}-answers").start()
 
-    def _answer(self, i: int) -> None:
-        try:
-            status, value = pickle.load(self._procs[i].stdout)
-        except (EOFError, OSError, pickle.UnpicklingError) as exc:
-            raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
-        if status != "ok":
-            raise StoreError(f"chunk shard {i}: {value}")
+    def _read_answers(self, i: int) -> None:
+        stdout = self._procs[i].stdout
+        while True:
+            try:
+                status, value = pickle.load(stdout)
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                with self._answered:
+                    if self._done[i] < self._sent[i] and self._failed[i] is None:
+                        self._failed[i] = f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})"
+                    self._answered.notify_all()
+                return
+            with self._answered:
+                self._done[i] += 1
+                if status != "ok" and self._failed[i] is None:
+                    self._failed[i] = f"chunk shard {i}: {value}"
+                self._answered.notify_all()
+
+    def _raise_failed(self) -> None:
+        """(the caller holds _answered)"""
+        if failed := next((f for f in self._failed if f is not None), None):
+            raise StoreError(failed)
 
     def _send(self, i: int, message: tuple) -> None:
-        """Send one message to shard i's process (the caller holds the lock)."""
-        while self._pending[i] >= self.IN_FLIGHT:
-            self._pending[i] -= 1
-            self._answer(i)
+        """Send one message to shard i's process (the caller holds _lock)."""
+        with self._answered:
+            while self._sent[i] - self._done[i] >= self.IN_FLIGHT and self._failed[i] is None:
+                self._answered.wait()
+            self._raise_failed()
         try:
             send(self._procs[i], message)
         except (BrokenPipeError, OSError) as exc:
             raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
-        self._pending[i] += 1
+        self._sent[i] += 1
 
     def _send_gathered(self, i: int) -> None:
         if self._gathered[i]:
@@ -670,27 +739,39 @@ class ShardWriters:
             self._send_gathered(i)  # writes keep their order
             self._send(i, ("delete", list(paper_ids)))
 
-    def wait(self) -> None:
-        """Until every write is done; raises the first that failed."""
+    def ticket(self) -> tuple[int, ...]:
+        """Sends what is gathered; the writes sent so far, for `reached` and `wait`."""
         with self._lock:
-            for i in range(len(self._procs)):
+            for i in range(self.shards):
                 self._send_gathered(i)
-            for i in range(len(self._procs)):
-                while self._pending[i]:
-                    self._pending[i] -= 1
-                    self._answer(i)
+            return tuple(self._sent)
 
-    def flush(self) -> None:
+    def reached(self, ticket: tuple[int, ...]) -> bool:
+        """Whether the writes of `ticket` are done, or one has failed (`wait` raises it)."""
+        with self._answered:
+            return any(f is not None for f in self._failed) or all(d >= t for d, t in zip(self._done, ticket))
+
+    def wait(self, ticket: tuple[int, ...] | None = None) -> None:
+        """Until the writes of `ticket` (default: every write) are done; raises the first that failed."""
+        ticket = ticket or self.ticket()
+        with self._answered:
+            while not all(d >= t for d, t in zip(self._done, ticket)):
+                self._raise_failed()
+                self._answered.wait()
+            self._raise_failed()
+
+    def flush(self, wait: bool = True) -> None:
         with self._lock:
-            for i in range(len(self._procs)):
+            for i in range(self.shards):
                 self._send_gathered(i)
                 self._send(i, ("flush",))
-        self.wait()
+        if wait:
+            self.wait()
 
     def close(self) -> None:
         """Finish every write, close the shards, end the processes."""
         with self._lock:
-            for i in range(len(self._procs)):
+            for i in range(self.shards):
                 self._send_gathered(i)
                 self._send(i, ("close",))
         self.wait()

@@ -70,10 +70,54 @@ def test_chunk_reads_wait_for_the_end_of_parallel_writes(tmp_path):
     with s.parallel_writes():
         s.upsert(s.chunks, chunks(range(4)))
         s.upsert(s.papers, paper_points(range(4)))
+        s.flush()
         assert s.committed(["p0", "p9"]) == {"p0": "h"}  # papers are read as usual
         with pytest.raises(StoreError, match="own processes"):
             s.search(s.chunks, np.ones(DIM, dtype=np.float32), 3)
     assert s.count(s.chunks) == 20
+    s.close()
+
+
+def test_paper_points_wait_for_their_chunks_without_holding_up_the_caller(tmp_path):
+    """A paper point (the commit marker) is written once the chunk writes sent before it are done,
+    by a later write call or flush; the caller does not wait for them meanwhile."""
+    s = sharded(tmp_path / "idx", shards=2)
+    with s.parallel_writes():
+        s.flush()  # both processes have opened their shards
+        busy = s._writers._procs[0]
+        busy.send_signal(signal.SIGSTOP)
+        try:
+            def batches():
+                s.upsert(s.chunks, chunks(range(6)))
+                s.upsert(s.papers, paper_points(range(6)))
+                s.flush_soon()
+                s.upsert(s.chunks, chunks(range(6, 8)))  # the next batch goes out meanwhile
+
+            sent = threading.Thread(target=batches)
+            sent.start()
+            sent.join(5)
+            assert not sent.is_alive(), "a paper point held up the caller until its chunks were written"
+            time.sleep(0.3)
+            s.upsert(s.chunks, [])
+            assert s.committed([f"p{p}" for p in range(6)]) == {}  # shard 0 has not written its chunks
+        finally:
+            busy.send_signal(signal.SIGCONT)
+        sent.join()
+        s.upsert(s.papers, paper_points(range(6, 8)))
+    assert s.count(s.papers) == 8 and s.count(s.chunks) == 40
+    s.close()
+
+
+def test_a_paper_deleted_after_its_write_stays_deleted(tmp_path):
+    """delete_papers writes the paper points still waiting for their chunks first: one written
+    after the delete would bring the paper back without its chunks."""
+    s = sharded(tmp_path / "idx", shards=2)
+    with s.parallel_writes():
+        s.upsert(s.chunks, chunks(range(4)))
+        s.upsert(s.papers, paper_points(range(4)))
+        s.delete_papers(["p0", "p3"])
+    assert sorted(p.payload["paper_id"] for page, _ in s.scroll(s.papers) for p in page) == ["p1", "p2"]
+    assert s.count(s.chunks) == 10
     s.close()
 
 
