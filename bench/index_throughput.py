@@ -363,6 +363,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         tok_ratio_vs_old=ctok / dt / base[1] if base else None,
         stage_busy_s={k: round(v, 1) for k, v in busy.items() if k != "spans"},
         writer_split_s={**{k: round(v, 2) for k, v in writes.items()}, "other (payloads, points)": round(busy["write_s"] - sum(writes.values()), 2)} if writes else None,
+        # the writer thread's time waiting for a chunk shard's process, and each process's time writing
+        shard_writes=getattr(store, "writes_report", None),
         timeline=timeline(busy["spans"], t, t_end),
         # passage graphs after the run, captured during it, and batches run without one
         graphs=[{"graphs": len(g), "captured": len(g) - n0, "eager_batches": g.eager_batches - e0} for g, (n0, e0) in zip(graphed, before)],

@@ -117,6 +117,7 @@ def _run(bs: list[_Batch], shards: int) -> dict:
         row = {"shards": shards, "chunks": n_chunks, "seconds": round(seconds, 2), "chunks_s": round(n_chunks / seconds),
                "split_s": {k: round(v, 2) for k, v in spent.items()}}
         row["split_s"]["other (payloads, points)"] = round(seconds - sum(spent.values()), 2)
+        row["shard_writes"] = store.writes_report
         return row
 
 
@@ -141,6 +142,9 @@ def main() -> None:
     for r in rows:
         split = ", ".join(f"{k} {v}" for k, v in r["split_s"].items())
         print(f"| {r['shards']} | {r['busy_threads']} | {r['message_points']} | {r['chunks']:,} | {r['seconds']} | {r['chunks_s']:,} | {split} |")
+    print("shard writes (the writer thread's wait for a shard with a full outbox; each shard process's time writing):")
+    for r in rows:
+        print(f"  {r['shards']} shards, {r['busy_threads']} busy threads: {r['shard_writes']}")
     out = os.environ.get("OUT")
     if out:
         Path(out, "store_writes.json").write_text(json.dumps({"rows": rows, "args": vars(args), "cores": os.cpu_count()}, indent=1))

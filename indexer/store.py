@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import pickle
+import queue
 import signal
 import threading
 import time
@@ -226,6 +227,7 @@ class EdgeStore:
         # Collections on disk not open in this process (closed by parallel_writes): opened on first use.
         self._unopened: dict[str, list[Path]] = {}
         self._writers: ShardWriters | None = None
+        self.writes_report: dict | None = None  # the last parallel_writes: who waited for whom (bench/)
         # Paper points waiting for their chunk writes (ShardWriters.ticket) while the writers run,
         # and what to call once they are written (flush_soon).
         self._commits: deque[tuple[tuple[int, ...], list[Point], Callable[[], None] | None]] = deque()
@@ -496,6 +498,8 @@ class EdgeStore:
             yield
             self._commit(wait=True)
             self._writers.close()
+            w = self._writers
+            self.writes_report = {"caller_waited_s": round(w.waited_s, 2), "shard_busy_s": [None if b is None else round(b, 2) for b in w.busy_s]}
         finally:
             if self._writers is not None:
                 self._writers.stop()
@@ -608,10 +612,29 @@ def _load_shard(qe, path: str, wait_s: float = OPEN_WAIT_S):
         time.sleep(0.2)
 
 
+def _pack(points: Sequence[Point]) -> tuple:
+    """Points as one message to a writer process: their ids, their vectors in one array (rows a
+    point: a multivector has several), their payloads. ~3x faster to pickle than the points (one
+    array, not one a point), and this runs in the indexing process, under its interpreter lock."""
+    vectors = [p.vector for p in points]
+    rows = [len(v) if v.ndim == 2 else 0 for v in vectors]
+    return [p.id for p in points], np.concatenate([v.reshape(-1, v.shape[-1]) for v in vectors]).astype(np.float32, copy=False), rows, [p.payload for p in points]
+
+
+def _unpack(qe, vname: str, ids: list, vectors: np.ndarray, rows: list, payloads: list) -> list:
+    out, at = [], 0
+    for pid, n, payload in zip(ids, rows, payloads):
+        v = vectors[at : at + max(n, 1)]
+        at += max(n, 1)
+        out.append(qe.Point(pid, {vname: (v if n else v[0]).tolist()}, payload))
+    return out
+
+
 def _serve_shard() -> None:
-    """A chunk shard's writer process: (path, vector name, wait_s), then ("upsert", points) /
+    """A chunk shard's writer process: (path, vector name, wait_s), then ("upsert", *_pack(points)) /
     ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
-    ("error", message). After a failure it refuses what follows: the caller did not wait for it."""
+    ("error", message); the answer to "close" carries the seconds spent writing. After a failure it
+    refuses what follows: the caller did not wait for it."""
     import qdrant_edge as qe
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
@@ -624,6 +647,7 @@ def _serve_shard() -> None:
         return
     answer(out, ("ok", None))
     failed: str | None = None
+    busy = 0.0
     try:
         while True:
             try:
@@ -633,14 +657,16 @@ def _serve_shard() -> None:
             if failed is not None:
                 answer(out, ("error", f"not done: an earlier write failed ({failed})"))
                 continue
+            t = time.perf_counter()
             try:
                 if op == "upsert":
-                    shard.update(qe.UpdateOperation.upsert_points(_edge_points(qe, vname, args[0])))
+                    shard.update(qe.UpdateOperation.upsert_points(_unpack(qe, vname, *args)))
                 elif op == "delete":
                     shard.update(qe.UpdateOperation.delete_points_by_filter(_edge_paper_filter(qe, args[0])))
-                elif op == "flush":
+                elif op in ("flush", "close"):
                     shard.flush()
-                answer(out, ("ok", None))
+                busy += time.perf_counter() - t
+                answer(out, ("ok", busy if op == "close" else None))
             except Exception as exc:
                 failed = repr(exc)
                 answer(out, ("error", failed))
@@ -653,17 +679,19 @@ def _serve_shard() -> None:
 
 class ShardWriters:
     """One writer process per chunk shard (EdgeStore.parallel_writes). Points are gathered per shard
-    and sent MESSAGE_POINTS at a time, without waiting for them, up to IN_FLIGHT messages per
-    process; a thread per process reads its answers. `ticket` marks the writes sent so far, for
-    `reached` and `wait`. A failed write is raised by a later call, and its process refuses every
-    write after it."""
+    and sent MESSAGE_POINTS at a time (`_pack`), without waiting for them, up to IN_FLIGHT messages
+    per process; per process, a thread writes its messages into its pipe and one reads its answers.
+    `ticket` marks the writes sent so far, for `reached` and `wait`. A failed write is raised by a
+    later call, and its process refuses every write after it."""
 
-    # Points per message (~15 KB each pickled, so a message fits a 1 MiB pipe; ~0.25 ms each for the
-    # process to insert). Each message and its answer cost the sending thread the interpreter lock
-    # twice (a pipe write and a read let it go), and taking it back waits for whichever thread holds
-    # it. 48 a message, not ~8 as before: 6,098 -> 8,890 chunks/s into 4 shards for the writer alone
+    # Points per message (~14 KB each, so ~0.7 MB a message; ~12 ms for the process to insert).
+    # Each message and its answer cost the sending thread the interpreter lock twice (a pipe write
+    # and a read let it go), and taking it back waits for whichever thread holds it. 48 a message,
+    # not ~8 as before: 6,098 -> 8,890 chunks/s into 4 shards for the writer alone
     # (bench/store_writes.py), and ~1 s less of writing after the last encode on two GPUs.
     MESSAGE_POINTS = 48
+    # A pipe holds about one message: the messages past it wait in the process's outbox, so the
+    # caller is not held up by a shard that is behind while the others could take writes.
     IN_FLIGHT = 4
 
     def __init__(self, dirs: Sequence[Path], vname: str) -> None:
@@ -677,8 +705,11 @@ class ShardWriters:
         self._done = [0] * len(dirs)
         self._failed: list[str | None] = [None] * len(dirs)
         self._gathered: list[list[Point]] = [[] for _ in dirs]
-        self._lock = threading.Lock()  # the senders' side: _sent, _gathered, the pipes
+        self._outbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in dirs]
+        self._lock = threading.Lock()  # the senders' side: _sent, _gathered
         self._answered = threading.Condition()  # the readers' side: _done, _failed
+        self.waited_s = 0.0  # the caller's time waiting for a process with IN_FLIGHT messages
+        self.busy_s: list[float | None] = [None] * len(dirs)  # each process's time writing, once closed
         try:
             for p, d in zip(self._procs, dirs):
                 send(p, (str(d), vname, OPEN_WAIT_S))
@@ -686,7 +717,27 @@ class ShardWriters:
             self.stop()
             raise
         for i in range(len(dirs)):
+            threading.Thread(target=self._write_messages, args=(i,), daemon=True, name=f"chunk-shard-{i}-send").start()
             threading.Thread(target=self._read_answers, args=(i,), daemon=True, name=f"chunk-shard-{i}-answers").start()
+
+    def _fail(self, i: int, message: str) -> None:
+        with self._answered:
+            if self._failed[i] is None:
+                self._failed[i] = message
+            self._answered.notify_all()
+
+    def _exited(self, i: int) -> str:
+        return f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})"
+
+    def _write_messages(self, i: int) -> None:
+        stdin, outbox = self._procs[i].stdin, self._outbox[i]
+        while (data := outbox.get()) is not None:
+            try:
+                stdin.write(data)
+                stdin.flush()
+            except (OSError, ValueError):
+                self._fail(i, self._exited(i))
+                return
 
     def _read_answers(self, i: int) -> None:
         stdout = self._procs[i].stdout
@@ -694,15 +745,15 @@ class ShardWriters:
             try:
                 status, value = pickle.load(stdout)
             except (EOFError, OSError, ValueError, pickle.UnpicklingError):
-                with self._answered:
-                    if self._done[i] < self._sent[i] and self._failed[i] is None:
-                        self._failed[i] = f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})"
-                    self._answered.notify_all()
+                if self._done[i] < self._sent[i]:
+                    self._fail(i, self._exited(i))
                 return
             with self._answered:
                 self._done[i] += 1
                 if status != "ok" and self._failed[i] is None:
                     self._failed[i] = f"chunk shard {i}: {value}"
+                elif value is not None:
+                    self.busy_s[i] = value
                 self._answered.notify_all()
 
     def _raise_failed(self) -> None:
@@ -711,28 +762,28 @@ class ShardWriters:
             raise StoreError(failed)
 
     def _send(self, i: int, message: tuple) -> None:
-        """Send one message to shard i's process (the caller holds _lock)."""
+        """Hand one message to shard i's sending thread (the caller holds _lock)."""
         with self._answered:
-            while self._sent[i] - self._done[i] >= self.IN_FLIGHT and self._failed[i] is None:
-                self._answered.wait()
+            if self._sent[i] - self._done[i] >= self.IN_FLIGHT:
+                t = time.perf_counter()
+                while self._sent[i] - self._done[i] >= self.IN_FLIGHT and self._failed[i] is None:
+                    self._answered.wait()
+                self.waited_s += time.perf_counter() - t
             self._raise_failed()
-        try:
-            send(self._procs[i], message)
-        except (BrokenPipeError, OSError) as exc:
-            raise StoreError(f"the writer process of chunk shard {i} exited (exit code {self._procs[i].poll()})") from exc
+        self._outbox[i].put(pickle.dumps(message, protocol=5))
         self._sent[i] += 1
 
     def _send_gathered(self, i: int) -> None:
         if self._gathered[i]:
             points, self._gathered[i] = self._gathered[i], []
-            self._send(i, ("upsert", points))
+            self._send(i, ("upsert", *_pack(points)))
 
     def upsert(self, i: int, points: Sequence[Point]) -> None:
         with self._lock:
             self._gathered[i].extend(points)
             while len(self._gathered[i]) >= self.MESSAGE_POINTS:
                 part, self._gathered[i] = self._gathered[i][: self.MESSAGE_POINTS], self._gathered[i][self.MESSAGE_POINTS :]
-                self._send(i, ("upsert", part))
+                self._send(i, ("upsert", *_pack(part)))
 
     def delete(self, i: int, paper_ids: Sequence[str]) -> None:
         with self._lock:
@@ -778,6 +829,8 @@ class ShardWriters:
         self.stop()
 
     def stop(self) -> None:
+        for outbox in self._outbox:
+            outbox.put(None)
         self._finalizer()
 
 

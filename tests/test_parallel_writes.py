@@ -263,14 +263,13 @@ def test_chunk_writes_are_gathered_into_messages_of_a_set_size(tmp_path, monkeyp
     thread the interpreter lock twice); what is left over is sent when the block ends."""
     monkeypatch.setattr(store_module.ShardWriters, "MESSAGE_POINTS", 4)
     sizes = []
-    real_send = store_module.send
+    real_pack = store_module._pack
 
-    def counting(proc, message):
-        if isinstance(message, tuple) and message[0] == "upsert":
-            sizes.append(len(message[1]))
-        real_send(proc, message)
+    def counting(points):
+        sizes.append(len(points))
+        return real_pack(points)
 
-    monkeypatch.setattr(store_module, "send", counting)
+    monkeypatch.setattr(store_module, "_pack", counting)
     s = sharded(tmp_path / "idx", shards=2)
     points = chunks(range(9))  # 45 points over two shards
     with s.parallel_writes():
@@ -298,4 +297,21 @@ def test_gathered_chunk_writes_keep_their_order_with_deletes(tmp_path, monkeypat
     assert set(stored) == set(expected)
     for pid, point in expected.items():
         np.testing.assert_allclose(stored[pid].vector, point.vector, rtol=1e-6)
+    s.close()
+
+
+def test_points_of_any_number_of_windows_arrive_as_they_were_sent(tmp_path):
+    """A message carries its points' vectors in one array: each point gets its own rows back."""
+    s = sharded(tmp_path / "idx", shards=2)
+    rng = np.random.default_rng(3)
+    points = [Point(chunk_point_id(f"p{p}", c), rng.standard_normal((1 + (p + c) % 4, DIM)).astype(np.float32),
+                    {"paper_id": f"p{p}", "paper_uuid": paper_point_id(f"p{p}"), "chunk_index": c, "text": f"p{p} c{c}"})
+              for p in range(12) for c in range(3)]
+    with s.parallel_writes():
+        s.upsert(s.chunks, points)
+    stored = {p.id: p for page, _ in s.scroll(s.chunks) for p in page}
+    assert set(stored) == {p.id for p in points}
+    for p in points:
+        assert stored[p.id].payload["text"] == p.payload["text"]
+        np.testing.assert_allclose(stored[p.id].vector, p.vector, rtol=1e-6)
     s.close()
