@@ -127,6 +127,10 @@ class StoreOptions:
 
 
 class Store(Protocol):
+    """What the pipeline and the service use. A store may also have `upsert_points` (points per
+    upsert call it wants) and `flush_soon(then)` (the end of a batch of writes, not waited for):
+    EdgeStore has both; the pipeline does without them."""
+
     papers: str
     chunks: str
 
