@@ -82,6 +82,7 @@ def test_paper_points_wait_for_their_chunks_without_holding_up_the_caller(tmp_pa
     """A paper point (the commit marker) is written once the chunk writes sent before it are done,
     by a later write call or flush; the caller does not wait for them meanwhile."""
     s = sharded(tmp_path / "idx", shards=2)
+    written = []
     with s.parallel_writes():
         s.flush()  # both processes have opened their shards
         busy = s._writers._procs[0]
@@ -90,7 +91,7 @@ def test_paper_points_wait_for_their_chunks_without_holding_up_the_caller(tmp_pa
             def batches():
                 s.upsert(s.chunks, chunks(range(6)))
                 s.upsert(s.papers, paper_points(range(6)))
-                s.flush_soon()
+                s.flush_soon(lambda: written.append(len(s.committed([f"p{p}" for p in range(6)]))))
                 s.upsert(s.chunks, chunks(range(6, 8)))  # the next batch goes out meanwhile
 
             sent = threading.Thread(target=batches)
@@ -100,9 +101,12 @@ def test_paper_points_wait_for_their_chunks_without_holding_up_the_caller(tmp_pa
             time.sleep(0.3)
             s.upsert(s.chunks, [])
             assert s.committed([f"p{p}" for p in range(6)]) == {}  # shard 0 has not written its chunks
+            assert written == []  # the caller's progress waits for the commit too
         finally:
             busy.send_signal(signal.SIGCONT)
         sent.join()
+        s.flush()
+        assert written == [6]  # called once, after that batch's paper points were written
         s.upsert(s.papers, paper_points(range(6, 8)))
     assert s.count(s.papers) == 8 and s.count(s.chunks) == 40
     s.close()
