@@ -9,6 +9,8 @@ input order.
 Commit protocol, per paper: delete what a previous version left, write the chunks, then the paper
 point last. The paper point carries the content hash, so it is the commit marker: a rerun after any
 crash skips papers whose marker matches and redoes the rest, ending with exactly the right points.
+(Where chunk shards are written by processes of their own, the store holds a batch's paper points
+until its chunk writes are done, and the run's progress counts the batch only then.)
 """
 
 from __future__ import annotations
