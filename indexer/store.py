@@ -688,7 +688,7 @@ class ShardWriters:
     `ticket` marks the writes sent so far, for `reached` and `wait`. A failed write is raised by a
     later call, and its process refuses every write after it."""
 
-    # Points per message (~14 KB each, so ~0.7 MB a message; ~12 ms for the process to insert).
+    # Points per message (~14 KB each, so ~0.7 MB a message; ~12-25 ms for the process to insert).
     # Each message and its answer cost the sending thread the interpreter lock twice (a pipe write
     # and a read let it go), and taking it back waits for whichever thread holds it. 48 a message,
     # not ~8 as before: 6,098 -> 8,890 chunks/s into 4 shards for the writer alone
@@ -777,17 +777,16 @@ class ShardWriters:
         self._outbox[i].put(pickle.dumps(message, protocol=5))
         self._sent[i] += 1
 
-    def _send_gathered(self, i: int) -> None:
-        if self._gathered[i]:
-            points, self._gathered[i] = self._gathered[i], []
-            self._send(i, ("upsert", *_pack(points)))
+    def _send_gathered(self, i: int, at_least: int = 1) -> None:
+        """Send shard i's gathered points, MESSAGE_POINTS a message, while `at_least` are left."""
+        while len(self._gathered[i]) >= at_least:
+            part, self._gathered[i] = self._gathered[i][: self.MESSAGE_POINTS], self._gathered[i][self.MESSAGE_POINTS :]
+            self._send(i, ("upsert", *_pack(part)))
 
     def upsert(self, i: int, points: Sequence[Point]) -> None:
         with self._lock:
             self._gathered[i].extend(points)
-            while len(self._gathered[i]) >= self.MESSAGE_POINTS:
-                part, self._gathered[i] = self._gathered[i][: self.MESSAGE_POINTS], self._gathered[i][self.MESSAGE_POINTS :]
-                self._send(i, ("upsert", *_pack(part)))
+            self._send_gathered(i, at_least=self.MESSAGE_POINTS)
 
     def delete(self, i: int, paper_ids: Sequence[str]) -> None:
         with self._lock:
