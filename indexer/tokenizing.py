@@ -256,16 +256,20 @@ class WindowTokenizer:
             if self._pool is None and self.workers > 0:
                 self._pool = _Workers(self.workers, self._json, self.spec)
 
+    def _map(self, requests: list) -> list:
+        """One request per worker process, their replies in order."""
+        self.start()
+        with self._lock:
+            assert self._pool is not None
+            return self._pool.map(requests)
+
     def __call__(self, texts: Sequence[str]) -> Windows:
         texts = list(texts)
         if self.workers <= 0 or len(texts) < 2 * self.min_texts_per_task:
             return _tokenize(self._local, texts, self.spec)
-        self.start()
         n = max(1, min(self.workers, len(texts) // self.min_texts_per_task))
         bounds = np.linspace(0, len(texts), n + 1).astype(int)
-        with self._lock:
-            assert self._pool is not None
-            parts = self._pool.map([texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        parts = self._map([texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
         return Windows.concat(parts, self.spec.pad_id)
 
     def papers(self, papers: Sequence[dict], chunking: ChunkSpec) -> PreparedPapers:
@@ -276,13 +280,9 @@ class WindowTokenizer:
         n = min(self.workers, len(papers) // MIN_PAPERS_PER_TASK, int(sizes[-1]) // self.min_chars_per_task) if papers else 0
         if n <= 1:
             return _prepare(self._local, papers, chunking, self.spec)
-        self.start()
         # Part i ends at the first paper whose running length reaches i/n of the total.
         bounds = [0, *(np.searchsorted(sizes, sizes[-1] * np.arange(1, n) / n) + 1).tolist(), len(papers)]
-        requests = [("papers", papers[a:b], chunking) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        with self._lock:
-            assert self._pool is not None
-            parts = self._pool.map(requests)
+        parts = self._map([("papers", papers[a:b], chunking) for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
         return PreparedPapers.concat(parts, self.spec.pad_id)
 
     def close(self) -> None:
