@@ -142,6 +142,36 @@ class GpuMonitor:
         return "/".join(f"{np.mean([s[i] for s in self.samples]):.0f}%" for i in range(len(self.handles)))
 
 
+class LockProbe:
+    """How long a thread that wakes up waits for the interpreter lock: a thread sleeps 1 ms again
+    and again, and each time notes how late it ran (a sleep lets go of the lock; waking needs it)."""
+
+    def __init__(self) -> None:
+        self.late: list[float] = []
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        def loop():
+            while not self.stop.is_set():
+                t = time.perf_counter()
+                time.sleep(0.001)
+                self.late.append(time.perf_counter() - t - 0.001)
+
+        self.thread = threading.Thread(target=loop, daemon=True, name="lock-probe")
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def report(self) -> dict:
+        late = np.array(self.late or [0.0]) * 1e3
+        return dict(wakeups=len(self.late), mean_ms=round(float(late.mean()), 3), p50_ms=round(float(np.median(late)), 3),
+                    p99_ms=round(float(np.percentile(late, 99)), 3), over_1ms=round(float((late > 1).mean()), 3))
+
+
 class NullStore:
     """Takes every write and keeps nothing: the pipeline without Qdrant's cost."""
 
@@ -267,7 +297,7 @@ def instrument(indexer) -> dict:
                     end = time.perf_counter()
                     busy[stage + "_s"] += end - t
                     busy[stage + "_cpu"] += time.thread_time() - c
-                    busy["spans"].append((stage, t, end))
+                    busy["spans"].append((stage, t, end, threading.current_thread().name))
 
         setattr(indexer, "_" + stage, timed)
     return busy
@@ -296,7 +326,7 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
     """Where the run's wall time went: before the first encode, after the last, and between them
     the time no encoder thread was encoding (the GPU then has nothing queued), split by whether
     a tokenized group was waiting (then the encoders were not taking it: e.g. the writer was behind)."""
-    enc = sorted((a, b) for s, a, b in spans if s == "encode")
+    enc = sorted((a, b) for s, a, b, _ in spans if s == "encode")
     if not enc:
         return {}
     idle, at = [], enc[0][0]
@@ -304,13 +334,22 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
         if a > at:
             idle.append((at, a))
         at = max(at, b)
-    prep_done = sorted(b for s, _, b in spans if s == "tokenize")
+    prep_done = sorted(b for s, _, b, _ in spans if s == "tokenize")
     enc_starts = sorted(a for a, _ in enc)
     # a gap with fewer groups prepared than taken by then: the encoders waited for the producer
     starved = sum(b - a for a, b in idle if sum(p <= a for p in prep_done) <= sum(e <= a for e in enc_starts))
-    writes = sorted((a, b) for s, a, b in spans if s == "write")
+    writes = sorted((a, b) for s, a, b, _ in spans if s == "write")
+    # each encoder thread's time between its groups (waiting for a prepared one), from the first
+    # encode of the run to the last
+    per_thread: dict[str, list] = defaultdict(list)
+    for s, a, b, name in spans:
+        if s == "encode":
+            per_thread[name].append((a, b))
+    between = {name: sum(max(0.0, x[0] - y[1]) for y, x in zip(sorted(v), sorted(v)[1:])) + (sorted(v)[0][0] - enc[0][0]) + (at - max(b for _, b in v))
+               for name, v in per_thread.items()}
     return dict(before_first_encode_s=round(enc[0][0] - t0, 3), after_last_encode_s=round(t1 - at, 3),
                 no_encoder_s=round(sum(b - a for a, b in idle), 3), no_encoder_waiting_for_tokens_s=round(starved, 3), gaps=len(idle),
+                encoder_threads_between_groups=round(sum(between.values()) / (len(between) * (at - enc[0][0])), 3),
                 # the last writes (start, end) from the last encode's end, and the run's end after the last write
                 last_writes_s=[(round(a - at, 3), round(b - at, 3)) for a, b in writes[-4:]],
                 after_last_write_s=round(t1 - writes[-1][1], 3) if writes else None)
@@ -339,7 +378,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
-    with GpuMonitor(devices) as mon, sampled(name if store_kind == "edge" and PROFILE else None):
+    with GpuMonitor(devices) as mon, LockProbe() as probe, sampled(name if store_kind == "edge" and PROFILE else None):
         t = time.perf_counter()
         idx.ensure_collections()  # as `paperindex index` runs it: the chunk shards' writer processes open them
         with store.parallel_writes() if store_kind == "edge" else nullcontext():
@@ -366,6 +405,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         # the writer thread's time waiting for a chunk shard's process, and each process's time writing
         shard_writes=getattr(store, "writes_report", None),
         timeline=timeline(busy["spans"], t, t_end),
+        lock_wait=probe.report,
+        tokenize_lanes=passage_enc.tokenize_lanes,
         # passage graphs after the run, captured during it, and batches run without one
         graphs=[{"graphs": len(g), "captured": len(g) - n0, "eager_batches": g.eager_batches - e0} for g, (n0, e0) in zip(graphed, before)],
     )
@@ -467,6 +508,8 @@ def main() -> None:
     ap.add_argument("--per-gpu", type=int, nargs="+", default=[Settings.model_fields["encoders_per_gpu"].default],
                     help="encoder threads per GPU (each a run; default: PAPERINDEX_ENCODERS_PER_GPU's)")
     ap.add_argument("--workers", type=int, help="tokenizer worker processes (default: PAPERINDEX_TOKENIZER_WORKERS's for --device)")
+    ap.add_argument("--lanes", type=int, nargs="+", help="lanes of the tokenizer workers in the several-GPU runs (each a run; default: as `paperindex index` has them "
+                         "for --gpus); one-GPU runs have one, as `paperindex index` on one GPU")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of this script on CPU)")
@@ -483,7 +526,7 @@ def main() -> None:
 
     from indexer.chunking import chunk_words
     from indexer.encoders import CAPTURE_AFTER, PaperEncoder, PassageEncoder
-    from indexer.runtime import encoder_grid, tokenizer_workers
+    from indexer.runtime import encoder_grid, tokenizer_lanes, tokenizer_workers
 
     device = torch.device(args.device)
     RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args=vars(args),
@@ -537,6 +580,7 @@ def main() -> None:
     for window, overlap in [(w, o) for w in args.window for o in args.overlap]:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
                                      tokenizer_workers=args.workers or tokenizer_workers(Settings(device=args.device, gpus=args.gpus)),
+                                     tokenizer_lanes=tokenizer_lanes(Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers)),
                                      compile=args.pipeline_compile)
         # The encoders `paperindex index` runs (indexer.runtime): each GPU its own paper encoder, shared
         # by that GPU's threads, and a passage replica per thread.
@@ -563,10 +607,12 @@ def main() -> None:
                 g.capture_after = CAPTURE_AFTER
             RESULTS["rows"].pop()
             RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s")
-            for n_gpus, per_gpu in [(n, k) for n in sorted({1, args.gpus}) for k in args.per_gpu]:
+            lanes = args.lanes or [passage_enc.tokenize_lanes]
+            for n_gpus, per_gpu, n_lanes in [(n, k, m) for n in sorted({1, args.gpus}) for k in args.per_gpu for m in (lanes if n > 1 else [1])]:
                 replicas = replicas_for(n_gpus, per_gpu)
+                passage_enc.windows.set_lanes(n_lanes)
                 tag = (f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
-                       + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else ""))
+                       + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else "") + (f", {n_lanes} tokenizing lanes" if len(lanes) > 1 else ""))
                 runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
                 runs += [("edge", 1, True)] if args.in_process else []
                 for kind, shards, in_process in runs:

@@ -321,8 +321,10 @@ class PassageEncoder:
         compile: bool = False,
         tokenizer_workers: int = 0,
         graphs: bool = True,
+        tokenizer_lanes: int = 1,
     ) -> None:
-        """`tokenizer_workers`: processes that tokenize chunks (0: in this process); `graphs`: replay
+        """`tokenizer_workers`: processes that tokenize chunks (0: in this process), in
+        `tokenizer_lanes` groups that each take a request at a time; `graphs`: replay
         CUDA graphs of bucketed batch shapes (CUDA only); `compile`: torch.compile the forward."""
         from sentence_transformers import SentenceTransformer
 
@@ -362,7 +364,7 @@ class PassageEncoder:
             length=self.max_tokens - len(prefix) - len(suffix) if truncate else window_tokens,
             overlap=window_overlap, prefix=prefix, suffix=suffix, pad_id=self.tokenizer.pad_token_id, truncate=truncate,
         )
-        self.windows = WindowTokenizer(self.tokenizer, spec, workers=tokenizer_workers)
+        self.windows = WindowTokenizer(self.tokenizer, spec, workers=tokenizer_workers, lanes=tokenizer_lanes)
         self.model = _prepare(st[0].auto_model, self.device)
         self.forward = speed_up(self.model, self.pooling, self.normalize, compile=compile and self.device.type == "cuda", graphs=graphs)
         budget = token_budget or default_token_budget(self.device)
@@ -385,6 +387,11 @@ class PassageEncoder:
 
     def close(self) -> None:
         self.windows.close()
+
+    @property
+    def tokenize_lanes(self) -> int:
+        """Requests the tokenizer workers take at once (see WindowTokenizer)."""
+        return self.windows.lanes
 
     @property
     def multivector(self) -> bool:

@@ -294,6 +294,12 @@ class Indexer:
             finally:
                 offer(planned, None)
 
+        # One tokenizing thread per lane of the tokenizer workers (a group each in work at once);
+        # groups may come out of order: the writer puts them back in order.
+        n_tok = self.passage_encoder.tokenize_lanes
+        tokenizing = [n_tok]
+        tok_lock = threading.Lock()
+
         def tokenizer() -> None:
             try:
                 while (item := take(planned)) is not None and not errors:
@@ -304,8 +310,13 @@ class Indexer:
                 errors.append(exc)
                 stop.set()
             finally:
-                for _ in range(n_enc):
-                    offer(prepared, None)
+                offer(planned, None)  # the planner's end, for the next tokenizing thread
+                with tok_lock:
+                    tokenizing[0] -= 1
+                    last = tokenizing[0] == 0
+                if last:
+                    for _ in range(n_enc):
+                        offer(prepared, None)
 
         def encoder(paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
             try:
@@ -354,7 +365,8 @@ class Indexer:
 
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
-        threads = [threading.Thread(target=planner, daemon=True, name="plan"), threading.Thread(target=tokenizer, daemon=True, name="tokenize")]
+        threads = [threading.Thread(target=planner, daemon=True, name="plan")]
+        threads += [threading.Thread(target=tokenizer, daemon=True, name=f"tokenize-{i}") for i in range(n_tok)]
         threads += [threading.Thread(target=encoder, args=w, daemon=True, name=f"encode-{i}") for i, w in enumerate(self.workers)]
         threads.append(threading.Thread(target=writer, daemon=True, name="write"))
         try:

@@ -42,6 +42,16 @@ def tokenizer_workers(s: Settings) -> int:
     return 2
 
 
+# A lane of tokenizer workers has at least this many processes.
+MIN_WORKERS_PER_LANE = 4
+
+
+def tokenizer_lanes(s: Settings) -> int:
+    """Groups of papers the tokenizer workers prepare at once: one per GPU that indexes (each
+    GPU's share of the workers, see WindowTokenizer), each lane of at least MIN_WORKERS_PER_LANE."""
+    return max(1, min(s.indexing_gpus(), tokenizer_workers(s) // MIN_WORKERS_PER_LANE))
+
+
 def load_encoders(s: Settings, indexing: bool = True) -> tuple[PaperEncoder, PassageEncoder]:
     """The paper and passage encoders; without `indexing` (queries only: `paperindex search`), no
     CUDA graphs and nothing compiled for them, and passages tokenized in this process."""
@@ -50,6 +60,7 @@ def load_encoders(s: Settings, indexing: bool = True) -> tuple[PaperEncoder, Pas
         s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
         window_overlap=s.window_overlap, token_budget=s.token_budget, compile=s.compile,
         tokenizer_workers=tokenizer_workers(s) if indexing else 0, graphs=indexing,
+        tokenizer_lanes=tokenizer_lanes(s) if indexing else 1,
     )
     return paper, passage
 

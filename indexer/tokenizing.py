@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import pickle
+import queue
 import threading
 import weakref
 from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,13 +213,13 @@ class _Workers:
         for p in self.procs:
             send(p, (tokenizer_json, spec))
 
-    def map(self, parts: list) -> list:
-        """One part per worker (len(parts) ≤ workers); each reads its whole request before
-        replying, so writing all requests first and then reading all replies cannot deadlock."""
+    def map(self, parts: list, procs: Sequence) -> list:
+        """One part per process of `procs` (len(parts) ≤ len(procs)); each reads its whole request
+        before replying, so writing all requests first and then reading all replies cannot deadlock."""
         try:
-            for p, part in zip(self.procs, parts):
+            for p, part in zip(procs, parts):
                 send(p, part)
-            replies = [pickle.load(p.stdout) for p, _ in zip(self.procs, parts)]
+            replies = [pickle.load(p.stdout) for p, _ in zip(procs, parts)]
         except (EOFError, BrokenPipeError) as exc:
             codes = [p.poll() for p in self.procs]
             raise RuntimeError(f"a tokenizer worker process exited (exit codes {codes})") from exc
@@ -235,11 +237,18 @@ MIN_PAPERS_PER_TASK = 2
 
 
 class WindowTokenizer:
-    """Texts -> Windows. With ``workers`` > 0 the work is split over that many processes."""
+    """Texts -> Windows. With ``workers`` > 0 the work is split over that many processes.
 
-    def __init__(self, tokenizer, spec: WindowSpec, workers: int = 0, min_texts_per_task: int = 32, min_chars_per_task: int = 20_000) -> None:
+    The processes form ``lanes``: a call takes a free lane and splits its request over that lane's
+    processes, so `lanes` threads can each have a request in work at once. A caller that waits for
+    the slowest of its processes, then unpickles their replies, leaves the others idle meanwhile;
+    with one lane per GPU that indexes, each GPU's groups are prepared as fast as on one GPU.
+    """
+
+    def __init__(self, tokenizer, spec: WindowSpec, workers: int = 0, min_texts_per_task: int = 32, min_chars_per_task: int = 20_000,
+                 lanes: int = 1) -> None:
         """`tokenizer`: a transformers fast tokenizer (its backend is copied, never shared).
-        Requests are split over fewer workers than there are when a part would get fewer than
+        Requests are split over fewer workers than a lane has when a part would get fewer than
         `min_texts_per_task` texts, or papers with fewer than `min_chars_per_task` characters of body."""
         self.spec = spec
         self.workers = workers
@@ -249,45 +258,80 @@ class WindowTokenizer:
         self._local = _load(self._json)
         self._pool: _Workers | None = None
         self._lock = threading.Lock()
+        self._free: queue.Queue[list] = queue.Queue()
+        self._lanes = max(1, min(lanes, workers)) if workers > 0 else 1
+
+    @property
+    def lanes(self) -> int:
+        """Requests that can be in work at once (each on its own share of the workers)."""
+        return self._lanes
+
+    def set_lanes(self, lanes: int) -> None:
+        """Split the workers into `lanes` lanes (waits for the requests in work)."""
+        lanes = max(1, min(lanes, self.workers)) if self.workers > 0 else 1
+        with self._lock:
+            if self._pool is not None:
+                for _ in range(self._lanes):
+                    self._free.get()
+                self._fill_lanes(lanes)
+            self._lanes = lanes
+
+    def _fill_lanes(self, lanes: int) -> None:
+        assert self._pool is not None
+        for i in range(lanes):
+            self._free.put(self._pool.procs[i::lanes])
 
     def start(self) -> None:
         """Start the worker processes now rather than at the first call."""
         with self._lock:
             if self._pool is None and self.workers > 0:
                 self._pool = _Workers(self.workers, self._json, self.spec)
+                self._fill_lanes(self._lanes)
 
-    def _map(self, requests: list) -> list:
-        """One request per worker process, their replies in order."""
+    def _map(self, split: Callable[[int], list]) -> list:
+        """The requests `split(n)` makes for the n processes of a free lane (at most one each), sent
+        to them; their replies in order."""
         self.start()
-        with self._lock:
-            assert self._pool is not None
-            return self._pool.map(requests)
+        assert self._pool is not None
+        lane = self._free.get()
+        try:
+            return self._pool.map(split(len(lane)), lane)
+        finally:
+            self._free.put(lane)
 
     def __call__(self, texts: Sequence[str]) -> Windows:
         texts = list(texts)
         if self.workers <= 0 or len(texts) < 2 * self.min_texts_per_task:
             return _tokenize(self._local, texts, self.spec)
-        n = max(1, min(self.workers, len(texts) // self.min_texts_per_task))
-        bounds = np.linspace(0, len(texts), n + 1).astype(int)
-        parts = self._map([texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
-        return Windows.concat(parts, self.spec.pad_id)
+
+        def split(workers: int) -> list:
+            n = max(1, min(workers, len(texts) // self.min_texts_per_task))
+            bounds = np.linspace(0, len(texts), n + 1).astype(int)
+            return [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+        return Windows.concat(self._map(split), self.spec.pad_id)
 
     def papers(self, papers: Sequence[dict], chunking: ChunkSpec) -> PreparedPapers:
         """Content hashes, chunks and windows of papers (`PaperIn.model_dump()`s). With workers the
-        papers are split over them by body length, in order."""
+        papers are split over a lane's processes by body length, in order."""
         papers = list(papers)
         sizes = np.cumsum([len(p.get("text") or "") + 1 for p in papers])
-        n = min(self.workers, len(papers) // MIN_PAPERS_PER_TASK, int(sizes[-1]) // self.min_chars_per_task) if papers else 0
-        if n <= 1:
+        most = min(len(papers) // MIN_PAPERS_PER_TASK, int(sizes[-1]) // self.min_chars_per_task) if papers else 0
+        if min(most, self.workers) <= 1:
             return _prepare(self._local, papers, chunking, self.spec)
-        # Part i ends at the first paper whose running length reaches i/n of the total.
-        bounds = [0, *(np.searchsorted(sizes, sizes[-1] * np.arange(1, n) / n) + 1).tolist(), len(papers)]
-        parts = self._map([("papers", papers[a:b], chunking) for a, b in zip(bounds[:-1], bounds[1:]) if b > a])
-        return PreparedPapers.concat(parts, self.spec.pad_id)
+
+        def split(workers: int) -> list:
+            n = min(workers, most)
+            # Part i ends at the first paper whose running length reaches i/n of the total.
+            bounds = [0, *(np.searchsorted(sizes, sizes[-1] * np.arange(1, n) / n) + 1).tolist(), len(papers)]
+            return [("papers", papers[a:b], chunking) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+        return PreparedPapers.concat(self._map(split), self.spec.pad_id)
 
     def close(self) -> None:
         with self._lock:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+                self._free = queue.Queue()
 

@@ -124,6 +124,75 @@ def test_papers_are_hashed_chunked_and_tokenized_as_in_the_indexing_process(enco
     assert empty.chunks == [[]] and empty.windows is None
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_lanes_prepare_requests_side_by_side_on_their_own_workers(encoders, lanes):
+    """Two threads each prepare papers: with two lanes both requests are in work at once, each on
+    its own worker processes; with one they take turns. Either way each gets its own papers' result."""
+    import threading
+    import time
+
+    from conftest import make_paper
+
+    from indexer.papers import PaperIn
+    from indexer.tokenizing import ChunkSpec, WindowTokenizer
+
+    _, enc = encoders
+    spec = ChunkSpec(120, 20, None, "settings")
+    tok = WindowTokenizer(enc.tokenizer, enc.windows.spec, workers=4, min_chars_per_task=1, lanes=lanes)
+    groups = [[PaperIn(**make_paper(10 * g + i, words=200 + 40 * i)).model_dump() for i in range(6)] for g in range(2)]
+    active, most, used, results = [0], [0], [], {}
+    lock = threading.Lock()
+    try:
+        tok.start()
+        inner = tok._pool.map
+
+        def slow_map(parts, procs):
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+                used.append({p.pid for p in procs})
+            time.sleep(0.3)
+            try:
+                return inner(parts, procs)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        tok._pool.map = slow_map
+        threads = [threading.Thread(target=lambda g=g: results.update({g: tok.papers(groups[g], spec)})) for g in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        tok.close()
+    assert tok.lanes == lanes and most[0] == lanes
+    assert len(used) == 2 and all(len(u) == 4 // lanes for u in used)
+    assert (used[0] & used[1]) == (set() if lanes == 2 else used[0])
+    for g in range(2):
+        want = WindowTokenizer(enc.tokenizer, enc.windows.spec).papers(groups[g], spec)
+        assert results[g].hashes == want.hashes and results[g].chunks == want.chunks
+        assert results[g].windows.as_lists() == want.windows.as_lists()
+
+
+def test_lanes_can_be_set_again_between_requests(encoders):
+    from indexer.tokenizing import WindowTokenizer
+
+    _, enc = encoders
+    tok = WindowTokenizer(enc.tokenizer, enc.windows.spec, workers=3, min_texts_per_task=1, lanes=3)
+    texts = [f"word{i} " * 40 for i in range(12)]
+    try:
+        first = tok(texts).as_lists()
+        tok.set_lanes(1)
+        assert tok.lanes == 1 and tok._free.qsize() == 1 and len(tok._free.queue[0]) == 3
+        assert tok(texts).as_lists() == first
+        tok.set_lanes(8)  # no more lanes than workers
+        assert tok.lanes == 3 and tok._free.qsize() == 3
+    finally:
+        tok.close()
+    assert WindowTokenizer(enc.tokenizer, enc.windows.spec, lanes=4).lanes == 1  # no workers: one lane, this process
+
+
 def test_buckets_cover_every_item_within_the_budget():
     rng = np.random.default_rng(3)
     lengths = np.concatenate([np.full(500, 258), rng.integers(3, 512, 300)])

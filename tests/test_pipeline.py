@@ -287,3 +287,44 @@ def test_each_group_is_flushed_once_written(settings):
         r.close()
     # groups of 2, 2, 1 (FIRST_PAPERS is more than 2): every group flushed before it is reported
     assert at_batch == [(2, 1), (4, 2), (5, 3)]
+
+
+def test_groups_prepared_out_of_order_are_written_in_input_order(settings, monkeypatch):
+    """Two tokenizing lanes: the first group is held back while later ones are prepared, encoded and
+    wait; groups are still written in input order, so a paper listed twice ends with its last
+    version, and every group is reported once."""
+    import threading
+    import time
+
+    import indexer.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    r = build(settings.model_copy(update={"papers_per_batch": 2, "tokenizer_workers": 2}), reranker=False)
+    try:
+        r.indexer.passage_encoder.windows.set_lanes(2)
+        r.indexer.passage_encoder.windows.min_chars_per_task = 1
+        assert r.indexer.passage_encoder.tokenize_lanes == 2
+        order, inner = [], r.indexer._tokenize
+        later_done = threading.Event()
+
+        def tokenize(b):
+            first = b.papers[0].title != "the newer version"
+            if first:
+                later_done.wait(5)  # the second lane prepares the next group meanwhile
+            inner(b)
+            order.append(first)
+            if not first:
+                later_done.set()
+
+        r.indexer._tokenize = tokenize
+        newer = PaperIn(**{**make_paper(0, words=60), "title": "the newer version"})
+        # groups of two: [p0000, p0001] held back, [p0000 newer, p0002] prepared first
+        done = []
+        stats = r.indexer.index([*papers((0, 200), (1, 150)), newer, *papers((2, 90))], on_batch=lambda s: done.append(s.papers_indexed))
+        assert order == [False, True]  # the later group was prepared first
+        assert stats.papers_indexed == 4 and done == [2, 4]
+        got = r.store.get_papers(["p0000", "p0001", "p0002"])
+        assert got["p0000"].payload["title"] == "the newer version" and len(got) == 3
+        assert chunk_ids(r.store, "p0000") == [0] and chunk_ids(r.store, "p0001") == [0, 1]
+    finally:
+        r.close()

@@ -77,6 +77,26 @@ def test_tokenizer_workers_follow_the_host(monkeypatch, device, cores, gpus, set
 
 
 @pytest.mark.parametrize(
+    "device, cores, gpus, visible, lanes",
+    [
+        ("cpu", 16, 0, 4, 1),
+        ("cuda", 64, 1, 4, 1),  # one GPU indexes: one group prepared at a time
+        ("cuda", 64, 0, 4, 4),  # a lane of 12 workers per GPU
+        ("cuda", 64, 2, 4, 2),
+        ("cuda", 10, 0, 4, 1),  # 6 workers: one lane of at least 4
+        ("cuda", 20, 0, 8, 4),  # 16 workers: four lanes of 4
+    ],
+)
+def test_tokenizer_lanes_follow_the_gpus_that_index(monkeypatch, device, cores, gpus, visible, lanes):
+    import indexer.runtime as runtime
+
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert runtime.tokenizer_lanes(Settings(device=device, gpus=gpus)) == lanes
+
+
+@pytest.mark.parametrize(
     "device, gpus, visible, setting, shards",
     [
         ("cpu", 1, 4, None, 2),
