@@ -352,11 +352,13 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
                 encoder_threads_between_groups=round(sum(between.values()) / (len(between) * (at - enc[0][0])), 3),
                 # the last writes (start, end) from the last encode's end, and the run's end after the last write
                 last_writes_s=[(round(a - at, 3), round(b - at, 3)) for a, b in writes[-4:]],
-                after_last_write_s=round(t1 - writes[-1][1], 3) if writes else None)
+                after_last_write_s=round(t1 - writes[-1][1], 3) if writes else None,
+                # every stage call: (stage, thread, start, end) in seconds from the run's start
+                spans=[(s, name, round(a - t0, 3), round(b - t0, 3)) for s, a, b, name in sorted(spans, key=lambda x: x[1])])
 
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
-              gemm: float, chunk_shards: int = 1, in_process: bool = False) -> dict:
+              gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256) -> dict:
     from contextlib import nullcontext
 
     from indexer.papers import read_papers
@@ -369,7 +371,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     store = EdgeStore(tmp, options=StoreOptions(chunk_shards=chunk_shards)) if store_kind == "edge" else NullStore()
     if in_process:
         store.WRITER_MIN_SHARDS = chunk_shards + 1  # no writer processes: the chunks written in this process
-    idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=256, replicas=replicas)
+    idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=papers_per_batch, replicas=replicas)
     busy = instrument(idx)
     writes: dict[str, float] = defaultdict(float)  # the writer thread's time by store call
     if store_kind == "edge":
@@ -516,7 +518,10 @@ def main() -> None:
     ap.add_argument("--profile", nargs="?", const="all", choices=["all", "gil"],
                     help="sample each timed Qdrant Edge run with py-spy: every thread and the worker processes, idle too (all), "
                          "or only the thread that holds the interpreter lock (gil); collapsed stacks in $OUT/profile-*.txt")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads", "one-gpu"],
+                    help="parts not to run (one-gpu: with --gpus N, only the N-GPU runs)")
+    ap.add_argument("--papers-per-batch", type=int, nargs="+", default=[Settings.model_fields["papers_per_batch"].default],
+                    help="papers per group (each a run; default: PAPERINDEX_PAPERS_PER_BATCH's)")
     args = ap.parse_args()
     global PROFILE
     PROFILE = args.profile
@@ -608,18 +613,21 @@ def main() -> None:
             RESULTS["rows"].pop()
             RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s")
             lanes = args.lanes or [passage_enc.tokenize_lanes]
-            for n_gpus, per_gpu, n_lanes in [(n, k, m) for n in sorted({1, args.gpus}) for k in args.per_gpu for m in (lanes if n > 1 else [1])]:
+            gpu_counts = [args.gpus] if "one-gpu" in args.skip else sorted({1, args.gpus})
+            for n_gpus, per_gpu, n_lanes, group in [(n, k, m, g) for n in gpu_counts for k in args.per_gpu for m in (lanes if n > 1 else [1])
+                                                    for g in args.papers_per_batch]:
                 replicas = replicas_for(n_gpus, per_gpu)
                 passage_enc.windows.set_lanes(n_lanes)
                 tag = (f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
-                       + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else "") + (f", {n_lanes} tokenizing lanes" if len(lanes) > 1 else ""))
+                       + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else "") + (f", {n_lanes} tokenizing lanes" if len(lanes) > 1 else "")
+                       + (f", groups of {group} papers" if len(args.papers_per_batch) > 1 else ""))
                 runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
                 runs += [("edge", 1, True)] if args.in_process else []
                 for kind, shards, in_process in runs:
                     label = store_names[kind] + (f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else "")
                     label += ", written in-process" if in_process else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
-                              shards, in_process)
+                              shards, in_process, group)
         finally:
             passage_enc.close()
 
