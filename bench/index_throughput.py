@@ -520,6 +520,8 @@ def main() -> None:
                          "or only the thread that holds the interpreter lock (gil); collapsed stacks in $OUT/profile-*.txt")
     ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads", "one-gpu"],
                     help="parts not to run (one-gpu: with --gpus N, only the N-GPU runs)")
+    ap.add_argument("--in-flight", type=int, nargs="+", help="messages sent to a chunk shard's process before the writer waits for it "
+                    "(ShardWriters.IN_FLIGHT; each a run)")
     ap.add_argument("--papers-per-batch", type=int, nargs="+", default=[Settings.model_fields["papers_per_batch"].default],
                     help="papers per group (each a run; default: PAPERINDEX_PAPERS_PER_BATCH's)")
     args = ap.parse_args()
@@ -532,6 +534,7 @@ def main() -> None:
     from indexer.chunking import chunk_words
     from indexer.encoders import CAPTURE_AFTER, PaperEncoder, PassageEncoder
     from indexer.runtime import encoder_grid, tokenizer_lanes, tokenizer_workers
+    from indexer.store import ShardWriters
 
     device = torch.device(args.device)
     RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args=vars(args),
@@ -623,9 +626,12 @@ def main() -> None:
                        + (f", groups of {group} papers" if len(args.papers_per_batch) > 1 else ""))
                 runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
                 runs += [("edge", 1, True)] if args.in_process else []
-                for kind, shards, in_process in runs:
+                flights = args.in_flight or [ShardWriters.IN_FLIGHT]
+                for kind, shards, in_process, flight in [(*r, f) for r in runs for f in (flights if r[0] == "edge" else flights[:1])]:
+                    ShardWriters.IN_FLIGHT = flight
                     label = store_names[kind] + (f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else "")
                     label += ", written in-process" if in_process else ""
+                    label += f", {flight} messages in flight" if len(flights) > 1 and kind == "edge" else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
                               shards, in_process, group)
         finally:
