@@ -506,7 +506,7 @@ def main() -> None:
                     help="Qdrant Edge chunk shards, each written by its own process (each a run; default 2, PAPERINDEX_EDGE_CHUNK_SHARDS's on one GPU)")
     ap.add_argument("--in-process", action="store_true", help="also a run with one chunk shard written in this process (no writer process)")
     ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
-    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPUs (each a run, beside one GPU's; the tokenizer workers are those of the most)")
     ap.add_argument("--per-gpu", type=int, nargs="+", default=[Settings.model_fields["encoders_per_gpu"].default],
                     help="encoder threads per GPU (each a run; default: PAPERINDEX_ENCODERS_PER_GPU's)")
     ap.add_argument("--workers", type=int, help="tokenizer worker processes (default: PAPERINDEX_TOKENIZER_WORKERS's for --device)")
@@ -525,6 +525,7 @@ def main() -> None:
     ap.add_argument("--papers-per-batch", type=int, nargs="+", default=[Settings.model_fields["papers_per_batch"].default],
                     help="papers per group (each a run; default: PAPERINDEX_PAPERS_PER_BATCH's)")
     args = ap.parse_args()
+    gpu_runs, args.gpus = args.gpus, max(args.gpus)
     global PROFILE
     PROFILE = args.profile
 
@@ -537,7 +538,7 @@ def main() -> None:
     from indexer.store import ShardWriters
 
     device = torch.device(args.device)
-    RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args=vars(args),
+    RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args={**vars(args), "gpus": gpu_runs},
                           gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           gpus=torch.cuda.device_count() if device.type == "cuda" else 0)
     say(RESULTS["env"])
@@ -615,9 +616,15 @@ def main() -> None:
                 g.capture_after = CAPTURE_AFTER
             RESULTS["rows"].pop()
             RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s")
-            lanes = args.lanes or [passage_enc.tokenize_lanes]
-            gpu_counts = [args.gpus] if "one-gpu" in args.skip else sorted({1, args.gpus})
-            for n_gpus, per_gpu, n_lanes, group in [(n, k, m, g) for n in gpu_counts for k in args.per_gpu for m in (lanes if n > 1 else [1])
+            gpu_counts = sorted(set(gpu_runs) if "one-gpu" in args.skip else {1, *gpu_runs})
+
+            def lanes_for(n: int) -> list[int]:  # as `paperindex index` has them on n GPUs, or --lanes
+                if n == 1:
+                    return [1]
+                return args.lanes or [tokenizer_lanes(Settings(device=args.device, gpus=n, tokenizer_workers=passage_enc.windows.workers))]
+
+            lanes = args.lanes or [1]
+            for n_gpus, per_gpu, n_lanes, group in [(n, k, m, g) for n in gpu_counts for k in args.per_gpu for m in lanes_for(n)
                                                     for g in args.papers_per_batch]:
                 replicas = replicas_for(n_gpus, per_gpu)
                 passage_enc.windows.set_lanes(n_lanes)
