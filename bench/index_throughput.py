@@ -522,8 +522,8 @@ def main() -> None:
                     help="parts not to run (one-gpu: with --gpus N, only the N-GPU runs)")
     ap.add_argument("--in-flight", type=int, nargs="+", help="messages sent to a chunk shard's process before the writer waits for it "
                     "(ShardWriters.IN_FLIGHT; each a run)")
-    ap.add_argument("--papers-per-batch", type=int, nargs="+", default=[Settings.model_fields["papers_per_batch"].default],
-                    help="papers per group (each a run; default: PAPERINDEX_PAPERS_PER_BATCH's)")
+    ap.add_argument("--papers-per-batch", type=int, nargs="+",
+                    help="papers per group (each a run; default: as `paperindex index` has them on that many GPUs)")
     args = ap.parse_args()
     gpu_runs, args.gpus = args.gpus, max(args.gpus)
     global PROFILE
@@ -624,13 +624,16 @@ def main() -> None:
                 return args.lanes or [tokenizer_lanes(Settings(device=args.device, gpus=n, tokenizer_workers=passage_enc.windows.workers))]
 
             lanes = args.lanes or [1]
+            def groups_for(n: int) -> list[int]:
+                return args.papers_per_batch or [Settings(device=args.device, gpus=n).group_papers()]
+
             for n_gpus, per_gpu, n_lanes, group in [(n, k, m, g) for n in gpu_counts for k in args.per_gpu for m in lanes_for(n)
-                                                    for g in args.papers_per_batch]:
+                                                    for g in groups_for(n)]:
                 replicas = replicas_for(n_gpus, per_gpu)
                 passage_enc.windows.set_lanes(n_lanes)
                 tag = (f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
                        + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else "") + (f", {n_lanes} tokenizing lanes" if len(lanes) > 1 else "")
-                       + (f", groups of {group} papers" if len(args.papers_per_batch) > 1 else ""))
+                       + (f", groups of {group} papers" if args.papers_per_batch and len(args.papers_per_batch) > 1 else ""))
                 runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
                 runs += [("edge", 1, True)] if args.in_process else []
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]

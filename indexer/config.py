@@ -43,7 +43,7 @@ class Settings(BaseSettings):
 
     # Batching.
     token_budget: int | None = Field(None, ge=512, description="tokens per forward batch; None: 262144 on CUDA, 16384 on CPU")
-    papers_per_batch: int = Field(256, ge=1)
+    papers_per_batch: int | None = Field(None, ge=1, description="papers per commit group; None: 256, or 128 where more than two GPUs index")
     compile: bool = False
     tokenizer_workers: int | None = Field(None, ge=1, description="processes that tokenize chunks; None: on a GPU host all cores but 4 (up to 24), else 2")
     gpus: int = Field(1, ge=0, description="GPUs that encode while indexing (one model replica each); 0: all visible")
@@ -84,6 +84,16 @@ class Settings(BaseSettings):
 
         visible = torch.cuda.device_count()
         return max(1, visible if self.gpus == 0 else min(self.gpus, visible))
+
+    def group_papers(self) -> int:
+        """Papers per commit group: `papers_per_batch`, or by default 256, and 128 where more than
+        two GPUs index. Each encoder thread takes a group at a time: with eight threads (four GPUs),
+        groups of 256 left threads idle at the run's start and end, waiting for a first group or
+        for the last ones (16,000 papers on four H100s: 7,738 -> 8,630 chunks/s with 128, same
+        run); on one GPU 256 did better (2,889 against 2,830)."""
+        if self.papers_per_batch is not None:
+            return self.papers_per_batch
+        return 128 if self.indexing_gpus() > 2 else 256
 
     @model_validator(mode="after")
     def _overlaps_below_sizes(self) -> Settings:

@@ -195,7 +195,7 @@ def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = Fal
     path = Path(tmp.name if tmp else index_dir)  # type: ignore[arg-type]
     store = EdgeStore(path, s.papers_collection, s.chunks_collection)
     heads = NoPaperHeads()
-    indexer = Indexer(store, heads, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.papers_per_batch)  # type: ignore[arg-type]
+    indexer = Indexer(store, heads, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers())  # type: ignore[arg-type]
     searcher = Searcher(store, passage, heads, reranker)  # type: ignore[arg-type]
 
     def cleanup() -> None:

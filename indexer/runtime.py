@@ -98,6 +98,6 @@ def build(s: Settings, reranker: bool = True, store: Store | None = None, indexi
     paper, passage = load_encoders(s, indexing)
     rr = Reranker(s.reranker_model, device=s.device) if reranker and s.reranker_model else None
     store = store or open_store(s)
-    idx = Indexer(store, paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.papers_per_batch,
+    idx = Indexer(store, paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers(),
                   replicas=gpu_replicas(s, paper, passage) if indexing else ())
     return Runtime(s, store, paper, passage, rr, idx, Searcher(store, passage, paper, rr))

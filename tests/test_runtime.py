@@ -97,6 +97,22 @@ def test_tokenizer_lanes_follow_the_gpus_that_index(monkeypatch, device, cores, 
 
 
 @pytest.mark.parametrize(
+    "device, gpus, visible, setting, papers",
+    [
+        ("cpu", 0, 4, None, 256),
+        ("auto", 1, 4, None, 256),  # one GPU indexes
+        ("auto", 2, 4, None, 256),
+        ("auto", 0, 4, None, 128),  # four: finer groups
+        ("cuda:3", 0, 4, None, 256),  # one GPU named
+        ("auto", 0, 8, 64, 64),  # PAPERINDEX_PAPERS_PER_BATCH wins
+    ],
+)
+def test_papers_per_group_follow_the_gpus_that_index(monkeypatch, device, gpus, visible, setting, papers):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert Settings(device=device, gpus=gpus, papers_per_batch=setting).group_papers() == papers
+
+
+@pytest.mark.parametrize(
     "device, gpus, visible, setting, shards",
     [
         ("cpu", 1, 4, None, 2),
