@@ -220,7 +220,7 @@ class _Workers:
             for p, part in zip(procs, parts):
                 send(p, part)
             replies = [pickle.load(p.stdout) for p, _ in zip(procs, parts)]
-        except (EOFError, BrokenPipeError) as exc:
+        except (EOFError, OSError, ValueError) as exc:  # ValueError: a pipe closed by close()
             codes = [p.poll() for p in self.procs]
             raise RuntimeError(f"a tokenizer worker process exited (exit codes {codes})") from exc
         for status, value in replies:
@@ -292,12 +292,15 @@ class WindowTokenizer:
         """The requests `split(n)` makes for the n processes of a free lane (at most one each), sent
         to them; their replies in order."""
         self.start()
-        assert self._pool is not None
-        lane = self._free.get()
+        with self._lock:
+            pool, free = self._pool, self._free
+        if pool is None:
+            raise RuntimeError("the tokenizer worker processes were closed")
+        lane = free.get()
         try:
-            return self._pool.map(split(len(lane)), lane)
+            return pool.map(split(len(lane)), lane)
         finally:
-            self._free.put(lane)
+            free.put(lane)  # into the queue it came from: after close() that one is gone with its pool
 
     def __call__(self, texts: Sequence[str]) -> Windows:
         texts = list(texts)

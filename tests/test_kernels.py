@@ -193,6 +193,40 @@ def test_lanes_can_be_set_again_between_requests(encoders):
     assert WindowTokenizer(enc.tokenizer, enc.windows.spec, lanes=4).lanes == 1  # no workers: one lane, this process
 
 
+def test_a_lane_in_work_when_the_workers_close_is_not_used_again(encoders):
+    """The workers are closed while a request holds a lane: that request fails or ends, and the next
+    request starts new workers whose lanes are all live (the old lane is not handed back into them)."""
+    import threading
+
+    from indexer.tokenizing import WindowTokenizer
+
+    _, enc = encoders
+    tok = WindowTokenizer(enc.tokenizer, enc.windows.spec, workers=2, min_texts_per_task=1, lanes=2)
+    texts = [f"word{i} " * 30 for i in range(8)]
+    try:
+        tok.start()
+        entered, release = threading.Event(), threading.Event()
+        inner = tok._pool.map
+
+        def held_map(parts, procs):
+            entered.set()
+            release.wait(10)
+            return inner(parts, procs)
+
+        tok._pool.map = held_map
+        t = threading.Thread(target=lambda: pytest.raises(RuntimeError, tok, texts))
+        t.start()
+        assert entered.wait(10)
+        tok.close()
+        release.set()
+        t.join()
+        assert tok(texts).as_lists() == WindowTokenizer(enc.tokenizer, enc.windows.spec)(texts).as_lists()
+        lanes = list(tok._free.queue)
+        assert len(lanes) == 2 and all(p.poll() is None for lane in lanes for p in lane)
+    finally:
+        tok.close()
+
+
 def test_buckets_cover_every_item_within_the_budget():
     rng = np.random.default_rng(3)
     lengths = np.concatenate([np.full(500, 258), rng.integers(3, 512, 300)])
