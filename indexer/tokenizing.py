@@ -20,8 +20,7 @@ import pickle
 import queue
 import threading
 import weakref
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
