@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     token_budget: int | None = Field(None, ge=512, description="tokens per forward batch; None: 262144 on CUDA, 16384 on CPU")
     papers_per_batch: int | None = Field(None, ge=1, description="papers per commit group; None: 256, or 128 where more than two GPUs index")
     compile: bool = False
-    tokenizer_workers: int | None = Field(None, ge=1, description="processes that tokenize chunks; None: on a GPU host all cores but 4 (up to 24), else 2")
+    tokenizer_workers: int | None = Field(None, ge=1, description="processes that tokenize chunks; None: on a GPU host all cores but 4, at most 12 per GPU that indexes, else 2")
     gpus: int = Field(1, ge=0, description="GPUs that encode while indexing (one model replica each); 0: all visible")
     encoders_per_gpu: int = Field(2, ge=1, description="encoder threads (passage model replicas) per GPU: while one collects a group's vectors and starts the next, another keeps the GPU busy")
 
