@@ -342,11 +342,13 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
     # each encoder thread's time between its groups (waiting for a prepared one), from the first
     # encode of the run to the last
     per_thread: dict[str, list] = defaultdict(list)
-    for s, a, b, name in spans:
+    for s, a, b, name in sorted(spans, key=lambda x: x[1]):
         if s == "encode":
             per_thread[name].append((a, b))
-    between = {name: sum(max(0.0, x[0] - y[1]) for y, x in zip(sorted(v), sorted(v)[1:])) + (sorted(v)[0][0] - enc[0][0]) + (at - max(b for _, b in v))
-               for name, v in per_thread.items()}
+    between = {}
+    for name, v in per_thread.items():
+        ends = [enc[0][0], *(b for _, b in v)]  # the run's first encode, then this thread's ends
+        between[name] = sum(a - end for (a, _), end in zip(v, ends)) + (at - ends[-1])
     return dict(before_first_encode_s=round(enc[0][0] - t0, 3), after_last_encode_s=round(t1 - at, 3),
                 no_encoder_s=round(sum(b - a for a, b in idle), 3), no_encoder_waiting_for_tokens_s=round(starved, 3), gaps=len(idle),
                 encoder_threads_between_groups=round(sum(between.values()) / (len(between) * (at - enc[0][0])), 3),
