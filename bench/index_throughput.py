@@ -625,7 +625,6 @@ def main() -> None:
                     return [1]
                 return args.lanes or [tokenizer_lanes(Settings(device=args.device, gpus=n, tokenizer_workers=passage_enc.windows.workers))]
 
-            lanes = args.lanes or [1]
             def groups_for(n: int) -> list[int]:
                 return args.papers_per_batch or [Settings(device=args.device, gpus=n).group_papers()]
 
@@ -634,7 +633,7 @@ def main() -> None:
                 replicas = replicas_for(n_gpus, per_gpu)
                 passage_enc.windows.set_lanes(n_lanes)
                 tag = (f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
-                       + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else "") + (f", {n_lanes} tokenizing lanes" if len(lanes) > 1 else "")
+                       + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else "") + (f", {n_lanes} tokenizing lanes" if args.lanes and len(args.lanes) > 1 else "")
                        + (f", groups of {group} papers" if args.papers_per_batch and len(args.papers_per_batch) > 1 else ""))
                 runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
                 runs += [("edge", 1, True)] if args.in_process else []

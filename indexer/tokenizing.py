@@ -258,7 +258,11 @@ class WindowTokenizer:
         self._pool: _Workers | None = None
         self._lock = threading.Lock()
         self._free: queue.Queue[list] = queue.Queue()
-        self._lanes = max(1, min(lanes, workers)) if workers > 0 else 1
+        self._lanes = self._lane_count(lanes)
+
+    def _lane_count(self, lanes: int) -> int:
+        """`lanes`, at most one a worker; one without workers (requests run in this process)."""
+        return max(1, min(lanes, self.workers)) if self.workers > 0 else 1
 
     @property
     def lanes(self) -> int:
@@ -267,7 +271,7 @@ class WindowTokenizer:
 
     def set_lanes(self, lanes: int) -> None:
         """Split the workers into `lanes` lanes (waits for the requests in work)."""
-        lanes = max(1, min(lanes, self.workers)) if self.workers > 0 else 1
+        lanes = self._lane_count(lanes)
         with self._lock:
             if self._pool is not None:
                 for _ in range(self._lanes):
