@@ -526,6 +526,9 @@ def main() -> None:
                     "(ShardWriters.IN_FLIGHT; each a run)")
     ap.add_argument("--papers-per-batch", type=int, nargs="+",
                     help="papers per group (each a run; default: as `paperindex index` has them on that many GPUs)")
+    ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
+                    help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
+                         "every GPU's threads taking groups as they come, each ramp size once and the last group halved (off)")
     args = ap.parse_args()
     gpu_runs, args.gpus = args.gpus, max(args.gpus)
     global PROFILE
@@ -536,6 +539,7 @@ def main() -> None:
 
     from indexer.chunking import chunk_words
     from indexer.encoders import CAPTURE_AFTER, PaperEncoder, PassageEncoder
+    from indexer.pipeline import Indexer
     from indexer.runtime import encoder_grid, tokenizer_lanes, tokenizer_workers
     from indexer.store import ShardWriters
 
@@ -638,11 +642,15 @@ def main() -> None:
                 runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
                 runs += [("edge", 1, True)] if args.in_process else []
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]
-                for kind, shards, in_process, flight in [(*r, f) for r in runs for f in (flights if r[0] == "edge" else flights[:1])]:
+                spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
+                for kind, shards, in_process, flight, spread in [(*r, f, sp) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
+                                                                 for sp in spreads]:
                     ShardWriters.IN_FLIGHT = flight
+                    Indexer.SPREAD = spread == "on"
                     label = store_names[kind] + (f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else "")
                     label += ", written in-process" if in_process else ""
                     label += f", {flight} messages in flight" if len(flights) > 1 and kind == "edge" else ""
+                    label += f", spread {spread}" if len(spreads) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
                               shards, in_process, group)
         finally:

@@ -16,13 +16,16 @@ until its chunk writes are done, and the run's progress counts the batch only th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -33,6 +36,7 @@ from .store import Layout, Point, Store, StoreUnavailable, chunk_point_id, paper
 from .tokenizing import ChunkSpec, Windows
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEAD_FALLBACK_WORDS = 300
 # Points per upsert call, unless the store says (`upsert_points`). Qdrant Edge in this process holds
@@ -45,10 +49,52 @@ SWITCH_INTERVAL_S = 0.0005
 # The first groups of papers are this many, then 1.5 times as many each, up to papers_per_batch:
 # the GPU starts once this many are tokenised, not a whole batch (~1 s at 256 papers). Preparing a
 # group takes ~2/3 of the GPU's time for it, so a group 1.5 times the last is ready about when the
-# last is encoded (doubling left the GPU waiting ~0.6 s in all). The last groups shrink by halves
-# back towards FIRST_PAPERS: the run ends with a short encode and a short write, not a whole batch's.
+# last is encoded (doubling left the GPU waiting ~0.6 s in all). The last groups shrink back towards
+# FIRST_PAPERS: the run ends with a short encode and a short write, not a whole batch's (`groups`).
 FIRST_PAPERS = 32
 GROWTH = 1.5
+
+
+def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1) -> Iterator[list[T]]:
+    """`papers` in groups for the encoder threads: each size of the ramp (FIRST_PAPERS, then GROWTH
+    times the last) once per GPU, so that every GPU starts on a small group; then groups of `most`.
+
+    A group is handed on once the next paper shows that the input goes on; up to `hold` - 1 groups of
+    `most` wait longer. Where the input ends, what is left (those groups and the last one) is cut
+    into groups of a 2 × `gpus`-th of it each, at least FIRST_PAPERS: on one GPU halves, on four an
+    eighth, then an eighth of the rest... so the GPUs end about together, each with a short group."""
+    ramp: list[int] = []
+    size = min(FIRST_PAPERS, most)
+    while size < most:
+        ramp += [size] * gpus
+        size = min(int(size * GROWTH), most)
+    sizes = iter(ramp)
+    want = next(sizes, most)
+    pending: deque[list[T]] = deque()
+    group: list[T] = []
+    for p in papers:
+        while pending and (len(pending[0]) < most or len(pending) >= hold):
+            yield pending.popleft()
+        group.append(p)
+        if len(group) == want:
+            pending.append(group)
+            group, want = [], next(sizes, most)
+    rest = [p for g in pending for p in g] + group
+    while len(rest) > 2 * FIRST_PAPERS:
+        n = min(most, max(FIRST_PAPERS, len(rest) // (2 * gpus)))
+        yield rest[:n]
+        rest = rest[n:]
+    if rest:
+        yield rest
+
+
+def in_rounds(workers: Sequence[tuple[PaperEncoder, PassageEncoder]]) -> list[tuple[PaperEncoder, PassageEncoder]]:
+    """Encoder pairs ordered one per GPU, then each GPU's second, and so on (GPUs in the order they
+    first come)."""
+    by_device: dict[str, list] = {}
+    for w in workers:
+        by_device.setdefault(str(getattr(w[1], "device", "")), []).append(w)
+    return [w for r in itertools.zip_longest(*by_device.values()) for w in r if w is not None]
 
 
 @dataclass
@@ -107,6 +153,11 @@ def settings_fingerprint(passage: PassageEncoder, paper: PaperEncoder, chunk_siz
 
 
 class Indexer:
+    # Where several GPUs index: each size of the first groups comes once per GPU, the encoder threads
+    # take their first groups in rounds (one thread per GPU, then the second of each), and the last
+    # groups are cut finer (`groups`), so that the GPUs start and end together.
+    SPREAD = True
+
     def __init__(
         self,
         store: Store,
@@ -123,7 +174,9 @@ class Indexer:
         self.store = store
         self.paper_encoder = paper_encoder
         self.passage_encoder = passage_encoder
-        self.workers = [(paper_encoder, passage_encoder), *replicas]
+        pairs = [(paper_encoder, passage_encoder), *replicas]
+        self.gpus = len({str(getattr(p, "device", "")) for _, p in pairs})
+        self.workers = in_rounds(pairs) if self.SPREAD else pairs
         self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks
         self.papers_per_batch = papers_per_batch
         self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks)
@@ -236,29 +289,17 @@ class Indexer:
         stop = threading.Event()
         errors: list[BaseException] = []
 
-        def batches() -> Iterator[list[PaperIn]]:
-            # A full group waits for the next record: if the input ends there, it is cut in halves too.
-            group: list[PaperIn] = []
-            held: list[PaperIn] = []
-            size = min(FIRST_PAPERS, self.papers_per_batch)
+        def good() -> Iterator[PaperIn]:
             for rec in records:
                 if isinstance(rec, BadRecord):
                     stats.bad.append(rec)
                     log.warning("bad record %s", rec)
                     continue
                 stats.papers_seen += 1
-                if held and not group:
-                    yield held
-                    held = []
-                group.append(rec)
-                if len(group) == size:
-                    held, group, size = group, [], min(int(size * GROWTH), self.papers_per_batch)
-            rest = held + group
-            while len(rest) > 2 * FIRST_PAPERS:
-                yield rest[: len(rest) // 2]
-                rest = rest[len(rest) // 2 :]
-            if rest:
-                yield rest
+                yield rec
+
+        spread = self.SPREAD and self.gpus > 1
+        batches = groups(good(), self.papers_per_batch, self.gpus if spread else 1, n_enc if spread else 1)
 
         def offer(q: queue.Queue, item) -> bool:
             """Put on `q` unless the run is stopping (then nobody may be taking)."""
@@ -281,7 +322,7 @@ class Indexer:
 
         def planner() -> None:
             try:
-                for seq, group in enumerate(batches()):
+                for seq, group in enumerate(batches):
                     if stop.is_set():
                         return
                     b = self._plan(group, force)
@@ -318,15 +359,23 @@ class Indexer:
                     for _ in range(n_enc):
                         offer(prepared, None)
 
-        def encoder(paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
+        # The k-th encoder thread takes its first group once the one before it has taken its own
+        # (with SPREAD: one thread per GPU first); every thread's end counts as having taken one.
+        started = [threading.Event() for _ in self.workers]
+
+        def encoder(k: int, paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
             try:
+                if k and spread:
+                    started[k - 1].wait()
                 while (item := take(prepared)) is not None and not errors:
+                    started[k].set()
                     self._encode(item[1], paper_enc, passage_enc)
                     encoded.put(item)  # the writer always takes, so this never blocks for long
             except BaseException as exc:
                 errors.append(exc)
                 stop.set()
             finally:
+                started[k].set()
                 encoded.put(None)
 
         def record(b: _Batch) -> None:
@@ -367,7 +416,7 @@ class Indexer:
         sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
         threads = [threading.Thread(target=planner, daemon=True, name="plan")]
         threads += [threading.Thread(target=tokenizer, daemon=True, name=f"tokenize-{i}") for i in range(n_tok)]
-        threads += [threading.Thread(target=encoder, args=w, daemon=True, name=f"encode-{i}") for i, w in enumerate(self.workers)]
+        threads += [threading.Thread(target=encoder, args=(i, *w), daemon=True, name=f"encode-{i}") for i, w in enumerate(self.workers)]
         threads.append(threading.Thread(target=writer, daemon=True, name="write"))
         try:
             for t in threads:

@@ -328,3 +328,95 @@ def test_groups_prepared_out_of_order_are_written_in_input_order(settings, monke
         assert chunk_ids(r.store, "p0000") == [0] and chunk_ids(r.store, "p0001") == [0, 1]
     finally:
         r.close()
+
+
+def test_groups_ramp_once_per_gpu_and_cut_the_tail_finer_on_several(monkeypatch):
+    """Each ramp size once per GPU (every GPU starts on a small group), then groups of `most`; where
+    the input ends, the held groups and the last one are cut into a 2 × gpus-th of what is left each."""
+    import indexer.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    got = list(pipeline.groups(range(100), most=8, gpus=3, hold=6))
+    assert [p for g in got for p in g] == list(range(100))  # every paper once, in input order
+    ramp = [2, 2, 2, 3, 3, 3, 4, 4, 4, 6, 6, 6]
+    # 55 papers after the ramp: one group of 8 handed on, five held and 7 more when the input ends:
+    # 47 left, cut 47 // 6 = 7, 40 // 6 = 6, ... at least 2, the last 3 whole
+    assert [len(g) for g in got] == [*ramp, 8, 7, 6, 5, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 3]
+    # one GPU: the ramp once, one group held, the rest in halves (as the run's test above sees it)
+    assert [len(g) for g in pipeline.groups(range(21), most=8)] == [2, 3, 4, 6, 3, 3]
+
+
+def test_groups_hand_on_ramp_groups_at_once_and_hold_full_ones_back(monkeypatch):
+    """A ramp group goes on as soon as the next paper shows the input goes on (the GPUs start
+    early); a group of `most` waits until hold - 1 more are read (the tail can be cut finer)."""
+    import indexer.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    read = []
+
+    def papers():
+        for i in range(60):
+            read.append(i)
+            yield i
+
+    seen = [(len(g), len(read)) for g in pipeline.groups(papers(), most=4, gpus=2, hold=3)]
+    # ramp 2, 2, 3, 3 (10 papers): each handed on when the paper after it is read
+    assert seen[:4] == [(2, 3), (2, 5), (3, 8), (3, 11)]
+    # the first group of 4 (papers 10-13) goes on once two more full groups and one paper are read
+    assert seen[4] == (4, 10 + 3 * 4 + 1)
+
+
+def test_several_gpus_take_their_first_groups_in_rounds(settings, encoders, tmp_path, monkeypatch):
+    """Three "GPUs" (CPU encoder replicas labelled as devices) with two threads each: the first
+    three groups go to the three GPUs' first threads, the next three to their second ones, so that
+    every GPU starts on a small group; the index is the one a single encoder writes."""
+    import threading
+    import time
+
+    import indexer.pipeline as pipeline
+    from indexer.pipeline import Indexer
+    from indexer.store import EdgeStore
+
+    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    paper_enc, passage_enc = encoders
+
+    class OnDevice:  # a replica that says it sits on `device`
+        def __init__(self, enc, device):
+            self._enc, self.device = enc, device
+
+        def __getattr__(self, name):
+            return getattr(self._enc, name)
+
+    firsts: list[tuple[str, str]] = []  # (thread, device) of each thread's first group, in order
+    lock = threading.Lock()
+
+    def on(device, enc):
+        replica = OnDevice(enc.replicate("cpu"), device)
+        inner = replica._enc.encode_windows
+
+        def encode_windows(w):
+            with lock:
+                if threading.current_thread().name not in {t for t, _ in firsts}:
+                    firsts.append((threading.current_thread().name, device))
+            time.sleep(0.3)  # a busy GPU: the next groups are ready before it is done
+            return inner(w)
+
+        replica.encode_windows = encode_windows
+        return replica
+
+    pairs = [(paper_enc, on(d, passage_enc)) for d in ("gpu:0", "gpu:1", "gpu:2") for _ in range(2)]
+    docs = [PaperIn(**make_paper(i, words=60 + 37 * (i % 7))) for i in range(40)]
+    idx = Indexer(EdgeStore(tmp_path / "three"), pairs[0][0], pairs[0][1], chunk_size=120, chunk_overlap=20, papers_per_batch=8, replicas=pairs[1:])
+    assert idx.gpus == 3 and [w[1].device for w in idx.workers] == ["gpu:0", "gpu:1", "gpu:2"] * 2
+    done = []
+    stats = idx.index(docs, on_batch=lambda s: done.append(s.papers_indexed))
+    assert [d for _, d in firsts] == ["gpu:0", "gpu:1", "gpu:2"] * 2
+    assert [t for t, _ in firsts] == [f"encode-{k}" for k in range(6)]
+    assert np.diff([0, *done]).tolist()[:6] == [2, 2, 2, 3, 3, 3]  # the ramp, once per GPU
+    one = EdgeStore(tmp_path / "one")
+    Indexer(one, paper_enc, passage_enc, chunk_size=120, chunk_overlap=20, papers_per_batch=8).index(docs)
+    for collection in ("papers", "chunks"):
+        a = {p.id: p.payload for batch, _ in idx.store.scroll(collection) for p in batch}
+        b = {p.id: p.payload for batch, _ in one.scroll(collection) for p in batch}
+        assert a == b and len(a) >= 40
+    assert stats.papers_indexed == 40
