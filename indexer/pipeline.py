@@ -16,7 +16,6 @@ until its chunk writes are done, and the run's progress counts the batch only th
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import queue
 import sys
@@ -60,9 +59,11 @@ def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1) -> Iter
     times the last) once per GPU, so that every GPU starts on a small group; then groups of `most`.
 
     A group is handed on once the next paper shows that the input goes on; up to `hold` - 1 groups of
-    `most` wait longer. Where the input ends, what is left (those groups and the last one) is cut
-    into groups of a 2 × `gpus`-th of it each, at least FIRST_PAPERS: on one GPU halves, on four an
-    eighth, then an eighth of the rest... so the GPUs end about together, each with a short group."""
+    `most` wait longer (one more each time one is handed on: the reading ahead is spread over the
+    groups, not done in one go while the GPUs wait for the next group). Where the input ends, what is
+    left (those groups and the last one) is cut into groups of a 2 × `gpus`-th of it each, at least
+    FIRST_PAPERS: on one GPU halves, on four an eighth, then an eighth of the rest... so the GPUs end
+    about together, each with a short group."""
     ramp: list[int] = []
     size = min(FIRST_PAPERS, most)
     while size < most:
@@ -72,8 +73,11 @@ def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1) -> Iter
     want = next(sizes, most)
     pending: deque[list[T]] = deque()
     group: list[T] = []
+    held = 1  # groups of `most` that may wait now
     for p in papers:
-        while pending and (len(pending[0]) < most or len(pending) >= hold):
+        while pending and (len(pending[0]) < most or len(pending) >= held):
+            if len(pending[0]) == most:
+                held = min(hold, held + 1)
             yield pending.popleft()
         group.append(p)
         if len(group) == want:
@@ -88,13 +92,67 @@ def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1) -> Iter
         yield rest
 
 
-def in_rounds(workers: Sequence[tuple[PaperEncoder, PassageEncoder]]) -> list[tuple[PaperEncoder, PassageEncoder]]:
-    """Encoder pairs ordered one per GPU, then each GPU's second, and so on (GPUs in the order they
-    first come)."""
-    by_device: dict[str, list] = {}
-    for w in workers:
-        by_device.setdefault(str(getattr(w[1], "device", "")), []).append(w)
-    return [w for r in itertools.zip_longest(*by_device.values()) for w in r if w is not None]
+class Handout:
+    """Prepared groups for the encoder threads, in order, each to the GPU with the fewest groups in
+    work among those with a thread free (not encoding; waiting here or about to). Threads that take
+    groups as they come leave one GPU with two groups while another is idle: at the start (a thread
+    back from a short group is as ready as another GPU's first thread), at the end, and whenever an
+    idle GPU's thread is a moment late to ask. `gpu_of`: each encoder thread's GPU, from 0."""
+
+    def __init__(self, gpu_of: Sequence[int], size: int, stop: threading.Event) -> None:
+        self._cond = threading.Condition()
+        self._items: deque = deque()
+        self._size, self._stop = size, stop
+        gpus = max(gpu_of) + 1
+        self._running = [0] * gpus  # groups taken and not done, per GPU
+        self._threads = [gpu_of.count(g) for g in range(gpus)]  # encoder threads not ended, per GPU
+        self._closed = False
+
+    def put(self, item) -> bool:
+        """Add an item (waits while `size` are waiting); False if the run is stopping."""
+        with self._cond:
+            while len(self._items) >= self._size:
+                if self._stop.is_set():
+                    return False
+                self._cond.wait(0.05)
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def close(self) -> None:
+        """No more items: `get` answers None once they are taken."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _turn(self, gpu: int) -> bool:
+        free = [n for n, t in zip(self._running, self._threads) if n < t]
+        return not free or self._running[gpu] == min(free)
+
+    def get(self, gpu: int):
+        """The next item for a thread of `gpu`, counted in work until `done`; None at the end or once
+        the run is stopping."""
+        with self._cond:
+            while not self._stop.is_set():
+                if self._items and self._turn(gpu):
+                    self._running[gpu] += 1
+                    self._cond.notify_all()
+                    return self._items.popleft()
+                if self._closed and not self._items:
+                    return None
+                self._cond.wait(0.05)
+            return None
+
+    def done(self, gpu: int) -> None:
+        with self._cond:
+            self._running[gpu] -= 1
+            self._cond.notify_all()
+
+    def leave(self, gpu: int) -> None:
+        """A thread of `gpu` ends: the GPU has one thread fewer to take items."""
+        with self._cond:
+            self._threads[gpu] -= 1
+            self._cond.notify_all()
 
 
 @dataclass
@@ -153,9 +211,9 @@ def settings_fingerprint(passage: PassageEncoder, paper: PaperEncoder, chunk_siz
 
 
 class Indexer:
-    # Where several GPUs index: each size of the first groups comes once per GPU, the encoder threads
-    # take their first groups in rounds (one thread per GPU, then the second of each), and the last
-    # groups are cut finer (`groups`), so that the GPUs start and end together.
+    # Where several GPUs index: each size of the first groups comes once per GPU and the last groups
+    # are cut finer (`groups`), and each group goes to the GPU with the fewest in work (`Handout`),
+    # so that the GPUs start and end together.
     SPREAD = True
 
     def __init__(
@@ -174,9 +232,10 @@ class Indexer:
         self.store = store
         self.paper_encoder = paper_encoder
         self.passage_encoder = passage_encoder
-        pairs = [(paper_encoder, passage_encoder), *replicas]
-        self.gpus = len({str(getattr(p, "device", "")) for _, p in pairs})
-        self.workers = in_rounds(pairs) if self.SPREAD else pairs
+        self.workers = [(paper_encoder, passage_encoder), *replicas]
+        devices = [str(getattr(p, "device", "")) for _, p in self.workers]
+        self.gpu_of = [list(dict.fromkeys(devices)).index(d) for d in devices]  # each encoder thread's GPU, from 0
+        self.gpus = max(self.gpu_of) + 1
         self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks
         self.papers_per_batch = papers_per_batch
         self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks)
@@ -284,7 +343,6 @@ class Indexer:
         self.ensure_collections()
         n_enc = len(self.workers)
         planned: queue.Queue = queue.Queue(maxsize=2)
-        prepared: queue.Queue = queue.Queue(maxsize=2 * n_enc)
         encoded: queue.Queue = queue.Queue(maxsize=2 * n_enc)
         stop = threading.Event()
         errors: list[BaseException] = []
@@ -300,6 +358,8 @@ class Indexer:
 
         spread = self.SPREAD and self.gpus > 1
         batches = groups(good(), self.papers_per_batch, self.gpus if spread else 1, n_enc if spread else 1)
+        gpu_of = self.gpu_of if spread else [0] * n_enc
+        prepared = Handout(gpu_of, 2 * n_enc, stop)
 
         def offer(q: queue.Queue, item) -> bool:
             """Put on `q` unless the run is stopping (then nobody may be taking)."""
@@ -345,7 +405,7 @@ class Indexer:
             try:
                 while (item := take(planned)) is not None and not errors:
                     self._tokenize(item[1])
-                    if not offer(prepared, item):
+                    if not prepared.put(item):
                         return
             except BaseException as exc:
                 errors.append(exc)
@@ -356,26 +416,19 @@ class Indexer:
                     tokenizing[0] -= 1
                     last = tokenizing[0] == 0
                 if last:
-                    for _ in range(n_enc):
-                        offer(prepared, None)
+                    prepared.close()
 
-        # The k-th encoder thread takes its first group once the one before it has taken its own
-        # (with SPREAD: one thread per GPU first); every thread's end counts as having taken one.
-        started = [threading.Event() for _ in self.workers]
-
-        def encoder(k: int, paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
+        def encoder(gpu: int, paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
             try:
-                if k and spread:
-                    started[k - 1].wait()
-                while (item := take(prepared)) is not None and not errors:
-                    started[k].set()
+                while (item := prepared.get(gpu)) is not None and not errors:
                     self._encode(item[1], paper_enc, passage_enc)
+                    prepared.done(gpu)
                     encoded.put(item)  # the writer always takes, so this never blocks for long
             except BaseException as exc:
                 errors.append(exc)
                 stop.set()
             finally:
-                started[k].set()
+                prepared.leave(gpu)
                 encoded.put(None)
 
         def record(b: _Batch) -> None:
@@ -416,7 +469,7 @@ class Indexer:
         sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
         threads = [threading.Thread(target=planner, daemon=True, name="plan")]
         threads += [threading.Thread(target=tokenizer, daemon=True, name=f"tokenize-{i}") for i in range(n_tok)]
-        threads += [threading.Thread(target=encoder, args=(i, *w), daemon=True, name=f"encode-{i}") for i, w in enumerate(self.workers)]
+        threads += [threading.Thread(target=encoder, args=(gpu_of[i], *w), daemon=True, name=f"encode-{i}") for i, w in enumerate(self.workers)]
         threads.append(threading.Thread(target=writer, daemon=True, name="write"))
         try:
             for t in threads:

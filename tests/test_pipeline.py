@@ -339,16 +339,17 @@ def test_groups_ramp_once_per_gpu_and_cut_the_tail_finer_on_several(monkeypatch)
     got = list(pipeline.groups(range(100), most=8, gpus=3, hold=6))
     assert [p for g in got for p in g] == list(range(100))  # every paper once, in input order
     ramp = [2, 2, 2, 3, 3, 3, 4, 4, 4, 6, 6, 6]
-    # 55 papers after the ramp: one group of 8 handed on, five held and 7 more when the input ends:
-    # 47 left, cut 47 // 6 = 7, 40 // 6 = 6, ... at least 2, the last 3 whole
-    assert [len(g) for g in got] == [*ramp, 8, 7, 6, 5, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 3]
+    # 55 papers after the ramp: three groups of 8 handed on (each held one longer than the last), three
+    # held and 7 more when the input ends: 31 left, cut 31 // 6 = 5, 26 // 6 = 4, ... at least 2, the last 4 whole
+    assert [len(g) for g in got] == [*ramp, 8, 8, 8, 5, 4, 3, 3, 2, 2, 2, 2, 2, 2, 4]
     # one GPU: the ramp once, one group held, the rest in halves (as the run's test above sees it)
     assert [len(g) for g in pipeline.groups(range(21), most=8)] == [2, 3, 4, 6, 3, 3]
 
 
 def test_groups_hand_on_ramp_groups_at_once_and_hold_full_ones_back(monkeypatch):
     """A ramp group goes on as soon as the next paper shows the input goes on (the GPUs start
-    early); a group of `most` waits until hold - 1 more are read (the tail can be cut finer)."""
+    early); groups of `most` wait longer, one more each time one goes on, up to hold - 1 (the tail
+    can be cut finer, and the reading ahead does not come in one go)."""
     import indexer.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
@@ -362,19 +363,20 @@ def test_groups_hand_on_ramp_groups_at_once_and_hold_full_ones_back(monkeypatch)
     seen = [(len(g), len(read)) for g in pipeline.groups(papers(), most=4, gpus=2, hold=3)]
     # ramp 2, 2, 3, 3 (10 papers): each handed on when the paper after it is read
     assert seen[:4] == [(2, 3), (2, 5), (3, 8), (3, 11)]
-    # the first group of 4 (papers 10-13) goes on once two more full groups and one paper are read
-    assert seen[4] == (4, 10 + 3 * 4 + 1)
+    # groups of 4 from paper 10: the first goes on when paper 14 is read, the second when 22 is
+    # (one more held), the third when 30 is (two held: hold - 1), and from then on one group apart
+    assert seen[4:8] == [(4, 15), (4, 23), (4, 31), (4, 35)]
 
 
-def test_several_gpus_take_their_first_groups_in_rounds(settings, encoders, tmp_path, monkeypatch):
-    """Three "GPUs" (CPU encoder replicas labelled as devices) with two threads each: the first
-    three groups go to the three GPUs' first threads, the next three to their second ones, so that
-    every GPU starts on a small group; the index is the one a single encoder writes."""
+def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, tmp_path, monkeypatch):
+    """Three "GPUs" (CPU encoder replicas labelled as devices) with two threads each, each group
+    taking them a while: the first three groups go to the three GPUs, the next three to each of them
+    again, so that every GPU starts on a small group; the index is the one a single encoder writes."""
     import threading
     import time
 
     import indexer.pipeline as pipeline
-    from indexer.pipeline import Indexer
+    from indexer.pipeline import Handout, Indexer
     from indexer.store import EdgeStore
 
     monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
@@ -387,31 +389,34 @@ def test_several_gpus_take_their_first_groups_in_rounds(settings, encoders, tmp_
         def __getattr__(self, name):
             return getattr(self._enc, name)
 
-    firsts: list[tuple[str, str]] = []  # (thread, device) of each thread's first group, in order
-    lock = threading.Lock()
-
     def on(device, enc):
         replica = OnDevice(enc.replicate("cpu"), device)
         inner = replica._enc.encode_windows
 
         def encode_windows(w):
-            with lock:
-                if threading.current_thread().name not in {t for t, _ in firsts}:
-                    firsts.append((threading.current_thread().name, device))
-            time.sleep(0.3)  # a busy GPU: the next groups are ready before it is done
+            time.sleep(0.5)  # a busy GPU: the next groups are ready before it is done
             return inner(w)
 
         replica.encode_windows = encode_windows
         return replica
 
+    taken: list[int] = []  # the GPU of each group taken, in order
+    get = Handout.get
+
+    def logged(self, gpu):
+        item = get(self, gpu)
+        if item is not None:
+            taken.append(gpu)
+        return item
+
+    monkeypatch.setattr(Handout, "get", logged)
     pairs = [(paper_enc, on(d, passage_enc)) for d in ("gpu:0", "gpu:1", "gpu:2") for _ in range(2)]
     docs = [PaperIn(**make_paper(i, words=60 + 37 * (i % 7))) for i in range(40)]
     idx = Indexer(EdgeStore(tmp_path / "three"), pairs[0][0], pairs[0][1], chunk_size=120, chunk_overlap=20, papers_per_batch=8, replicas=pairs[1:])
-    assert idx.gpus == 3 and [w[1].device for w in idx.workers] == ["gpu:0", "gpu:1", "gpu:2"] * 2
+    assert idx.gpus == 3 and idx.gpu_of == [0, 0, 1, 1, 2, 2]
     done = []
     stats = idx.index(docs, on_batch=lambda s: done.append(s.papers_indexed))
-    assert [d for _, d in firsts] == ["gpu:0", "gpu:1", "gpu:2"] * 2
-    assert [t for t, _ in firsts] == [f"encode-{k}" for k in range(6)]
+    assert sorted(taken[:3]) == sorted(taken[3:6]) == [0, 1, 2]  # one group per GPU, then one more each
     assert np.diff([0, *done]).tolist()[:6] == [2, 2, 2, 3, 3, 3]  # the ramp, once per GPU
     one = EdgeStore(tmp_path / "one")
     Indexer(one, paper_enc, passage_enc, chunk_size=120, chunk_overlap=20, papers_per_batch=8).index(docs)
@@ -420,3 +425,36 @@ def test_several_gpus_take_their_first_groups_in_rounds(settings, encoders, tmp_
         b = {p.id: p.payload for batch, _ in one.scroll(collection) for p in batch}
         assert a == b and len(a) >= 40
     assert stats.papers_indexed == 40
+
+
+def test_handout_gives_each_group_to_the_least_busy_gpu_then_ends():
+    """Two threads on GPU 0, one on GPU 1: GPU 0 has a group in work, so the next goes to GPU 1,
+    even while only GPU 0's second thread asks; once GPU 1 has one too, GPU 0 takes the next."""
+    import threading
+
+    from indexer.pipeline import Handout
+
+    stop = threading.Event()
+    h = Handout([0, 0, 1], size=4, stop=stop)
+    assert h.put("a") and h.get(0) == "a"
+    got: list = []
+    late = threading.Thread(target=lambda: got.append(h.get(0)))
+    late.start()  # GPU 0's thread (back early) waits: "b" is GPU 1's
+    assert h.put("b")
+    late.join(0.3)
+    assert late.is_alive() and got == []
+    assert h.get(1) == "b"
+    h.put("c")  # both GPUs have one in work, GPU 1 no thread free: GPU 0's waiting thread takes it
+    late.join(5)
+    assert got == ["c"]
+    h.done(1)
+    h.leave(1)  # GPU 1's thread ended: GPU 0 takes what comes
+    h.done(0)
+    h.put("d")
+    assert h.get(0) == "d"
+    h.close()
+    assert h.get(0) is None  # closed and empty
+    stopped = Handout([0], size=1, stop=stop)
+    assert stopped.put("x")
+    stop.set()
+    assert stopped.put("y") is False and stopped.get(0) is None  # a stopping run takes and gives nothing
