@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import signal
 import statistics
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -359,6 +361,23 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
                 spans=[(s, name, round(a - t0, 3), round(b - t0, 3)) for s, a, b, name in sorted(spans, key=lambda x: x[1])])
 
 
+def writer_code(which: str) -> None:
+    """The writer's per-chunk code as now ("new") or as before ("old"), for A/B rows in one process."""
+    import indexer.pipeline as pipeline
+    import indexer.store as store
+    import indexer.workers as workers
+
+    def uuid_ids(paper_id: str, chunk_index: int) -> str:
+        return str(uuid.uuid5(store.NAMESPACE, f"{paper_id}:{chunk_index}"))
+
+    def whole(obj) -> list:
+        body = pickle.dumps(obj, protocol=5)
+        return [pickle.dumps((len(body), []), protocol=5), body]
+
+    pipeline.chunk_point_id = uuid_ids if which == "old" else store.chunk_point_id
+    store.frames = whole if which == "old" else workers.frames
+
+
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
               gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256) -> dict:
     from contextlib import nullcontext
@@ -526,6 +545,10 @@ def main() -> None:
                     "(ShardWriters.IN_FLIGHT; each a run)")
     ap.add_argument("--papers-per-batch", type=int, nargs="+",
                     help="papers per group (each a run; default: as `paperindex index` has them on that many GPUs)")
+    ap.add_argument("--writer", nargs="+", choices=["old", "new"], default=["new"],
+                    help="the writer's chunk point ids and messages to the chunk shards' processes as now (new), or as before "
+                         "(old: ids through uuid.uuid5, messages pickled whole, vectors in the pickle); each a run")
+    ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
                          "every GPU's threads taking groups as they come, each ramp size once and the last group halved (off)")
@@ -643,14 +666,16 @@ def main() -> None:
                 runs += [("edge", 1, True)] if args.in_process else []
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]
                 spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
-                for kind, shards, in_process, flight, spread in [(*r, f, sp) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
-                                                                 for sp in spreads]:
+                for kind, shards, in_process, flight, spread, writer in [(*r, f, sp, w) for _ in range(args.repeat) for r in runs
+                                                                         for f in (flights if r[0] == "edge" else flights[:1]) for sp in spreads for w in args.writer]:
                     ShardWriters.IN_FLIGHT = flight
                     Indexer.SPREAD = spread == "on"
+                    writer_code(writer)
                     label = store_names[kind] + (f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else "")
                     label += ", written in-process" if in_process else ""
                     label += f", {flight} messages in flight" if len(flights) > 1 and kind == "edge" else ""
                     label += f", spread {spread}" if len(spreads) > 1 else ""
+                    label += f", writer {writer}" if len(args.writer) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
                               shards, in_process, group)
         finally:

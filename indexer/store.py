@@ -17,6 +17,7 @@ Point ids are uuid5 of paper_id (papers) and of "paper_id:chunk_index" (chunks),
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -37,7 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .workers import answer, send, spawn, stop, streams
+from .workers import answer, frames, read_frames, send, spawn, stop, streams, write_frames
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,13 @@ def paper_point_id(paper_id: str) -> str:
 
 
 def chunk_point_id(paper_id: str, chunk_index: int) -> str:
-    return str(uuid.uuid5(NAMESPACE, f"{paper_id}:{chunk_index}"))
+    """uuid5(NAMESPACE, "paper_id:chunk_index"), without building UUID objects: the writer asks for
+    one per chunk, holding the interpreter lock (4.4 -> 1.7 µs)."""
+    b = bytearray(hashlib.sha1(NAMESPACE.bytes + f"{paper_id}:{chunk_index}".encode()).digest()[:16])
+    b[6] = (b[6] & 0x0F) | 0x50  # version 5
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class StoreError(RuntimeError):
@@ -655,7 +662,7 @@ def _serve_shard() -> None:
     try:
         while True:
             try:
-                op, *args = pickle.load(inp)
+                op, *args = read_frames(inp)
             except EOFError:
                 return
             if failed is not None:
@@ -739,10 +746,9 @@ class ShardWriters:
 
     def _write_messages(self, i: int) -> None:
         stdin, outbox = self._procs[i].stdin, self._outbox[i]
-        while (data := outbox.get()) is not None:
+        while (parts := outbox.get()) is not None:
             try:
-                stdin.write(data)
-                stdin.flush()
+                write_frames(stdin, parts)
             except (OSError, ValueError):
                 self._fail(i, self._exited(i))
                 return
@@ -778,7 +784,7 @@ class ShardWriters:
                     self._answered.wait()
                 self.waited_s += time.perf_counter() - t
             self._raise_failed()
-        self._outbox[i].put(pickle.dumps(message, protocol=5))
+        self._outbox[i].put(frames(message))
         self._sent[i] += 1
 
     def _send_gathered(self, i: int, at_least: int = 1) -> None:

@@ -319,3 +319,38 @@ def test_points_of_any_number_of_windows_arrive_as_they_were_sent(tmp_path):
         assert stored[p.id].payload["text"] == p.payload["text"]
         np.testing.assert_allclose(stored[p.id].vector, p.vector, rtol=1e-6)
     s.close()
+
+
+def test_chunk_point_ids_are_the_uuid5_of_paper_and_chunk():
+    """Ids of points already written must not change: the fast form is uuid5 exactly."""
+    import uuid
+
+    from indexer.store import NAMESPACE, chunk_point_id
+
+    ids = ["p0", "arXiv:1706.03762", "doi:10.1000/xyz 123", "ünïcødé-论文", "x" * 500]
+    for pid in ids:
+        for i in (0, 1, 7, 12345):
+            assert chunk_point_id(pid, i) == str(uuid.uuid5(NAMESPACE, f"{pid}:{i}"))
+
+
+def test_messages_carry_arrays_apart_and_read_back_whole():
+    import io
+
+    from indexer.workers import frames, read_frames, write_frames
+
+    vectors = np.arange(48 * 3 * 8, dtype=np.float32).reshape(-1, 8)
+    message = ("upsert", ["a", "b"], vectors, [3, 0], [{"text": "ü" * 10}, {}])
+    parts = frames(message)
+    assert len(parts) == 3 and bytes(parts[2]) == vectors.tobytes()  # header, pickle, the array's bytes apart
+    stream = io.BytesIO()
+    write_frames(stream, parts)
+    write_frames(stream, frames(("flush",)))
+    stream.seek(0)
+    op, ids, got, rows, payloads = read_frames(stream)
+    assert (op, ids, rows, payloads) == message[:2] + message[3:] and np.array_equal(got, vectors)
+    assert read_frames(stream) == ("flush",)
+    with pytest.raises(EOFError):
+        read_frames(stream)
+    truncated = io.BytesIO(b"".join(bytes(p) for p in parts)[:-10])
+    with pytest.raises(EOFError):
+        read_frames(truncated)
