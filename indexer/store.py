@@ -642,8 +642,8 @@ def _unpack(qe, vname: str, ids: list, vectors: np.ndarray, rows: list, payloads
 
 
 def _serve_shard() -> None:
-    """A chunk shard's writer process: (path, vector name, wait_s), then ("upsert", *_pack(points)) /
-    ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
+    """A chunk shard's writer process: (path, vector name, wait_s) pickled, then messages written by
+    `write_frames`: ("upsert", *_pack(points)) / ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
     ("error", message); the answer to "close" carries the seconds spent writing. After a failure it
     refuses what follows: the caller did not wait for it."""
     import qdrant_edge as qe
