@@ -458,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"paperindex {args.command}: interrupted after {time.perf_counter() - t0:.0f}s; rerun to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or flushing at exit fails again
+        return 141  # 128 + SIGPIPE, what a shell reports for a command stopped by it
 
 
 if __name__ == "__main__":

@@ -136,3 +136,27 @@ def test_index_writes_the_chunk_shards_from_processes_of_their_own(env, papers_f
     assert made == [2]  # PAPERINDEX_EDGE_CHUNK_SHARDS' default
     code, out, _ = run(capsys, "stats", "--json")
     assert code == 0 and json.loads(out)["chunks"] == json.loads(run(capsys, "index", str(papers_file), "-q", "--json", "--force")[1])["chunks"]
+
+
+def test_output_cut_short_by_the_reader_ends_quietly(tmp_path):
+    """`paperindex search ... | head`: the reader closes the pipe; no traceback, the pipe's exit code."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys, indexer.cli as cli\n"
+        "def flood(args):\n"
+        "    for i in range(200000):\n"
+        "        print('hit', i)\n"
+        "    return 0\n"
+        "cli.cmd_stats = flood\n"
+        "sys.exit(cli.main(['stats']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.stdout.readline() == b"hit 0\n"
+    proc.stdout.close()  # as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
