@@ -97,16 +97,17 @@ class Handout:
     work among those with a thread free (not encoding; waiting here or about to). Threads that take
     groups as they come leave one GPU with two groups while another is idle: at the start (a thread
     back from a short group is as ready as another GPU's first thread), at the end, and whenever an
-    idle GPU's thread is a moment late to ask. `gpu_of`: each encoder thread's GPU, from 0."""
+    idle GPU's thread is a moment late to ask. `gpu_of`: each encoder thread's GPU, from 0;
+    `producers`: the threads that put items, each ending with `close`."""
 
-    def __init__(self, gpu_of: Sequence[int], size: int, stop: threading.Event) -> None:
+    def __init__(self, gpu_of: Sequence[int], size: int, stop: threading.Event, producers: int = 1) -> None:
         self._cond = threading.Condition()
         self._items: deque = deque()
         self._size, self._stop = size, stop
         gpus = max(gpu_of) + 1
         self._running = [0] * gpus  # groups taken and not done, per GPU
         self._threads = [gpu_of.count(g) for g in range(gpus)]  # encoder threads not ended, per GPU
-        self._closed = False
+        self._producers = producers  # threads that may still put
 
     def put(self, item) -> bool:
         """Add an item (waits while `size` are waiting); False if the run is stopping."""
@@ -120,9 +121,9 @@ class Handout:
             return True
 
     def close(self) -> None:
-        """No more items: `get` answers None once they are taken."""
+        """A producer puts no more; once none may, `get` answers None when the items are taken."""
         with self._cond:
-            self._closed = True
+            self._producers -= 1
             self._cond.notify_all()
 
     def _turn(self, gpu: int) -> bool:
@@ -138,7 +139,7 @@ class Handout:
                     self._running[gpu] += 1
                     self._cond.notify_all()
                     return self._items.popleft()
-                if self._closed and not self._items:
+                if self._producers <= 0 and not self._items:
                     return None
                 self._cond.wait(0.05)
             return None
@@ -359,7 +360,10 @@ class Indexer:
         spread = self.SPREAD and self.gpus > 1
         batches = groups(good(), self.papers_per_batch, self.gpus if spread else 1, n_enc if spread else 1)
         gpu_of = self.gpu_of if spread else [0] * n_enc
-        prepared = Handout(gpu_of, 2 * n_enc, stop)
+        # One tokenizing thread per lane of the tokenizer workers (a group each in work at once);
+        # groups may come out of order: the writer puts them back in order.
+        n_tok = self.passage_encoder.tokenize_lanes
+        prepared = Handout(gpu_of, 2 * n_enc, stop, producers=n_tok)
 
         def offer(q: queue.Queue, item) -> bool:
             """Put on `q` unless the run is stopping (then nobody may be taking)."""
@@ -395,12 +399,6 @@ class Indexer:
             finally:
                 offer(planned, None)
 
-        # One tokenizing thread per lane of the tokenizer workers (a group each in work at once);
-        # groups may come out of order: the writer puts them back in order.
-        n_tok = self.passage_encoder.tokenize_lanes
-        tokenizing = [n_tok]
-        tok_lock = threading.Lock()
-
         def tokenizer() -> None:
             try:
                 while (item := take(planned)) is not None and not errors:
@@ -412,11 +410,7 @@ class Indexer:
                 stop.set()
             finally:
                 offer(planned, None)  # the planner's end, for the next tokenizing thread
-                with tok_lock:
-                    tokenizing[0] -= 1
-                    last = tokenizing[0] == 0
-                if last:
-                    prepared.close()
+                prepared.close()
 
         def encoder(gpu: int, paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
             try:

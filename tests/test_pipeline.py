@@ -454,6 +454,18 @@ def test_handout_gives_each_group_to_the_least_busy_gpu_then_ends():
     assert h.get(0) == "d"
     h.close()
     assert h.get(0) is None  # closed and empty
+    two = Handout([0], size=4, stop=stop, producers=2)  # two tokenizing threads put items
+    two.close()
+    ender = threading.Thread(target=lambda: got.append(two.get(0)))
+    ender.start()
+    ender.join(0.3)
+    assert ender.is_alive()  # one producer may still put
+    two.put("e")
+    ender.join(5)
+    assert got[-1] == "e"
+    two.done(0)
+    two.close()
+    assert two.get(0) is None  # both done and nothing left
     stopped = Handout([0], size=1, stop=stop)
     assert stopped.put("x")
     stop.set()
