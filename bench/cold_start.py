@@ -1,6 +1,7 @@
 """What a fresh process pays before it runs at speed: loading the models, compiling, capturing CUDA graphs.
 
     python bench/cold_start.py [--papers 500]      # on a CUDA machine
+    python bench/cold_start.py --gpus 4 --gate all    # four GPUs, each capture holding back all four
     python bench/cold_start.py --tiny --device cpu --papers 20   # a smoke run of this script
 
 Indexes the same papers twice in one process, into no store, with the defaults (two encoder threads
@@ -30,6 +31,9 @@ def main() -> None:
     ap.add_argument("--papers", type=int, default=500)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs that index (PAPERINDEX_GPUS; 0: all visible)")
+    ap.add_argument("--gate", choices=["gpu", "all"], default="gpu",
+                    help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before)")
     args = ap.parse_args()
 
     import corpus as corpus_mod
@@ -59,14 +63,15 @@ def main() -> None:
             captures.append(time.perf_counter() - t)
 
     kernels.GraphedForward._capture = timed_capture
-    s = Settings(device=args.device, passage_model=str(st_dir), paper_model=str(paper_dirs[0]), paper_adapter=str(paper_dirs[1]),
+    kernels.gpu_gate.per_device = args.gate == "gpu"
+    s = Settings(device=args.device, gpus=args.gpus, passage_model=str(st_dir), paper_model=str(paper_dirs[0]), paper_adapter=str(paper_dirs[1]),
                  query_adapter=str(paper_dirs[2]))
     t = time.perf_counter()
     paper, passage = load_encoders(s)
-    idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.papers_per_batch,
+    idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers(),
                   replicas=gpu_replicas(s, paper, passage))
     load_s = time.perf_counter() - t
-    out = {"papers": args.papers, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
+    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
     for run in ("cold", "warm"):
         captures.clear()
         t = time.perf_counter()
@@ -78,7 +83,8 @@ def main() -> None:
         print(run, json.dumps(out[run]), flush=True)
     passage.close()
     print(json.dumps(out))
-    (Path(os.environ.get("OUT", tempfile.gettempdir())) / "cold_start.json").write_text(json.dumps(out, indent=1))
+    name = "cold_start.json" if args.gpus == 1 else f"cold_start_{idx.gpus}_gpus_gate_{args.gate}.json"
+    (Path(os.environ.get("OUT", tempfile.gettempdir())) / name).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -552,6 +552,10 @@ def main() -> None:
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
                          "every GPU's threads taking groups as they come, each ramp size once and the last group halved (off)")
+    ap.add_argument("--gate", nargs="+", choices=["gpu", "all"], default=["gpu"],
+                    help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before); each a run")
+    ap.add_argument("--fresh-graphs", action="store_true",
+                    help="each timed run starts without CUDA graphs (captured as they come, as in a new process), not with the warm-up's")
     args = ap.parse_args()
     gpu_runs, args.gpus = args.gpus, max(args.gpus)
     global PROFILE
@@ -560,6 +564,7 @@ def main() -> None:
     import corpus as corpus_mod
     import models as bench_models
 
+    from indexer import kernels
     from indexer.chunking import chunk_words
     from indexer.encoders import CAPTURE_AFTER, PaperEncoder, PassageEncoder
     from indexer.pipeline import Indexer
@@ -666,16 +671,24 @@ def main() -> None:
                 runs += [("edge", 1, True)] if args.in_process else []
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]
                 spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
-                for kind, shards, in_process, flight, spread, writer in [(*r, f, sp, w) for _ in range(args.repeat) for r in runs
-                                                                         for f in (flights if r[0] == "edge" else flights[:1]) for sp in spreads for w in args.writer]:
+                for kind, shards, in_process, flight, spread, writer, gate in [
+                        (*r, f, sp, w, gt) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
+                        for sp in spreads for w in args.writer for gt in (args.gate if n_gpus > 1 else args.gate[:1])]:
                     ShardWriters.IN_FLIGHT = flight
                     Indexer.SPREAD = spread == "on"
                     writer_code(writer)
+                    kernels.gpu_gate.per_device = gate == "gpu"
+                    if args.fresh_graphs:
+                        for g in graphed:
+                            g.clear()
+                            g._seen.clear()
                     label = store_names[kind] + (f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else "")
                     label += ", written in-process" if in_process else ""
                     label += f", {flight} messages in flight" if len(flights) > 1 and kind == "edge" else ""
                     label += f", spread {spread}" if len(spreads) > 1 else ""
                     label += f", writer {writer}" if len(args.writer) > 1 else ""
+                    label += f", capture holds back {'its GPU' if gate == 'gpu' else 'every GPU'}" if len(args.gate) > 1 and n_gpus > 1 else ""
+                    label += ", fresh graphs" if args.fresh_graphs else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
                               shards, in_process, group)
         finally:

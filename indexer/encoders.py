@@ -140,6 +140,13 @@ class _Slot:
             buf = torch.empty(n, dtype=dtype, pin_memory=True)
         return buf, buf[:n].view(shape)
 
+    def grows(self, rows: int, width: int, padded: bool, out: tuple[int, torch.dtype] | None) -> bool:
+        """Whether a batch of this shape (and vectors of `out`: width, dtype) needs a buffer allocated."""
+        def short(buf: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
+            return buf is None or buf.numel() < n or buf.dtype != dtype
+        return (short(self.ids, rows * width, torch.int32) or (padded and short(self.mask, rows * width, torch.int32))
+                or out is None or short(self.out, rows * out[0], out[1]))
+
     def inputs(self, rows: int, width: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.ids, ids = self._view(self.ids, (rows, width), torch.int32)
         mask = None
@@ -179,6 +186,7 @@ class BatchRunner:
         self._graphed = (GraphedForward(self.forward, self.device, capture_after=self.capture_after)
                          if self.graphs and self.device.type == "cuda" else None)
         self._slots: list[_Slot] = []
+        self._out: tuple[int, torch.dtype] | None = None  # the vectors' width and dtype, once known
         self._lock = threading.Lock()
         self._failed_rows = 0
 
@@ -228,7 +236,7 @@ class BatchRunner:
                 vecs = self.forward(torch.from_numpy(ids[batch, :width]).long(), mask)
                 self._store(out, done, batch, vecs.float().numpy())
             return
-        with gpu_gate.shared():
+        with gpu_gate.shared(self.device):
             while len(self._slots) < self.in_flight:
                 self._slots.append(_Slot())
         stream = torch.cuda.current_stream(self.device)
@@ -247,7 +255,7 @@ class BatchRunner:
     def _collect(self, slot: _Slot, out: list[np.ndarray], done: np.ndarray) -> None:
         if slot.batch is None:
             return
-        with gpu_gate.shared():
+        with gpu_gate.shared(self.device):
             slot.event.synchronize()
         self._store(out, done, slot.batch, slot.result.numpy())
         slot.batch = slot.result = None
@@ -257,18 +265,23 @@ class BatchRunner:
         rows = bucket_rows(n, max(1, self.budget // width), self.row_step) if self._graphed is not None else n
         lens = lengths[batch]
         padded = bool((lens < width).any())
-        with gpu_gate.shared():  # pinned buffers are allocated on first use
+        # Pinned buffers are allocated on first use, and as batches grow: that waits for a capture on
+        # any GPU (an allocation of pinned memory may synchronise with every GPU); the rest only for
+        # one on this GPU.
+        where = None if slot.grows(rows, width, padded, self._out) else self.device
+        with gpu_gate.shared(where):
             h_ids, h_mask = slot.inputs(rows, width, padded)
         fill_batch(h_ids.numpy(), None if h_mask is None else h_mask.numpy(), ids, lengths, batch, self.pad_id)
         if self._graphed is not None:
             self._graphed.ready(h_ids, h_mask)
-        with gpu_gate.shared():
+        with gpu_gate.shared(where):
             if self._graphed is not None:
                 vecs = self._graphed.replay(h_ids, h_mask)
             else:
                 d_mask = None if h_mask is None else h_mask.to(self.device, non_blocking=True)
                 vecs = self.forward(h_ids.to(self.device, non_blocking=True), d_mask)
             result = slot.output(vecs)
+            self._out = (vecs.shape[1], vecs.dtype)
             result.copy_(vecs, non_blocking=True)
             slot.event.record(stream)
         slot.batch, slot.result = batch, result[:n]
@@ -535,7 +548,7 @@ class Reranker:
             raise ModelLoadError(f"cannot load reranker {model!r}: {exc}") from exc
         if dev.type == "cuda":
             self.model.model.half()
-        self.name = model
+        self.name, self.device = model, dev
         self.batch_size = batch_size
 
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
@@ -543,6 +556,6 @@ class Reranker:
             return []
         # Under the GPU gate like every encoder's work: a CUDA graph capture the indexer makes
         # meanwhile (e.g. POST /index in the service) would fail on this thread's GPU calls.
-        with gpu_gate.shared():
+        with gpu_gate.shared(self.device):
             scores = self.model.predict([(query, p) for p in passages], batch_size=self.batch_size, show_progress_bar=False)
         return [float(s) for s in np.asarray(scores).reshape(len(passages), -1)[:, -1]]

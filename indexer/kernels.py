@@ -367,51 +367,71 @@ Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 class GpuGate:
-    """Many threads may issue GPU work at once; a CUDA graph capture runs alone.
+    """Many threads may issue GPU work at once; a CUDA graph capture runs alone on its GPU.
 
-    Some CUDA calls another thread makes during a capture (pinned allocations, work on a legacy
-    default stream, device-wide synchronisation) invalidate it. With one encoder thread per GPU each
-    thread meets new shapes while the others run, so every piece of GPU work takes the gate shared,
-    and a capture takes it exclusive: it waits for the work under way to finish and holds new work
-    back (captures are rare: once per shape).
+    Some CUDA calls another thread makes on the capturing GPU during a capture (work on its legacy
+    default stream, device-wide synchronisation, freeing memory) invalidate it. So every piece of GPU
+    work takes the gate shared for its device, and a capture takes it exclusive for its device: it
+    waits for that GPU's work under way to finish and holds that GPU's new work back. The other GPUs
+    go on meanwhile (their replays and copies touch neither the capturing GPU nor torch.compile's
+    code). Captures run one at a time: two at once clash on process-wide state.
+
+    `device` None means every GPU: shared, it waits for any capture (e.g. pinned host memory being
+    allocated); exclusive, it waits for all work and holds all back (e.g. emptying the caches).
+    With `per_device` False every device is None (each capture stops all GPUs).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_device: bool = True) -> None:
+        self.per_device = per_device
         self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0  # captures waiting: new shared work waits behind them
+        self._shared: dict = {}  # work under way, per device (None: every device)
+        self._waiting: dict = {}  # captures waiting, per device: new shared work there waits behind them
+        self._exclusive: object = _NOBODY  # the device a capture holds, or _NOBODY
+
+    def _key(self, device) -> object:
+        if device is None or not self.per_device:
+            return None
+        device = torch.device(device)
+        return (device.type, device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0)
+
+    @staticmethod
+    def _clash(a: object, b: object) -> bool:
+        return a is None or b is None or a == b
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self, device=None) -> Iterator[None]:
+        key = self._key(device)
         with self._cond:
-            while self._exclusive or self._waiting:
+            while (self._exclusive is not _NOBODY and self._clash(key, self._exclusive)) or any(
+                    self._clash(key, k) for k, n in self._waiting.items() if n):
                 self._cond.wait()
-            self._shared += 1
+            self._shared[key] = self._shared.get(key, 0) + 1
         try:
             yield
         finally:
             with self._cond:
-                self._shared -= 1
-                if not self._shared:
+                self._shared[key] -= 1
+                if not self._shared[key]:
                     self._cond.notify_all()
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self, device=None) -> Iterator[None]:
+        key = self._key(device)
         with self._cond:
-            self._waiting += 1
-            while self._exclusive or self._shared:
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            while self._exclusive is not _NOBODY or any(self._clash(key, k) for k, n in self._shared.items() if n):
                 self._cond.wait()
-            self._waiting -= 1
-            self._exclusive = True
+            self._waiting[key] -= 1
+            self._exclusive = key
         try:
             yield
         finally:
             with self._cond:
-                self._exclusive = False
+                self._exclusive = _NOBODY
                 self._cond.notify_all()
 
 
+_NOBODY = object()
 gpu_gate = GpuGate()
 CAPTURE_ATTEMPTS = 3
 # Shapes whose capture may fail (after some were captured) before graphs are given up.
@@ -450,12 +470,12 @@ class GraphedForward:
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         self.ready(ids, mask)
-        with gpu_gate.shared():
+        with gpu_gate.shared(self.device):
             return self.replay(ids, mask)
 
     def ready(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Capture the graph for this shape unless there is one (or graphs are off). Call it outside
-        any `gpu_gate.shared()` block: the capture waits for all such work to finish."""
+        any `gpu_gate.shared()` block: the capture waits for this GPU's work under way to finish."""
         key = (ids.shape[0], ids.shape[1], mask is not None)
         if key in self._graphs or self.disabled or len(self._graphs) >= self.max_graphs:
             return
@@ -463,7 +483,7 @@ class GraphedForward:
         if seen < self.capture_after:
             return  # eagerly, this time
         for attempt in range(1, CAPTURE_ATTEMPTS + 1):
-            with gpu_gate.exclusive():
+            with gpu_gate.exclusive(self.device):
                 try:
                     self._capture(ids, mask)
                     return

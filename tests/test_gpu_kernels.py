@@ -174,6 +174,68 @@ def test_threads_capturing_new_shapes_at_once_keep_their_graphs(mpnet_base):
             assert cosine(got, solo(seqs)).min() >= 0.9999
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_capture_on_one_gpu_lets_the_other_gpu_work(mpnet_base):
+    """Captures of 12 new shapes on GPU 0 while a thread keeps GPU 1 busy (graph replays, eager
+    batches, fresh pinned buffers): every capture succeeds, GPU 1's batches run during the captures
+    (they are not held back), and its vectors stay right."""
+    import copy
+    import threading
+    import time
+
+    from indexer.kernels import GraphedForward
+
+    dev0, dev1 = torch.device("cuda:0"), torch.device("cuda:1")
+    g = GraphedForward(PooledForward(copy.deepcopy(mpnet_base).to(dev0).half(), "cls"), dev0)
+    model1 = PooledForward(copy.deepcopy(mpnet_base).to(dev1).half(), "cls")
+    graphed = BatchRunner(model1, dev1, pad_id=1, budget=8192, graphs=True, widths=(258, 130))
+    eager = BatchRunner(model1, dev1, pad_id=1, budget=8192)
+    seqs = sequences(96, seed=6)
+    want = graphed(seqs)  # GPU 1's shapes captured before the test starts
+    assert cosine(eager(seqs), want).min() >= 0.9999
+    captures: list[tuple[float, float]] = []
+    real = g._capture
+
+    def timed(ids, mask):
+        t = time.perf_counter()
+        try:
+            return real(ids, mask)
+        finally:
+            captures.append((t, time.perf_counter()))
+
+    g._capture = timed
+    done, runs, errors = threading.Event(), [], []
+
+    def other_gpu():
+        try:
+            k = 0
+            while not done.is_set():
+                t = time.perf_counter()
+                runner = (graphed, eager, BatchRunner(model1, dev1, pad_id=1, budget=8192))[k % 3]  # the last: new pinned buffers
+                runs.append((t, time.perf_counter(), runner(seqs)))
+                k += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    w = threading.Thread(target=other_gpu)
+    w.start()
+    try:
+        with torch.inference_mode():
+            for rows in range(8, 104, 8):
+                g(torch.randint(5, 30000, (rows, 130), dtype=torch.int32).pin_memory(), None)
+                torch.cuda.synchronize(dev0)
+    finally:
+        done.set()
+        w.join(60)
+    assert not errors, errors
+    assert len(g) == 12 and g.failed_shapes == 0 and not g.disabled
+    assert graphed._graphed.failed_shapes == 0 and not graphed._graphed.disabled
+    during = [r for r in runs if any(a <= r[0] and r[1] <= b for a, b in captures)]
+    assert during, f"no batch of GPU 1 ran inside a capture ({len(runs)} runs, {len(captures)} captures)"
+    for _, _, got in runs:
+        assert cosine(got, want).min() >= 0.9999
+
+
 def test_graphs_of_many_shapes_share_their_working_memory(mpnet_base):
     """Graphs' activations live in one pool shared by all graphs: after the largest shape, capturing
     smaller ones must need little more memory (when each capture ran on a stream of its own, every

@@ -354,6 +354,89 @@ def test_gpu_gate_runs_a_capture_alone():
     assert log == ["a+", "a-", "X+", "X-", "b+", "b-"]
 
 
+def test_gpu_gate_holds_back_only_the_capturing_gpu():
+    """A capture on one GPU waits for that GPU's work only, and holds back only that GPU's new work:
+    the other GPUs go on. Work on every GPU (None: pinned memory allocated) waits for any capture,
+    and two captures never run at once, whichever GPUs they are on."""
+    import threading
+    import time
+
+    from indexer.kernels import GpuGate
+
+    gate, log = GpuGate(), []
+    gpu0, gpu1 = torch.device("cuda:0"), torch.device("cuda:1")
+    held, release = threading.Event(), threading.Event()
+
+    def shared(name, device, hold=False):
+        with gate.shared(device):
+            log.append(f"{name}+")
+            if hold:
+                held.set()
+                release.wait(5)
+            log.append(f"{name}-")
+
+    def capture(name, device, hold_s=0.0):
+        with gate.exclusive(device):
+            log.append(f"{name}+")
+            time.sleep(hold_s)
+            log.append(f"{name}-")
+
+    def start(*args, target=shared):
+        t = threading.Thread(target=target, args=args)
+        t.start()
+        return t
+
+    a = start("a0", gpu0, True)  # work under way on GPU 0
+    held.wait(5)
+    x = start("X0", gpu0, target=capture)  # waits for a0
+    time.sleep(0.1)
+    b = start("b1", gpu1)  # GPU 1 goes on
+    b.join(5)
+    c = start("c0", gpu0)  # waits behind the capture
+    p = start("p", None)  # any GPU: waits behind it too
+    time.sleep(0.1)
+    assert log == ["a0+", "b1+", "b1-"], log
+    release.set()
+    for t in (a, x, c, p):
+        t.join(5)
+    assert log[:6] == ["a0+", "b1+", "b1-", "a0-", "X0+", "X0-"] and sorted(log[6:]) == ["c0+", "c0-", "p+", "p-"], log
+
+    # during a capture on GPU 0, GPU 1's work runs; a capture on GPU 1 waits for the first to end
+    log.clear()
+    x = start("X0", gpu0, 0.3, target=capture)
+    time.sleep(0.1)
+    b = start("b1", gpu1)
+    b.join(5)
+    y = start("Y1", gpu1, 0.0, target=capture)
+    time.sleep(0.05)
+    for t in (x, y):
+        t.join(5)
+    assert log == ["X0+", "b1+", "b1-", "X0-", "Y1+", "Y1-"], log
+
+
+def test_gpu_gate_per_gpu_off_stops_every_gpu_for_a_capture():
+    import threading
+    import time
+
+    from indexer.kernels import GpuGate
+
+    gate, log = GpuGate(per_device=False), []
+
+    def capture():
+        with gate.exclusive(torch.device("cuda:0")):
+            log.append("X+")
+            time.sleep(0.2)
+            log.append("X-")
+
+    x = threading.Thread(target=capture)
+    x.start()
+    time.sleep(0.05)
+    with gate.shared(torch.device("cuda:1")):
+        log.append("b1")
+    x.join(5)
+    assert log == ["X+", "X-", "b1"]
+
+
 def _add_norm_args(dtype=torch.float32):
     norm = torch.nn.LayerNorm(8)
     return (torch.randn(4, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype), norm.weight.detach().to(dtype), norm.bias.detach().to(dtype), norm.eps)
