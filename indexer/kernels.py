@@ -366,6 +366,14 @@ class PooledForward(torch.nn.Module):
 Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+def one_device(device: str | torch.device) -> torch.device:
+    """The device itself: "cuda" (the current GPU) as "cuda:N", so that two names of a GPU compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class GpuGate:
     """Many threads may issue GPU work at once; a CUDA graph capture runs alone on its GPU.
 
@@ -389,10 +397,7 @@ class GpuGate:
         self._exclusive: object = _NOBODY  # the device a capture holds, or _NOBODY
 
     def _key(self, device) -> object:
-        if device is None or not self.per_device:
-            return None
-        device = torch.device(device)
-        return (device.type, device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0)
+        return None if device is None or not self.per_device else one_device(device)
 
     @staticmethod
     def _clash(a: object, b: object) -> bool:

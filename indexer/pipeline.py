@@ -30,6 +30,7 @@ import numpy as np
 
 from .chunking import WINDOWING, Chunk
 from .encoders import PaperEncoder, PassageEncoder
+from .kernels import one_device
 from .papers import BadRecord, PaperIn
 from .store import Layout, Point, Store, StoreUnavailable, chunk_point_id, paper_point_id
 from .tokenizing import ChunkSpec, Windows
@@ -234,7 +235,7 @@ class Indexer:
         self.paper_encoder = paper_encoder
         self.passage_encoder = passage_encoder
         self.workers = [(paper_encoder, passage_encoder), *replicas]
-        devices = [str(getattr(p, "device", "")) for _, p in self.workers]
+        devices = [one_device(p.device) if hasattr(p, "device") else None for _, p in self.workers]
         self.gpu_of = [list(dict.fromkeys(devices)).index(d) for d in devices]  # each encoder thread's GPU, from 0
         self.gpus = max(self.gpu_of) + 1
         self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks

@@ -375,6 +375,8 @@ def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, 
     import threading
     import time
 
+    import torch
+
     import indexer.pipeline as pipeline
     from indexer.pipeline import Handout, Indexer
     from indexer.store import EdgeStore
@@ -410,7 +412,9 @@ def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, 
         return item
 
     monkeypatch.setattr(Handout, "get", logged)
-    pairs = [(paper_enc, on(d, passage_enc)) for d in ("gpu:0", "gpu:1", "gpu:2") for _ in range(2)]
+    # "cuda" is the current GPU (cuda:0 here): the same GPU as "cuda:0"
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pairs = [(paper_enc, on(d, passage_enc)) for d in ("cuda", "cuda:0", "cuda:1", "cuda:1", "cuda:2", "cuda:2")]
     docs = [PaperIn(**make_paper(i, words=60 + 37 * (i % 7))) for i in range(40)]
     idx = Indexer(EdgeStore(tmp_path / "three"), pairs[0][0], pairs[0][1], chunk_size=120, chunk_overlap=20, papers_per_batch=8, replicas=pairs[1:])
     assert idx.gpus == 3 and idx.gpu_of == [0, 0, 1, 1, 2, 2]
