@@ -53,6 +53,7 @@ from indexer.config import Settings  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 RESULTS: dict = {"rows": [], "notes": []}
+GPU_EVENTS = False  # --gpu-events
 PROFILE: str | None = None  # --profile: "all" (every thread, idle too) or "gil" (whoever holds the interpreter lock)
 
 
@@ -121,11 +122,13 @@ class GpuMonitor:
         except Exception as exc:  # no NVML: no utilisation column
             say("no NVML:", exc)
         self.stop = threading.Event()
+        self.clocks: list[list[int]] = []  # SM clock, MHz
 
     def __enter__(self):
         def loop():
             while not self.stop.wait(0.05):
                 self.samples.append([self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles])
+                self.clocks.append([self.nvml.nvmlDeviceGetClockInfo(h, self.nvml.NVML_CLOCK_SM) for h in self.handles])
 
         if self.handles:
             self.thread = threading.Thread(target=loop, daemon=True)
@@ -142,6 +145,52 @@ class GpuMonitor:
         if not self.samples:
             return "-"
         return "/".join(f"{np.mean([s[i] for s in self.samples]):.0f}%" for i in range(len(self.handles)))
+
+
+class GpuEvents:
+    """CUDA events around every batch the encoders run (`GraphedForward.replay`: graphed or eager),
+    on the stream it runs on: each GPU's share of its encoding time that it ran batches, and its time
+    per token on the full-width passage batches (a slower GPU, or a GPU left waiting?)."""
+
+    def __init__(self, full_width: int) -> None:
+        self.full_width = full_width
+        self.marks: dict = defaultdict(list)  # device -> [(start, end, rows, width)]
+
+    def __enter__(self):
+        from indexer import kernels
+
+        self.real = real = kernels.GraphedForward.replay
+        marks = self.marks
+
+        def replay(g, ids, mask):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = real(g, ids, mask)
+            end.record()
+            marks[str(kernels.one_device(g.device))].append((start, end, ids.shape[0], ids.shape[1]))
+            return out
+
+        kernels.GraphedForward.replay = replay
+        return self
+
+    def __exit__(self, *exc):
+        from indexer import kernels
+
+        kernels.GraphedForward.replay = self.real
+
+    def report(self) -> dict:
+        out = {}
+        for dev, marks in sorted(self.marks.items()):
+            torch.cuda.synchronize(dev)
+            ref = marks[0][0]
+            spans = [(ref.elapsed_time(s), ref.elapsed_time(e), r, w) for s, e, r, w in marks]
+            busy = sum(e - s for s, e, _, _ in spans)
+            window = max(e for _, e, _, _ in spans) - min(s for s, _, _, _ in spans)
+            rows = max((r for _, _, r, w in spans if w == self.full_width), default=0)
+            full = [(e - s) / (r * w) * 1e6 for s, e, r, w in spans if w == self.full_width and r == rows]
+            out[dev] = dict(batches=len(spans), busy_pct=round(100 * busy / window, 1), window_s=round(window / 1e3, 2),
+                            full_batches=len(full), us_per_ktok_full=round(float(np.median(full)), 2) if full else None)
+        return out
 
 
 class LockProbe:
@@ -401,7 +450,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
-    with GpuMonitor(devices) as mon, LockProbe() as probe, sampled(name if store_kind == "edge" and PROFILE else None):
+    events = GpuEvents(passage_enc.window_tokens + 2) if GPU_EVENTS else nullcontext()
+    with GpuMonitor(devices) as mon, LockProbe() as probe, events, sampled(name if store_kind == "edge" and PROFILE else None):
         t = time.perf_counter()
         idx.ensure_collections()  # as `paperindex index` runs it: the chunk shards' writer processes open them
         with store.parallel_writes() if store_kind == "edge" else nullcontext():
@@ -421,7 +471,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         # without the pipeline's fill and drain: from the first batch written to the last
         steady_chunks_s=(marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) > 2 else None,
         gemm_pct=100 * (stats.tokens * flops_per_token(width) + stats.head_tokens * flops_per_token(384)) / dt / (gemm * len(devices) * 1e12) if gemm else None,
-        gpu_busy=mon.busy, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base[0] if base else None,
+        gpu_busy=mon.busy, sm_mhz="/".join(f"{np.mean([c[i] for c in mon.clocks]):.0f}" for i in range(len(mon.handles))) if mon.clocks else None,
+        gpu_events=events.report() if GPU_EVENTS else None, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base[0] if base else None,
         tok_ratio_vs_old=ctok / dt / base[1] if base else None,
         stage_busy_s={k: round(v, 1) for k, v in busy.items() if k != "spans"},
         writer_split_s={**{k: round(v, 2) for k, v in writes.items()}, "other (payloads, points)": round(busy["write_s"] - sum(writes.values()), 2)} if writes else None,
@@ -556,10 +607,12 @@ def main() -> None:
                     help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before); each a run")
     ap.add_argument("--fresh-graphs", action="store_true",
                     help="each timed run starts without CUDA graphs (captured as they come, as in a new process), not with the warm-up's")
+    ap.add_argument("--gpu-events", action="store_true",
+                    help="CUDA events around each batch: each GPU's busy share and its time per token on full batches")
     args = ap.parse_args()
     gpu_runs, args.gpus = args.gpus, max(args.gpus)
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, GPU_EVENTS
+    PROFILE, GPU_EVENTS = args.profile, args.gpu_events and args.device != "cpu"
 
     import corpus as corpus_mod
     import models as bench_models
