@@ -184,11 +184,23 @@ class GpuEvents:
             torch.cuda.synchronize(dev)
             ref = marks[0][0]
             spans = [(ref.elapsed_time(s), ref.elapsed_time(e), r, w) for s, e, r, w in marks]
-            busy = sum(e - s for s, e, _, _ in spans)
-            window = max(e for _, e, _, _ in spans) - min(s for s, _, _, _ in spans)
+            # Two threads enqueue on a GPU's stream: one's batch may fall between the other's events,
+            # so the busy time is the union of the spans (an upper bound: a span includes the time the
+            # stream waited between its start event and its batch's launch).
+            merged: list[list[float]] = []
+            for s, e, _, _ in sorted(spans):
+                if merged and s <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], e)
+                else:
+                    merged.append([s, e])
+            busy = sum(e - s for s, e in merged)
+            window = merged[-1][1] - merged[0][0]
+            gaps = np.array([b[0] - a[1] for a, b in zip(merged, merged[1:])] or [0.0])
             rows = max((r for _, _, r, w in spans if w == self.full_width), default=0)
             full = [(e - s) / (r * w) * 1e6 for s, e, r, w in spans if w == self.full_width and r == rows]
             out[dev] = dict(batches=len(spans), busy_pct=round(100 * busy / window, 1), window_s=round(window / 1e3, 2),
+                            idle_gaps=len(merged) - 1, idle_s=round(float(gaps.sum()) / 1e3, 2),
+                            idle_in_gaps_over_10ms_s=round(float(gaps[gaps > 10].sum()) / 1e3, 2), longest_gap_ms=round(float(gaps.max()), 1),
                             full_batches=len(full), us_per_ktok_full=round(float(np.median(full)), 2) if full else None)
         return out
 
@@ -607,6 +619,7 @@ def main() -> None:
                     help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before); each a run")
     ap.add_argument("--fresh-graphs", action="store_true",
                     help="each timed run starts without CUDA graphs (captured as they come, as in a new process), not with the warm-up's")
+    ap.add_argument("--ring", type=int, nargs="+", help="passage batches each encoder thread keeps in flight (BatchRunner.in_flight; each a run)")
     ap.add_argument("--gpu-events", action="store_true",
                     help="CUDA events around each batch: each GPU's busy share and its time per token on full batches")
     args = ap.parse_args()
@@ -724,9 +737,12 @@ def main() -> None:
                 runs += [("edge", 1, True)] if args.in_process else []
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]
                 spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
-                for kind, shards, in_process, flight, spread, writer, gate in [
-                        (*r, f, sp, w, gt) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
-                        for sp in spreads for w in args.writer for gt in (args.gate if n_gpus > 1 else args.gate[:1])]:
+                rings = args.ring or [passage_enc.run.in_flight]
+                for kind, shards, in_process, flight, spread, writer, gate, ring in [
+                        (*r, f, sp, w, gt, rg) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
+                        for sp in spreads for w in args.writer for gt in (args.gate if n_gpus > 1 else args.gate[:1]) for rg in rings]:
+                    for enc in [passage_enc, *(p for _, p in replicas)]:
+                        enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight
                     Indexer.SPREAD = spread == "on"
                     writer_code(writer)
@@ -742,6 +758,7 @@ def main() -> None:
                     label += f", writer {writer}" if len(args.writer) > 1 else ""
                     label += f", capture holds back {'its GPU' if gate == 'gpu' else 'every GPU'}" if len(args.gate) > 1 and n_gpus > 1 else ""
                     label += ", fresh graphs" if args.fresh_graphs else ""
+                    label += f", {ring} batches in flight per thread" if len(rings) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
                               shards, in_process, group)
         finally:
