@@ -32,9 +32,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs that index (PAPERINDEX_GPUS; 0: all visible)")
-    ap.add_argument("--gate", choices=["gpu", "gpu-queue", "all"], default="gpu",
-                    help="a CUDA graph capture holds back the work of its own GPU, and is not made while another GPU's is (gpu: as now), "
-                         "or captures wait for each other's (gpu-queue), or each holds back every GPU (all: as before)")
+    ap.add_argument("--gate", choices=["gpu", "all"], default="gpu",
+                    help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before)")
     args = ap.parse_args()
 
     import corpus as corpus_mod
@@ -64,7 +63,7 @@ def main() -> None:
             captures.append(time.perf_counter() - t)
 
     kernels.GraphedForward._capture = timed_capture
-    kernels.gpu_gate.per_device, kernels.gpu_gate.queue_captures = args.gate != "all", args.gate != "gpu"
+    kernels.gpu_gate.per_device = args.gate == "gpu"
     s = Settings(device=args.device, gpus=args.gpus, passage_model=str(st_dir), paper_model=str(paper_dirs[0]), paper_adapter=str(paper_dirs[1]),
                  query_adapter=str(paper_dirs[2]))
     t = time.perf_counter()

@@ -615,9 +615,8 @@ def main() -> None:
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
                          "every GPU's threads taking groups as they come, each ramp size once and the last group halved (off)")
-    ap.add_argument("--gate", nargs="+", choices=["gpu", "gpu-queue", "all"], default=["gpu"],
-                    help="a CUDA graph capture holds back the work of its own GPU, and is not made while another GPU's is (gpu: as now), or "
-                         "captures wait for each other's (gpu-queue), or each holds back every GPU (all: as before); each a run")
+    ap.add_argument("--gate", nargs="+", choices=["gpu", "all"], default=["gpu"],
+                    help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before); each a run")
     ap.add_argument("--fresh-graphs", action="store_true",
                     help="each timed run starts without CUDA graphs (captured as they come, as in a new process), not with the warm-up's")
     ap.add_argument("--ring", type=int, nargs="+", help="passage batches each encoder thread keeps in flight (BatchRunner.in_flight; each a run)")
@@ -747,7 +746,7 @@ def main() -> None:
                     ShardWriters.IN_FLIGHT = flight
                     Indexer.SPREAD = spread == "on"
                     writer_code(writer)
-                    kernels.gpu_gate.per_device, kernels.gpu_gate.queue_captures = gate != "all", gate != "gpu"
+                    kernels.gpu_gate.per_device = gate == "gpu"
                     if args.fresh_graphs:
                         for g in graphed:
                             g.clear()
@@ -757,7 +756,7 @@ def main() -> None:
                     label += f", {flight} messages in flight" if len(flights) > 1 and kind == "edge" else ""
                     label += f", spread {spread}" if len(spreads) > 1 else ""
                     label += f", writer {writer}" if len(args.writer) > 1 else ""
-                    label += f", gate {gate}" if len(args.gate) > 1 and n_gpus > 1 else ""
+                    label += f", capture holds back {'its GPU' if gate == 'gpu' else 'every GPU'}" if len(args.gate) > 1 and n_gpus > 1 else ""
                     label += ", fresh graphs" if args.fresh_graphs else ""
                     label += f", {ring} batches in flight per thread" if len(rings) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,

@@ -382,10 +382,7 @@ class GpuGate:
     work takes the gate shared for its device, and a capture takes it exclusive for its device: it
     waits for that GPU's work under way to finish and holds that GPU's new work back. The other GPUs
     go on meanwhile (their replays and copies touch neither the capturing GPU nor torch.compile's
-    code). Captures run one at a time: two at once clash on process-wide state. A capture that
-    would wait for another GPU's (`busy_ok=False`) is not made: its GPU would sit idle meanwhile,
-    and new shapes come on every GPU about together (four GPUs queued for each other's captures for
-    up to 2.7 s); its batch runs eagerly, and the shape is captured when it comes again.
+    code). Captures run one at a time: two at once clash on process-wide state.
 
     `device` None means every GPU: shared, it waits for any capture (e.g. pinned host memory being
     allocated); exclusive, it waits for all work and holds all back (e.g. emptying the caches).
@@ -398,7 +395,6 @@ class GpuGate:
         self._shared: dict = {}  # work under way, per device (None: every device)
         self._waiting: dict = {}  # captures waiting, per device: new shared work there waits behind them
         self._exclusive: object = _NOBODY  # the device a capture holds, or _NOBODY
-        self.queue_captures = False  # captures wait for each other's (as before; the benchmark's A/B)
 
     def _key(self, device) -> object:
         return None if device is None or not self.per_device else one_device(device)
@@ -424,15 +420,8 @@ class GpuGate:
                     self._cond.notify_all()
 
     @contextmanager
-    def exclusive(self, device=None, busy_ok: bool = True) -> Iterator[bool]:
-        """Yields True once this device's work (every device's, for None) is done, holding new work
-        back; without `busy_ok`, yields False at once where another exclusive section runs or waits."""
+    def exclusive(self, device=None) -> Iterator[None]:
         key = self._key(device)
-        with self._cond:
-            skip = not busy_ok and not self.queue_captures and (self._exclusive is not _NOBODY or any(self._waiting.values()))
-        if skip:
-            yield False
-            return
         with self._cond:
             self._waiting[key] = self._waiting.get(key, 0) + 1
             while self._exclusive is not _NOBODY or any(self._clash(key, k) for k, n in self._shared.items() if n):
@@ -440,7 +429,7 @@ class GpuGate:
             self._waiting[key] -= 1
             self._exclusive = key
         try:
-            yield True
+            yield
         finally:
             with self._cond:
                 self._exclusive = _NOBODY
@@ -499,9 +488,7 @@ class GraphedForward:
         if seen < self.capture_after:
             return  # eagerly, this time
         for attempt in range(1, CAPTURE_ATTEMPTS + 1):
-            with gpu_gate.exclusive(self.device, busy_ok=False) as alone:
-                if not alone:
-                    return  # another GPU is capturing: eagerly, this time
+            with gpu_gate.exclusive(self.device):
                 try:
                     self._capture(ids, mask)
                     return

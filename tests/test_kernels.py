@@ -414,51 +414,6 @@ def test_gpu_gate_holds_back_only_the_capturing_gpu():
     assert log == ["X0+", "b1+", "b1-", "X0-", "Y1+", "Y1-"], log
 
 
-def test_a_capture_does_not_wait_for_another_gpus():
-    """While a capture runs (or waits) on one GPU, another GPU's capture is not made (its batch runs
-    eagerly) rather than leave that GPU idle in a queue; once none runs, it is made. A section that
-    must have the gate (busy_ok, e.g. emptying the caches) still waits."""
-    import threading
-    import time
-
-    from indexer.kernels import GpuGate
-
-    gate, log = GpuGate(), []
-    inside, release = threading.Event(), threading.Event()
-
-    def capture0():
-        with gate.exclusive(torch.device("cuda:0"), busy_ok=False) as alone:
-            log.append(("X0", alone))
-            inside.set()
-            release.wait(5)
-
-    x = threading.Thread(target=capture0)
-    x.start()
-    inside.wait(5)
-    t = time.perf_counter()
-    with gate.exclusive(torch.device("cuda:1"), busy_ok=False) as alone:
-        log.append(("X1", alone))
-    assert time.perf_counter() - t < 0.5
-
-    def must():
-        with gate.exclusive(None) as alone:
-            log.append(("all", alone))
-
-    m = threading.Thread(target=must)
-    m.start()
-    time.sleep(0.1)
-    assert log == [("X0", True), ("X1", False)]  # `must` waits for the capture
-    release.set()
-    for th in (x, m):
-        th.join(5)
-    with gate.exclusive(torch.device("cuda:1"), busy_ok=False) as alone:
-        log.append(("X1", alone))
-    assert log == [("X0", True), ("X1", False), ("all", True), ("X1", True)]
-    gate.queue_captures = True  # as before: captures wait for each other
-    with gate.exclusive(torch.device("cuda:1"), busy_ok=False) as alone:
-        assert alone
-
-
 def test_gpu_gate_per_gpu_off_stops_every_gpu_for_a_capture():
     import threading
     import time
