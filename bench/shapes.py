@@ -1,0 +1,144 @@
+"""The CUDA graph shapes an indexing run meets, and when it captures them: no GPU needed.
+
+    python bench/shapes.py --papers 8000 --gpus 1 4
+    python bench/shapes.py --papers 8000 --gpus 1 4 --share off on --capture-after 2 3 --heads-rows 16 32
+
+Each (rows, width, padded) batch shape an encoder meets is captured as a CUDA graph the second time
+it comes (`encoders.CAPTURE_AFTER`), and a capture holds its GPU's work back for ~0.2-0.35 s. This
+replays the batch plans of a run on the throughput corpus (bench/corpus.py, the benchmark's own
+WordPiece vocabularies, as bench/index_throughput.py builds them) without running a model: the groups
+of papers as the pipeline cuts them (`pipeline.groups`), dealt to the GPUs in turn, each group's paper
+heads (`PaperEncoder`, one per GPU) and passage windows (`PassageEncoder`, one per encoder thread)
+cut into batches as the encoders cut them. It counts, per encoder, the shapes met, the captures, and
+the captures in the second half of the run (where a long run should have none left), the batches
+run eagerly before their shape was captured, and the heads' padded tokens per head token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def lengths_of(papers: list[dict], window: int, overlap: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per paper: its head's token count (≤ 512, special tokens in) and its windows' widths."""
+    import models
+    from tokenizers import processors
+
+    from indexer.chunking import chunk_words, window_spans
+
+    sample = [p["text"] for p in papers[:200]]
+    passage = models._wordpiece(sample, 30527, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<unk>")
+    paper = models._wordpiece(sample, 31090, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]")
+    paper.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", paper.token_to_id("[CLS]")), ("[SEP]", paper.token_to_id("[SEP]"))])
+    heads = [min(512, len(e.ids)) for e in paper.encode_batch([p["title"] + "[SEP]" + (p.get("abstract") or "") for p in papers])]
+    windows = []
+    for p in papers:
+        chunks = [c.text for c in chunk_words(p["text"], 512, 50)]
+        ws = []
+        for e in passage.encode_batch(chunks, add_special_tokens=False):
+            width, starts = window_spans(len(e.ids), window, overlap)
+            ws += [width + 2] * len(starts)
+        windows.append(np.array(ws, dtype=np.int64))
+    return [np.array([h]) for h in heads], windows
+
+
+def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_step) -> list[tuple[int, int, bool]]:
+    from indexer.encoders import bucket_batches, bucket_rows
+
+    keys = []
+    for idx, w in bucket_batches(lengths, budget, preferred, min_fill=min_fill):
+        rows = bucket_rows(len(idx), max(1, budget // w), None if row_step == "pow2" else row_step)
+        keys.append((rows, w, bool((lengths[idx] < w).any())))
+    return keys
+
+
+def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, window: int, head_rows, capture_after: int,
+             share: bool) -> dict:
+    """`share`: a GPU's encoder threads share one set of passage graphs (else each has its own)."""
+    from indexer.encoders import WIDTH_STEP
+    from indexer.pipeline import groups
+
+    n = len(heads)
+    full = window + 2
+    widths = (*range(full, full // 2, -WIDTH_STEP), 512)
+    seen: dict = {}  # (encoder, key) -> sightings
+    captured: list[tuple[str, int]] = []  # (encoder kind, paper index where captured)
+    eager: Counter = Counter()  # batches run before their shape was captured
+    head_real = head_run = 0
+    at = 0
+    for k, group in enumerate(groups(range(n), most, gpus, threads if gpus > 1 else 1)):
+        gpu, thread = k % gpus, (k // gpus) % threads
+        h = np.concatenate([heads[i] for i in group])
+        for key in plan_keys(h, budget, (512,), 0.8, head_rows):
+            head_run += key[0] * key[1]
+            seen[("heads", gpu, key)] = s = seen.get(("heads", gpu, key), 0) + 1
+            if s == capture_after:
+                captured.append(("heads", at))
+            eager["heads"] += s < capture_after
+        head_real += int(h.sum())
+        w = np.concatenate([windows[i] for i in group])
+        for key in plan_keys(w, budget, widths, 0.0, "pow2"):
+            name = ("passage", gpu, 0 if share else thread, key)
+            seen[name] = s = seen.get(name, 0) + 1
+            if s == capture_after:
+                captured.append(("passage", at))
+            eager["passage"] += s < capture_after
+        at += len(group)
+    out = {}
+    for kind, encoders in (("heads", gpus), ("passage", gpus * (1 if share else threads))):
+        caps = [i for c, i in captured if c == kind]
+        out[kind] = dict(encoders=encoders, shapes_met=sum(1 for key in seen if key[0] == kind), captures=len(caps),
+                         captures_in_second_half=sum(1 for i in caps if i >= n // 2), eager_batches=eager[kind])
+    out["heads"]["padded_per_head_token"] = round(head_run / head_real, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--papers", type=int, default=16000)
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--threads", type=int, default=2, help="encoder threads per GPU, each with its own passage graphs")
+    ap.add_argument("--heads-rows", nargs="+", default=["16"], help="heads' graph rows: multiples of N (16: as now), or pow2")
+    ap.add_argument("--share", nargs="+", choices=["on", "off"], default=["off"],
+                    help="a GPU's encoder threads share one set of passage graphs (on: a what-if), or each has its own (off: as now)")
+    ap.add_argument("--capture-after", type=int, nargs="+", help="a shape is captured the n-th time it comes (default: as the encoders do)")
+    ap.add_argument("--budget", type=int, default=262144)
+    ap.add_argument("--window", type=int, default=254)
+    ap.add_argument("--overlap", type=int, default=16)
+    args = ap.parse_args()
+
+    import corpus
+
+    from indexer.encoders import CAPTURE_AFTER
+
+    path = corpus.write(Path(tempfile.mkdtemp()) / "corpus.jsonl", args.papers, 8000)
+    papers = [json.loads(line) for line in path.open()]
+    heads, windows = lengths_of(papers, args.window, args.overlap)
+    print(f"{args.papers} papers, {sum(len(w) for w in windows)} windows; heads {np.mean([h[0] for h in heads]):.0f} tokens on average")
+    print("| GPUs | passage graphs shared | capture at sighting | heads' rows | head captures (2nd half) | head eager batches "
+          "| passage captures (2nd half) | passage eager batches | all captures | head padded / head tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for gpus in args.gpus:
+        most = 128 if gpus > 2 else 256  # as Settings.group_papers has it
+        for share, after, rows in [(sh, a, r) for sh in args.share for a in (args.capture_after or [CAPTURE_AFTER]) for r in args.heads_rows]:
+            r = simulate(heads, windows, gpus, args.threads, most, args.budget, args.window, rows if rows == "pow2" else int(rows), after, share == "on")
+            h, p = r["heads"], r["passage"]
+            print(f"| {gpus} | {share} | {after} | {rows} | {h['captures']} ({h['captures_in_second_half']}) | {h['eager_batches']} | "
+                  f"{p['captures']} ({p['captures_in_second_half']}) | {p['eager_batches']} | {h['captures'] + p['captures']} | "
+                  f"{h['padded_per_head_token']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
