@@ -620,6 +620,8 @@ def main() -> None:
     ap.add_argument("--fresh-graphs", action="store_true",
                     help="each timed run starts without CUDA graphs (captured as they come, as in a new process), not with the warm-up's")
     ap.add_argument("--ring", type=int, nargs="+", help="passage batches each encoder thread keeps in flight (BatchRunner.in_flight; each a run)")
+    ap.add_argument("--warm-up-papers", type=int, help="papers the warm-up indexes (each group size a pass; default: 1,000 per encoder thread, "
+                                                        "at least 2,000, at most --papers)")
     ap.add_argument("--gpu-events", action="store_true",
                     help="CUDA events around each batch: each GPU's busy share and its time per token on full batches")
     args = ap.parse_args()
@@ -702,29 +704,37 @@ def main() -> None:
 
         replicas_all = replicas_for(args.gpus, max(args.per_gpu))
         try:
-            # warm-up on the same papers (up to 2,000): worker processes started, CUDA graphs captured
-            # for the shapes the corpus needs, so that no timed run pays for captures another did not.
-            # The encoders capture a shape the second time it comes; the warm-up captures each the
-            # first time, so the timed runs start where a long run is: every shape the corpus needs captured.
+            gpu_counts = sorted(set(gpu_runs) if "one-gpu" in args.skip else {1, *gpu_runs})
+
+            def groups_for(n: int) -> list[int]:
+                return args.papers_per_batch or [Settings(device=args.device, gpus=n).group_papers()]
+
+            # warm-up on the same papers: worker processes started, CUDA graphs captured for the
+            # shapes the corpus needs, so that no timed run pays for captures another did not. The
+            # encoders capture a shape the second time it comes; the warm-up captures each the first
+            # time, so the timed runs start where a long run is. Each encoder thread captures its own
+            # shapes, from the groups it gets: the warm-up gives each ~1,000 papers (2,000 in all at
+            # least), in groups of each size the timed runs use (a group's last batches' shapes
+            # depend on its size).
             t = time.perf_counter()
             encoders = {id(e): e for e in (paper_enc, passage_enc, *(e for pair in grid.values() for e in pair))}.values()
             graphed = [enc.run._graphed for enc in encoders if enc.run._graphed is not None]
             for g in graphed:
                 g.capture_after = 1
-            index_run(f"warm-up (window {window}/{overlap})", path, min(args.papers, 2000), paper_enc, passage_enc, replicas_all, "null", chunk_tokens, None, gemm)
+            warm_papers = min(args.papers, args.warm_up_papers or max(2000, 1000 * (1 + len(replicas_all))))
+            for group in sorted({g for n in gpu_counts for g in groups_for(n)}):
+                index_run(f"warm-up (window {window}/{overlap})", path, warm_papers, paper_enc, passage_enc, replicas_all, "null", chunk_tokens,
+                          None, gemm, papers_per_batch=group)
+                RESULTS["rows"].pop()
             for g in graphed:
                 g.capture_after = CAPTURE_AFTER
-            RESULTS["rows"].pop()
-            RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s")
-            gpu_counts = sorted(set(gpu_runs) if "one-gpu" in args.skip else {1, *gpu_runs})
+            RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s "
+                                    f"({warm_papers} papers a pass)")
 
             def lanes_for(n: int) -> list[int]:  # as `paperindex index` has them on n GPUs, or --lanes
                 if n == 1:
                     return [1]
                 return args.lanes or [tokenizer_lanes(Settings(device=args.device, gpus=n, tokenizer_workers=passage_enc.windows.workers))]
-
-            def groups_for(n: int) -> list[int]:
-                return args.papers_per_batch or [Settings(device=args.device, gpus=n).group_papers()]
 
             for n_gpus, per_gpu, n_lanes, group in [(n, k, m, g) for n in gpu_counts for k in args.per_gpu for m in lanes_for(n)
                                                     for g in groups_for(n)]:
