@@ -55,12 +55,13 @@ def lengths_of(papers: list[dict], window: int, overlap: int) -> tuple[list[np.n
 
 
 def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_step) -> list[tuple[int, int, bool]]:
-    from indexer.encoders import bucket_batches, bucket_rows
+    """The (rows, width, padded) graph shape of each batch the encoders cut `lengths` into."""
+    from indexer.encoders import bucket_batches, graph_shape
 
     keys = []
     for idx, w in bucket_batches(lengths, budget, preferred, min_fill=min_fill):
-        rows = bucket_rows(len(idx), max(1, budget // w), None if row_step == "pow2" else row_step)
-        keys.append((rows, w, bool((lengths[idx] < w).any())))
+        rows, padded = graph_shape(lengths[idx], w, budget, None if row_step == "pow2" else row_step)
+        keys.append((rows, w, padded))
     return keys
 
 

@@ -102,6 +102,12 @@ def bucket_rows(n: int, full: int, step: int | None = None) -> int:
     return min(full, max(8, 1 << (n - 1).bit_length()))
 
 
+def graph_shape(lens: np.ndarray, width: int, budget: int, row_step: int | None = None) -> tuple[int, bool]:
+    """(rows, padded) of the CUDA graph a batch of sequences of `lens` at `width` runs in: its rows
+    bucketed (bucket_rows), and whether any sequence is shorter than the width (a padding mask)."""
+    return bucket_rows(len(lens), max(1, budget // width), row_step), bool((lens < width).any())
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -134,18 +140,22 @@ class _Slot:
         self.result: torch.Tensor | None = None
 
     @staticmethod
-    def _view(buf: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _short(buf: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
+        """Whether `buf` cannot hold n values of `dtype` (a new one is allocated)."""
+        return buf is None or buf.numel() < n or buf.dtype != dtype
+
+    @classmethod
+    def _view(cls, buf: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(np.prod(shape))
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
+        if cls._short(buf, n, dtype):
             buf = torch.empty(n, dtype=dtype, pin_memory=True)
         return buf, buf[:n].view(shape)
 
     def grows(self, rows: int, width: int, padded: bool, out: tuple[int, torch.dtype] | None) -> bool:
         """Whether a batch of this shape (and vectors of `out`: width, dtype) needs a buffer allocated."""
-        def short(buf: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
-            return buf is None or buf.numel() < n or buf.dtype != dtype
-        return (short(self.ids, rows * width, torch.int32) or (padded and short(self.mask, rows * width, torch.int32))
-                or out is None or short(self.out, rows * out[0], out[1]))
+        return (self._short(self.ids, rows * width, torch.int32) or (padded and self._short(self.mask, rows * width, torch.int32))
+                or out is None or self._short(self.out, rows * out[0], out[1]))
 
     def inputs(self, rows: int, width: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.ids, ids = self._view(self.ids, (rows, width), torch.int32)
@@ -262,9 +272,10 @@ class BatchRunner:
 
     def _launch(self, slot: _Slot, ids: np.ndarray, lengths: np.ndarray, batch: np.ndarray, width: int, stream) -> None:
         n = len(batch)
-        rows = bucket_rows(n, max(1, self.budget // width), self.row_step) if self._graphed is not None else n
         lens = lengths[batch]
-        padded = bool((lens < width).any())
+        rows, padded = graph_shape(lens, width, self.budget, self.row_step)
+        if self._graphed is None:
+            rows = n  # no fixed shapes to fill
         # Pinned buffers are allocated on first use, and as batches grow: that waits for a capture on
         # any GPU (an allocation of pinned memory may synchronise with every GPU); the rest only for
         # one on this GPU.

@@ -140,6 +140,13 @@ def test_batches_end_where_the_width_drops_below_min_fill():
     assert bucket_rows(37, 512, 16) == 48 and bucket_rows(37, 40, 16) == 40 and bucket_rows(37, 512) == 64
 
 
+def test_a_batchs_graph_shape_is_its_bucketed_rows_and_whether_it_needs_a_mask():
+    from indexer.encoders import graph_shape
+
+    assert graph_shape(np.full(37, 256), 256, budget=256 * 512) == (64, False)
+    assert graph_shape(np.array([256] * 36 + [200]), 256, budget=256 * 40, row_step=16) == (40, True)
+
+
 def test_the_reranker_waits_for_a_graph_capture(tiny_models):
     """A CUDA graph capture holds the GPU gate exclusively; reranking (the service's, while it also
     indexes) waits for it like the encoders' work, rather than making GPU calls during the capture."""
