@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=1, help="GPUs that index (PAPERINDEX_GPUS; 0: all visible)")
     ap.add_argument("--gate", choices=["gpu", "all"], default="gpu",
                     help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before)")
+    ap.add_argument("--share-graphs", choices=["on", "off"], default="on",
+                    help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own (off: as before)")
     args = ap.parse_args()
 
     import corpus as corpus_mod
@@ -42,6 +44,7 @@ def main() -> None:
 
     from indexer import kernels
     from indexer.config import Settings
+    from indexer.encoders import PassageEncoder
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.runtime import gpu_replicas, load_encoders
@@ -64,6 +67,7 @@ def main() -> None:
 
     kernels.GraphedForward._capture = timed_capture
     kernels.gpu_gate.per_device = args.gate == "gpu"
+    PassageEncoder.SHARE_GRAPHS = args.share_graphs == "on"
     s = Settings(device=args.device, gpus=args.gpus, passage_model=str(st_dir), paper_model=str(paper_dirs[0]), paper_adapter=str(paper_dirs[1]),
                  query_adapter=str(paper_dirs[2]))
     t = time.perf_counter()
@@ -71,7 +75,7 @@ def main() -> None:
     idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers(),
                   replicas=gpu_replicas(s, paper, passage))
     load_s = time.perf_counter() - t
-    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
+    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
     for run in ("cold", "warm"):
         captures.clear()
         t = time.perf_counter()
@@ -83,7 +87,7 @@ def main() -> None:
         print(run, json.dumps(out[run]), flush=True)
     passage.close()
     print(json.dumps(out))
-    name = "cold_start.json" if args.gpus == 1 else f"cold_start_{idx.gpus}_gpus_gate_{args.gate}.json"
+    name = f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}.json"
     (Path(os.environ.get("OUT", tempfile.gettempdir())) / name).write_text(json.dumps(out, indent=1))
 
 

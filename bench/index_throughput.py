@@ -458,7 +458,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     writes: dict[str, float] = defaultdict(float)  # the writer thread's time by store call
     if store_kind == "edge":
         store_calls_timed(store, writes)
-    graphed = [p.run._graphed for _, p in idx.workers if p.run._graphed is not None]
+    graphed = list({id(p.run._graphed): p.run._graphed for _, p in idx.workers if p.run._graphed is not None}.values())  # shared on a GPU
     before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
@@ -622,6 +622,8 @@ def main() -> None:
     ap.add_argument("--ring", type=int, nargs="+", help="passage batches each encoder thread keeps in flight (BatchRunner.in_flight; each a run)")
     ap.add_argument("--warm-up-papers", type=int, help="papers the warm-up indexes (each group size a pass; default: 1,000 per encoder thread, "
                                                         "at least 2,000, at most --papers)")
+    ap.add_argument("--share-graphs", choices=["on", "off"], default="on",
+                    help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own (off: as before)")
     ap.add_argument("--gpu-events", action="store_true",
                     help="CUDA events around each batch: each GPU's busy share and its time per token on full batches")
     args = ap.parse_args()
@@ -697,6 +699,7 @@ def main() -> None:
         # by that GPU's threads, and a passage replica per thread.
         if device.type != "cuda":
             args.per_gpu = [1]  # replicas are per GPU
+        PassageEncoder.SHARE_GRAPHS = args.share_graphs == "on"
         grid = encoder_grid([f"cuda:{i}" for i in range(args.gpus)], max(args.per_gpu), paper_enc, passage_enc) if device.type == "cuda" else {}
 
         def replicas_for(n_gpus: int, per_gpu: int) -> list:
@@ -718,7 +721,7 @@ def main() -> None:
             # depend on its size).
             t = time.perf_counter()
             encoders = {id(e): e for e in (paper_enc, passage_enc, *(e for pair in grid.values() for e in pair))}.values()
-            graphed = [enc.run._graphed for enc in encoders if enc.run._graphed is not None]
+            graphed = list({id(enc.run._graphed): enc.run._graphed for enc in encoders if enc.run._graphed is not None}.values())
             for g in graphed:
                 g.capture_after = 1
             warm_papers = min(args.papers, args.warm_up_papers or max(2000, 1000 * (1 + len(replicas_all))))

@@ -448,7 +448,8 @@ class GraphedForward:
 
     Call it with pinned host tensors: they are copied (asynchronously) into the graph's static input
     buffers. The returned tensor is the graph's static output: valid until the next call with the
-    same shape, so copy it out (on the same stream) before that.
+    same shape, so copy it out (on the same stream) before that. Threads that share one (the encoder
+    threads of a GPU) replay and copy out under `lock`, on the GPU's default stream.
     """
 
     def __init__(self, forward: Forward, device: torch.device, max_graphs: int = 128, capture_after: int = 1) -> None:
@@ -463,6 +464,7 @@ class GraphedForward:
         # memory apart (tens of GiB after a hundred shapes) instead of sharing it.
         self._stream: torch.cuda.Stream | None = None
         self.disabled = False
+        self.lock = threading.Lock()
         self.eager_batches = 0  # batches run without a graph (graphs off, or past max_graphs)
         self.failed_shapes = 0
 
@@ -489,6 +491,8 @@ class GraphedForward:
             return  # eagerly, this time
         for attempt in range(1, CAPTURE_ATTEMPTS + 1):
             with gpu_gate.exclusive(self.device):
+                if key in self._graphs:
+                    return  # captured meanwhile, by another thread sharing these graphs
                 try:
                     self._capture(ids, mask)
                     return

@@ -83,12 +83,14 @@ def gpu_replicas(s: Settings, paper: PaperEncoder, passage: PassageEncoder) -> l
 
 def encoder_grid(devices: Sequence[str], per_gpu: int, paper: PaperEncoder, passage: PassageEncoder) -> dict[tuple[int, int], tuple[PaperEncoder, PassageEncoder]]:
     """{(GPU index, thread index): (paper, passage) encoders} beside (paper, passage), which sit on
-    devices[0] and are (0, 0): `per_gpu` passage replicas per device, each device's threads sharing
+    devices[0] and are (0, 0): `per_gpu` passage replicas per device (one model per device, its CUDA
+    graphs shared by the device's threads: PassageEncoder.replicate), each device's threads sharing
     one paper encoder (heads of a device's groups are encoded on that device)."""
     grid = {}
     for i, device in enumerate(devices):
         heads = paper if i == 0 else paper.replicate(device)
-        grid.update({(i, j): (heads, passage.replicate(device)) for j in range(per_gpu) if (i, j) != (0, 0)})
+        first = passage if i == 0 else passage.replicate(device)  # the others on this GPU share its graphs
+        grid.update({(i, j): (heads, first if j == 0 else first.replicate(device)) for j in range(per_gpu) if (i, j) != (0, 0)})
     return grid
 
 

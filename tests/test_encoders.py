@@ -175,3 +175,20 @@ def test_the_reranker_waits_for_a_graph_capture(tiny_models):
     r.join(10)
     t.join(10)
     assert len(scores) == 1 and len(scores[0]) == 2
+
+
+def test_a_replica_on_the_same_gpu_shares_the_model_and_graphs(tiny_models, monkeypatch):
+    """PassageEncoder.replicate on the encoder's own device: the same model and CUDA graphs (one
+    capture per shape for both threads), its own batch runner; on another device, or without graphs,
+    the model is loaded again. (Graphs exist only on CUDA: a stand-in for them here.)"""
+    from indexer.encoders import PassageEncoder
+
+    enc = PassageEncoder(tiny_models["passage_model"], device="cpu", window_tokens=48, window_overlap=8)
+    assert enc.replicate("cpu").model is not enc.model  # no graphs: loaded again
+    graphs = object()
+    enc.run._graphed = graphs
+    twin = enc.replicate("cpu")
+    assert twin.model is enc.model and twin.run is not enc.run and twin.run._graphed is graphs
+    assert twin.run.budget == enc.run.budget and twin.run.widths == enc.run.widths and twin.windows is enc.windows
+    monkeypatch.setattr(PassageEncoder, "SHARE_GRAPHS", False)
+    assert enc.replicate("cpu").model is not enc.model

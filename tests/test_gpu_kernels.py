@@ -236,6 +236,74 @@ def test_a_capture_on_one_gpu_lets_the_other_gpu_work(mpnet_base):
         assert cosine(got, want).min() >= 0.9999
 
 
+def test_threads_of_one_gpu_share_its_graphs(mpnet_base):
+    """Two encoder threads of one GPU replay one set of graphs (PassageEncoder.replicate on its own
+    GPU): each shape is captured once for both, and while both run the same shapes at once no batch
+    gets the other's vectors (a graph's inputs and output are fixed buffers)."""
+    import copy
+    import threading
+    from dataclasses import replace
+
+    dev = torch.device("cuda:0")
+    fwd = PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls")
+    a = BatchRunner(fwd, dev, pad_id=1, budget=16384, graphs=True, widths=(258, 242, 226, 210, 194, 512))
+    b = replace(a, shared_graphs=a._graphed)
+    g = a._graphed
+    captured: list = []
+    real = g._capture
+
+    def counted(ids, mask):
+        captured.append((ids.shape[0], ids.shape[1], mask is not None))
+        return real(ids, mask)
+
+    g._capture = counted
+    work = [[sequences(120, seed=40 + 5 * i + j) for j in range(5)] for i in range(2)]
+    results: list = [[], []]
+
+    def go(i, runner):
+        for seqs in work[i]:
+            results[i].append(runner(seqs))
+
+    threads = [threading.Thread(target=go, args=(i, r)) for i, r in enumerate((a, b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert b._graphed is g and not g.disabled and g.failed_shapes == 0
+    assert len(captured) == len(set(captured)) == len(g) > 3  # once per shape, for both threads
+    solo = BatchRunner(PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev, pad_id=1, budget=16384)
+    for i in range(2):
+        for seqs, got in zip(work[i], results[i]):
+            assert cosine(got, solo(seqs)).min() >= 0.9999
+
+
+def test_passage_replicas_on_one_gpu_share_the_model_and_agree(tiny_models):
+    import threading
+
+    from indexer.encoders import PassageEncoder
+
+    enc = PassageEncoder(tiny_models["passage_model"], device="cuda", window_tokens=48, window_overlap=8)
+    twin = enc.replicate("cuda:0")
+    assert twin.model is enc.model and twin.run._graphed is enc.run._graphed and twin.run is not enc.run
+    cpu = PassageEncoder(tiny_models["passage_model"], device="cpu", window_tokens=48, window_overlap=8)
+    texts = [["protein folding with graph neural networks " * (5 + 7 * i), "galaxy telescope " * (3 + i)] for i in range(12)]
+    windows = [enc.tokenize_windows(t) for t in texts]  # tokenized first: the threads share the tokenizer
+    out: dict = {}
+
+    def go(name, e, part):
+        out[name] = [e.encode_windows(w) for w in part]
+
+    threads = [threading.Thread(target=go, args=(n, e, windows[k::2])) for k, (n, e) in enumerate((("a", enc), ("b", twin)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, name in enumerate(("a", "b")):
+        for t, got in zip(texts[k::2], out[name]):
+            for x, y in zip(cpu.encode_chunks(t), got):
+                assert x.shape == y.shape and cosine(x, y).min() >= 0.999
+
+
 def test_graphs_of_many_shapes_share_their_working_memory(mpnet_base):
     """Graphs' activations live in one pool shared by all graphs: after the largest shape, capturing
     smaller ones must need little more memory (when each capture ran on a stream of its own, every

@@ -16,7 +16,9 @@ class FakeEncoder:
 
     def replicate(self, device):
         self.made.append(device)
-        return FakeEncoder(device)
+        other = FakeEncoder(device)
+        other.origin = self
+        return other
 
 
 @pytest.mark.parametrize(
@@ -35,7 +37,7 @@ def test_replicas_follow_the_gpu_settings(monkeypatch, device, gpus, per_gpu, vi
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     paper, passage = FakeEncoder(device if device.startswith("cuda:") else "cuda:0"), FakeEncoder(device if device.startswith("cuda:") else "cuda:0")
     pairs = gpu_replicas(Settings(device=device, gpus=gpus, encoders_per_gpu=per_gpu), paper, passage)
-    assert paper.made == papers and passage.made == passages
+    assert paper.made == papers
     assert [str(q.device) for _, q in pairs] == passages
     assert all(p.device == q.device for p, q in pairs)
 
@@ -47,6 +49,18 @@ def test_the_encoder_grid_is_keyed_by_gpu_and_thread():
     assert list(grid) == [(0, 1), (1, 0), (1, 1)]
     assert grid[(0, 1)][0] is paper and grid[(1, 0)][0] is grid[(1, 1)][0] is not paper
     assert [str(q.device) for _, q in grid.values()] == ["cuda:0", "cuda:1", "cuda:1"]
+
+
+def test_a_gpus_passage_replicas_come_from_its_first():
+    """One passage model per GPU: its other threads' replicas are made from it (PassageEncoder.replicate
+    shares the model and its CUDA graphs on the same GPU), not from the first GPU's encoder."""
+    paper, passage = FakeEncoder(), FakeEncoder()
+    grid = encoder_grid(["cuda:0", "cuda:1", "cuda:2"], 3, paper, passage)
+    assert passage.made == ["cuda:0", "cuda:0", "cuda:1", "cuda:2"]
+    for gpu in (1, 2):
+        first = grid[(gpu, 0)][1]
+        assert first.origin is passage and first.made == [f"cuda:{gpu}"] * 2
+        assert grid[(gpu, 1)][1].origin is grid[(gpu, 2)][1].origin is first
 
 
 def test_no_replicas_on_cpu(monkeypatch):
