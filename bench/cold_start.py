@@ -36,6 +36,7 @@ def main() -> None:
                     help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before)")
     ap.add_argument("--share-graphs", choices=["on", "off"], default="on",
                     help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own (off: as before)")
+    ap.add_argument("--capture-warm-ups", type=int, default=None, help="runs of a new shape before its capture (GraphedForward.WARM_UPS)")
     args = ap.parse_args()
 
     import corpus as corpus_mod
@@ -68,6 +69,8 @@ def main() -> None:
     kernels.GraphedForward._capture = timed_capture
     kernels.gpu_gate.per_device = args.gate == "gpu"
     PassageEncoder.SHARE_GRAPHS = args.share_graphs == "on"
+    if args.capture_warm_ups is not None:
+        kernels.GraphedForward.WARM_UPS = args.capture_warm_ups
     s = Settings(device=args.device, gpus=args.gpus, passage_model=str(st_dir), paper_model=str(paper_dirs[0]), paper_adapter=str(paper_dirs[1]),
                  query_adapter=str(paper_dirs[2]))
     t = time.perf_counter()
@@ -75,7 +78,7 @@ def main() -> None:
     idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers(),
                   replicas=gpu_replicas(s, paper, passage))
     load_s = time.perf_counter() - t
-    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
+    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "capture_warm_ups": kernels.GraphedForward.WARM_UPS, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
     for run in ("cold", "warm"):
         captures.clear()
         t = time.perf_counter()
@@ -87,7 +90,7 @@ def main() -> None:
         print(run, json.dumps(out[run]), flush=True)
     passage.close()
     print(json.dumps(out))
-    name = f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}.json"
+    name = f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}_warm_ups_{kernels.GraphedForward.WARM_UPS}.json"
     (Path(os.environ.get("OUT", tempfile.gettempdir())) / name).write_text(json.dumps(out, indent=1))
 
 

@@ -624,6 +624,7 @@ def main() -> None:
                                                         "at least 2,000, at most --papers)")
     ap.add_argument("--share-graphs", choices=["on", "off"], default="on",
                     help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own (off: as before)")
+    ap.add_argument("--capture-warm-ups", type=int, default=None, help="runs of a new shape before its capture (GraphedForward.WARM_UPS)")
     ap.add_argument("--gpu-events", action="store_true",
                     help="CUDA events around each batch: each GPU's busy share and its time per token on full batches")
     args = ap.parse_args()
@@ -700,6 +701,8 @@ def main() -> None:
         if device.type != "cuda":
             args.per_gpu = [1]  # replicas are per GPU
         PassageEncoder.SHARE_GRAPHS = args.share_graphs == "on"
+        if args.capture_warm_ups is not None:
+            kernels.GraphedForward.WARM_UPS = args.capture_warm_ups
         grid = encoder_grid([f"cuda:{i}" for i in range(args.gpus)], max(args.per_gpu), paper_enc, passage_enc) if device.type == "cuda" else {}
 
         def replicas_for(n_gpus: int, per_gpu: int) -> list:

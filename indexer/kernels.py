@@ -452,6 +452,12 @@ class GraphedForward:
     threads of a GPU) replay and copy out under `lock`, on the GPU's default stream.
     """
 
+    # Runs of a new shape before its capture, on the capture stream: what the forward sets up on its
+    # first call of a shape (cuDNN's attention plans, cuBLAS workspaces) must not happen inside the
+    # capture. The first run does that; each further one adds a batch's GPU time to every capture
+    # (two ran before; PyTorch's examples run three). A capture that fails is retried, warm-up and all.
+    WARM_UPS = 1
+
     def __init__(self, forward: Forward, device: torch.device, max_graphs: int = 128, capture_after: int = 1) -> None:
         """`capture_after`: a shape is captured the n-th time it comes, and runs eagerly before (a
         capture costs ~0.3 s, a few batches' time: shapes that come once are not worth it)."""
@@ -536,7 +542,7 @@ class GraphedForward:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with compiled_kernels():
             with torch.cuda.stream(side):  # warm-up: compilation, cuBLAS handles, kernel selection, allocator
-                for _ in range(2):
+                for _ in range(self.WARM_UPS):
                     self.forward(s_ids, s_mask)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
