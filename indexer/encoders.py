@@ -198,8 +198,12 @@ class BatchRunner:
     shared_graphs: GraphedForward | None = None
 
     def __post_init__(self) -> None:
-        self._graphed = self.shared_graphs or (GraphedForward(self.forward, self.device, capture_after=self.capture_after)
-                                               if self.graphs and self.device.type == "cuda" else None)
+        if self.shared_graphs is not None:  # (not `or`: graphs with none captured yet are falsy)
+            self._graphed = self.shared_graphs
+        elif self.graphs and self.device.type == "cuda":
+            self._graphed = GraphedForward(self.forward, self.device, capture_after=self.capture_after)
+        else:
+            self._graphed = None
         self._slots: list[_Slot] = []
         self._out: tuple[int, torch.dtype] | None = None  # the vectors' width and dtype, once known
         self._lock = threading.Lock()

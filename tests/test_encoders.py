@@ -185,7 +185,9 @@ def test_a_replica_on_the_same_gpu_shares_the_model_and_graphs(tiny_models, monk
 
     enc = PassageEncoder(tiny_models["passage_model"], device="cpu", window_tokens=48, window_overlap=8)
     assert enc.replicate("cpu").model is not enc.model  # no graphs: loaded again
-    graphs = object()
+    from indexer.kernels import GraphedForward
+
+    graphs = GraphedForward(enc.forward, enc.device)  # none captured yet (and so of length 0)
     enc.run._graphed = graphs
     twin = enc.replicate("cpu")
     assert twin.model is enc.model and twin.run is not enc.run and twin.run._graphed is graphs
