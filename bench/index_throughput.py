@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import signal
 import statistics
@@ -36,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +48,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from indexer.config import Settings  # noqa: E402
+from indexer.store import EdgeStore  # noqa: E402
+
+EDGE_UPSERT_CHUNKS = EdgeStore.upsert_chunks
 
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 RESULTS: dict = {"rows": [], "notes": []}
@@ -244,6 +245,7 @@ class NullStore:
     def committed(self, paper_ids):
         return {}
     def upsert(self, collection, points) -> None: ...
+    def upsert_chunks(self, entries) -> None: ...
     def delete_chunks(self, paper_ids) -> None: ...
     def delete_papers(self, paper_ids) -> None: ...
     def flush(self) -> None: ...
@@ -423,20 +425,17 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
 
 
 def writer_code(which: str) -> None:
-    """The writer's per-chunk code as now ("new") or as before ("old"), for A/B rows in one process."""
-    import indexer.pipeline as pipeline
-    import indexer.store as store
-    import indexer.workers as workers
+    """Where the chunk points (ids, payloads) are made, for A/B rows in one process: in the chunk
+    shards' writer processes, as now ("new": EdgeStore.upsert_chunks sends the papers' chunks), or in
+    the indexing process ("old": as before, the points sent 256 an upsert call)."""
+    from indexer.store import EdgeStore, chunk_points
 
-    def uuid_ids(paper_id: str, chunk_index: int) -> str:
-        return str(uuid.uuid5(store.NAMESPACE, f"{paper_id}:{chunk_index}"))
+    def points_here(self, entries) -> None:
+        points = chunk_points(entries)
+        for i in range(0, len(points), 256):
+            self.upsert(self.chunks, points[i : i + 256])
 
-    def whole(obj) -> list:
-        body = pickle.dumps(obj, protocol=5)
-        return [pickle.dumps((len(body), []), protocol=5), body]
-
-    pipeline.chunk_point_id = uuid_ids if which == "old" else store.chunk_point_id
-    store.frames = whole if which == "old" else workers.frames
+    EdgeStore.upsert_chunks = points_here if which == "old" else EDGE_UPSERT_CHUNKS
 
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
@@ -609,8 +608,8 @@ def main() -> None:
     ap.add_argument("--papers-per-batch", type=int, nargs="+",
                     help="papers per group (each a run; default: as `paperindex index` has them on that many GPUs)")
     ap.add_argument("--writer", nargs="+", choices=["old", "new"], default=["new"],
-                    help="the writer's chunk point ids and messages to the chunk shards' processes as now (new), or as before "
-                         "(old: ids through uuid.uuid5, messages pickled whole, vectors in the pickle); each a run")
+                    help="chunk points (ids, payloads) made by the chunk shards' writer processes as now (new), or by the "
+                         "indexing process's writer thread as before (old); each a run (one GPU: the last only)")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
@@ -756,7 +755,7 @@ def main() -> None:
                 rings = args.ring or [passage_enc.run.in_flight]
                 for kind, shards, in_process, flight, spread, writer, gate, ring in [
                         (*r, f, sp, w, gt, rg) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
-                        for sp in spreads for w in args.writer for gt in (args.gate if n_gpus > 1 else args.gate[:1]) for rg in rings]:
+                        for sp in spreads for w in (args.writer if n_gpus > 1 else args.writer[-1:]) for gt in (args.gate if n_gpus > 1 else args.gate[:1]) for rg in rings]:
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight

@@ -32,16 +32,15 @@ from .chunking import WINDOWING, Chunk
 from .encoders import PaperEncoder, PassageEncoder
 from .kernels import one_device
 from .papers import BadRecord, PaperIn
-from .store import Layout, Point, Store, StoreUnavailable, chunk_point_id, paper_point_id
+from .store import Layout, Point, Store, StoreUnavailable, paper_point_id
 from .tokenizing import ChunkSpec, Windows
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HEAD_FALLBACK_WORDS = 300
-# Points per upsert call, unless the store says (`upsert_points`). Qdrant Edge in this process holds
-# the interpreter lock for a whole call (~0.2 ms a chunk), so short calls let the GPU threads in
-# between (they need it briefly, a few times a batch).
+# Paper points per upsert call. Qdrant Edge in this process holds the interpreter lock for a whole
+# call, so short calls let the GPU threads in between (they need it briefly, a few times a batch).
 UPSERT_POINTS = 16
 # While indexing, threads hand over the interpreter lock after this long (Python's default, 5 ms,
 # would let a busy writer stall a GPU thread's next launch for that long, many times per batch).
@@ -282,15 +281,13 @@ class Indexer:
             if b.replace:
                 retry(self.store.delete_papers, b.replace)
             retry(self.store.delete_chunks, [p.paper_id for p in b.papers if p.paper_id not in set(b.replace)])
-            points, at = [], 0
+            entries, at = [], 0
             for p, cs in zip(b.papers, b.chunks):
-                meta = p.metadata()
-                for c in cs:
-                    points.append(Point(chunk_point_id(p.paper_id, c.chunk_index), b.chunk_vecs[at], self.chunk_payload(p, c, meta)))
-                    at += 1
-            step = getattr(self.store, "upsert_points", None) or UPSERT_POINTS  # a server store takes bigger calls
-            for i in range(0, len(points), step):
-                retry(self.store.upsert, self.store.chunks, points[i : i + step])
+                if cs:
+                    entries.append(((p.paper_id, p.title, p.year, p.metadata()), [(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
+                                    b.chunk_vecs[at : at + len(cs)]))
+                    at += len(cs)
+            retry(self.store.upsert_chunks, entries)  # the store makes the points (see PaperChunks)
             paper_points = [
                 Point(paper_point_id(p.paper_id), b.paper_vecs[i], self.paper_payload(p, h, len(cs)))
                 for i, (p, h, cs) in enumerate(zip(b.papers, b.hashes, b.chunks))
@@ -307,18 +304,6 @@ class Indexer:
             else:
                 retry(self.store.flush)
                 written()
-
-    @staticmethod
-    def chunk_payload(p: PaperIn, c: Chunk, meta: dict) -> dict:
-        return {
-            "paper_id": p.paper_id,
-            "paper_uuid": paper_point_id(p.paper_id),
-            "chunk_index": c.chunk_index,
-            "year": p.year,
-            "text": c.text,
-            "metadata": {"paper_id": p.paper_id, "title": p.title, "year": p.year, "chunk_index": c.chunk_index,
-                         "word_start": c.word_start, "word_end": c.word_end, **meta},
-        }
 
     @staticmethod
     def paper_payload(p: PaperIn, content_hash: str, n_chunks: int) -> dict:

@@ -86,6 +86,31 @@ class Point:
     payload: dict[str, Any]
 
 
+# A paper's chunks to write (Store.upsert_chunks): the paper (paper_id, title, year, metadata), its
+# chunks (chunk_index, word_start, word_end, text), and their vectors (an array a chunk). The store
+# makes the points (ids and payloads) where it writes them: the embedded store's chunk shard writer
+# processes make their own, not the indexing process under the interpreter lock its GPU threads need.
+PaperChunks = tuple[tuple[str, str, Any, dict], Sequence[tuple[int, int, int, str]], Sequence[np.ndarray]]
+
+
+def chunk_payload(paper: tuple[str, str, Any, dict], chunk: tuple[int, int, int, str]) -> dict:
+    paper_id, title, year, meta = paper
+    chunk_index, word_start, word_end, text = chunk
+    return {
+        "paper_id": paper_id,
+        "paper_uuid": paper_point_id(paper_id),
+        "chunk_index": chunk_index,
+        "year": year,
+        "text": text,
+        "metadata": {"paper_id": paper_id, "title": title, "year": year, "chunk_index": chunk_index,
+                     "word_start": word_start, "word_end": word_end, **meta},
+    }
+
+
+def chunk_points(entries: Sequence[PaperChunks]) -> list[Point]:
+    return [Point(chunk_point_id(paper[0], c[0]), v, chunk_payload(paper, c)) for paper, chunks, vectors in entries for c, v in zip(chunks, vectors)]
+
+
 @dataclass
 class Hit:
     id: str
@@ -134,9 +159,8 @@ class StoreOptions:
 
 
 class Store(Protocol):
-    """What the pipeline and the service use. A store may also have `upsert_points` (points per
-    upsert call it wants) and `flush_soon(then)` (the end of a batch of writes, not waited for):
-    EdgeStore has both; the pipeline does without them."""
+    """What the pipeline and the service use. A store may also have `flush_soon(then)` (the end of a
+    batch of writes, not waited for): EdgeStore has it; the pipeline does without."""
 
     papers: str
     chunks: str
@@ -145,6 +169,7 @@ class Store(Protocol):
     def create(self, layout: Layout) -> None: ...
     def committed(self, paper_ids: Sequence[str]) -> dict[str, str]: ...
     def upsert(self, collection: str, points: Sequence[Point]) -> None: ...
+    def upsert_chunks(self, entries: Sequence[PaperChunks]) -> None: ...
     def delete_chunks(self, paper_ids: Sequence[str]) -> None: ...
     def delete_papers(self, paper_ids: Sequence[str]) -> None: ...
     def get_papers(self, paper_ids: Sequence[str], with_vectors: bool = False) -> dict[str, Point]: ...
@@ -219,9 +244,10 @@ class EdgeStore:
     in one of them (`chunk_shard`). Searches run over every chunk shard and merge; in
     `parallel_writes` each chunk shard is written by a process of its own (bulk indexing)."""
 
-    # Chunk points per upsert call from the pipeline (`upsert_points`) while writer processes have
-    # the chunk shards: ShardWriters gathers them per shard into messages of its own size.
-    WRITER_UPSERT_POINTS = 256
+    # Chunk points per shard update when this process writes them (upsert_chunks): Qdrant Edge holds
+    # the interpreter lock for a whole call (~0.2 ms a chunk), so short calls let the GPU threads in
+    # between (they need it briefly, a few times a batch).
+    IN_PROCESS_UPSERT_POINTS = 16
     # parallel_writes gives the chunk shards writer processes from this many shards on (an index of
     # one shard too: this process then only pickles the points, ~50 µs a chunk against ~280 µs of
     # converting and inserting them under the interpreter lock, which the GPU threads need).
@@ -399,11 +425,6 @@ class EdgeStore:
         return qe.Filter(must=must or None, must_not=must_not or None)
 
     # writes ------------------------------------------------------------------------------------
-    @property
-    def upsert_points(self) -> int | None:
-        """Points per upsert call the pipeline should make (None: its own default)."""
-        return self.WRITER_UPSERT_POINTS if self._writers is not None else None
-
     def _by_chunk_shard(self, items: Sequence, paper_id) -> dict[int, list]:
         out: dict[int, list] = {}
         n = self.chunk_shards
@@ -430,6 +451,18 @@ class EdgeStore:
                 self._shard_list(self.chunks)[i].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PASSAGE_VECTOR, part)))
         if self._writers is not None:
             self._commit(wait=False)
+
+    def upsert_chunks(self, entries: Sequence[PaperChunks]) -> None:
+        """Papers' chunks: to the chunk shards' writer processes as they are (each process makes the
+        points), or made into points and written here."""
+        if self._writers is None:
+            points = chunk_points(entries)
+            for i in range(0, len(points), self.IN_PROCESS_UPSERT_POINTS):
+                self.upsert(self.chunks, points[i : i + self.IN_PROCESS_UPSERT_POINTS])
+            return
+        for i, part in self._by_chunk_shard(entries, lambda e: e[0][0]).items():
+            self._writers.upsert_chunks(i, part)
+        self._commit(wait=False)
 
     def _write_papers(self, points: Sequence[Point]) -> None:
         self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PAPER_VECTOR, points)))
@@ -623,27 +656,45 @@ def _load_shard(qe, path: str, wait_s: float = OPEN_WAIT_S):
         time.sleep(0.2)
 
 
+def _stack(vectors: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Points' vectors as one array, and each point's rows in it (0: a single vector)."""
+    rows = [len(v) if v.ndim == 2 else 0 for v in vectors]
+    return np.concatenate([v.reshape(-1, v.shape[-1]) for v in vectors]).astype(np.float32, copy=False), rows
+
+
+def _values(vectors: np.ndarray, rows: list[int]) -> Iterator[list]:
+    """`_stack` undone: each point's vector as Qdrant Edge takes it."""
+    at = 0
+    for n in rows:
+        v = vectors[at : at + max(n, 1)]
+        at += max(n, 1)
+        yield (v if n else v[0]).tolist()
+
+
 def _pack(points: Sequence[Point]) -> tuple:
     """Points as one message to a writer process: their ids, their vectors in one array (rows a
     point: a multivector has several), their payloads. ~3x faster to pickle than the points (one
     array, not one a point), and this runs in the indexing process, under its interpreter lock."""
-    vectors = [p.vector for p in points]
-    rows = [len(v) if v.ndim == 2 else 0 for v in vectors]
-    return [p.id for p in points], np.concatenate([v.reshape(-1, v.shape[-1]) for v in vectors]).astype(np.float32, copy=False), rows, [p.payload for p in points]
+    return [p.id for p in points], *_stack([p.vector for p in points]), [p.payload for p in points]
 
 
 def _unpack(qe, vname: str, ids: list, vectors: np.ndarray, rows: list, payloads: list) -> list:
-    out, at = [], 0
-    for pid, n, payload in zip(ids, rows, payloads):
-        v = vectors[at : at + max(n, 1)]
-        at += max(n, 1)
-        out.append(qe.Point(pid, {vname: (v if n else v[0]).tolist()}, payload))
-    return out
+    return [qe.Point(pid, {vname: v}, payload) for pid, v, payload in zip(ids, _values(vectors, rows), payloads)]
+
+
+def _pack_chunks(entries: Sequence[PaperChunks]) -> tuple:
+    """Papers' chunks as one message to a writer process (which makes their points: `_unpack_chunks`)."""
+    return [e[0] for e in entries], [e[1] for e in entries], *_stack([v for e in entries for v in e[2]])
+
+
+def _unpack_chunks(qe, vname: str, papers: list, chunks: list, vectors: np.ndarray, rows: list) -> list:
+    values = _values(vectors, rows)
+    return [qe.Point(chunk_point_id(paper[0], c[0]), {vname: next(values)}, chunk_payload(paper, c)) for paper, cs in zip(papers, chunks) for c in cs]
 
 
 def _serve_shard() -> None:
     """A chunk shard's writer process: (path, vector name, wait_s) pickled, then messages written by
-    `write_frames`: ("upsert", *_pack(points)) / ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
+    `write_frames`: ("upsert", *_pack(points)) / ("chunks", *_pack_chunks(entries)) / ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
     ("error", message); the answer to "close" carries the seconds spent writing. After a failure it
     refuses what follows: the caller did not wait for it."""
     import qdrant_edge as qe
@@ -672,6 +723,8 @@ def _serve_shard() -> None:
             try:
                 if op == "upsert":
                     shard.update(qe.UpdateOperation.upsert_points(_unpack(qe, vname, *args)))
+                elif op == "chunks":
+                    shard.update(qe.UpdateOperation.upsert_points(_unpack_chunks(qe, vname, *args)))
                 elif op == "delete":
                     shard.update(qe.UpdateOperation.delete_points_by_filter(_edge_paper_filter(qe, args[0])))
                 elif op in ("flush", "close"):
@@ -719,7 +772,11 @@ class ShardWriters:
         self._sent = [1] * len(dirs)
         self._done = [0] * len(dirs)
         self._failed: list[str | None] = [None] * len(dirs)
+        # Writes gathered per shard: points (upsert), or papers' chunks (upsert_chunks) with their
+        # count of chunks; one kind at a time, so that the writes keep their order.
         self._gathered: list[list[Point]] = [[] for _ in dirs]
+        self._papers: list[deque[PaperChunks]] = [deque() for _ in dirs]
+        self._papers_chunks = [0] * len(dirs)
         self._outbox: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in dirs]
         self._lock = threading.Lock()  # the senders' side: _sent, _gathered
         self._answered = threading.Condition()  # the readers' side: _done, _failed
@@ -788,14 +845,33 @@ class ShardWriters:
         self._sent[i] += 1
 
     def _send_gathered(self, i: int, at_least: int = 1) -> None:
-        """Send shard i's gathered points, MESSAGE_POINTS a message, while `at_least` are left."""
+        """Send shard i's gathered writes, ~MESSAGE_POINTS points a message (whole papers' chunks),
+        while `at_least` points are left."""
         while len(self._gathered[i]) >= at_least:
             part, self._gathered[i] = self._gathered[i][: self.MESSAGE_POINTS], self._gathered[i][self.MESSAGE_POINTS :]
             self._send(i, ("upsert", *_pack(part)))
+        papers = self._papers[i]
+        while papers and self._papers_chunks[i] >= at_least:
+            part, n = [], 0
+            while papers and n < self.MESSAGE_POINTS:
+                part.append(papers.popleft())
+                n += len(part[-1][1])
+            self._papers_chunks[i] -= n
+            self._send(i, ("chunks", *_pack_chunks(part)))
 
     def upsert(self, i: int, points: Sequence[Point]) -> None:
         with self._lock:
+            if self._papers[i]:
+                self._send_gathered(i)  # writes keep their order
             self._gathered[i].extend(points)
+            self._send_gathered(i, at_least=self.MESSAGE_POINTS)
+
+    def upsert_chunks(self, i: int, entries: Sequence[PaperChunks]) -> None:
+        with self._lock:
+            if self._gathered[i]:
+                self._send_gathered(i)  # writes keep their order
+            self._papers[i].extend(e for e in entries if e[1])
+            self._papers_chunks[i] += sum(len(e[1]) for e in entries)
             self._send_gathered(i, at_least=self.MESSAGE_POINTS)
 
     def delete(self, i: int, paper_ids: Sequence[str]) -> None:
@@ -855,8 +931,8 @@ class ShardWriters:
 class ClientStore:
     """qdrant-client: a Qdrant server or cluster (`url`), or qdrant-client's own local mode (`location=":memory:"`)."""
 
-    # Points per upsert call from the pipeline: requests release the interpreter lock while they wait,
-    # and each call is split over `upload_parallel` concurrent requests.
+    # Chunk points per upsert request (upsert_chunks): requests release the interpreter lock while
+    # they wait, and each is split over `upload_parallel` concurrent requests.
     upsert_points = 512
 
     def __init__(
@@ -994,6 +1070,11 @@ class ClientStore:
             f.exception()
         for f in futures:
             f.result()
+
+    def upsert_chunks(self, entries: Sequence[PaperChunks]) -> None:
+        points = chunk_points(entries)
+        for i in range(0, len(points), self.upsert_points):
+            self.upsert(self.chunks, points[i : i + self.upsert_points])
 
     def delete_chunks(self, paper_ids: Sequence[str]) -> None:
         if paper_ids:

@@ -65,6 +65,59 @@ def test_parallel_writes_end_with_the_points_of_plain_writes(tmp_path):
     par.close()
 
 
+def entries(papers, per_paper=5, seed=0, windows=3):
+    """Papers' chunks as the pipeline hands them to Store.upsert_chunks."""
+    rng = np.random.default_rng(seed)
+    return [((f"p{p}", f"title {p}", 2000 + p % 5, {"venue": f"v{p % 3}"}),
+             [(c, 400 * c, 400 * c + 512, f"p{p} c{c} seed {seed}") for c in range(per_paper)],
+             [rng.standard_normal((windows, DIM)).astype(np.float32) for _ in range(per_paper)]) for p in papers]
+
+
+def everything(s):
+    return {p.id: (p.payload, p.vector) for part, _ in s.scroll(s.chunks) for p in part}
+
+
+def test_papers_chunks_made_into_points_by_the_writer_processes_are_the_points_made_here(tmp_path, monkeypatch):
+    """upsert_chunks sends papers' chunks to the chunk shards' processes, which make the points (ids,
+    payloads): the same points as chunk_points makes in this process, in the same order as the other
+    writes (a paper written twice, its chunks deleted between, points and papers' chunks mixed)."""
+    monkeypatch.setattr(store_module.ShardWriters, "MESSAGE_POINTS", 3)  # messages of whole papers, 3 chunks or more
+    first, second = entries(range(12)), entries(range(6, 10), per_paper=3, seed=1)
+    plain, par = sharded(tmp_path / "plain"), sharded(tmp_path / "par")
+    for s in (plain, par):
+        def write(s=s):
+            s.upsert_chunks(first)
+            s.delete_chunks(["p7"])
+            s.upsert(s.chunks, chunks([7], per_paper=2, seed=2))  # points, between papers' chunks
+            s.upsert_chunks(second + entries([20], per_paper=0))  # p6-p9 again (3 chunks of 5 replaced), a paper without chunks
+            s.upsert_chunks(entries([11], per_paper=2, seed=3))  # gathered (fewer than a message)...
+            s.upsert(s.chunks, chunks([11], per_paper=3, seed=4))  # ...and written before these points
+            s.upsert(s.papers, paper_points(range(12)))
+            s.flush()
+        if s is plain:
+            s.upsert_chunks = lambda es, s=s: s.upsert(s.chunks, store_module.chunk_points(es))  # made here
+            write()
+        else:
+            with s.parallel_writes():
+                assert s._writers is not None
+                write()
+    want, got = everything(plain), everything(par)
+    assert len(got) == 12 * 5 - 5 + 3 == len(want)  # p7: deleted, then 2 points, then 3 chunks
+    assert set(got) == set(want)
+    for pid, (payload, vec) in want.items():
+        assert got[pid][0] == payload
+        np.testing.assert_array_equal(got[pid][1], vec)
+    p8 = {p["chunk_index"]: p for p, _ in (got[chunk_point_id("p8", c)] for c in range(5))}
+    assert p8[0]["text"] == "p8 c0 seed 1" and p8[4]["text"] == "p8 c4 seed 0"
+    assert p8[1] == {"paper_id": "p8", "paper_uuid": paper_point_id("p8"), "chunk_index": 1, "year": 2003, "text": "p8 c1 seed 1",
+                     "metadata": {"paper_id": "p8", "title": "title 8", "year": 2003, "chunk_index": 1, "word_start": 400, "word_end": 912, "venue": "v2"}}
+    assert [got[chunk_point_id("p7", c)][0]["text"] for c in range(3)] == [f"p7 c{c} seed 1" for c in range(3)]  # after the points
+    assert chunk_point_id("p7", 3) not in got  # deleted
+    assert [got[chunk_point_id("p11", c)][0]["text"] for c in range(5)] == ["p11 c0", "p11 c1", "p11 c2", "p11 c3 seed 0", "p11 c4 seed 0"]
+    plain.close()
+    par.close()
+
+
 def test_chunk_reads_wait_for_the_end_of_parallel_writes(tmp_path):
     s = sharded(tmp_path / "idx")
     with s.parallel_writes():
