@@ -55,8 +55,10 @@ def batches(papers: list[PaperIn], per_batch: int, rng: np.random.Generator) -> 
 
 
 def timed(store: EdgeStore, spent: dict[str, float]) -> None:
-    """Wrap the store's write calls so their time adds to `spent` by kind."""
-    for name in ("upsert", "delete_chunks", "flush", "flush_soon"):
+    """Wrap the store's write calls so their time adds to `spent` by kind (a call made inside another
+    counts in the outer one: upsert_chunks may call upsert)."""
+    depth = threading.local()
+    for name in ("upsert", "upsert_chunks", "delete_chunks", "flush", "flush_soon"):
         fn = getattr(store, name, None)
         if fn is None:
             continue
@@ -65,11 +67,17 @@ def timed(store: EdgeStore, spent: dict[str, float]) -> None:
             key = _name
             if _name == "upsert":
                 key = "upsert papers" if args[0] == store.papers else "upsert chunks (send)"
+            elif _name == "upsert_chunks":
+                key = "upsert chunks (send)"
+            outer = not getattr(depth, "n", 0)
+            depth.n = getattr(depth, "n", 0) + 1
             t = time.perf_counter()
             try:
                 return _fn(*args, **kw)
             finally:
-                spent[key] += time.perf_counter() - t
+                depth.n -= 1
+                if outer:
+                    spent[key] += time.perf_counter() - t
 
         setattr(store, name, wrapper)
 
