@@ -48,9 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from indexer.config import Settings  # noqa: E402
-from indexer.store import EdgeStore  # noqa: E402
-
-EDGE_UPSERT_CHUNKS = EdgeStore.upsert_chunks
+from store_writes import writer_code  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 RESULTS: dict = {"rows": [], "notes": []}
@@ -422,20 +420,6 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
                 after_last_write_s=round(t1 - writes[-1][1], 3) if writes else None,
                 # every stage call: (stage, thread, start, end) in seconds from the run's start
                 spans=[(s, name, round(a - t0, 3), round(b - t0, 3)) for s, a, b, name in sorted(spans, key=lambda x: x[1])])
-
-
-def writer_code(which: str) -> None:
-    """Where the chunk points (ids, payloads) are made, for A/B rows in one process: in the chunk
-    shards' writer processes, as now ("new": EdgeStore.upsert_chunks sends the papers' chunks), or in
-    the indexing process ("old": as before, the points sent 256 an upsert call)."""
-    from indexer.store import EdgeStore, chunk_points
-
-    def points_here(self, entries) -> None:
-        points = chunk_points(entries)
-        for i in range(0, len(points), 256):
-            self.upsert(self.chunks, points[i : i + 256])
-
-    EdgeStore.upsert_chunks = points_here if which == "old" else EDGE_UPSERT_CHUNKS
 
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,

@@ -35,7 +35,7 @@ import corpus as corpus_mod  # noqa: E402
 from indexer.chunking import chunk_words  # noqa: E402
 from indexer.papers import PaperIn  # noqa: E402
 from indexer.pipeline import SWITCH_INTERVAL_S, Indexer, _Batch  # noqa: E402
-from indexer.store import EdgeStore, Layout, ShardWriters, StoreOptions  # noqa: E402
+from indexer.store import EdgeStore, Layout, ShardWriters, StoreOptions, chunk_points  # noqa: E402
 
 DIM = 768
 WINDOWS_PER_CHUNK = (3, 4)  # a 512-word chunk is ~750 tokens: 3 or 4 windows of 254
@@ -82,6 +82,22 @@ def timed(store: EdgeStore, spent: dict[str, float]) -> None:
         setattr(store, name, wrapper)
 
 
+EDGE_UPSERT_CHUNKS = EdgeStore.upsert_chunks
+
+
+def writer_code(which: str) -> None:
+    """Where the chunk points (ids, payloads) are made, for A/B rows in one process: in the chunk
+    shards' writer processes, as now ("new": EdgeStore.upsert_chunks sends the papers' chunks), or in
+    the indexing process ("old": as before, the points sent 256 an upsert call)."""
+
+    def points_here(self, entries) -> None:
+        points = chunk_points(entries)
+        for i in range(0, len(points), 256):
+            self.upsert(self.chunks, points[i : i + 256])
+
+    EdgeStore.upsert_chunks = points_here if which == "old" else EDGE_UPSERT_CHUNKS
+
+
 def busy(stop: threading.Event) -> None:
     """Python that wants the interpreter lock all the time (the pipeline's threads want it less)."""
     while not stop.is_set():
@@ -117,13 +133,14 @@ def _run(bs: list[_Batch], shards: int) -> dict:
         n_chunks = sum(len(cs) for b in bs for cs in b.chunks)
         with store.parallel_writes():
             time.sleep(1.0)  # the writer processes start and open their shards
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for b in bs:
                 idx._write(b)
             store.flush()  # what the last batches left in flight: the run's last flush waits for it
+            cpu = time.thread_time() - c0
         seconds = time.perf_counter() - t0
         row = {"shards": shards, "chunks": n_chunks, "seconds": round(seconds, 2), "chunks_s": round(n_chunks / seconds),
-               "split_s": {k: round(v, 2) for k, v in spent.items()}}
+               "writer_cpu_us_per_chunk": round(1e6 * cpu / n_chunks, 1), "split_s": {k: round(v, 2) for k, v in spent.items()}}
         row["split_s"]["other (payloads, points)"] = round(seconds - sum(spent.values()), 2)
         row["shard_writes"] = store.writes_report
         return row
@@ -139,17 +156,27 @@ def main() -> None:
                     help="threads running Python beside the writer, as the pipeline's GPU and planning threads do (each a run)")
     ap.add_argument("--message-points", type=int, nargs="+", default=[ShardWriters.MESSAGE_POINTS],
                     help="points per message to a shard's process (each a run)")
+    ap.add_argument("--writer", nargs="+", choices=["old", "new"], default=["new"],
+                    help="chunk points made by the shards' writer processes as now (new), or by the writer thread as before (old); each a run")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     papers = [PaperIn(**p) for p in corpus_mod.papers(args.papers, args.words)]
     bs = batches(papers, args.per_batch, rng)
-    rows = [{"busy_threads": k, "message_points": m, **run(bs, n, k, m)} for k in args.busy_threads for n in args.shards for m in args.message_points]
+    rows = []
+    for k in args.busy_threads:
+        for n in args.shards:
+            for m in args.message_points:
+                for w in args.writer:
+                    writer_code(w)
+                    rows.append({"busy_threads": k, "message_points": m, "writer": w, **run(bs, n, k, m)})
+    writer_code("new")
     print(f"cores: {os.cpu_count()}")
-    print("| chunk shards | busy threads | points a message | chunks | seconds | chunks/s | writer time by call (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| chunk shards | busy threads | points a message | writer | chunks | seconds | chunks/s | writer thread CPU µs/chunk | writer time by call (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         split = ", ".join(f"{k} {v}" for k, v in r["split_s"].items())
-        print(f"| {r['shards']} | {r['busy_threads']} | {r['message_points']} | {r['chunks']:,} | {r['seconds']} | {r['chunks_s']:,} | {split} |")
+        print(f"| {r['shards']} | {r['busy_threads']} | {r['message_points']} | {r['writer']} | {r['chunks']:,} | {r['seconds']} | {r['chunks_s']:,} | "
+              f"{r['writer_cpu_us_per_chunk']} | {split} |")
     print("shard writes (the writer thread's wait for a shard with a full outbox; each shard process's time writing):")
     for r in rows:
         print(f"  {r['shards']} shards, {r['busy_threads']} busy threads: {r['shard_writes']}")
