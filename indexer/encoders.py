@@ -309,11 +309,12 @@ class BatchRunner:
         slot.batch, slot.result = batch, result[:n]
 
     def _release(self) -> None:
-        """Free what an out-of-memory error left behind (graphs are re-captured at the new budget)."""
-        if self._graphed is not None:
-            self._graphed.clear()
+        """Free what an out-of-memory error left behind (graphs are re-captured at the new budget).
+        A GPU's encoder threads share its graphs: they are dropped once no capture or replay is under way."""
         if self.device.type == "cuda":
             with gpu_gate.exclusive():
+                if self._graphed is not None:
+                    self._graphed.clear()
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()
 
