@@ -249,8 +249,8 @@ class EdgeStore:
     # between (they need it briefly, a few times a batch).
     IN_PROCESS_UPSERT_POINTS = 16
     # parallel_writes gives the chunk shards writer processes from this many shards on (an index of
-    # one shard too: this process then only pickles the points, ~50 µs a chunk against ~280 µs of
-    # converting and inserting them under the interpreter lock, which the GPU threads need).
+    # one shard too: this process then only pickles the papers' chunks, ~10 µs a chunk against ~280 µs
+    # of converting and inserting them under the interpreter lock, which the GPU threads need).
     WRITER_MIN_SHARDS = 1
 
     def __init__(self, path: Path | str, papers: str = "papers", chunks: str = "chunks", options: StoreOptions | None = None) -> None:
