@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HEAD_FALLBACK_WORDS = 300
-# Paper points per upsert call. Qdrant Edge in this process holds the interpreter lock for a whole
-# call, so short calls let the GPU threads in between (they need it briefly, a few times a batch).
-UPSERT_POINTS = 16
 # While indexing, threads hand over the interpreter lock after this long (Python's default, 5 ms,
 # would let a busy writer stall a GPU thread's next launch for that long, many times per batch).
 SWITCH_INTERVAL_S = 0.0005
@@ -292,8 +289,7 @@ class Indexer:
                 Point(paper_point_id(p.paper_id), b.paper_vecs[i], self.paper_payload(p, h, len(cs)))
                 for i, (p, h, cs) in enumerate(zip(b.papers, b.hashes, b.chunks))
             ]
-            for i in range(0, len(paper_points), UPSERT_POINTS):
-                retry(self.store.upsert, self.store.papers, paper_points[i : i + UPSERT_POINTS])
+            retry(self.store.upsert, self.store.papers, paper_points)
             # Each group is flushed while the next ones encode (an embedded store writes its segments
             # without the interpreter lock), so the run ends with one group to flush, not all of them
             # (~1 s for 90,000 chunks). A store whose chunk writes run elsewhere takes the flush and

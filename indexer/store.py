@@ -244,9 +244,9 @@ class EdgeStore:
     in one of them (`chunk_shard`). Searches run over every chunk shard and merge; in
     `parallel_writes` each chunk shard is written by a process of its own (bulk indexing)."""
 
-    # Chunk points per shard update when this process writes them (upsert_chunks): Qdrant Edge holds
-    # the interpreter lock for a whole call (~0.2 ms a chunk), so short calls let the GPU threads in
-    # between (they need it briefly, a few times a batch).
+    # Points per shard update where this process writes them (papers; chunks outside parallel_writes):
+    # Qdrant Edge holds the interpreter lock for a whole call (~0.2 ms a chunk), so short calls let the
+    # GPU threads in between (they need it briefly, a few times a batch).
     IN_PROCESS_UPSERT_POINTS = 16
     # parallel_writes gives the chunk shards writer processes from this many shards on (an index of
     # one shard too: this process then only pickles the papers' chunks, ~10 µs a chunk against ~280 µs
@@ -448,7 +448,7 @@ class EdgeStore:
             if self._writers is not None:
                 self._writers.upsert(i, part)
             else:
-                self._shard_list(self.chunks)[i].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PASSAGE_VECTOR, part)))
+                self._update(self._shard_list(self.chunks)[i], PASSAGE_VECTOR, part)
         if self._writers is not None:
             self._commit(wait=False)
 
@@ -456,16 +456,20 @@ class EdgeStore:
         """Papers' chunks: to the chunk shards' writer processes as they are (each process makes the
         points), or made into points and written here."""
         if self._writers is None:
-            points = chunk_points(entries)
-            for i in range(0, len(points), self.IN_PROCESS_UPSERT_POINTS):
-                self.upsert(self.chunks, points[i : i + self.IN_PROCESS_UPSERT_POINTS])
+            self.upsert(self.chunks, chunk_points(entries))
             return
         for i, part in self._by_chunk_shard(entries, lambda e: e[0][0]).items():
             self._writers.upsert_chunks(i, part)
         self._commit(wait=False)
 
     def _write_papers(self, points: Sequence[Point]) -> None:
-        self._shard_list(self.papers)[0].update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, PAPER_VECTOR, points)))
+        self._update(self._shard_list(self.papers)[0], PAPER_VECTOR, points)
+
+    def _update(self, shard, vname: str, points: Sequence[Point]) -> None:
+        """Upsert into a shard open in this process, IN_PROCESS_UPSERT_POINTS a call."""
+        step = self.IN_PROCESS_UPSERT_POINTS
+        for i in range(0, len(points), step):
+            shard.update(self.qe.UpdateOperation.upsert_points(_edge_points(self.qe, vname, points[i : i + step])))
 
     def _commit(self, wait: bool) -> None:
         """Write the paper points whose chunk writes are done, in the order they came; with `wait`,

@@ -407,3 +407,29 @@ def test_messages_carry_arrays_apart_and_read_back_whole():
     truncated = io.BytesIO(b"".join(bytes(p) for p in parts)[:-10])
     with pytest.raises(EOFError):
         read_frames(truncated)
+
+
+def test_writes_in_this_process_go_in_short_calls(tmp_path):
+    """Qdrant Edge holds the interpreter lock for a whole update: where this process writes (papers;
+    chunks outside parallel_writes), it writes IN_PROCESS_UPSERT_POINTS points a call."""
+    s = sharded(tmp_path / "idx", shards=1)
+    calls: list = []
+
+    class Counted:
+        def __init__(self, shard):
+            self._shard = shard
+
+        def __getattr__(self, name):
+            return getattr(self._shard, name)
+
+        def update(self, op):
+            calls.append(op)
+            return self._shard.update(op)
+
+    for name in (s.papers, s.chunks):
+        s._shards[name] = [Counted(sh) for sh in s._shards[name]]
+    s.upsert(s.papers, paper_points(range(40)))
+    s.upsert_chunks(entries(range(7)))  # 35 chunks
+    assert len(calls) == 3 + 3  # 40 papers: 16 + 16 + 8; 35 chunks: 16 + 16 + 3
+    assert s.count(s.papers) == 40 and s.count(s.chunks) == 35
+    s.close()
