@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,13 +151,22 @@ class GpuEvents:
     on the stream it runs on: each GPU's share of its encoding time that it ran batches, and its time
     per token on the full-width passage batches (a slower GPU, or a GPU left waiting?)."""
 
-    def __init__(self, full_width: int) -> None:
+    def __init__(self, full_width: int, devices: Sequence[torch.device] = ()) -> None:
         self.full_width = full_width
         self.marks: dict = defaultdict(list)  # device -> [(start, end, rows, width)]
+        self.devices = devices
+        self.anchors: dict = {}  # device -> (event, perf_counter at it): puts the GPU's gaps on the run's clock
 
     def __enter__(self):
         from indexer import kernels
 
+        for d in self.devices:
+            with torch.cuda.device(d):
+                torch.cuda.synchronize()
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                ev.synchronize()
+                self.anchors[str(d)] = (ev, time.perf_counter())
         self.real = real = kernels.GraphedForward.replay
         marks = self.marks
 
@@ -177,7 +186,9 @@ class GpuEvents:
 
         kernels.GraphedForward.replay = self.real
 
-    def report(self) -> dict:
+    def report(self, t0: float | None = None) -> dict:
+        """Per GPU; with `t0` (perf_counter at the run's start) also its longest idle gaps, each
+        [start s, length ms] on the run's clock (as the timeline's spans)."""
         out = {}
         for dev, marks in sorted(self.marks.items()):
             torch.cuda.synchronize(dev)
@@ -201,6 +212,11 @@ class GpuEvents:
                             idle_gaps=len(merged) - 1, idle_s=round(float(gaps.sum()) / 1e3, 2),
                             idle_in_gaps_over_10ms_s=round(float(gaps[gaps > 10].sum()) / 1e3, 2), longest_gap_ms=round(float(gaps.max()), 1),
                             full_batches=len(full), us_per_ktok_full=round(float(np.median(full)), 2) if full else None)
+            if t0 is not None and dev in self.anchors:
+                anchor, at = self.anchors[dev]
+                start = at + anchor.elapsed_time(ref) / 1e3 - t0  # the first mark on the run's clock
+                longest = sorted(zip(merged, merged[1:]), key=lambda ab: ab[0][1] - ab[1][0])[:8]
+                out[dev]["longest_gaps"] = [[round(start + a[1] / 1e3, 3), round(b[0] - a[1], 1)] for a, b in sorted(longest)]
         return out
 
 
@@ -423,7 +439,7 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
 
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
-              gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256) -> dict:
+              gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256, create_here: bool = False) -> dict:
     from contextlib import nullcontext
 
     from indexer.papers import read_papers
@@ -445,11 +461,12 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
-    events = GpuEvents(passage_enc.window_tokens + 2) if GPU_EVENTS else nullcontext()
+    events = GpuEvents(passage_enc.window_tokens + 2, devices) if GPU_EVENTS else nullcontext()
     with GpuMonitor(devices) as mon, LockProbe() as probe, events, sampled(name if store_kind == "edge" and PROFILE else None):
         t = time.perf_counter()
-        idx.ensure_collections()  # as `paperindex index` runs it: the chunk shards' writer processes open them
-        with store.parallel_writes() if store_kind == "edge" else nullcontext():
+        if create_here:
+            idx.ensure_collections()  # as before: the chunk shards created in this process, then opened by the writers
+        with store.parallel_writes() if store_kind == "edge" else nullcontext():  # as `paperindex index` runs it
             stats = idx.index((p for i, p in enumerate(read_papers([corpus])) if i < n), on_batch=lambda s: marks.append((time.perf_counter(), s.chunks)))
         for d in devices:
             sync(d)
@@ -467,7 +484,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         steady_chunks_s=(marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) > 2 else None,
         gemm_pct=100 * (stats.tokens * flops_per_token(width) + stats.head_tokens * flops_per_token(384)) / dt / (gemm * len(devices) * 1e12) if gemm else None,
         gpu_busy=mon.busy, sm_mhz="/".join(f"{np.mean([c[i] for c in mon.clocks]):.0f}" for i in range(len(mon.handles))) if mon.clocks else None,
-        gpu_events=events.report() if GPU_EVENTS else None, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base[0] if base else None,
+        gpu_events=events.report(t) if GPU_EVENTS else None, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base[0] if base else None,
         tok_ratio_vs_old=ctok / dt / base[1] if base else None,
         stage_busy_s={k: round(v, 1) for k, v in busy.items() if k != "spans"},
         writer_split_s={**{k: round(v, 2) for k, v in writes.items()}, "other (payloads, points)": round(busy["write_s"] - sum(writes.values()), 2)} if writes else None,
@@ -594,6 +611,9 @@ def main() -> None:
     ap.add_argument("--writer", nargs="+", choices=["old", "new"], default=["new"],
                     help="chunk points (ids, payloads) made by the chunk shards' writer processes as now (new), or by the "
                          "indexing process's writer thread as before (old); each a run (one GPU: the last only)")
+    ap.add_argument("--create", nargs="+", choices=["here", "writers"], default=["writers"],
+                    help="a new index's chunk shards created by their writer processes while the run starts (writers: as now), or in "
+                         "this process before it (here: as before); each a run (one GPU: the last only)")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
@@ -737,9 +757,10 @@ def main() -> None:
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]
                 spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
                 rings = args.ring or [passage_enc.run.in_flight]
-                for kind, shards, in_process, flight, spread, writer, gate, ring in [
-                        (*r, f, sp, w, gt, rg) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
-                        for sp in spreads for w in (args.writer if n_gpus > 1 else args.writer[-1:]) for gt in (args.gate if n_gpus > 1 else args.gate[:1]) for rg in rings]:
+                for kind, shards, in_process, flight, spread, writer, gate, ring, create in [
+                        (*r, f, sp, w, gt, rg, cr) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
+                        for sp in spreads for w in (args.writer if n_gpus > 1 else args.writer[-1:]) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
+                        for rg in rings for cr in (args.create if n_gpus > 1 else args.create[-1:])]:
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight
@@ -757,9 +778,10 @@ def main() -> None:
                     label += f", writer {writer}" if len(args.writer) > 1 else ""
                     label += f", capture holds back {'its GPU' if gate == 'gpu' else 'every GPU'}" if len(args.gate) > 1 and n_gpus > 1 else ""
                     label += ", fresh graphs" if args.fresh_graphs else ""
+                    label += f", shards created {'in this process' if create == 'here' else 'by the writers'}" if len(args.create) > 1 else ""
                     label += f", {ring} batches in flight per thread" if len(rings) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
-                              shards, in_process, group)
+                              shards, in_process, group, create_here=create == "here")
         finally:
             passage_enc.close()
 

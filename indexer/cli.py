@@ -101,9 +101,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar.set_postfix(post, refresh=False)
 
     try:
-        # The embedded store writes its chunk shards from processes of their own meanwhile (they
-        # open the shards, so the collections are made first).
-        rt.indexer.ensure_collections()
+        # The embedded store writes its chunk shards from processes of their own meanwhile (on a new
+        # index they create them, while the run starts).
         with getattr(rt.store, "parallel_writes", contextlib.nullcontext)():
             stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
         rt.store.finish_bulk()

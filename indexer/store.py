@@ -23,6 +23,7 @@ import json
 import logging
 import pickle
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -32,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -264,6 +265,7 @@ class EdgeStore:
         # Collections on disk not open in this process (closed by parallel_writes): opened on first use.
         self._unopened: dict[str, list[Path]] = {}
         self._writers: ShardWriters | None = None
+        self._parallel: list[Path] | None = None  # inside parallel_writes: the folders its writers hold
         self.writes_report: dict | None = None  # the last parallel_writes: who waited for whom (bench/)
         # Paper points waiting for their chunk writes (ShardWriters.ticket) while the writers run,
         # and what to call once they are written (flush_soon).
@@ -301,38 +303,27 @@ class EdgeStore:
     def layout(self) -> Layout | None:
         if not self._exists(self.papers) or not self._exists(self.chunks):
             return None
+        if self._writers is not None:
+            self._writers.wait(self._writers.opened)  # their shards' configs are on disk once they answered
         paper_cfg = json.loads((self.path / self.papers / "edge_config.json").read_text())
         dim, multi = self._read_layout()
         return Layout(int(paper_cfg["vectors"][PAPER_VECTOR]["size"]), dim, multi)
 
-    def _hnsw(self, m: int):
-        return self.qe.HnswIndexConfig(m=m, ef_construct=self.options.hnsw_ef_construct, full_scan_threshold=10000)
-
-    def _vector_params(self, dim: int, distance, multivector: bool, quantization: str, on_disk: bool):
-        qe = self.qe
-        quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True) if quantization == "int8" else None
-        return qe.EdgeVectorParams(
-            size=dim,
-            distance=distance,
-            multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim) if multivector else None,
-            on_disk=on_disk or None,
-            quantization_config=quant,
-        )
-
-    def _specs(self, layout: Layout) -> dict[str, tuple[str, int, Any, bool, tuple[str, ...]]]:
-        qe = self.qe
+    def _specs(self, layout: Layout) -> dict[str, ShardSpec]:
+        """What each collection's new shards are created with, chunks first."""
+        o = self.options
+        m = 0 if o.bulk_load else o.hnsw_m
         return {
-            self.papers: (PAPER_VECTOR, layout.paper_dim, qe.Distance.Euclid, False, ("paper_id", "year")),
-            self.chunks: (PASSAGE_VECTOR, layout.chunk_dim, qe.Distance.Dot, layout.multivector, ("paper_id", "paper_uuid", "year", "chunk_index")),
+            self.chunks: ShardSpec(PASSAGE_VECTOR, layout.chunk_dim, "Dot", layout.multivector, m, o.hnsw_ef_construct, o.quantization,
+                                   o.vectors_on_disk, ("paper_id", "paper_uuid", "year", "chunk_index")),
+            self.papers: ShardSpec(PAPER_VECTOR, layout.paper_dim, "Euclid", False, m, o.hnsw_ef_construct, o.quantization, o.vectors_on_disk,
+                                   ("paper_id", "year")),
         }
 
-    def _config(self, spec: tuple, m: int, quantization: str, on_disk: bool):
-        vname, dim, distance, multi, _ = spec
-        params = self._vector_params(dim, distance, multi, quantization, on_disk)
-        # Payload (chunk text) on disk, as on a Qdrant server: filters use the in-RAM payload indexes.
-        return self.qe.EdgeConfig(vectors={vname: params}, hnsw_config=self._hnsw(m), on_disk_payload=True)
-
     def create(self, layout: Layout) -> None:
+        """Create the collections that do not exist. Inside `parallel_writes`, a new chunks
+        collection's shards are created by their writer processes, side by side, while this process
+        goes on (~0.08 s a shard, most of it the payload indexes)."""
         existing = self.layout()
         if existing is not None:
             if existing != layout:
@@ -341,20 +332,14 @@ class EdgeStore:
                     "use another PAPERINDEX_QDRANT_PATH or delete the old index"
                 )
             return
-        qe = self.qe
-        m = 0 if self.options.bulk_load else self.options.hnsw_m
         for name, spec in self._specs(layout).items():
-            if name in self._shards or name in self._unopened:
+            if self._exists(name):
                 continue
-            shards = []
-            for d in self._dirs(name, self.options.chunk_shards if name == self.chunks else 1):
-                shard = qe.EdgeShard.create(str(d), self._config(spec, m, self.options.quantization, self.options.vectors_on_disk))
-                for key in spec[4]:
-                    kind = qe.PayloadSchemaType.Integer if key in ("year", "chunk_index") else qe.PayloadSchemaType.Keyword
-                    shard.update(qe.UpdateOperation.create_field_index(key, kind))
-                shard.flush()
-                shards.append(shard)
-            self._shards[name] = shards
+            dirs = self._dirs(name, self.options.chunk_shards if name == self.chunks else 1)
+            if name == self.chunks and self._parallel is not None:
+                self._start_writers(dirs, create=spec)
+            else:
+                self._shards[name] = [_create_shard(self.qe, d, spec) for d in dirs]
         self._multivector = layout.multivector
 
     def _exists(self, name: str) -> bool:
@@ -403,9 +388,10 @@ class EdgeStore:
         for name, spec in self._specs(layout).items():
             if self.hnsw_m(name) != self.options.hnsw_m:
                 # only m changes: the vectors keep the quantization and placement they were created with
-                stored = json.loads((self.path / name / "edge_config.json").read_text())["vectors"][spec[0]]
-                quantization = "int8" if stored.get("quantization_config") else "none"
-                self._open(name, self._config(spec, self.options.hnsw_m, quantization, bool(stored.get("on_disk"))))
+                stored = json.loads((self.path / name / "edge_config.json").read_text())["vectors"][spec.vector]
+                spec = replace(spec, m=self.options.hnsw_m, quantization="int8" if stored.get("quantization_config") else "none",
+                               on_disk=bool(stored.get("on_disk")))
+                self._open(name, _edge_config(self.qe, spec))
             for shard in self._shard_list(name):
                 shard.optimize()
         self.options = StoreOptions(**{**self.options.__dict__, "bulk_load": False})
@@ -532,30 +518,45 @@ class EdgeStore:
         at up to `chunk_shards` times one process's rate (Qdrant Edge converts and inserts a point
         holding the interpreter lock: ~0.2-0.3 ms per chunk of multivectors and text). Chunk reads
         are refused until the block ends; a paper point is written once the chunk writes sent before it
-        are done (the block's end writes the last ones)."""
-        if not self._exists(self.chunks) or self.chunk_shards < self.WRITER_MIN_SHARDS or self._writers is not None:
+        are done (the block's end writes the last ones). A new index's chunk shards are created by
+        their processes when `create` runs in the block."""
+        new = not self._exists(self.chunks)
+        if self._parallel is not None or (self.options.chunk_shards if new else self.chunk_shards) < self.WRITER_MIN_SHARDS:
             yield
             return
-        dirs = self._dirs(self.chunks, self.chunk_shards)
-        for shard in self._shards.pop(self.chunks, ()):
-            shard.flush()
-            shard.close()
-        self._unopened.pop(self.chunks, None)
+        self._parallel = []  # the chunk shards' folders once the writers hold them
         try:
-            self._writers = ShardWriters(dirs, PASSAGE_VECTOR)
+            if not new:
+                self._start_writers(self._dirs(self.chunks, self.chunk_shards))
             yield
-            self._commit(wait=True)
-            self._writers.close()
-            w = self._writers
-            self.writes_report = {"caller_waited_s": round(w.waited_s, 2), "shard_busy_s": [None if b is None else round(b, 2) for b in w.busy_s]}
+            if self._writers is not None:
+                self._commit(wait=True)
+                self._writers.close()
+                w = self._writers
+                self.writes_report = {"caller_waited_s": round(w.waited_s, 2), "shard_busy_s": [None if b is None else round(b, 2) for b in w.busy_s]}
         finally:
+            dirs, self._parallel = self._parallel, None
             if self._writers is not None:
                 self._writers.stop()
                 self._writers = None
             self._commits.clear()  # after a failure: not written, so a rerun redoes those papers
-            # Opened again when next read or written here: a `paperindex index` run ends without (~0.4 s
-            # a shard of 30,000 chunks), and `finish_bulk` opens them once, with its own config.
-            self._unopened[self.chunks] = dirs
+            if all((d / "edge_config.json").exists() for d in dirs):
+                # Opened again when next read or written here: a `paperindex index` run ends without (~0.4 s
+                # a shard of 30,000 chunks), and `finish_bulk` opens them once, with its own config.
+                if dirs:
+                    self._unopened[self.chunks] = dirs
+            else:  # a new index whose shards were not all created: none was written, the next create makes them
+                for d in dirs:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    def _start_writers(self, dirs: list[Path], create: ShardSpec | None = None) -> None:
+        """The chunk shards (`create`: new ones) to writer processes, for the rest of parallel_writes."""
+        for shard in self._shards.pop(self.chunks, ()):
+            shard.flush()
+            shard.close()
+        self._unopened.pop(self.chunks, None)
+        self._writers = ShardWriters(dirs, PASSAGE_VECTOR, create)
+        self._parallel[:] = dirs
 
     # reads -------------------------------------------------------------------------------------
     def get_papers(self, paper_ids: Sequence[str], with_vectors: bool = False) -> dict[str, Point]:
@@ -660,6 +661,50 @@ def _load_shard(qe, path: str, wait_s: float = OPEN_WAIT_S):
         time.sleep(0.2)
 
 
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a new Qdrant Edge shard is created with, in plain values (a writer process creates its
+    chunk shard from one: see EdgeStore.create)."""
+
+    vector: str
+    dim: int
+    distance: str  # a qdrant_edge.Distance name
+    multivector: bool
+    m: int  # HNSW m; 0 defers the graph (bulk load)
+    ef_construct: int
+    quantization: str  # "none" | "int8"
+    on_disk: bool
+    indexes: tuple[str, ...]  # payload keys indexed; "year" and "chunk_index" as integers
+
+
+def _edge_config(qe, spec: ShardSpec):
+    quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True) if spec.quantization == "int8" else None
+    params = qe.EdgeVectorParams(
+        size=spec.dim,
+        distance=getattr(qe.Distance, spec.distance),
+        multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim) if spec.multivector else None,
+        on_disk=spec.on_disk or None,
+        quantization_config=quant,
+    )
+    hnsw = qe.HnswIndexConfig(m=spec.m, ef_construct=spec.ef_construct, full_scan_threshold=10000)
+    # Payload (chunk text) on disk, as on a Qdrant server: filters use the in-RAM payload indexes.
+    return qe.EdgeConfig(vectors={spec.vector: params}, hnsw_config=hnsw, on_disk_payload=True)
+
+
+def _create_shard(qe, path: Path, spec: ShardSpec):
+    """A new shard at `path`, its payload indexes made before any point. A folder already there is
+    what a creation that did not finish left (a collection is created only where its first shard's
+    config is missing, and its shards get no write before all are created), so it is replaced."""
+    if path.exists():
+        shutil.rmtree(path)
+    shard = qe.EdgeShard.create(str(path), _edge_config(qe, spec))
+    for key in spec.indexes:
+        kind = qe.PayloadSchemaType.Integer if key in ("year", "chunk_index") else qe.PayloadSchemaType.Keyword
+        shard.update(qe.UpdateOperation.create_field_index(key, kind))
+    shard.flush()
+    return shard
+
+
 def _stack(vectors: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     """Points' vectors as one array, and each point's rows in it (0: a single vector)."""
     rows = [len(v) if v.ndim == 2 else 0 for v in vectors]
@@ -697,19 +742,20 @@ def _unpack_chunks(qe, vname: str, papers: list, chunks: list, vectors: np.ndarr
 
 
 def _serve_shard() -> None:
-    """A chunk shard's writer process: (path, vector name, wait_s) pickled, then messages written by
-    `write_frames`: ("upsert", *_pack(points)) / ("chunks", *_pack_chunks(entries)) / ("delete", paper_ids) / ("flush",) / ("close",), each answered ("ok", None) or
-    ("error", message); the answer to "close" carries the seconds spent writing. After a failure it
-    refuses what follows: the caller did not wait for it."""
+    """A chunk shard's writer process: (path, vector name, wait_s, the ShardSpec to create the shard
+    with or None to open it) pickled, then messages written by `write_frames`: ("upsert",
+    *_pack(points)) / ("chunks", *_pack_chunks(entries)) / ("delete", paper_ids) / ("flush",) /
+    ("close",), each answered ("ok", None) or ("error", message); the answer to "close" carries the
+    seconds spent writing. After a failure it refuses what follows: the caller did not wait for it."""
     import qdrant_edge as qe
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     inp, out = streams()
-    path, vname, wait_s = pickle.load(inp)
+    path, vname, wait_s, create = pickle.load(inp)
     try:
-        shard = _load_shard(qe, path, wait_s)
+        shard = _load_shard(qe, path, wait_s) if create is None else _create_shard(qe, Path(path), create)
     except Exception as exc:
-        answer(out, ("error", f"cannot open {path}: {exc}"))
+        answer(out, ("error", f"cannot {'open' if create is None else 'create'} {path}: {exc}"))
         return
     answer(out, ("ok", None))
     failed: str | None = None
@@ -766,13 +812,16 @@ class ShardWriters:
     # ~45% of it (8,398 -> 10,437 chunks/s with 16; 48 gave the same). At most ~11 MB a shard.
     IN_FLIGHT = 16
 
-    def __init__(self, dirs: Sequence[Path], vname: str) -> None:
+    def __init__(self, dirs: Sequence[Path], vname: str, create: ShardSpec | None = None) -> None:
         self.shards = len(dirs)
         self._procs = [spawn("from indexer.store import _serve_shard; _serve_shard()") for _ in dirs]
         self._finalizer = weakref.finalize(self, stop, self._procs, 60)
         # Messages sent to each process and answers read from it. Each process answers once it has
-        # opened its shard; that answer counts like a write's, so the caller goes on meanwhile
-        # (starting Python and opening a shard take ~0.3 s).
+        # opened its shard (with `create`: created it); that answer counts like a write's, so the
+        # caller goes on meanwhile (starting Python and opening a shard take ~0.3 s). The sending
+        # threads hold the writes back until every process has answered: a new index whose shards
+        # were not all created gets no chunk.
+        self.opened = (1,) * len(dirs)  # the ticket of those answers
         self._sent = [1] * len(dirs)
         self._done = [0] * len(dirs)
         self._failed: list[str | None] = [None] * len(dirs)
@@ -788,7 +837,7 @@ class ShardWriters:
         self.busy_s: list[float | None] = [None] * len(dirs)  # each process's time writing, once closed
         try:
             for p, d in zip(self._procs, dirs):
-                send(p, (str(d), vname, OPEN_WAIT_S))
+                send(p, (str(d), vname, OPEN_WAIT_S, create))
         except BaseException:
             self.stop()
             raise
@@ -807,6 +856,11 @@ class ShardWriters:
 
     def _write_messages(self, i: int) -> None:
         stdin, outbox = self._procs[i].stdin, self._outbox[i]
+        with self._answered:
+            while not all(d >= 1 for d in self._done) and not any(f is not None for f in self._failed):
+                self._answered.wait()
+            if any(f is not None for f in self._failed):
+                return  # a shard that did not open: nothing is written (the caller's next call raises it)
         while (parts := outbox.get()) is not None:
             try:
                 write_frames(stdin, parts)

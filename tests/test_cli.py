@@ -126,16 +126,17 @@ def test_index_writes_the_chunk_shards_from_processes_of_their_own(env, papers_f
     made = []
     real = store_module.ShardWriters
 
-    def counting(dirs, vname):
-        made.append(len(dirs))
-        return real(dirs, vname)
+    def counting(dirs, vname, create=None):
+        made.append((len(dirs), create is not None))
+        return real(dirs, vname, create)
 
     monkeypatch.setattr(store_module, "ShardWriters", counting)
     code, out, err = run(capsys, "index", str(papers_file), "-q", "--json")
     assert code == 0, err
-    assert made == [2]  # PAPERINDEX_EDGE_CHUNK_SHARDS' default
+    assert made == [(2, True)]  # PAPERINDEX_EDGE_CHUNK_SHARDS' default, created by the writers
     code, out, _ = run(capsys, "stats", "--json")
     assert code == 0 and json.loads(out)["chunks"] == json.loads(run(capsys, "index", str(papers_file), "-q", "--json", "--force")[1])["chunks"]
+    assert made == [(2, True), (2, False)]  # the second run's writers open them
 
 
 def test_output_cut_short_by_the_reader_ends_quietly(tmp_path):

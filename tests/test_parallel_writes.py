@@ -2,6 +2,7 @@
 indexing (EdgeStore.parallel_writes). The shared read/write behaviour is the store contract
 (test_store_contract.py runs it on a store of three chunk shards too)."""
 
+import json
 import signal
 import threading
 import time
@@ -248,9 +249,59 @@ def test_a_shard_the_writers_cannot_open_fails_the_run_without_holding_it_up(tmp
             s.upsert(s.papers, paper_points(range(8)))
     held.close()
     assert entered and entered[0] < 0.5  # the run went on while the writers opened (and waited)
-    # no paper marked done (a rerun redoes them all); shard 0's chunks are redone then too
+    # no paper marked done (a rerun redoes them all), and no chunk written: the writes wait until
+    # every shard is open
     assert s.count(s.papers) == 0
-    assert s.count(s.chunks) == 5 * sum(chunk_shard(f"p{p}", 2) == 0 for p in range(8)) > 0
+    assert s.count(s.chunks) == 0 and sum(chunk_shard(f"p{p}", 2) == 0 for p in range(8)) > 0
+    s.close()
+
+
+def test_a_new_index_gets_its_chunk_shards_from_the_writer_processes(tmp_path):
+    """Inside parallel_writes, `create` makes the papers shard here and hands the new chunk shards
+    to their writer processes, which create them side by side, with the config and payload indexes
+    of shards created in this process."""
+    options = StoreOptions(chunk_shards=3, bulk_load=True, quantization="int8")
+    here = EdgeStore(tmp_path / "here", options=options)
+    here.create(Layout(DIM, DIM, True))
+    s = EdgeStore(tmp_path / "idx", options=options)
+    with s.parallel_writes():
+        s.create(Layout(DIM, DIM, True))
+        assert s.chunks not in s._shards and s._writers is not None and s.chunk_shards == 3
+        assert s.layout() == Layout(DIM, DIM, True)  # waits for the processes' shards
+        s.create(Layout(DIM, DIM, True))  # a second run's check finds them
+        s.upsert(s.chunks, chunks(range(12)))
+        s.upsert(s.papers, paper_points(range(12)))
+    for i, name in enumerate(["chunks", "chunks.1", "chunks.2"]):
+        made, expected = (json.loads((p / name / "edge_config.json").read_text()) for p in (tmp_path / "idx", tmp_path / "here"))
+        assert made == expected and made["hnsw_config"]["m"] == 0
+        assert set(s._shard_list(s.chunks)[i].info().payload_schema) == {"paper_id", "paper_uuid", "year", "chunk_index"}
+    assert s.count(s.chunks) == 60 and s.count(s.papers) == 12
+    assert {h.payload["paper_id"] for h in s.search(s.chunks, np.ones(DIM, dtype=np.float32), 60, SearchFilter(year_from=2003))} == {
+        f"p{p}" for p in range(12) if 2000 + p % 5 >= 2003}
+    s.close()
+    here.close()
+
+
+def test_a_new_index_whose_chunk_shard_cannot_be_created_gets_no_chunk(tmp_path):
+    """A writer process that cannot create its shard fails the run; the other shards got no write,
+    and are removed, so the next run creates the collection whole."""
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "chunks.1").write_text("in the way")
+    s = EdgeStore(tmp_path / "idx", options=StoreOptions(chunk_shards=3))
+    with pytest.raises(StoreError, match="chunk shard 1: cannot create"):
+        with s.parallel_writes():
+            s.create(Layout(DIM, DIM, True))
+            s.upsert(s.chunks, chunks(range(12)))
+            s.upsert(s.papers, paper_points(range(12)))
+            s.flush()
+    assert s.count(s.papers) == 0 and s.layout() is None
+    assert not (tmp_path / "idx" / "chunks").exists() and not (tmp_path / "idx" / "chunks.2").exists()
+    (tmp_path / "idx" / "chunks.1").unlink()
+    with s.parallel_writes():
+        s.create(Layout(DIM, DIM, True))
+        s.upsert(s.chunks, chunks(range(12)))
+        s.upsert(s.papers, paper_points(range(12)))
+    assert s.count(s.chunks) == 60 and s.count(s.papers) == 12 and s.chunk_shards == 3
     s.close()
 
 
