@@ -220,6 +220,47 @@ class GpuEvents:
         return out
 
 
+class GcTimes:
+    """The cyclic garbage collector's passes during the run: per generation their number and time,
+    and the passes over 20 ms on the run's clock (a pass holds the interpreter lock: every thread,
+    the GPUs' too, waits for it). With `freeze`, what exists when the run starts (models, graphs,
+    the warm-up's leftovers) goes to the permanent generation first (gc.freeze), as `paperindex`
+    does after loading its models."""
+
+    def __init__(self, freeze: bool = False) -> None:
+        self.freeze = freeze
+        self.passes: list[tuple[int, float, float]] = []  # (generation, start, seconds)
+
+    def _note(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.passes.append((info["generation"], self._t, time.perf_counter() - self._t))
+
+    def __enter__(self):
+        import gc
+
+        if self.freeze:
+            gc.collect()
+            gc.freeze()
+        self.tracked = len(gc.get_objects())
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._note)
+        if self.freeze:
+            gc.unfreeze()
+
+    def report(self, t0: float) -> dict:
+        by = {g: [s for gg, _, s in self.passes if gg == g] for g in (0, 1, 2)}
+        return dict(tracked_at_start=self.tracked, frozen=self.freeze,
+                    **{f"gen{g}": dict(n=len(v), s=round(sum(v), 3), longest_ms=round(1e3 * max(v, default=0), 1)) for g, v in by.items()},
+                    over_20ms=[[g, round(t - t0, 3), round(1e3 * s, 1)] for g, t, s in self.passes if s > 0.02][:40])
+
+
 class LockProbe:
     """How long a thread that wakes up waits for the interpreter lock: a thread sleeps 1 ms again
     and again, and each time notes how late it ran (a sleep lets go of the lock; waking needs it)."""
@@ -439,7 +480,8 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
 
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
-              gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256, create_here: bool = False) -> dict:
+              gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256, create_here: bool = False,
+              gc_freeze: bool = False) -> dict:
     from contextlib import nullcontext
 
     from indexer.papers import read_papers
@@ -462,7 +504,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
     events = GpuEvents(passage_enc.window_tokens + 2, devices) if GPU_EVENTS else nullcontext()
-    with GpuMonitor(devices) as mon, LockProbe() as probe, events, sampled(name if store_kind == "edge" and PROFILE else None):
+    with GpuMonitor(devices) as mon, LockProbe() as probe, events, GcTimes(gc_freeze) as gcs, sampled(name if store_kind == "edge" and PROFILE else None):
         t = time.perf_counter()
         if create_here:
             idx.ensure_collections()  # as before: the chunk shards created in this process, then opened by the writers
@@ -491,7 +533,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         # the writer thread's time waiting for a chunk shard's process, and each process's time writing
         shard_writes=getattr(store, "writes_report", None),
         timeline=timeline(busy["spans"], t, t_end),
-        lock_wait=probe.report,
+        lock_wait=probe.report, gc=gcs.report(t),
         tokenize_lanes=passage_enc.tokenize_lanes,
         # passage graphs after the run, captured during it, and batches run without one
         graphs=[{"graphs": len(g), "captured": len(g) - n0, "eager_batches": g.eager_batches - e0} for g, (n0, e0) in zip(graphed, before)],
@@ -614,6 +656,8 @@ def main() -> None:
     ap.add_argument("--create", nargs="+", choices=["here", "writers"], default=["writers"],
                     help="a new index's chunk shards created by their writer processes while the run starts (writers: as now), or in "
                          "this process before it (here: as before); each a run (one GPU: the last only)")
+    ap.add_argument("--gc", nargs="+", choices=["default", "freeze"], default=["default"],
+                    help="the garbage collector as Python sets it (default), or what exists at the run's start frozen first (freeze); each a run")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
@@ -757,10 +801,10 @@ def main() -> None:
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]
                 spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
                 rings = args.ring or [passage_enc.run.in_flight]
-                for kind, shards, in_process, flight, spread, writer, gate, ring, create in [
-                        (*r, f, sp, w, gt, rg, cr) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
+                for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode in [
+                        (*r, f, sp, w, gt, rg, cr, gm) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
                         for sp in spreads for w in (args.writer if n_gpus > 1 else args.writer[-1:]) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
-                        for rg in rings for cr in (args.create if n_gpus > 1 else args.create[-1:])]:
+                        for rg in rings for cr in (args.create if n_gpus > 1 else args.create[-1:]) for gm in (args.gc if n_gpus > 1 else args.gc[-1:])]:
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight
@@ -779,9 +823,10 @@ def main() -> None:
                     label += f", capture holds back {'its GPU' if gate == 'gpu' else 'every GPU'}" if len(args.gate) > 1 and n_gpus > 1 else ""
                     label += ", fresh graphs" if args.fresh_graphs else ""
                     label += f", shards created {'in this process' if create == 'here' else 'by the writers'}" if len(args.create) > 1 else ""
+                    label += f", gc {gc_mode}" if len(args.gc) > 1 else ""
                     label += f", {ring} batches in flight per thread" if len(rings) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
-                              shards, in_process, group, create_here=create == "here")
+                              shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze")
         finally:
             passage_enc.close()
 
