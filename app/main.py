@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from indexer.config import Settings
-from indexer.runtime import Runtime, build
+from indexer.runtime import Runtime, build, frozen_heap
 
 from . import errors
 from .deps import Service
@@ -48,7 +49,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         app.state.service = svc
         log.info("paperindex service ready (store: %s, reranker: %s)", type(rt.store).__name__, rt.reranker is not None)
         try:
-            yield
+            with frozen_heap() if runtime is None else contextlib.nullcontext():  # the models it loaded: see frozen_heap
+                yield
         finally:
             await run_in_threadpool(svc.jobs.stop)
             if runtime is None:

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -224,8 +224,8 @@ class GcTimes:
     """The cyclic garbage collector's passes during the run: per generation their number and time,
     and the passes over 20 ms on the run's clock (a pass holds the interpreter lock: every thread,
     the GPUs' too, waits for it). With `freeze`, what exists when the run starts (models, graphs,
-    the warm-up's leftovers) goes to the permanent generation first (gc.freeze), as `paperindex`
-    does after loading its models."""
+    the warm-up's leftovers) is left out of the collector's passes (runtime.frozen_heap), as
+    `paperindex index` and the service do once their models are loaded."""
 
     def __init__(self, freeze: bool = False) -> None:
         self.freeze = freeze
@@ -240,9 +240,10 @@ class GcTimes:
     def __enter__(self):
         import gc
 
-        if self.freeze:
-            gc.collect()
-            gc.freeze()
+        from indexer.runtime import frozen_heap
+
+        self.frozen = frozen_heap() if self.freeze else nullcontext()
+        self.frozen.__enter__()
         self.tracked = len(gc.get_objects())
         gc.callbacks.append(self._note)
         return self
@@ -251,8 +252,7 @@ class GcTimes:
         import gc
 
         gc.callbacks.remove(self._note)
-        if self.freeze:
-            gc.unfreeze()
+        self.frozen.__exit__(*exc)
 
     def report(self, t0: float) -> dict:
         by = {g: [s for gg, _, s in self.passes if gg == g] for g in (0, 1, 2)}
@@ -482,7 +482,6 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
               gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256, create_here: bool = False,
               gc_freeze: bool = False) -> dict:
-    from contextlib import nullcontext
 
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer

@@ -68,7 +68,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .papers import BadRecord, input_files, read_papers
-    from .runtime import build
+    from .runtime import build, frozen_heap
 
     shard = None
     if args.shard:
@@ -103,7 +103,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     try:
         # The embedded store writes its chunk shards from processes of their own meanwhile (on a new
         # index they create them, while the run starts).
-        with getattr(rt.store, "parallel_writes", contextlib.nullcontext)():
+        with frozen_heap(), getattr(rt.store, "parallel_writes", contextlib.nullcontext)():
             stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
         rt.store.finish_bulk()
     finally:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .config import Settings
@@ -40,6 +42,20 @@ def tokenizer_workers(s: Settings) -> int:
     if resolve_device(s.device).type == "cuda":
         return max(2, min(len(os.sched_getaffinity(0)) - 4, WORKERS_PER_GPU * s.indexing_gpus()))
     return 2
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """For a long run once the models are loaded: the objects that exist now (models, compiled
+    kernels, CUDA graphs: ~800,000 on a GPU host) are left out of the cyclic garbage collector's
+    full passes until the block ends (gc.freeze). A full pass holds the interpreter lock, and every
+    GPU's threads wait: over them it took ~0.38 s, twice in 20 s of indexing on four GPUs; without
+    them ~0.03-0.05 s. Refcounting still frees what they drop."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 # A lane of tokenizer workers has at least this many processes.

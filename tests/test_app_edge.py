@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -123,7 +124,9 @@ def test_index_survives_a_restart(edge_settings, tmp_path):
     s = edge_settings.model_copy(update={"qdrant_path": tmp_path / "index"})
     docs = [make_paper(i, words=100, seed=5) for i in range(3)]
     with TestClient(create_app(s)) as c:
+        assert gc.get_freeze_count() > 10_000  # the models the app loaded: left out of full collections
         assert c.post("/index", params={"wait": True}, json=docs).status_code == 200
+    assert gc.get_freeze_count() == 0
     with TestClient(create_app(s)) as c:  # the lifespan closed the shards; a new process opens them again
         assert c.get("/ready").json()["ready"] is True
         assert c.get(f"/papers/{docs[0]['paper_id']}").json()["title"] == docs[0]["title"]

@@ -161,3 +161,25 @@ def test_output_cut_short_by_the_reader_ends_quietly(tmp_path):
     proc.stdout.close()  # as `head -1` does
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_index_leaves_the_loaded_models_out_of_full_garbage_collections(env, papers_file, monkeypatch, capsys):
+    """While `paperindex index` runs, what existed once its models were loaded is frozen (gc.freeze):
+    a full collection over it would hold every GPU's threads for ~0.4 s. The block ends unfrozen."""
+    import gc
+
+    from indexer.pipeline import Indexer
+
+    frozen = []
+    real = Indexer.index
+
+    def index(self, *a, **kw):
+        frozen.append(gc.get_freeze_count())
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Indexer, "index", index)
+    assert gc.get_freeze_count() == 0
+    code, _, err = run(capsys, "index", str(papers_file), "-q")
+    assert code == 0, err
+    assert len(frozen) == 1 and frozen[0] > 10_000  # the models, at least
+    assert gc.get_freeze_count() == 0
