@@ -654,9 +654,10 @@ def main() -> None:
                          "indexing process's writer thread as before (old); each a run (one GPU: the last only)")
     ap.add_argument("--create", nargs="+", choices=["here", "writers"], default=["writers"],
                     help="a new index's chunk shards created by their writer processes while the run starts (writers: as now), or in "
-                         "this process before it (here: as before); each a run (one GPU: the last only)")
+                         "this process before it (here: as before); each a run (the one-GPU run of --gpus N: the last only)")
     ap.add_argument("--gc", nargs="+", choices=["default", "freeze"], default=["default"],
-                    help="the garbage collector as Python sets it (default), or what exists at the run's start frozen first (freeze); each a run")
+                    help="the garbage collector as Python sets it (default), or what exists at the run's start frozen first (freeze, as "
+                         "paperindex does); each a run (the one-GPU run of --gpus N: the last only)")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
@@ -803,7 +804,8 @@ def main() -> None:
                 for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode in [
                         (*r, f, sp, w, gt, rg, cr, gm) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
                         for sp in spreads for w in (args.writer if n_gpus > 1 else args.writer[-1:]) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
-                        for rg in rings for cr in (args.create if n_gpus > 1 else args.create[-1:]) for gm in (args.gc if n_gpus > 1 else args.gc[-1:])]:
+                        for rg in rings for cr in (args.create if n_gpus > 1 or args.gpus == 1 else args.create[-1:])
+                        for gm in (args.gc if n_gpus > 1 or args.gpus == 1 else args.gc[-1:])]:
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight
