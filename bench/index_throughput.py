@@ -658,6 +658,9 @@ def main() -> None:
     ap.add_argument("--gc", nargs="+", choices=["default", "freeze"], default=["default"],
                     help="the garbage collector as Python sets it (default), or what exists at the run's start frozen first (freeze, as "
                          "paperindex does); each a run (the one-GPU run of --gpus N: the last only)")
+    ap.add_argument("--write-order", nargs="+", choices=["input", "free"], default=["free"],
+                    help="groups written as they come unless an earlier one shares a paper (free: as now), or in input order "
+                         "(input: as before); each a run (the one-GPU run of --gpus N: the last only)")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
@@ -801,15 +804,17 @@ def main() -> None:
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]
                 spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
                 rings = args.ring or [passage_enc.run.in_flight]
-                for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode in [
-                        (*r, f, sp, w, gt, rg, cr, gm) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
+                for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode, order in [
+                        (*r, f, sp, w, gt, rg, cr, gm, wo) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
                         for sp in spreads for w in (args.writer if n_gpus > 1 else args.writer[-1:]) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
                         for rg in rings for cr in (args.create if n_gpus > 1 or args.gpus == 1 else args.create[-1:])
-                        for gm in (args.gc if n_gpus > 1 or args.gpus == 1 else args.gc[-1:])]:
+                        for gm in (args.gc if n_gpus > 1 or args.gpus == 1 else args.gc[-1:])
+                        for wo in (args.write_order if n_gpus > 1 or args.gpus == 1 else args.write_order[-1:])]:
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight
                     Indexer.SPREAD = spread == "on"
+                    Indexer.IN_INPUT_ORDER = order == "input"
                     writer_code(writer)
                     kernels.gpu_gate.per_device = gate == "gpu"
                     if args.fresh_graphs:
@@ -825,6 +830,7 @@ def main() -> None:
                     label += ", fresh graphs" if args.fresh_graphs else ""
                     label += f", shards created {'in this process' if create == 'here' else 'by the writers'}" if len(args.create) > 1 else ""
                     label += f", gc {gc_mode}" if len(args.gc) > 1 else ""
+                    label += f", written {'in input order' if order == 'input' else 'as they come'}" if len(args.write_order) > 1 else ""
                     label += f", {ring} batches in flight per thread" if len(rings) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
                               shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze")

@@ -3,8 +3,8 @@
 Four stages overlap: a thread plans the next batch (what is already indexed, the heads' tokens),
 another has the passage encoder's worker processes hash, chunk and tokenize the papers of the batch
 before it, while the encoders run earlier ones (GPU; one thread per encoder replica, e.g. one per
-GPU, each taking whole batches of papers) and another thread writes finished batches to Qdrant, in
-input order.
+GPU, each taking whole batches of papers) and another thread writes finished batches to Qdrant as
+they come (a batch that shares a paper with an earlier one after it).
 
 Commit protocol, per paper: delete what a previous version left, write the chunks, then the paper
 point last. The paper point carries the content hash, so it is the commit marker: a rerun after any
@@ -213,6 +213,8 @@ class Indexer:
     # are cut finer (`groups`), and each group goes to the GPU with the fewest in work (`Handout`),
     # so that the GPUs start and end together.
     SPREAD = True
+    # Groups written in input order, each after every earlier one (as before; bench/), not as they come.
+    IN_INPUT_ORDER = False
 
     def __init__(
         self,
@@ -343,9 +345,12 @@ class Indexer:
         batches = groups(good(), self.papers_per_batch, self.gpus if spread else 1, n_enc if spread else 1)
         gpu_of = self.gpu_of if spread else [0] * n_enc
         # One tokenizing thread per lane of the tokenizer workers (a group each in work at once);
-        # groups may come out of order: the writer puts them back in order.
+        # groups may come out of order, and the writer writes each once no earlier group it shares a
+        # paper with is left (see writer).
         n_tok = self.passage_encoder.tokenize_lanes
         prepared = Handout(gpu_of, 2 * n_enc, stop, producers=n_tok)
+        unwritten: dict[int, frozenset[str]] = {}  # the paper ids of each group planned and not yet written
+        unwritten_lock = threading.Lock()
 
         def offer(q: queue.Queue, item) -> bool:
             """Put on `q` unless the run is stopping (then nobody may be taking)."""
@@ -371,6 +376,8 @@ class Indexer:
                 for seq, group in enumerate(batches):
                     if stop.is_set():
                         return
+                    with unwritten_lock:
+                        unwritten[seq] = frozenset(p.paper_id for p in group)
                     b = self._plan(group, force)
                     stats.papers_unchanged += len(group) - len(b.papers)
                     if not offer(planned, (seq, b)):
@@ -419,27 +426,36 @@ class Indexer:
             if on_batch:
                 on_batch(stats)
 
+        def free(seq: int) -> bool:
+            """Whether no earlier group still to be written shares a paper with group `seq`."""
+            with unwritten_lock:
+                ids = unwritten[seq]
+                return all(k >= seq or (not self.IN_INPUT_ORDER and ids.isdisjoint(other)) for k, other in unwritten.items())
+
         def writer() -> None:
-            # Batches are written in input order (a paper listed twice ends with its last version),
-            # whichever encoder finished them first. Every encoder ends with a None.
+            # A batch is written as soon as it is encoded, unless an earlier one still to be written
+            # has one of its papers: then after it (a paper listed twice ends with its last version).
+            # In input order, every batch waited for the slowest before it, and at the run's end the
+            # writes of all those behind it came after the last encode. Every encoder ends with a None.
             waiting: dict[int, _Batch] = {}
-            next_seq, running = 0, n_enc
+            running = n_enc
             while running:
                 item = encoded.get()
                 if item is None:
                     running -= 1
                     continue
                 waiting[item[0]] = item[1]
-                while next_seq in waiting:
-                    b = waiting.pop(next_seq)
-                    next_seq += 1
-                    if errors:
-                        continue
-                    try:
-                        self._write(b, lambda b=b: record(b))
-                    except BaseException as exc:
-                        errors.append(exc)
-                        stop.set()
+                while ready := [seq for seq in sorted(waiting) if free(seq)]:
+                    for seq in ready:
+                        b = waiting.pop(seq)
+                        if not errors:
+                            try:
+                                self._write(b, lambda b=b: record(b))
+                            except BaseException as exc:
+                                errors.append(exc)
+                                stop.set()
+                        with unwritten_lock:
+                            del unwritten[seq]
 
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))

@@ -289,12 +289,12 @@ def test_each_group_is_flushed_once_written(settings):
     assert at_batch == [(2, 1), (4, 2), (5, 3)]
 
 
-def test_groups_prepared_out_of_order_are_written_in_input_order(settings, monkeypatch):
-    """Two tokenizing lanes: the first group is held back while later ones are prepared, encoded and
-    wait; groups are still written in input order, so a paper listed twice ends with its last
-    version, and every group is reported once."""
+@pytest.mark.parametrize("twice", [True, False])
+def test_a_group_waits_only_for_earlier_groups_with_one_of_its_papers(settings, monkeypatch, twice):
+    """Two tokenizing lanes: the first group is held back while the next is prepared and encoded.
+    That group is written at once, unless it lists a paper of the first again (then after it, so
+    the paper ends with its last version); either way every group is reported once."""
     import threading
-    import time
 
     import indexer.pipeline as pipeline
 
@@ -303,29 +303,29 @@ def test_groups_prepared_out_of_order_are_written_in_input_order(settings, monke
     try:
         r.indexer.passage_encoder.windows.set_lanes(2)
         r.indexer.passage_encoder.windows.min_chars_per_task = 1
-        assert r.indexer.passage_encoder.tokenize_lanes == 2
-        order, inner = [], r.indexer._tokenize
-        later_done = threading.Event()
+        held, later_written = threading.Event(), threading.Event()
+        inner_tokenize, inner_write, written = r.indexer._tokenize, r.indexer._write, []
 
         def tokenize(b):
-            first = b.papers[0].title != "the newer version"
-            if first:
-                later_done.wait(5)  # the second lane prepares the next group meanwhile
-            inner(b)
-            order.append(first)
-            if not first:
-                later_done.set()
+            if "p0001" in {p.paper_id for p in b.papers}:
+                held.wait(5)  # the first group: the second lane prepares the next meanwhile
+            inner_tokenize(b)
 
-        r.indexer._tokenize = tokenize
-        newer = PaperIn(**{**make_paper(0, words=60), "title": "the newer version"})
-        # groups of two: [p0000, p0001] held back, [p0000 newer, p0002] prepared first
+        def write(b, *a):
+            written.append([p.paper_id for p in b.papers])
+            held.set()  # the first group goes on once a group was written (or after 5 s)
+            inner_write(b, *a)
+
+        r.indexer._tokenize, r.indexer._write = tokenize, write
+        second = PaperIn(**{**make_paper(0 if twice else 3, words=60), "title": "the newer version"})
         done = []
-        stats = r.indexer.index([*papers((0, 200), (1, 150)), newer, *papers((2, 90))], on_batch=lambda s: done.append(s.papers_indexed))
-        assert order == [False, True]  # the later group was prepared first
+        stats = r.indexer.index([*papers((0, 200), (1, 150)), second, *papers((2, 90))], on_batch=lambda s: done.append(s.papers_indexed))
+        first_id, second_ids = ["p0000", "p0001"], [second.paper_id, "p0002"]
+        assert written == ([first_id, second_ids] if twice else [second_ids, first_id])
         assert stats.papers_indexed == 4 and done == [2, 4]
-        got = r.store.get_papers(["p0000", "p0001", "p0002"])
-        assert got["p0000"].payload["title"] == "the newer version" and len(got) == 3
-        assert chunk_ids(r.store, "p0000") == [0] and chunk_ids(r.store, "p0001") == [0, 1]
+        got = r.store.get_papers(["p0000", "p0001", "p0002", "p0003"])
+        assert got[second.paper_id].payload["title"] == "the newer version" and len(got) == (3 if twice else 4)
+        assert chunk_ids(r.store, second.paper_id) == [0] and chunk_ids(r.store, "p0001") == [0, 1]
     finally:
         r.close()
 
@@ -403,12 +403,14 @@ def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, 
         return replica
 
     taken: list[int] = []  # the GPU of each group taken, in order
+    sizes: list[int] = []  # and its papers
     get = Handout.get
 
     def logged(self, gpu):
         item = get(self, gpu)
         if item is not None:
             taken.append(gpu)
+            sizes.append(len(item[1].papers))
         return item
 
     monkeypatch.setattr(Handout, "get", logged)
@@ -418,10 +420,9 @@ def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, 
     docs = [PaperIn(**make_paper(i, words=60 + 37 * (i % 7))) for i in range(40)]
     idx = Indexer(EdgeStore(tmp_path / "three"), pairs[0][0], pairs[0][1], chunk_size=120, chunk_overlap=20, papers_per_batch=8, replicas=pairs[1:])
     assert idx.gpus == 3 and idx.gpu_of == [0, 0, 1, 1, 2, 2]
-    done = []
-    stats = idx.index(docs, on_batch=lambda s: done.append(s.papers_indexed))
+    stats = idx.index(docs)
     assert sorted(taken[:3]) == sorted(taken[3:6]) == [0, 1, 2]  # one group per GPU, then one more each
-    assert np.diff([0, *done]).tolist()[:6] == [2, 2, 2, 3, 3, 3]  # the ramp, once per GPU
+    assert sizes[:6] == [2, 2, 2, 3, 3, 3]  # the ramp, once per GPU
     one = EdgeStore(tmp_path / "one")
     Indexer(one, paper_enc, passage_enc, chunk_size=120, chunk_overlap=20, papers_per_batch=8).index(docs)
     for collection in ("papers", "chunks"):
