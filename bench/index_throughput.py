@@ -649,18 +649,18 @@ def main() -> None:
                     "(ShardWriters.IN_FLIGHT; each a run)")
     ap.add_argument("--papers-per-batch", type=int, nargs="+",
                     help="papers per group (each a run; default: as `paperindex index` has them on that many GPUs)")
-    ap.add_argument("--writer", nargs="+", choices=["old", "new"], default=["new"],
-                    help="chunk points (ids, payloads) made by the chunk shards' writer processes as now (new), or by the "
-                         "indexing process's writer thread as before (old); each a run (one GPU: the last only)")
-    ap.add_argument("--create", nargs="+", choices=["here", "writers"], default=["writers"],
-                    help="a new index's chunk shards created by their writer processes while the run starts (writers: as now), or in "
-                         "this process before it (here: as before); each a run (the one-GPU run of --gpus N: the last only)")
-    ap.add_argument("--gc", nargs="+", choices=["default", "freeze"], default=["default"],
-                    help="the garbage collector as Python sets it (default), or what exists at the run's start frozen first (freeze, as "
-                         "paperindex does); each a run (the one-GPU run of --gpus N: the last only)")
-    ap.add_argument("--write-order", nargs="+", choices=["input", "free"], default=["free"],
-                    help="groups written as they come unless an earlier one shares a paper (free: as now), or in input order "
-                         "(input: as before); each a run (the one-GPU run of --gpus N: the last only)")
+    def variant(flag: str, choices: list[str], now: str, text: str) -> None:
+        """An option whose values are each a run: with --gpus N, the one-GPU run takes only the last."""
+        ap.add_argument(flag, nargs="+", choices=choices, default=[now], help=f"{text}; each a run (the one-GPU run of --gpus N: the last only)")
+
+    variant("--writer", ["old", "new"], "new", "chunk points (ids, payloads) made by the chunk shards' writer processes as now (new), "
+            "or by the indexing process's writer thread as before (old)")
+    variant("--create", ["here", "writers"], "writers", "a new index's chunk shards created by their writer processes while the run "
+            "starts (writers: as now), or in this process before it (here: as before)")
+    variant("--gc", ["default", "freeze"], "freeze", "what exists at the run's start left out of the garbage collector's passes "
+            "(freeze: as paperindex does now), or the collector as Python sets it (default: as before)")
+    variant("--write-order", ["input", "free"], "free", "groups written as they come unless an earlier one shares a paper (free: as now), "
+            "or in input order (input: as before)")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
@@ -804,12 +804,13 @@ def main() -> None:
                 flights = args.in_flight or [ShardWriters.IN_FLIGHT]
                 spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
                 rings = args.ring or [passage_enc.run.in_flight]
+
+                def ran(values: list[str], n_gpus=n_gpus) -> list[str]:  # see variant
+                    return values if n_gpus > 1 or args.gpus == 1 else values[-1:]
                 for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode, order in [
                         (*r, f, sp, w, gt, rg, cr, gm, wo) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
-                        for sp in spreads for w in (args.writer if n_gpus > 1 else args.writer[-1:]) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
-                        for rg in rings for cr in (args.create if n_gpus > 1 or args.gpus == 1 else args.create[-1:])
-                        for gm in (args.gc if n_gpus > 1 or args.gpus == 1 else args.gc[-1:])
-                        for wo in (args.write_order if n_gpus > 1 or args.gpus == 1 else args.write_order[-1:])]:
+                        for sp in spreads for w in ran(args.writer) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
+                        for rg in rings for cr in ran(args.create) for gm in ran(args.gc) for wo in ran(args.write_order)]:
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight
