@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -49,7 +48,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         app.state.service = svc
         log.info("paperindex service ready (store: %s, reranker: %s)", type(rt.store).__name__, rt.reranker is not None)
         try:
-            with frozen_heap() if runtime is None else contextlib.nullcontext():  # the models it loaded: see frozen_heap
+            with frozen_heap() if runtime is None else nullcontext():  # the models it loaded: see frozen_heap
                 yield
         finally:
             await run_in_threadpool(svc.jobs.stop)

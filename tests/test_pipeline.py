@@ -303,7 +303,7 @@ def test_a_group_waits_only_for_earlier_groups_with_one_of_its_papers(settings, 
     try:
         r.indexer.passage_encoder.windows.set_lanes(2)
         r.indexer.passage_encoder.windows.min_chars_per_task = 1
-        held, later_written = threading.Event(), threading.Event()
+        held = threading.Event()
         inner_tokenize, inner_write, written = r.indexer._tokenize, r.indexer._write, []
 
         def tokenize(b):
@@ -372,7 +372,6 @@ def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, 
     """Three "GPUs" (CPU encoder replicas labelled as devices) with two threads each, each group
     taking them a while: the first three groups go to the three GPUs, the next three to each of them
     again, so that every GPU starts on a small group; the index is the one a single encoder writes."""
-    import threading
     import time
 
     import torch
