@@ -303,8 +303,8 @@ class EdgeStore:
     def layout(self) -> Layout | None:
         if not self._exists(self.papers) or not self._exists(self.chunks):
             return None
-        if self._writers is not None:
-            self._writers.wait(self._writers.opened)  # their shards' configs are on disk once they answered
+        if self._writers is not None and self._writers.creates:
+            self._writers.wait(self._writers.opened)  # the shards' configs are on disk once their creators answered
         paper_cfg = json.loads((self.path / self.papers / "edge_config.json").read_text())
         dim, multi = self._read_layout()
         return Layout(int(paper_cfg["vectors"][PAPER_VECTOR]["size"]), dim, multi)
@@ -822,6 +822,7 @@ class ShardWriters:
         # threads hold the writes back until every process has answered: a new index whose shards
         # were not all created gets no chunk.
         self.opened = (1,) * len(dirs)  # the ticket of those answers
+        self.creates = create is not None
         self._sent = [1] * len(dirs)
         self._done = [0] * len(dirs)
         self._failed: list[str | None] = [None] * len(dirs)

@@ -220,12 +220,15 @@ def test_an_index_of_one_chunk_shard_is_written_by_a_process_too(tmp_path):
     again.close()
 
 
-def test_the_layout_is_known_while_the_writers_hold_the_chunk_shards(tmp_path):
+def test_the_layout_is_known_while_the_writers_hold_the_chunk_shards(tmp_path, monkeypatch):
     """An indexing run starts by making sure the collections exist: inside parallel_writes that
-    must find them, not create them again."""
+    must find them, not create them again, and without waiting for the writers to open them (their
+    configs are on disk already)."""
     s = sharded(tmp_path / "idx")
+    waits, real_wait = [], store_module.ShardWriters.wait
+    monkeypatch.setattr(store_module.ShardWriters, "wait", lambda self, *a: waits.append(a) or real_wait(self, *a))
     with s.parallel_writes():
-        assert s.layout() == Layout(DIM, DIM, True)
+        assert s.layout() == Layout(DIM, DIM, True) and waits == []
         s.create(Layout(DIM, DIM, True))
         s.upsert(s.chunks, chunks(range(2)))
     assert s.count(s.chunks) == 10 and s.chunk_shards == 3
