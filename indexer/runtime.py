@@ -50,7 +50,7 @@ def frozen_heap() -> Iterator[None]:
     kernels, CUDA graphs: ~800,000 on a GPU host) are left out of the cyclic garbage collector's
     full passes until the block ends (gc.freeze). A full pass holds the interpreter lock, and every
     GPU's threads wait: over them it took ~0.38 s, twice in 20 s of indexing on four GPUs; without
-    them ~0.03-0.05 s. Refcounting still frees what they drop."""
+    them ~0.02-0.05 s. Refcounting still frees what they drop."""
     gc.freeze()
     try:
         yield
