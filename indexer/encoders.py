@@ -142,7 +142,6 @@ class _Slot:
         self.result: torch.Tensor | None = None
 
     @staticmethod
-    @staticmethod
     def _short(buf: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
         """Whether `buf` cannot hold n values of `dtype` (a new one is allocated)."""
         return buf is None or buf.numel() < n or buf.dtype != dtype
