@@ -540,14 +540,13 @@ class EdgeStore:
                 self._writers.stop()
                 self._writers = None
             self._commits.clear()  # after a failure: not written, so a rerun redoes those papers
-            if all((d / "edge_config.json").exists() for d in dirs):
+            if not all((d / "edge_config.json").exists() for d in dirs):
+                for d in dirs:  # a new index whose shards were not all created: none was written, the next create makes them
+                    shutil.rmtree(d, ignore_errors=True)
+            elif dirs:
                 # Opened again when next read or written here: a `paperindex index` run ends without (~0.4 s
                 # a shard of 30,000 chunks), and `finish_bulk` opens them once, with its own config.
-                if dirs:
-                    self._unopened[self.chunks] = dirs
-            else:  # a new index whose shards were not all created: none was written, the next create makes them
-                for d in dirs:
-                    shutil.rmtree(d, ignore_errors=True)
+                self._unopened[self.chunks] = dirs
 
     def _start_writers(self, dirs: list[Path], create: ShardSpec | None = None) -> None:
         """The chunk shards (`create`: new ones) to writer processes, for the rest of parallel_writes."""
