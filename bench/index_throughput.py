@@ -151,9 +151,10 @@ class GpuEvents:
     on the stream it runs on: each GPU's share of its encoding time that it ran batches, and its time
     per token on the full-width passage batches (a slower GPU, or a GPU left waiting?)."""
 
-    def __init__(self, full_width: int, devices: Sequence[torch.device] = ()) -> None:
+    def __init__(self, full_width: int, devices: Sequence[torch.device] = (), passage_graphs: Sequence = ()) -> None:
         self.full_width = full_width
-        self.marks: dict = defaultdict(list)  # device -> [(start, end, rows, width)]
+        self.passage = {id(g) for g in passage_graphs}  # the passage encoders' graphs (the rest: paper heads)
+        self.marks: dict = defaultdict(list)  # device -> [(start, end, rows, width, padded, passage)]
         self.devices = devices
         self.anchors: dict = {}  # device -> (event, perf_counter at it): puts the GPU's gaps on the run's clock
 
@@ -175,7 +176,7 @@ class GpuEvents:
             start.record()
             out = real(g, ids, mask)
             end.record()
-            marks[str(kernels.one_device(g.device))].append((start, end, ids.shape[0], ids.shape[1]))
+            marks[str(kernels.one_device(g.device))].append((start, end, ids.shape[0], ids.shape[1], mask is not None, id(g) in self.passage))
             return out
 
         kernels.GraphedForward.replay = replay
@@ -193,7 +194,8 @@ class GpuEvents:
         for dev, marks in sorted(self.marks.items()):
             torch.cuda.synchronize(dev)
             ref = marks[0][0]
-            spans = [(ref.elapsed_time(s), ref.elapsed_time(e), r, w) for s, e, r, w in marks]
+            spans = [(ref.elapsed_time(s), ref.elapsed_time(e), r, w) for s, e, r, w, _, _ in marks]
+            kinds = [(p, passage) for *_, p, passage in marks]
             # Two threads enqueue on a GPU's stream: one's batch may fall between the other's events,
             # so the busy time is the union of the spans (an upper bound: a span includes the time the
             # stream waited between its start event and its batch's launch).
@@ -208,10 +210,18 @@ class GpuEvents:
             gaps = np.array([b[0] - a[1] for a, b in zip(merged, merged[1:])] or [0.0])
             rows = max((r for _, _, r, w in spans if w == self.full_width), default=0)
             full = [(e - s) / (r * w) * 1e6 for s, e, r, w in spans if w == self.full_width and r == rows]
+            # Passage batches by whether they needed a padding mask: their share of the busy time and
+            # their median time per 1,000 positions run (rows × width, filler rows in).
+            by_mask = {}
+            for name, want in (("unpadded", False), ("padded", True)):
+                mine = [(e - s, r * w) for (s, e, r, w), (p, passage) in zip(spans, kinds) if passage and p == want]
+                by_mask[name] = dict(batches=len(mine), busy_share=round(sum(t for t, _ in mine) / busy, 3),
+                                     us_per_ktok=round(float(np.median([t / n * 1e6 for t, n in mine])), 2) if mine else None)
             out[dev] = dict(batches=len(spans), busy_pct=round(100 * busy / window, 1), window_s=round(window / 1e3, 2),
                             idle_gaps=len(merged) - 1, idle_s=round(float(gaps.sum()) / 1e3, 2),
                             idle_in_gaps_over_10ms_s=round(float(gaps[gaps > 10].sum()) / 1e3, 2), longest_gap_ms=round(float(gaps.max()), 1),
-                            full_batches=len(full), us_per_ktok_full=round(float(np.median(full)), 2) if full else None)
+                            full_batches=len(full), us_per_ktok_full=round(float(np.median(full)), 2) if full else None,
+                            passage_batches=by_mask)
             if t0 is not None and dev in self.anchors:
                 anchor, at = self.anchors[dev]
                 start = at + anchor.elapsed_time(ref) / 1e3 - t0  # the first mark on the run's clock
@@ -502,7 +512,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
-    events = GpuEvents(passage_enc.window_tokens + 2, devices) if GPU_EVENTS else nullcontext()
+    events = GpuEvents(passage_enc.window_tokens + 2, devices, graphed) if GPU_EVENTS else nullcontext()
     with GpuMonitor(devices) as mon, LockProbe() as probe, events, GcTimes(gc_freeze) as gcs, sampled(name if store_kind == "edge" and PROFILE else None):
         t = time.perf_counter()
         if create_here:
@@ -661,6 +671,9 @@ def main() -> None:
             "(freeze: as paperindex does now), or the collector as Python sets it (default: as before)")
     variant("--write-order", ["input", "free"], "free", "groups written as they come unless an earlier one shares a paper (free: as now), "
             "or in input order (input: as before)")
+    variant("--batches", ["sorted", "unpadded"], "unpadded", "passage batches as encoders.WINDOW_BATCHES cuts them (unpadded: the grid's "
+            "widths first, batches that need no padding mask, rows in steps; as now), or cut from one length-sorted run, rows in powers "
+            "of two (sorted: as before)")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
                     help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
@@ -687,6 +700,8 @@ def main() -> None:
 
     from indexer import kernels
     from indexer.chunking import chunk_words
+    from shapes import window_plans
+
     from indexer.encoders import CAPTURE_AFTER, PaperEncoder, PassageEncoder
     from indexer.pipeline import Indexer
     from indexer.runtime import encoder_grid, tokenizer_lanes, tokenizer_workers
@@ -778,7 +793,15 @@ def main() -> None:
             for g in graphed:
                 g.capture_after = 1
             warm_papers = min(args.papers, args.warm_up_papers or max(2000, 1000 * (1 + len(replicas_all))))
-            for group in sorted({g for n in gpu_counts for g in groups_for(n)}):
+            passage_encs = [passage_enc, *(p for _, p in replicas_all)]
+            plans = window_plans()
+
+            def plan_batches(name: str) -> None:
+                for enc in passage_encs:
+                    for k, v in plans[name].items():
+                        setattr(enc.run, k, v)
+            for group, batching in [(g, b) for g in sorted({g for n in gpu_counts for g in groups_for(n)}) for b in args.batches]:
+                plan_batches(batching)
                 index_run(f"warm-up (window {window}/{overlap})", path, warm_papers, paper_enc, passage_enc, replicas_all, "null", chunk_tokens,
                           None, gemm, papers_per_batch=group)
                 RESULTS["rows"].pop()
@@ -807,10 +830,11 @@ def main() -> None:
 
                 def ran(values: list[str], n_gpus=n_gpus) -> list[str]:  # see variant
                     return values if n_gpus > 1 or args.gpus == 1 else values[-1:]
-                for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode, order in [
-                        (*r, f, sp, w, gt, rg, cr, gm, wo) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
+                for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode, order, batching in [
+                        (*r, f, sp, w, gt, rg, cr, gm, wo, bt) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
                         for sp in spreads for w in ran(args.writer) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
-                        for rg in rings for cr in ran(args.create) for gm in ran(args.gc) for wo in ran(args.write_order)]:
+                        for rg in rings for cr in ran(args.create) for gm in ran(args.gc) for wo in ran(args.write_order) for bt in ran(args.batches)]:
+                    plan_batches(batching)
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight
@@ -833,6 +857,7 @@ def main() -> None:
                     label += f", gc {gc_mode}" if len(args.gc) > 1 else ""
                     label += f", written {'in input order' if order == 'input' else 'as they come'}" if len(args.write_order) > 1 else ""
                     label += f", {ring} batches in flight per thread" if len(rings) > 1 else ""
+                    label += f", batches {batching}" if len(args.batches) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
                               shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze")
         finally:

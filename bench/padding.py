@@ -1,13 +1,15 @@
 """Tokens the GPU runs per token embedded, by batch plan: no GPU needed.
 
-    python bench/padding.py --tokenizer path/to/all-mpnet-base-v2 [--papers 512] [--overlap 32 0]
+    python bench/padding.py --tokenizer path/to/all-mpnet-base-v2 [--papers 1024] [--overlap 32 0] [--group-papers 128 256]
 
 Cuts the throughput corpus (bench/corpus.py) into 512/50-word chunks and windows exactly as the
-indexer does, groups the windows of each 256-paper batch into forward batches (token budget 262,144,
-width buckets 16 apart, CUDA-graph row buckets) and counts the padded tokens, for
-- `per bucket`: one run of batches per width bucket (the earlier plan: a short batch in every bucket);
-- `sorted runs`: `encoders.bucket_batches`, batches cut from one length-sorted run (what runs now).
-"""
+indexer does, groups the windows of each group of papers into forward batches (token budget 262,144,
+width buckets 16 apart, CUDA-graph row buckets) and counts the tokens run (padding and filler rows
+in), and the share of them in batches that need a padding mask, for
+- `per bucket`: one run of batches per width bucket (the first plan: a short batch in every bucket);
+- `sorted runs`: `encoders.bucket_batches`, batches cut from one length-sorted run (the plan before);
+- `grid widths first`: the windows of the grid's widths first, width by width in batches that need
+  no padding, full ones then pieces; the rest at the end (`encoders.WINDOW_BATCHES`, what runs now)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 BUDGET = 262144
-PAPERS_PER_BATCH = 256
+PAPERS_PER_BATCH = 256  # the heads' groups
 
 
 def per_bucket(lengths: np.ndarray, budget: int, preferred, step: int = 64):
@@ -62,16 +64,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer folder (MPNet's for multi-qa-mpnet)")
     ap.add_argument("--papers", type=int, default=512)
-    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--window", type=int, default=254, help="window_tokens (the default: 254)")
     ap.add_argument("--overlap", type=int, nargs="+", default=[32, 0])
+    ap.add_argument("--group-papers", type=int, nargs="+", default=[256], help="papers a group (the pipeline's: 256 on one GPU, 128 on more than two)")
     ap.add_argument("--heads", action="store_true", help="paper heads (title + abstract) instead of windows")
     args = ap.parse_args()
 
     import corpus
     from transformers import AutoTokenizer
 
-    from indexer.chunking import chunk_words, window_spans
-    from indexer.encoders import WIDTH_STEP, bucket_batches, bucket_rows
+    from indexer.chunking import WIDTH_STEP, chunk_words, window_spans
+    from shapes import window_plans
+
+    from indexer.encoders import bucket_batches, graph_shape
 
     path = corpus.write(Path(tempfile.mkdtemp()) / "corpus.jsonl", args.papers, 8000)
     papers = [json.loads(line) for line in path.open()]
@@ -82,22 +87,35 @@ def main() -> None:
         return
     full = args.window + 2
     widths = (*range(full, full // 2, -WIDTH_STEP), 512)
-    plans = {"per bucket": per_bucket, "sorted runs": bucket_batches}
-    print("| windows | plan | model tokens / chunk token | padded / model tokens | GPU tokens / chunk token |")
-    print("|---|---|---|---|---|")
-    for overlap in args.overlap:
-        batches = []
-        for i in range(0, len(papers), PAPERS_PER_BATCH):
-            texts = [c.text for p in papers[i : i + PAPERS_PER_BATCH] for c in chunk_words(p["text"], 512, 50)]
-            ids = tok(texts, add_special_tokens=False)["input_ids"]
-            lengths = [w + 2 for x in ids for w, starts in [window_spans(len(x), args.window, overlap)] for _ in starts]
-            batches.append((np.array(lengths), sum(len(x) for x in ids)))
-        for name, plan in plans.items():
-            model = sum(int(lengths.sum()) for lengths, _ in batches)
-            chunk_tokens = sum(n for _, n in batches)
-            padded = sum(bucket_rows(len(idx), max(1, BUDGET // w)) * w for lengths, _ in batches for idx, w in plan(lengths, BUDGET, widths))
-            print(f"| {args.window}/{overlap} | {name} | {model / chunk_tokens:.3f} | {padded / model:.3f} | {padded / chunk_tokens:.3f} |")
 
+    def plan_of(kw: dict):
+        return lambda lengths, budget, widths: bucket_batches(lengths, budget, widths, unpadded=kw["unpadded"], pieces=kw["pieces"])
+    before, now = window_plans()["sorted"], window_plans()["unpadded"]
+    plans = {"per bucket, rows in powers of two": (per_bucket, None),
+             "sorted runs, rows in powers of two (before)": (plan_of(before), before["row_step"]),
+             f"grid widths first, unpadded, then pieces of {now['pieces']} × 2^k rows (now)": (plan_of(now), now["row_step"])}
+    print("| windows | papers a group | plan | model tokens / chunk token | run / model tokens | in padded batches | run tokens / chunk token |")
+    print("|---|---|---|---|---|---|---|")
+    for overlap in args.overlap:
+        per_paper = []
+        for p in papers:
+            ids = tok([c.text for c in chunk_words(p["text"], 512, 50)], add_special_tokens=False)["input_ids"]
+            per_paper.append(([w + 2 for x in ids for w, starts in [window_spans(len(x), args.window, overlap)] for _ in starts],
+                              sum(len(x) for x in ids)))
+        for size in args.group_papers:
+            groups = [(np.array([w for ws, _ in per_paper[i : i + size] for w in ws]), sum(n for _, n in per_paper[i : i + size]))
+                      for i in range(0, len(per_paper), size)]
+            model = sum(int(lengths.sum()) for lengths, _ in groups)
+            chunk_tokens = sum(n for _, n in groups)
+            for name, (plan, row_step) in plans.items():
+                run = padded = 0
+                for lengths, _ in groups:
+                    for idx, w in plan(lengths, BUDGET, widths):
+                        rows, mask = graph_shape(lengths[idx], w, BUDGET, row_step)
+                        run += rows * w
+                        padded += rows * w if mask else 0
+                print(f"| {args.window}/{overlap} | {size} | {name} | {model / chunk_tokens:.3f} | {run / model:.3f} | {padded / run:.0%} "
+                      f"| {run / chunk_tokens:.3f} |")
 
 if __name__ == "__main__":
     main()

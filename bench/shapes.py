@@ -2,14 +2,15 @@
 
     python bench/shapes.py --papers 8000 --gpus 1 4
     python bench/shapes.py --papers 8000 --gpus 1 4 --share off on --capture-after 2 3 --heads-rows 16 32
+    python bench/shapes.py --papers 8000 --gpus 1 4 --windows sorted unpadded
 
 Each (rows, width, padded) batch shape an encoder meets is captured as a CUDA graph the second time
 it comes (`encoders.CAPTURE_AFTER`), and a capture holds its GPU's work back for ~0.2-0.35 s. This
 replays the batch plans of a run on the throughput corpus (bench/corpus.py, the benchmark's own
 WordPiece vocabularies, as bench/index_throughput.py builds them) without running a model: the groups
 of papers as the pipeline cuts them (`pipeline.groups`), dealt to the GPUs in turn, each group's paper
-heads (`PaperEncoder`, one per GPU) and passage windows (`PassageEncoder`, one per encoder thread)
-cut into batches as the encoders cut them. It counts, per encoder, the shapes met, the captures, and
+heads (`PaperEncoder`, one per GPU) and passage windows (`PassageEncoder`: one set of graphs per GPU,
+shared by its encoder threads) cut into batches as the encoders cut them. It counts, per encoder, the shapes met, the captures, and
 the captures in the second half of the run (where a long run should have none left), the batches
 run eagerly before their shape was captured, and the heads' padded tokens per head token.
 """
@@ -54,21 +55,31 @@ def lengths_of(papers: list[dict], window: int, overlap: int) -> tuple[list[np.n
     return [np.array([h]) for h in heads], windows
 
 
-def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_step) -> list[tuple[int, int, bool]]:
+def window_plans() -> dict[str, dict]:
+    """The passage batch plans to compare (BatchRunner's `unpadded`, `pieces`, `row_step`): one
+    length-sorted run, rows in powers of two (sorted: before), or encoders.WINDOW_BATCHES (unpadded: now)."""
+    from indexer.encoders import WINDOW_BATCHES
+
+    return {"sorted": dict(unpadded=False, pieces=None, row_step=None), "unpadded": WINDOW_BATCHES}
+
+
+def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_step, unpadded: bool = False,
+              pieces: int | None = None) -> list[tuple[int, int, bool]]:
     """The (rows, width, padded) graph shape of each batch the encoders cut `lengths` into."""
     from indexer.encoders import bucket_batches, graph_shape
 
     keys = []
-    for idx, w in bucket_batches(lengths, budget, preferred, min_fill=min_fill):
+    for idx, w in bucket_batches(lengths, budget, preferred, min_fill=min_fill, unpadded=unpadded, pieces=pieces):
         rows, padded = graph_shape(lengths[idx], w, budget, None if row_step == "pow2" else row_step)
         keys.append((rows, w, padded))
     return keys
 
 
 def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, window: int, head_rows, capture_after: int,
-             share: bool) -> dict:
-    """`share`: a GPU's encoder threads share one set of passage graphs (else each has its own)."""
-    from indexer.encoders import WIDTH_STEP
+             share: bool, window_plan: dict) -> dict:
+    """`share`: a GPU's encoder threads share one set of passage graphs (else each has its own);
+    `window_plan`: one of window_plans()."""
+    from indexer.chunking import WIDTH_STEP
     from indexer.pipeline import groups
 
     n = len(heads)
@@ -90,7 +101,7 @@ def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, wi
             eager["heads"] += s < capture_after
         head_real += int(h.sum())
         w = np.concatenate([windows[i] for i in group])
-        for key in plan_keys(w, budget, widths, 0.0, "pow2"):
+        for key in plan_keys(w, budget, widths, 0.0, window_plan["row_step"] or "pow2", window_plan["unpadded"], window_plan["pieces"]):
             name = ("passage", gpu, 0 if share else thread, key)
             seen[name] = s = seen.get(name, 0) + 1
             if s == capture_after:
@@ -110,10 +121,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--papers", type=int, default=16000)
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--threads", type=int, default=2, help="encoder threads per GPU, each with its own passage graphs")
+    ap.add_argument("--threads", type=int, default=2, help="encoder threads per GPU")
     ap.add_argument("--heads-rows", nargs="+", default=["16"], help="heads' graph rows: multiples of N (16: as now), or pow2")
-    ap.add_argument("--share", nargs="+", choices=["on", "off"], default=["off"],
-                    help="a GPU's encoder threads share one set of passage graphs (on: a what-if), or each has its own (off: as now)")
+    ap.add_argument("--share", nargs="+", choices=["on", "off"], default=["on"],
+                    help="a GPU's encoder threads share one set of passage graphs (on: as now), or each has its own (off: as before)")
+    ap.add_argument("--windows", nargs="+", choices=["sorted", "unpadded"], default=["unpadded"],
+                    help="passage batches cut from one length-sorted run, rows in powers of two (sorted: as before), or as "
+                         "encoders.WINDOW_BATCHES has them (unpadded: as now)")
     ap.add_argument("--capture-after", type=int, nargs="+", help="a shape is captured the n-th time it comes (default: as the encoders do)")
     ap.add_argument("--budget", type=int, default=262144)
     ap.add_argument("--window", type=int, default=254)
@@ -128,15 +142,18 @@ def main() -> None:
     papers = [json.loads(line) for line in path.open()]
     heads, windows = lengths_of(papers, args.window, args.overlap)
     print(f"{args.papers} papers, {sum(len(w) for w in windows)} windows; heads {np.mean([h[0] for h in heads]):.0f} tokens on average")
-    print("| GPUs | passage graphs shared | capture at sighting | heads' rows | head captures (2nd half) | head eager batches "
+    print("| GPUs | passage graphs shared | passage batches | capture at sighting | heads' rows | head captures (2nd half) | head eager batches "
           "| passage captures (2nd half) | passage eager batches | all captures | head padded / head tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    plans = window_plans()
     for gpus in args.gpus:
         most = 128 if gpus > 2 else 256  # as Settings.group_papers has it
-        for share, after, rows in [(sh, a, r) for sh in args.share for a in (args.capture_after or [CAPTURE_AFTER]) for r in args.heads_rows]:
-            r = simulate(heads, windows, gpus, args.threads, most, args.budget, args.window, rows if rows == "pow2" else int(rows), after, share == "on")
+        for share, plan, after, rows in [(sh, pl, a, r) for sh in args.share for pl in args.windows for a in (args.capture_after or [CAPTURE_AFTER])
+                                         for r in args.heads_rows]:
+            r = simulate(heads, windows, gpus, args.threads, most, args.budget, args.window, rows if rows == "pow2" else int(rows), after, share == "on",
+                         plans[plan])
             h, p = r["heads"], r["passage"]
-            print(f"| {gpus} | {share} | {after} | {rows} | {h['captures']} ({h['captures_in_second_half']}) | {h['eager_batches']} | "
+            print(f"| {gpus} | {share} | {plan} | {after} | {rows} | {h['captures']} ({h['captures_in_second_half']}) | {h['eager_batches']} | "
                   f"{p['captures']} ({p['captures_in_second_half']}) | {p['eager_batches']} | {h['captures'] + p['captures']} | "
                   f"{h['padded_per_head_token']} |", flush=True)
 

@@ -140,6 +140,43 @@ def test_batches_end_where_the_width_drops_below_min_fill():
     assert bucket_rows(37, 512, 16) == 48 and bucket_rows(37, 40, 16) == 40 and bucket_rows(37, 512) == 64
 
 
+def test_windows_of_the_grid_run_in_batches_that_need_no_padding():
+    from indexer.encoders import bucket_batches, bucket_widths
+
+    rng = np.random.default_rng(5)
+    grid = (256, 240, 224, 208)
+    lengths = np.concatenate([rng.choice(grid, 3000), rng.integers(100, 256, 60)])  # the others: single-window chunks
+    rng.shuffle(lengths)
+    budget = 256 * 200
+    on_grid = bucket_widths(lengths, grid) == lengths
+    batches = bucket_batches(lengths, budget, grid, unpadded=True, pieces=8)
+    assert sorted(np.concatenate([i for i, _ in batches]).tolist()) == list(range(len(lengths)))
+    assert all((lengths[i] <= w).all() and len(i) * w <= budget for i, w in batches)
+    # The grid's windows first, width by width, in full batches, then pieces of 8 × 2^k rows, largest
+    # first: no padding. What is left of each width (fewer than 8) runs at the end, with the windows
+    # off the grid.
+    first_off = next(k for k, (i, _) in enumerate(batches) if not on_grid[i].all() or len(i) < 8)
+    for k, (i, w) in enumerate(batches[:first_off]):
+        assert (lengths[i] == w).all()
+        if len(i) < budget // w:
+            assert len(i) % 8 == 0 and (len(i) // 8) & (len(i) // 8 - 1) == 0
+            following = batches[k + 1] if k + 1 < first_off else None
+            assert following is None or following[1] != w or len(following[0]) < len(i)
+    tail = np.concatenate([i for i, _ in batches[first_off:]])
+    assert set(np.flatnonzero(~on_grid)) <= set(tail.tolist())
+    assert all((lengths[tail] == w).sum() < 8 for w in grid)
+    plain = bucket_batches(lengths, budget, grid)
+    assert sum(len(i) * w for i, w in batches if (lengths[i] < w).any()) < sum(len(i) * w for i, w in plain if (lengths[i] < w).any()) / 5
+
+    # Small: a width's 11 windows are a batch of 8 and one of 2, the 240s one of 4; the one left of
+    # each runs last with the windows off the grid (250 and 200), widest first, padded.
+    small = np.array([250] + [256] * 11 + [240] * 5 + [200])
+    plan = [(len(i), w, sorted(set(small[i].tolist()))) for i, w in bucket_batches(small, 256 * 16, (256, 240, 208), unpadded=True, pieces=2)]
+    assert plan == [(8, 256, [256]), (2, 256, [256]), (4, 240, [240]), (4, 256, [200, 240, 250, 256])]
+    assert [len(i) for i, _ in bucket_batches(small[1:12], 256 * 16, (256,), unpadded=True)] == [11]  # no pieces: one short batch
+    assert [len(i) for i, _ in bucket_batches(small[1:12], 256 * 16, (256,), pieces=4)] == [8, 3]  # pieces without `unpadded`
+
+
 def test_a_batchs_graph_shape_is_its_bucketed_rows_and_whether_it_needs_a_mask():
     from indexer.encoders import graph_shape
 

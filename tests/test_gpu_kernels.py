@@ -62,6 +62,33 @@ def test_fp16_graphs_match_the_fp32_reference(mpnet_base, pooling):
     assert cosine(out, eager).min() >= 0.9999
 
 
+def test_windows_in_unpadded_batches_and_pieces_match_the_fp32_reference(mpnet_base):
+    import copy
+
+    dev = torch.device("cuda")
+    rng = np.random.default_rng(4)
+    grid = (258, 242, 226, 210)
+    lengths = np.where(rng.random(400) < 0.9, rng.choice(grid, 400), rng.integers(3, 258, 400))  # the rest: off the grid
+    seqs = [[0, *rng.integers(5, 30000, n - 2).tolist(), 2] for n in lengths]
+    ref_model = copy.deepcopy(mpnet_base).to(dev)
+    with torch.inference_mode():
+        ref = np.stack([ref_model(input_ids=torch.tensor([s], device=dev)).last_hidden_state[0, 0].double().cpu().numpy() for s in seqs])
+    del ref_model
+    fast = PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls")
+    # As encoders.WINDOW_BATCHES, at an eighth of the token budget: pieces of 32 × 2^k rows.
+    run = BatchRunner(fast, dev, pad_id=1, budget=32768, graphs=True, widths=(*grid, 512), unpadded=True, pieces=32, row_step=32)
+    shapes = []
+    real = run._graphed.replay
+    run._graphed.replay = lambda ids, mask: shapes.append((ids.shape[0], ids.shape[1], mask is not None)) or real(ids, mask)
+    out = run(seqs)
+    assert cosine(out, ref).min() >= 0.999
+    assert len(run._graphed) > 0 and not run._graphed.disabled
+    # Each width of the grid ran a piece of 64 rows without a padding mask (127 would be full); what
+    # was left of them (21-31 each) and the 54 windows off the grid ran at the end, padded: a full
+    # batch, then 17 rows in a graph of 32.
+    assert shapes == [(64, 258, False), (64, 242, False), (64, 226, False), (64, 210, False), (127, 258, True), (32, 128, True)]
+
+
 def test_specter2_shaped_heads_in_fp16_graphs_match_the_fp32_reference():
     """BERT-base with a bottleneck adapter (SPECTER2's shape and adapter kind, random weights):
     heads of every length through the fused layers, fp16 and CUDA graphs, against the adapter
