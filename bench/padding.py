@@ -1,6 +1,6 @@
 """Tokens the GPU runs per token embedded, by batch plan: no GPU needed.
 
-    python bench/padding.py --tokenizer path/to/all-mpnet-base-v2 [--papers 1024] [--overlap 32 0] [--group-papers 128 256]
+    python bench/padding.py [--tokenizer path/to/all-mpnet-base-v2] [--papers 1024] [--overlap 32 0] [--group-papers 128 256]
 
 Cuts the throughput corpus (bench/corpus.py) into 512/50-word chunks and windows exactly as the
 indexer does, groups the windows of each group of papers into forward batches (token budget 262,144,
@@ -62,7 +62,8 @@ def heads(papers: list[dict], tok) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer folder (MPNet's for multi-qa-mpnet)")
+    ap.add_argument("--tokenizer", help="a Hugging Face tokenizer folder (MPNet's for multi-qa-mpnet); default: the WordPiece "
+                                        "vocabulary bench/index_throughput.py trains on the corpus")
     ap.add_argument("--papers", type=int, default=512)
     ap.add_argument("--window", type=int, default=254, help="window_tokens (the default: 254)")
     ap.add_argument("--overlap", type=int, nargs="+", default=[32, 0])
@@ -71,16 +72,20 @@ def main() -> None:
     args = ap.parse_args()
 
     import corpus
-    from transformers import AutoTokenizer
+    import models
+    from shapes import window_plans
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from indexer.chunking import WIDTH_STEP, chunk_words, window_spans
-    from shapes import window_plans
-
     from indexer.encoders import bucket_batches, graph_shape
 
     path = corpus.write(Path(tempfile.mkdtemp()) / "corpus.jsonl", args.papers, 8000)
     papers = [json.loads(line) for line in path.open()]
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    if args.tokenizer:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        sample = [p["text"] for p in papers[:200]]
+        tok = PreTrainedTokenizerFast(tokenizer_object=models._wordpiece(sample, 30527, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<unk>"))
     tok.model_max_length = 10**9
     if args.heads:
         heads(papers, tok)
