@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from indexer.encoders import BatchRunner, PaperEncoder, PassageEncoder, paper_head, token_batches
 from tiny_models import WORDS
@@ -175,6 +177,19 @@ def test_windows_of_the_grid_run_in_batches_that_need_no_padding():
     assert plan == [(8, 256, [256]), (2, 256, [256]), (4, 240, [240]), (4, 256, [200, 240, 250, 256])]
     assert [len(i) for i, _ in bucket_batches(small[1:12], 256 * 16, (256,), unpadded=True)] == [11]  # no pieces: one short batch
     assert [len(i) for i, _ in bucket_batches(small[1:12], 256 * 16, (256,), pieces=4)] == [8, 3]  # pieces without `unpadded`
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.one_of(st.sampled_from([256, 240, 224, 208]), st.integers(1, 600)), min_size=1, max_size=300),
+       budget=st.integers(256, 8192), pieces=st.sampled_from([None, 1, 4, 16]), unpadded=st.booleans())
+def test_every_batch_plan_covers_each_sequence_once_within_the_budget(lengths, budget, pieces, unpadded):
+    from indexer.encoders import bucket_batches
+
+    lengths = np.array(lengths)
+    batches = bucket_batches(lengths, budget, (256, 240, 224, 208, 512), unpadded=unpadded, pieces=pieces)
+    assert sorted(np.concatenate([i for i, _ in batches]).tolist()) == list(range(len(lengths)))
+    for i, w in batches:
+        assert len(i) and (lengths[i] <= w).all() and (len(i) == 1 or len(i) * w <= budget)
 
 
 def test_a_batchs_graph_shape_is_its_bucketed_rows_and_whether_it_needs_a_mask():
