@@ -37,11 +37,14 @@ def main() -> None:
     ap.add_argument("--share-graphs", choices=["on", "off"], default="on",
                     help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own (off: as before)")
     ap.add_argument("--capture-warm-ups", type=int, default=None, help="runs of a new shape before its capture (GraphedForward.WARM_UPS)")
+    ap.add_argument("--batches", choices=["sorted", "unpadded"], default="unpadded",
+                    help="passage batches as encoders.WINDOW_BATCHES cuts them (unpadded: as now), or from one length-sorted run (sorted: as before)")
     args = ap.parse_args()
 
     import corpus as corpus_mod
     import models as bench_models
     from index_throughput import NullStore
+    from shapes import window_plans
 
     from indexer import kernels
     from indexer.config import Settings
@@ -78,7 +81,10 @@ def main() -> None:
     idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers(),
                   replicas=gpu_replicas(s, paper, passage))
     load_s = time.perf_counter() - t
-    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "capture_warm_ups": kernels.GraphedForward.WARM_UPS, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
+    for enc in [passage, *(p for _, p in idx.workers)]:
+        for k, v in window_plans()[args.batches].items():
+            setattr(enc.run, k, v)
+    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "capture_warm_ups": kernels.GraphedForward.WARM_UPS, "batches": args.batches, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
     for run in ("cold", "warm"):
         captures.clear()
         t = time.perf_counter()
@@ -90,7 +96,7 @@ def main() -> None:
         print(run, json.dumps(out[run]), flush=True)
     passage.close()
     print(json.dumps(out))
-    name = f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}_warm_ups_{kernels.GraphedForward.WARM_UPS}.json"
+    name = f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}_warm_ups_{kernels.GraphedForward.WARM_UPS}_batches_{args.batches}.json"
     (Path(os.environ.get("OUT", tempfile.gettempdir())) / name).write_text(json.dumps(out, indent=1))
 
 
