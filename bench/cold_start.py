@@ -2,6 +2,7 @@
 
     python bench/cold_start.py [--papers 500]      # on a CUDA machine
     python bench/cold_start.py --gpus 4 --gate all    # four GPUs, each capture holding back all four
+    python bench/cold_start.py --papers 500 --batches sorted   # passage batches as before "Batches that need no padding"
     python bench/cold_start.py --tiny --device cpu --papers 20   # a smoke run of this script
 
 Indexes the same papers twice in one process, into no store, with the defaults (two encoder threads
@@ -44,7 +45,7 @@ def main() -> None:
     import corpus as corpus_mod
     import models as bench_models
     from index_throughput import NullStore
-    from shapes import window_plans
+    from shapes import plan_windows
 
     from indexer import kernels
     from indexer.config import Settings
@@ -81,9 +82,7 @@ def main() -> None:
     idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers(),
                   replicas=gpu_replicas(s, paper, passage))
     load_s = time.perf_counter() - t
-    for enc in [passage, *(p for _, p in idx.workers)]:
-        for k, v in window_plans()[args.batches].items():
-            setattr(enc.run, k, v)
+    plan_windows([p for _, p in idx.workers], args.batches)
     out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "capture_warm_ups": kernels.GraphedForward.WARM_UPS, "batches": args.batches, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
     for run in ("cold", "warm"):
         captures.clear()

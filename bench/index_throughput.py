@@ -149,7 +149,8 @@ class GpuMonitor:
 class GpuEvents:
     """CUDA events around every batch the encoders run (`GraphedForward.replay`: graphed or eager),
     on the stream it runs on: each GPU's share of its encoding time that it ran batches, and its time
-    per token on the full-width passage batches (a slower GPU, or a GPU left waiting?)."""
+    per token on the full-width passage batches (a slower GPU, or a GPU left waiting?); the passage
+    batches with and without a padding mask, apart."""
 
     def __init__(self, full_width: int, devices: Sequence[torch.device] = (), passage_graphs: Sequence = ()) -> None:
         self.full_width = full_width
@@ -697,11 +698,10 @@ def main() -> None:
 
     import corpus as corpus_mod
     import models as bench_models
+    from shapes import plan_windows
 
     from indexer import kernels
     from indexer.chunking import chunk_words
-    from shapes import window_plans
-
     from indexer.encoders import CAPTURE_AFTER, PaperEncoder, PassageEncoder
     from indexer.pipeline import Indexer
     from indexer.runtime import encoder_grid, tokenizer_lanes, tokenizer_workers
@@ -794,14 +794,8 @@ def main() -> None:
                 g.capture_after = 1
             warm_papers = min(args.papers, args.warm_up_papers or max(2000, 1000 * (1 + len(replicas_all))))
             passage_encs = [passage_enc, *(p for _, p in replicas_all)]
-            plans = window_plans()
-
-            def plan_batches(name: str) -> None:
-                for enc in passage_encs:
-                    for k, v in plans[name].items():
-                        setattr(enc.run, k, v)
             for group, batching in [(g, b) for g in sorted({g for n in gpu_counts for g in groups_for(n)}) for b in args.batches]:
-                plan_batches(batching)
+                plan_windows(passage_encs, batching)
                 index_run(f"warm-up (window {window}/{overlap})", path, warm_papers, paper_enc, passage_enc, replicas_all, "null", chunk_tokens,
                           None, gemm, papers_per_batch=group)
                 RESULTS["rows"].pop()
@@ -834,7 +828,7 @@ def main() -> None:
                         (*r, f, sp, w, gt, rg, cr, gm, wo, bt) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
                         for sp in spreads for w in ran(args.writer) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
                         for rg in rings for cr in ran(args.create) for gm in ran(args.gc) for wo in ran(args.write_order) for bt in ran(args.batches)]:
-                    plan_batches(batching)
+                    plan_windows(passage_encs, batching)
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight

@@ -10,9 +10,10 @@ replays the batch plans of a run on the throughput corpus (bench/corpus.py, the 
 WordPiece vocabularies, as bench/index_throughput.py builds them) without running a model: the groups
 of papers as the pipeline cuts them (`pipeline.groups`), dealt to the GPUs in turn, each group's paper
 heads (`PaperEncoder`, one per GPU) and passage windows (`PassageEncoder`: one set of graphs per GPU,
-shared by its encoder threads) cut into batches as the encoders cut them. It counts, per encoder, the shapes met, the captures, and
-the captures in the second half of the run (where a long run should have none left), the batches
-run eagerly before their shape was captured, and the heads' padded tokens per head token.
+shared by its encoder threads) cut into batches as the encoders cut them. It counts, per encoder, the
+shapes met, the captures, and the captures in the second half of the run (where a long run should
+have none left), the batches run eagerly before their shape was captured, and the heads' padded
+tokens per head token.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def window_plans() -> dict[str, dict]:
     from indexer.encoders import WINDOW_BATCHES
 
     return {"sorted": dict(unpadded=False, pieces=None, row_step=None), "unpadded": WINDOW_BATCHES}
+
+
+def plan_windows(encoders, name: str) -> None:
+    """Passage encoders (their batch runners) cut their batches by window_plans()[name] from now on."""
+    for enc in encoders:
+        for k, v in window_plans()[name].items():
+            setattr(enc.run, k, v)
 
 
 def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_step, unpadded: bool = False,

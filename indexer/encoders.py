@@ -113,7 +113,7 @@ def bucket_batches(lengths: np.ndarray, budget: int, preferred: Sequence[int] = 
             at = len(run) - len(run) % full
             batches += [(run[i : i + full], width) for i in range(0, at, full)]
             for n in _pieces(len(run) - at, pieces) if pieces else [len(run) - at] * (at < len(run)):
-                if pieces and n < pieces:
+                if pieces and n < pieces:  # the last few: with the others, at the end
                     rest.append(run[at:])
                 else:
                     batches.append((run[at : at + n], width))
