@@ -3,6 +3,7 @@
     python bench/shapes.py --papers 8000 --gpus 1 4
     python bench/shapes.py --papers 8000 --gpus 1 4 --share off on --capture-after 2 3 --heads-rows 16 32
     python bench/shapes.py --papers 8000 --gpus 1 4 --windows sorted unpadded
+    python bench/shapes.py --papers 3000 --gpus 1 4 --windows unpadded --pieces 64 128 256   # the pieces' size
 
 Each (rows, width, padded) batch shape an encoder meets is captured as a CUDA graph the second time
 it comes (`encoders.CAPTURE_AFTER`), and a capture holds its GPU's work back for ~0.2-0.35 s. This
@@ -97,6 +98,7 @@ def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, wi
     captured: list[tuple[str, int]] = []  # (encoder kind, paper index where captured)
     eager: Counter = Counter()  # batches run before their shape was captured
     head_real = head_run = 0
+    window_real = window_run = window_padded = 0  # positions: of the windows, run, run in batches with a padding mask
     at = 0
     for k, group in enumerate(groups(range(n), most, gpus, threads if gpus > 1 else 1)):
         gpu, thread = k % gpus, (k // gpus) % threads
@@ -109,7 +111,10 @@ def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, wi
             eager["heads"] += s < capture_after
         head_real += int(h.sum())
         w = np.concatenate([windows[i] for i in group])
+        window_real += int(w.sum())
         for key in plan_keys(w, budget, widths, 0.0, window_plan["row_step"] or "pow2", window_plan["unpadded"], window_plan["pieces"]):
+            window_run += key[0] * key[1]
+            window_padded += key[0] * key[1] if key[2] else 0
             name = ("passage", gpu, 0 if share else thread, key)
             seen[name] = s = seen.get(name, 0) + 1
             if s == capture_after:
@@ -122,6 +127,7 @@ def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, wi
         out[kind] = dict(encoders=encoders, shapes_met=sum(1 for key in seen if key[0] == kind), captures=len(caps),
                          captures_in_second_half=sum(1 for i in caps if i >= n // 2), eager_batches=eager[kind])
     out["heads"]["padded_per_head_token"] = round(head_run / head_real, 3)
+    out["passage"].update(run_per_window_position=round(window_run / window_real, 4), in_padded_batches=round(window_padded / window_run, 3))
     return out
 
 
@@ -136,6 +142,8 @@ def main() -> None:
     ap.add_argument("--windows", nargs="+", choices=["sorted", "unpadded"], default=["unpadded"],
                     help="passage batches cut from one length-sorted run, rows in powers of two (sorted: as before), or as "
                          "encoders.WINDOW_BATCHES has them (unpadded: as now)")
+    ap.add_argument("--pieces", type=int, nargs="+", help="with --windows unpadded: pieces of N × 2^k rows (each a row; default: "
+                                                            "encoders.WINDOW_BATCHES's)")
     ap.add_argument("--capture-after", type=int, nargs="+", help="a shape is captured the n-th time it comes (default: as the encoders do)")
     ap.add_argument("--budget", type=int, default=262144)
     ap.add_argument("--window", type=int, default=254)
@@ -151,19 +159,23 @@ def main() -> None:
     heads, windows = lengths_of(papers, args.window, args.overlap)
     print(f"{args.papers} papers, {sum(len(w) for w in windows)} windows; heads {np.mean([h[0] for h in heads]):.0f} tokens on average")
     print("| GPUs | passage graphs shared | passage batches | capture at sighting | heads' rows | head captures (2nd half) | head eager batches "
-          "| passage captures (2nd half) | passage eager batches | all captures | head padded / head tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    plans = window_plans()
+          "| passage captures (2nd half) | passage eager batches | all captures | head padded / head tokens "
+          "| passage positions run / window positions | in padded batches |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    plans = {name: plan for name, plan in window_plans().items() if name != "unpadded"}
+    for p in args.pieces or [window_plans()["unpadded"]["pieces"]]:
+        plans["unpadded" if not args.pieces else f"unpadded, pieces of {p}"] = dict(window_plans()["unpadded"], pieces=p)
+    chosen = [name for name in plans if name.split(",")[0] in args.windows]
     for gpus in args.gpus:
         most = 128 if gpus > 2 else 256  # as Settings.group_papers has it
-        for share, plan, after, rows in [(sh, pl, a, r) for sh in args.share for pl in args.windows for a in (args.capture_after or [CAPTURE_AFTER])
+        for share, plan, after, rows in [(sh, pl, a, r) for sh in args.share for pl in chosen for a in (args.capture_after or [CAPTURE_AFTER])
                                          for r in args.heads_rows]:
             r = simulate(heads, windows, gpus, args.threads, most, args.budget, args.window, rows if rows == "pow2" else int(rows), after, share == "on",
                          plans[plan])
             h, p = r["heads"], r["passage"]
             print(f"| {gpus} | {share} | {plan} | {after} | {rows} | {h['captures']} ({h['captures_in_second_half']}) | {h['eager_batches']} | "
                   f"{p['captures']} ({p['captures_in_second_half']}) | {p['eager_batches']} | {h['captures'] + p['captures']} | "
-                  f"{h['padded_per_head_token']} |", flush=True)
+                  f"{h['padded_per_head_token']} | {p['run_per_window_position']} | {p['in_padded_batches']:.0%} |", flush=True)
 
 
 if __name__ == "__main__":
