@@ -25,6 +25,16 @@ def _wordpiece(texts: Iterable[str], vocab: int, special: list[str], unk: str):
     return tok
 
 
+def passage_wordpiece(texts: Iterable[str]):
+    """The passage model's vocabulary (MPNet's size and special tokens), trained on `texts`."""
+    return _wordpiece(texts, 30527, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<unk>")
+
+
+def paper_wordpiece(texts: Iterable[str]):
+    """The paper model's vocabulary (SciBERT's size, BERT's special tokens), trained on `texts`."""
+    return _wordpiece(texts, 31090, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]")
+
+
 def _small(cfg_cls, tiny: bool, **kw):
     """The real shape, or (tiny) 2 layers of 64 for smoke runs on a CPU."""
     if tiny:
@@ -38,7 +48,7 @@ def build_passage(path: Path, texts: list[str], tiny: bool = False) -> Path:
     from tokenizers import processors
     from transformers import MPNetConfig, MPNetModel, MPNetTokenizerFast
 
-    tok = _wordpiece(texts, 30527, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<unk>")
+    tok = passage_wordpiece(texts)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
         special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
@@ -63,7 +73,7 @@ def build_paper(path: Path, texts: list[str], tiny: bool = False) -> tuple[Path,
     from tokenizers import processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    tok = _wordpiece(texts, 31090, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]")
+    tok = paper_wordpiece(texts)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

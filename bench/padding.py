@@ -85,7 +85,7 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
         sample = [p["text"] for p in papers[:200]]
-        tok = PreTrainedTokenizerFast(tokenizer_object=models._wordpiece(sample, 30527, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<unk>"))
+        tok = PreTrainedTokenizerFast(tokenizer_object=models.passage_wordpiece(sample))
     tok.model_max_length = 10**9
     if args.heads:
         heads(papers, tok)

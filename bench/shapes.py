@@ -41,8 +41,8 @@ def lengths_of(papers: list[dict], window: int, overlap: int) -> tuple[list[np.n
     from indexer.chunking import chunk_words, window_spans
 
     sample = [p["text"] for p in papers[:200]]
-    passage = models._wordpiece(sample, 30527, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<unk>")
-    paper = models._wordpiece(sample, 31090, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]")
+    passage = models.passage_wordpiece(sample)
+    paper = models.paper_wordpiece(sample)
     paper.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", paper.token_to_id("[CLS]")), ("[SEP]", paper.token_to_id("[SEP]"))])
     heads = [min(512, len(e.ids)) for e in paper.encode_batch([p["title"] + "[SEP]" + (p.get("abstract") or "") for p in papers])]
