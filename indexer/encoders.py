@@ -112,12 +112,15 @@ def bucket_batches(lengths: np.ndarray, budget: int, preferred: Sequence[int] = 
             full = max(1, budget // width)
             at = len(run) - len(run) % full
             batches += [(run[i : i + full], width) for i in range(0, at, full)]
-            for n in _pieces(len(run) - at, pieces) if pieces else [len(run) - at] * (at < len(run)):
-                if pieces and n < pieces:  # the last few: with the others, at the end
-                    rest.append(run[at:])
-                else:
-                    batches.append((run[at : at + n], width))
-                at += n
+            if at < len(run) and not pieces:
+                batches.append((run[at:], width))
+            elif at < len(run):
+                for n in _pieces(len(run) - at, pieces):
+                    if n < pieces:  # the last few: with the others, at the end
+                        rest.append(run[at:])
+                    else:
+                        batches.append((run[at : at + n], width))
+                    at += n
         order = np.concatenate(rest)
         order = order[np.lexsort((-lengths[order], -buckets[order]))]
     widths = buckets[order]
