@@ -172,12 +172,15 @@ class GpuEvents:
         self.real = real = kernels.GraphedForward.replay
         marks = self.marks
 
-        def replay(g, ids, mask):
+        def replay(g, *inputs):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = real(g, ids, mask)
+            out = real(g, *inputs)
             end.record()
-            marks[str(kernels.one_device(g.device))].append((start, end, ids.shape[0], ids.shape[1], mask is not None, id(g) in self.passage))
+            ids = inputs[0]  # (rows, width); packed heads: (tokens,), one row
+            rows, width = ids.shape if ids.dim() == 2 else (1, ids.shape[0])
+            padded = len(inputs) == 2 and inputs[1] is not None
+            marks[str(kernels.one_device(g.device))].append((start, end, rows, width, padded, id(g) in self.passage))
             return out
 
         kernels.GraphedForward.replay = replay
@@ -218,7 +221,9 @@ class GpuEvents:
                 mine = [(e - s, r * w) for (s, e, r, w), (p, passage) in zip(spans, kinds) if passage and p == want]
                 by_mask[name] = dict(batches=len(mine), busy_share=round(sum(t for t, _ in mine) / busy, 3),
                                      us_per_ktok=round(float(np.median([t / n * 1e6 for t, n in mine])), 2) if mine else None)
+            heads = [e - s for (s, e, _, _), (_, passage) in zip(spans, kinds) if not passage]
             out[dev] = dict(batches=len(spans), busy_pct=round(100 * busy / window, 1), window_s=round(window / 1e3, 2),
+                            heads_busy_s=round(sum(heads) / 1e3, 3), heads_busy_share=round(sum(heads) / busy, 3),
                             idle_gaps=len(merged) - 1, idle_s=round(float(gaps.sum()) / 1e3, 2),
                             idle_in_gaps_over_10ms_s=round(float(gaps[gaps > 10].sum()) / 1e3, 2), longest_gap_ms=round(float(gaps.max()), 1),
                             full_batches=len(full), us_per_ktok_full=round(float(np.median(full)), 2) if full else None,
@@ -590,17 +595,30 @@ def heads(paper_dirs, corpus: Path, n: int, device: torch.device, paper_enc) -> 
     del old
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    for i in range(0, n, 256):  # warm-up: graphs for the shapes these heads need
-        paper_enc.encode_papers(titles[i : i + 256], abstracts[i : i + 256])
-    sync(device)
-    reset_peak([device])
-    t = time.perf_counter()
-    vecs = [paper_enc.encode_papers(titles[i : i + 256], abstracts[i : i + 256]) for i in range(0, n, 256)]
-    sync(device)
-    dt = time.perf_counter() - t
-    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(vecs[0]).double(), ref, dim=-1).min().item()
+    from shapes import plan_heads
+
+    def timed(encode, items) -> tuple[float, float]:
+        for _ in range(2):  # warm-up: graphs for the shapes these heads need (captured when a shape comes again)
+            for i in range(0, n, 256):
+                encode(*(x[i : i + 256] for x in items))
+        sync(device)
+        reset_peak([device])
+        t = time.perf_counter()
+        vecs = [encode(*(x[i : i + 256] for x in items)) for i in range(0, n, 256)]
+        sync(device)
+        return time.perf_counter() - t, torch.nn.functional.cosine_similarity(torch.from_numpy(vecs[0]).double(), ref, dim=-1).min().item()
+
+    dt, cos = timed(paper_enc.encode_papers, (titles, abstracts))
     row("paper heads, paperindex: PaperEncoder.encode_papers", papers=n, seconds=dt, papers_s=n / dt, peak_gib=peak_gib([device]),
         ratio_vs_old=dt_old / dt, cos_vs_fp32=cos)
+    # Tokenized beforehand: the encoder's own share, heads packed (now) and padded (before).
+    ids = paper_enc.tokenize_heads(titles, abstracts)
+    tokens = sum(map(len, ids))
+    for name in ("padded", "packed"):
+        plan_heads([paper_enc], name)
+        dt, cos = timed(paper_enc.encode_ids, (ids,))
+        row(f"paper heads, tokenized beforehand, {name}: PaperEncoder.encode_ids", papers=n, seconds=dt, papers_s=n / dt,
+            head_tok_s=tokens / dt, peak_gib=peak_gib([device]), ratio_vs_old=dt_old / dt, cos_vs_fp32=cos)
 
 
 def table() -> str:
@@ -672,6 +690,8 @@ def main() -> None:
             "(freeze: as paperindex does now), or the collector as Python sets it (default: as before)")
     variant("--write-order", ["input", "free"], "free", "groups written as they come unless an earlier one shares a paper (free: as now), "
             "or in input order (input: as before)")
+    variant("--heads-plan", ["padded", "packed"], "packed", "paper heads packed end to end, no padding (packed: as now), or in "
+            "padded batches (encoders.HEAD_BATCHES: as before)")
     variant("--batches", ["sorted", "unpadded"], "unpadded", "passage batches as encoders.WINDOW_BATCHES cuts them (unpadded: the grid's "
             "widths first, batches that need no padding mask, rows in steps; as now), or cut from one length-sorted run, rows in powers "
             "of two (sorted: as before)")
@@ -698,7 +718,7 @@ def main() -> None:
 
     import corpus as corpus_mod
     import models as bench_models
-    from shapes import plan_windows
+    from shapes import plan_heads, plan_windows
 
     from indexer import kernels
     from indexer.chunking import chunk_words
@@ -789,13 +809,17 @@ def main() -> None:
             # depend on its size).
             t = time.perf_counter()
             encoders = {id(e): e for e in (paper_enc, passage_enc, *(e for pair in grid.values() for e in pair))}.values()
-            graphed = list({id(enc.run._graphed): enc.run._graphed for enc in encoders if enc.run._graphed is not None}.values())
+            paper_encs = list({id(p): p for p in (paper_enc, *(p for p, _ in replicas_all))}.values())
+            runners = [enc.run for enc in encoders] + [r for name in args.heads_plan for r in plan_heads(paper_encs, name)]
+            graphed = list({id(r._graphed): r._graphed for r in runners if r._graphed is not None}.values())
             for g in graphed:
                 g.capture_after = 1
             warm_papers = min(args.papers, args.warm_up_papers or max(2000, 1000 * (1 + len(replicas_all))))
             passage_encs = [passage_enc, *(p for _, p in replicas_all)]
-            for group, batching in [(g, b) for g in sorted({g for n in gpu_counts for g in groups_for(n)}) for b in args.batches]:
+            for group, batching, heads_plan in [(g, b, h) for g in sorted({g for n in gpu_counts for g in groups_for(n)})
+                                                for b in args.batches for h in args.heads_plan]:
                 plan_windows(passage_encs, batching)
+                plan_heads(paper_encs, heads_plan)
                 index_run(f"warm-up (window {window}/{overlap})", path, warm_papers, paper_enc, passage_enc, replicas_all, "null", chunk_tokens,
                           None, gemm, papers_per_batch=group)
                 RESULTS["rows"].pop()
@@ -824,11 +848,13 @@ def main() -> None:
 
                 def ran(values: list[str], n_gpus=n_gpus) -> list[str]:  # see variant
                     return values if n_gpus > 1 or args.gpus == 1 else values[-1:]
-                for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode, order, batching in [
-                        (*r, f, sp, w, gt, rg, cr, gm, wo, bt) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
+                for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode, order, batching, heads_plan in [
+                        (*r, f, sp, w, gt, rg, cr, gm, wo, bt, hp) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
                         for sp in spreads for w in ran(args.writer) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
-                        for rg in rings for cr in ran(args.create) for gm in ran(args.gc) for wo in ran(args.write_order) for bt in ran(args.batches)]:
+                        for rg in rings for cr in ran(args.create) for gm in ran(args.gc) for wo in ran(args.write_order) for bt in ran(args.batches)
+                        for hp in ran(args.heads_plan)]:
                     plan_windows(passage_encs, batching)
+                    plan_heads(paper_encs, heads_plan)
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
                     ShardWriters.IN_FLIGHT = flight
@@ -852,6 +878,7 @@ def main() -> None:
                     label += f", written {'in input order' if order == 'input' else 'as they come'}" if len(args.write_order) > 1 else ""
                     label += f", {ring} batches in flight per thread" if len(rings) > 1 else ""
                     label += f", batches {batching}" if len(args.batches) > 1 else ""
+                    label += f", heads {heads_plan}" if len(args.heads_plan) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
                               shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze")
         finally:

@@ -72,6 +72,27 @@ def plan_windows(encoders, name: str) -> None:
             setattr(enc.run, k, v)
 
 
+def plan_heads(encoders, name: str) -> list:
+    """Paper encoders run their heads packed (as now) or padded (encoders.HEAD_BATCHES: before) from
+    now on. Each keeps both runners, and with them their CUDA graphs; the runners of `name` come back."""
+    from indexer.encoders import CAPTURE_AFTER, HEAD_BATCHES, BatchRunner
+
+    out = []
+    for enc in encoders:
+        runs = enc.__dict__.setdefault("_bench_head_runs", {"packed" if enc.run.packed else "padded": enc.run})
+        if name not in runs:
+            graphs, budget = enc.run.graphs, enc.run.budget
+            if name == "packed":
+                runs[name] = BatchRunner(enc.forward.packed, enc.device, enc.tokenizer.pad_token_id, budget, graphs=graphs,
+                                         capture_after=CAPTURE_AFTER, packed=True)
+            else:
+                runs[name] = BatchRunner(enc.forward, enc.device, enc.tokenizer.pad_token_id, budget, graphs=graphs,
+                                         widths=(enc.max_tokens,), capture_after=CAPTURE_AFTER, **HEAD_BATCHES)
+        enc.run = runs[name]
+        out.append(enc.run)
+    return out
+
+
 def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_step, unpadded: bool = False,
               pieces: int | None = None) -> list[tuple[int, int, bool]]:
     """The (rows, width, padded) graph shape of each batch the encoders cut `lengths` into."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .chunking import WIDTH_STEP
-from .kernels import Forward, GraphedForward, gpu_gate, on_device, one_device, speed_up
+from .kernels import GraphedForward, gpu_gate, on_device, one_device, speed_up
 from .tokenizing import ChunkSpec, PreparedPapers, Windows, WindowSpec, WindowTokenizer, pack
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,26 @@ def graph_shape(lens: np.ndarray, width: int, budget: int, row_step: int | None 
     return bucket_rows(len(lens), max(1, budget // width), row_step), bool((lens < width).any())
 
 
+def pack_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Indices in input order, cut into batches of at most `budget` tokens in all (a longer sequence
+    gets a batch of its own): batches of sequences packed end to end, which need no padding."""
+    ends = np.cumsum(lengths)
+    batches: list[np.ndarray] = []
+    at = 0
+    while at < len(lengths):
+        start = ends[at - 1] if at else 0
+        end = max(at + 1, int(np.searchsorted(ends, start + budget, side="right")))
+        batches.append(np.arange(at, end))
+        at = end
+    return batches
+
+
+def packed_shape(lens: np.ndarray, token_step: int, seq_step: int) -> tuple[int, int]:
+    """(tokens, sequences) of the CUDA graph a packed batch runs in: both rounded up to their step,
+    with at least one filler token (so that every sequence's bound is a row)."""
+    return -(-(int(lens.sum()) + 1) // token_step) * token_step, -(-len(lens) // seq_step) * seq_step
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -169,46 +189,52 @@ def fill_batch(out_ids: np.ndarray, out_mask: np.ndarray | None, ids: np.ndarray
         out_mask[n:] = out_mask[0]
 
 
+def fill_packed(out_ids: np.ndarray, out_pos: np.ndarray, out_cu: np.ndarray, ids: np.ndarray, lengths: np.ndarray,
+                batch: np.ndarray, pad_id: int) -> None:
+    """Write sequences `batch` of `ids` end to end into the (tokens,) buffers, each token with its
+    position in its sequence, and the sequences' bounds into `out_cu` (sequences + 1,). The buffers
+    may be longer (a fixed graph shape): filler tokens (pad_id at position 0) and sequences of length 0."""
+    lens = lengths[batch]
+    n, total, w = len(batch), int(lens.sum()), int(lens.max())
+    keep = np.arange(w) < lens[:, None]
+    out_ids[:total] = ids[batch, :w][keep]
+    out_ids[total:] = pad_id
+    out_pos[:total] = np.broadcast_to(np.arange(w), (n, w))[keep]
+    out_pos[total:] = 0
+    out_cu[0] = 0
+    np.cumsum(lens, out=out_cu[1 : n + 1])
+    out_cu[n + 1 :] = total
+
+
 class _Slot:
     """Pinned host buffers and a completion event for one batch in flight on the GPU."""
 
     def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
+        self.buffers: dict[str, torch.Tensor] = {}  # by name: "ids", "mask" (or positions), "cu", "out"
         # Waiting threads sleep rather than spin: a spinning wait takes a core from the tokenizer
         # workers and the chunk shards' writer processes for the whole run.
         self.event = torch.cuda.Event(blocking=True)
         self.batch: np.ndarray | None = None
         self.result: torch.Tensor | None = None
 
-    @staticmethod
-    def _short(buf: torch.Tensor | None, n: int, dtype: torch.dtype) -> bool:
-        """Whether `buf` cannot hold n values of `dtype` (a new one is allocated)."""
+    def _short(self, name: str, n: int, dtype: torch.dtype = torch.int32) -> bool:
+        """Whether buffer `name` cannot hold n values of `dtype` (a new one is allocated)."""
+        buf = self.buffers.get(name)
         return buf is None or buf.numel() < n or buf.dtype != dtype
 
-    @classmethod
-    def _view(cls, buf: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.int32) -> torch.Tensor:
         n = int(np.prod(shape))
-        if cls._short(buf, n, dtype):
-            buf = torch.empty(n, dtype=dtype, pin_memory=True)
-        return buf, buf[:n].view(shape)
+        if self._short(name, n, dtype):
+            self.buffers[name] = torch.empty(n, dtype=dtype, pin_memory=True)
+        return self.buffers[name][:n].view(shape)
 
-    def grows(self, rows: int, width: int, padded: bool, out: tuple[int, torch.dtype] | None) -> bool:
-        """Whether a batch of this shape (and vectors of `out`: width, dtype) needs a buffer allocated."""
-        return (self._short(self.ids, rows * width, torch.int32) or (padded and self._short(self.mask, rows * width, torch.int32))
-                or out is None or self._short(self.out, rows * out[0], out[1]))
-
-    def inputs(self, rows: int, width: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.ids, ids = self._view(self.ids, (rows, width), torch.int32)
-        mask = None
-        if padded:
-            self.mask, mask = self._view(self.mask, (rows, width), torch.int32)
-        return ids, mask
+    def grows(self, sizes: dict[str, int], rows_out: int, out: tuple[int, torch.dtype] | None) -> bool:
+        """Whether a batch needing int32 buffers of `sizes` (by name) and `rows_out` vectors of `out`
+        (width, dtype) needs a buffer allocated."""
+        return any(self._short(k, n) for k, n in sizes.items()) or out is None or self._short("out", rows_out * out[0], out[1])
 
     def output(self, like: torch.Tensor) -> torch.Tensor:
-        self.out, out = self._view(self.out, tuple(like.shape), like.dtype)
-        return out
+        return self.view("out", tuple(like.shape), like.dtype)
 
 
 @dataclass
@@ -218,11 +244,13 @@ class BatchRunner:
     On CUDA, batches go through a small ring of pinned buffers: inputs are copied while the previous
     batch runs, and vectors come back (in the model's dtype, fp16) without stopping the GPU; with
     `graphs`, batches are padded to a few bucket shapes (`widths` are preferred, e.g. the full
-    window) and replayed from CUDA graphs. On out-of-memory the budget is halved and the inputs not
+    window) and replayed from CUDA graphs. With `packed`, a batch's sequences run end to end in one
+    row of tokens, none padded: `forward` takes (ids, positions, cu) (PooledForward.packed), and a
+    graph's shape is the tokens and sequences rounded up to `pack_steps`. On out-of-memory the budget is halved and the inputs not
     yet done are retried: nothing is skipped or encoded twice into the output.
     """
 
-    forward: Forward
+    forward: Callable[..., torch.Tensor]  # a Forward (ids, mask); packed: (ids, positions, cu)
     device: torch.device
     pad_id: int
     budget: int
@@ -235,6 +263,8 @@ class BatchRunner:
     pieces: int | None = None  # see bucket_batches
     row_step: int | None = None  # graph rows: multiples of this, not powers of two
     capture_after: int = 1  # see GraphedForward
+    packed: bool = False
+    pack_steps: tuple[int, int] = (2048, 32)  # graph shapes of packed batches: (tokens, sequences) rounded up to these
     # Another runner's graphs (of the same forward, on the same GPU), used by both: each shape is
     # captured once for them, and their replays take turns (GraphedForward.lock).
     shared_graphs: GraphedForward | None = None
@@ -277,6 +307,8 @@ class BatchRunner:
         return out[0]
 
     def _plan(self, lengths: np.ndarray, todo: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        if self.packed:
+            return [(todo[b], 0) for b in pack_batches(lengths[todo], self.budget)]
         if self._graphed is not None:
             return [(todo[i], w) for i, w in bucket_batches(lengths[todo], self.budget, self.widths, min_fill=self.min_fill,
                                                                   unpadded=self.unpadded, pieces=self.pieces)]
@@ -293,9 +325,9 @@ class BatchRunner:
         if self.device.type != "cuda":
             for batch, width in self._plan(lengths, todo):
                 self._failed_rows = len(batch)
-                lens = lengths[batch]
-                mask = torch.from_numpy(np.arange(width) < lens[:, None]).long() if (lens < width).any() else None
-                vecs = self.forward(torch.from_numpy(ids[batch, :width]).long(), mask)
+                views = {k: torch.empty(shape, dtype=torch.int32) for k, shape in self._shapes(lengths[batch], width)[0].items()}
+                self._fill(views, ids, lengths, batch)
+                vecs = self.forward(*self._inputs(views))
                 self._store(out, done, batch, vecs.float().numpy())
             return
         with gpu_gate.shared(self.device):
@@ -322,29 +354,49 @@ class BatchRunner:
         self._store(out, done, slot.batch, slot.result.numpy())
         slot.batch = slot.result = None
 
+    def _shapes(self, lens: np.ndarray, width: int) -> tuple[dict[str, tuple[int, ...]], int]:
+        """The int32 input buffers a batch of sequences of `lens` at `width` fills (name: shape), and
+        the vectors it gives: a fixed graph shape where graphs run, else the batch's own."""
+        graphed = self._graphed is not None
+        if self.packed:
+            tokens, seqs = packed_shape(lens, *self.pack_steps) if graphed else (int(lens.sum()), len(lens))
+            return {"ids": (tokens,), "mask": (tokens,), "cu": (seqs + 1,)}, seqs  # "mask": the positions
+        rows, padded = graph_shape(lens, width, self.budget, self.row_step)
+        if not graphed:
+            rows = len(lens)  # no fixed shapes to fill
+        return {"ids": (rows, width), **({"mask": (rows, width)} if padded else {})}, rows
+
+    def _fill(self, views: dict[str, torch.Tensor], ids: np.ndarray, lengths: np.ndarray, batch: np.ndarray) -> None:
+        bufs = {k: v.numpy() for k, v in views.items()}
+        if self.packed:
+            fill_packed(bufs["ids"], bufs["mask"], bufs["cu"], ids, lengths, batch, self.pad_id)
+        else:
+            fill_batch(bufs["ids"], bufs.get("mask"), ids, lengths, batch, self.pad_id)
+
+    def _inputs(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+        """The forward's arguments: (ids, mask or None), or packed (ids, positions, cu)."""
+        return (views["ids"], views["mask"], views["cu"]) if self.packed else (views["ids"], views.get("mask"))
+
     def _launch(self, slot: _Slot, ids: np.ndarray, lengths: np.ndarray, batch: np.ndarray, width: int, stream) -> None:
         n = len(batch)
-        lens = lengths[batch]
-        rows, padded = graph_shape(lens, width, self.budget, self.row_step)
-        if self._graphed is None:
-            rows = n  # no fixed shapes to fill
+        shapes, rows_out = self._shapes(lengths[batch], width)
         # Pinned buffers are allocated on first use, and as batches grow: that waits for a capture on
         # any GPU (an allocation of pinned memory may synchronise with every GPU); the rest only for
         # one on this GPU.
-        where = None if slot.grows(rows, width, padded, self._out) else self.device
+        where = None if slot.grows({k: int(np.prod(v)) for k, v in shapes.items()}, rows_out, self._out) else self.device
         with gpu_gate.shared(where):
-            h_ids, h_mask = slot.inputs(rows, width, padded)
-        fill_batch(h_ids.numpy(), None if h_mask is None else h_mask.numpy(), ids, lengths, batch, self.pad_id)
+            views = {k: slot.view(k, shape) for k, shape in shapes.items()}
+        self._fill(views, ids, lengths, batch)
+        inputs = self._inputs(views)
         if self._graphed is not None:
-            self._graphed.ready(h_ids, h_mask)
+            self._graphed.ready(*inputs)
         # A graph's inputs and output are fixed buffers: another runner sharing the graphs copies its
         # batch in only after this one's vectors are copied out (both on the GPU's default stream).
         with gpu_gate.shared(where), self._graphed.lock if self._graphed is not None else nullcontext():
             if self._graphed is not None:
-                vecs = self._graphed.replay(h_ids, h_mask)
+                vecs = self._graphed.replay(*inputs)
             else:
-                d_mask = None if h_mask is None else h_mask.to(self.device, non_blocking=True)
-                vecs = self.forward(h_ids.to(self.device, non_blocking=True), d_mask)
+                vecs = self.forward(*(None if t is None else t.to(self.device, non_blocking=True) for t in inputs))
             result = slot.output(vecs)
             self._out = (vecs.shape[1], vecs.dtype)
             result.copy_(vecs, non_blocking=True)
@@ -362,7 +414,8 @@ class BatchRunner:
                 torch.cuda.empty_cache()
 
 
-# One group's paper heads (~256, 100-512 tokens) fit one batch, which would pad them all to the
+# Paper heads run packed where the model allows (PooledForward.packable: SPECTER2's BERT): no padding.
+# Otherwise: one group's heads (~256, 100-512 tokens) fit one batch, which would pad them all to the
 # longest (1.8 tokens run per token on the bench corpus): batches end where the width drops below
 # 80% of theirs, graph rows in steps of 16 (1.4; bench/padding.py --heads).
 HEAD_BATCHES = dict(min_fill=0.8, row_step=16)
@@ -578,8 +631,11 @@ class PaperEncoder:
         budget = token_budget or default_token_budget(self.device)
         pad = self.tokenizer.pad_token_id
         # Graphs replay whatever adapter was active at capture: only the proximity runner has them.
-        self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,), capture_after=CAPTURE_AFTER,
-                               **HEAD_BATCHES)
+        if self.forward.packable:
+            self.run = BatchRunner(self.forward.packed, self.device, pad, budget, graphs=graphs, capture_after=CAPTURE_AFTER, packed=True)
+        else:
+            self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,),
+                                   capture_after=CAPTURE_AFTER, **HEAD_BATCHES)
         self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
 
     def replicate(self, device: str | torch.device) -> PaperEncoder:

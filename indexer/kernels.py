@@ -271,6 +271,45 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Sequences packed end to end in one (tokens, hidden) matrix, none padded: sequence i is rows
+    cu[i]:cu[i+1] (int32, on the tokens' device). Rows past cu[-1] are filler for a fixed CUDA graph
+    shape, in no sequence: their values are undefined, and every kernel that reads them (matrix
+    products, LayerNorm, adapters) is row by row, so they reach no sequence's rows. Sequences of
+    length 0 (cu[i] == cu[i+1]) stand for rows of a fixed graph shape too. `longest`: a bound on the
+    sequences' lengths (the attention kernel's grid)."""
+    cu: torch.Tensor
+    longest: int
+
+    def firsts(self, tokens: int) -> torch.Tensor:
+        """Each sequence's first row (its CLS token); a sequence of length 0 points at some row."""
+        return self.cu[:-1].clamp(max=tokens - 1)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     longest_q: int, longest_k: int) -> torch.Tensor:
+    """Attention within packed sequences, no mask: q (Tq, heads, d) and k, v (Tk, heads, d); the
+    queries of sequence i are rows cu_q[i]:cu_q[i+1], its keys rows cu_k[i]:cu_k[i+1]. On CUDA in
+    fp16/bf16, flash attention's variable-length kernel; elsewhere one SDPA call per sequence."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if _varlen_attn is not None:
+            return _varlen_attn(q, k, v, cu_q, cu_k, longest_q, longest_k)
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, longest_q, longest_k, 0.0, False, False)[0]
+    out = q.new_zeros(q.shape)
+    qs, ks = cu_q.tolist(), cu_k.tolist()
+    for qa, qb, ka, kb in zip(qs, qs[1:], ks, ks[1:]):
+        if qb > qa and kb > ka:
+            out[qa:qb] = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q[qa:qb], k[ka:kb], v[ka:kb]))).transpose(0, 1)
+    return out
+
+
+try:  # PyTorch's public variable-length attention (2.10 on); else the flash kernel's own op
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:
+    _varlen_attn = None
+
+
 def residual_norm(block: torch.nn.Module, h: torch.Tensor, res: torch.Tensor, rows: int, mode: str) -> torch.Tensor:
     """LayerNorm(h + res) with `block`'s LayerNorm, or, where `block` has an active bottleneck
     adapter (BERT with `adapters`), what the library's bottleneck layer makes of them."""
@@ -282,27 +321,43 @@ def residual_norm(block: torch.nn.Module, h: torch.Tensor, res: torch.Tensor, ro
 
 
 def encoder_layer(layer: torch.nn.Module, x: torch.Tensor, rows: int, bias: torch.Tensor | None, cls_only: bool = False,
-                  fusions: Fusions = Fusions()) -> torch.Tensor:
+                  fusions: Fusions = Fusions(), packing: Packing | None = None) -> torch.Tensor:
     """One MPNet or BERT layer (inference) on x (rows·width, hidden), rows of equal width,
     token-major: SDPA attention with `bias` as attn_mask, every bias in its GEMM's epilogue. With
-    `cls_only`, only the first token of each row comes out, (rows, hidden) (it still attends to every key)."""
+    `cls_only`, only the first token of each row comes out, (rows, hidden) (it still attends to every key).
+    With `packing` (BERT only: no position bias), x holds packed sequences (`rows` is 1), attention
+    stays within each, and `cls_only` gives each sequence's first token, (sequences, hidden)."""
     a, o, norm1 = _attention_parts(layer)
     c = x.shape[1]
     n = x.shape[0] // rows
     h, d = a.num_attention_heads, a.attention_head_size
-    if cls_only:
-        # Contiguous: the compiled add + LayerNorm then needs one compilation, not a second for a
-        # strided residual (a few seconds more at load, on each GPU).
-        res = x.view(rows, n, c)[:, 0].contiguous()
-        q = linear(res, a.qkv_weight[:c], a.qkv_bias[:c]).view(rows, 1, h, d).transpose(1, 2)
-        kv = linear(x, a.qkv_weight[c:], a.qkv_bias[c:]).view(rows, n, 2, h, d)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-        bias = None if bias is None else bias[:, :, :1]
+    if packing is not None:
+        cu, longest = packing.cu, packing.longest
+        if cls_only:
+            res = x.index_select(0, packing.firsts(x.shape[0]))
+            q = linear(res, a.qkv_weight[:c], a.qkv_bias[:c]).view(-1, h, d)
+            kv = linear(x, a.qkv_weight[c:], a.qkv_bias[c:]).view(-1, 2, h, d)
+            one = torch.arange(len(cu), dtype=cu.dtype, device=cu.device)  # one query per sequence
+            ctx = varlen_attention(q, kv[:, 0], kv[:, 1], one, cu, 1, longest)
+        else:
+            res = x
+            qkv = linear(x, a.qkv_weight, a.qkv_bias).view(-1, 3, h, d)
+            ctx = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, longest, longest)
+        ctx, rows = ctx.reshape(res.shape[0], c), 1
     else:
-        res = x
-        qkv = linear(x, a.qkv_weight, a.qkv_bias).view(rows, n, 3, h, d)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    ctx = attention(q, k, v, bias, fusions.attention).transpose(1, 2).reshape(res.shape[0], c)
+        if cls_only:
+            # Contiguous: the compiled add + LayerNorm then needs one compilation, not a second for a
+            # strided residual (a few seconds more at load, on each GPU).
+            res = x.view(rows, n, c)[:, 0].contiguous()
+            q = linear(res, a.qkv_weight[:c], a.qkv_bias[:c]).view(rows, 1, h, d).transpose(1, 2)
+            kv = linear(x, a.qkv_weight[c:], a.qkv_bias[c:]).view(rows, n, 2, h, d)
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            bias = None if bias is None else bias[:, :, :1]
+        else:
+            res = x
+            qkv = linear(x, a.qkv_weight, a.qkv_bias).view(rows, n, 3, h, d)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        ctx = attention(q, k, v, bias, fusions.attention).transpose(1, 2).reshape(res.shape[0], c)
     hid = residual_norm(norm1, linear(ctx, o.weight, o.bias), res, rows, fusions.add_norm)
     inner = linear(hid, layer.intermediate.dense.weight, layer.intermediate.dense.bias, gelu=fusions.gelu_epilogue)
     if not fusions.gelu_epilogue:
@@ -357,10 +412,30 @@ class PooledForward(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.hidden(ids, mask)
-        vecs = pool(hidden, mask, self.pooling)
-        if self.normalize:
-            vecs = F.normalize(vecs.float(), dim=-1).to(hidden.dtype)
-        return vecs
+        return self._normalized(pool(hidden, mask, self.pooling))
+
+    def _normalized(self, vecs: torch.Tensor) -> torch.Tensor:
+        return F.normalize(vecs.float(), dim=-1).to(vecs.dtype) if self.normalize else vecs
+
+    @property
+    def packable(self) -> bool:
+        """Whether `packed` runs this model: the fast BERT layers (no position bias in attention), CLS pooling."""
+        return self.fast and not self.mpnet and self.pooling == "cls"
+
+    def packed(self, ids: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+        """Pooled vectors of sequences packed end to end, no padding: `ids` and `positions` (tokens,)
+        hold sequence i at rows cu[i]:cu[i+1] (positions from 0 in each); (len(cu) - 1, hidden) out.
+        Rows past cu[-1] and sequences of length 0 are filler (see Packing): their vectors are undefined."""
+        if not self.packable:
+            raise ValueError("packed sequences need the fast BERT layers and CLS pooling")
+        enc = self.base.encoder
+        types = torch.zeros_like(ids)[None]
+        x = self.base.embeddings(input_ids=ids[None], position_ids=positions[None], token_type_ids=types)[0]
+        packing = Packing(cu, self.base.config.max_position_embeddings)
+        last = len(enc.layer) - 1
+        for i, layer in enumerate(enc.layer):
+            x = encoder_layer(layer, x, 1, None, cls_only=i == last, fusions=self.fusions, packing=packing)
+        return self._normalized(x)
 
 
 Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -444,7 +519,9 @@ MAX_FAILED_SHAPES = 8
 
 
 class GraphedForward:
-    """A Forward replayed from CUDA graphs, one per (rows, width, padded) shape.
+    """A forward replayed from CUDA graphs, one per shape of its inputs: (ids, mask) for a Forward,
+    whose key is (rows, width, padded); any tuple of tensors (or None) for another function, e.g.
+    PooledForward.packed's (ids, positions, cu).
 
     Call it with pinned host tensors: they are copied (asynchronously) into the graph's static input
     buffers. The returned tensor is the graph's static output: valid until the next call with the
@@ -458,12 +535,12 @@ class GraphedForward:
     # (two ran before; PyTorch's examples run three). A capture that fails is retried, warm-up and all.
     WARM_UPS = 1
 
-    def __init__(self, forward: Forward, device: torch.device, max_graphs: int = 128, capture_after: int = 1) -> None:
+    def __init__(self, forward: Callable[..., torch.Tensor], device: torch.device, max_graphs: int = 128, capture_after: int = 1) -> None:
         """`capture_after`: a shape is captured the n-th time it comes, and runs eagerly before (a
         capture costs ~0.3 s, a few batches' time: shapes that come once are not worth it)."""
         self.forward, self.device, self.max_graphs, self.capture_after = forward, device, max_graphs, capture_after
-        self._seen: dict[tuple[int, int, bool], int] = {}
-        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self._seen: dict[tuple, int] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor | None, ...], torch.Tensor]] = {}
         self._pool = None
         # Every capture runs on this one stream: the caching allocator reuses a freed block only on
         # the stream it was used on, so a new stream per capture would keep each graph's working
@@ -481,15 +558,22 @@ class GraphedForward:
         self._graphs.clear()
         self._pool = None
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        self.ready(ids, mask)
-        with gpu_gate.shared(self.device):
-            return self.replay(ids, mask)
+    @staticmethod
+    def key(inputs: tuple[torch.Tensor | None, ...]) -> tuple:
+        """The graph a call's inputs run in: (rows, width, padded) for (ids, mask), else their shapes."""
+        if len(inputs) == 2 and inputs[0] is not None and inputs[0].dim() == 2:
+            return (*inputs[0].shape, inputs[1] is not None)
+        return tuple(None if t is None else tuple(t.shape) for t in inputs)
 
-    def ready(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        self.ready(*inputs)
+        with gpu_gate.shared(self.device):
+            return self.replay(*inputs)
+
+    def ready(self, *inputs: torch.Tensor | None) -> None:
         """Capture the graph for this shape unless there is one (or graphs are off). Call it outside
         any `gpu_gate.shared()` block: the capture waits for this GPU's work under way to finish."""
-        key = (ids.shape[0], ids.shape[1], mask is not None)
+        key = self.key(inputs)
         if key in self._graphs or self.disabled or len(self._graphs) >= self.max_graphs:
             return
         self._seen[key] = seen = self._seen.get(key, 0) + 1
@@ -500,7 +584,7 @@ class GraphedForward:
                 if key in self._graphs:
                     return  # captured meanwhile, by another thread sharing these graphs
                 try:
-                    self._capture(ids, mask)
+                    self._capture(key, inputs)
                     return
                 except RuntimeError as exc:
                     if "out of memory" in str(exc).lower():
@@ -518,22 +602,21 @@ class GraphedForward:
             # shape is tried again when it comes back.
             log.warning("CUDA graph capture of %s failed, this batch runs eagerly: %s", key, error)
 
-    def replay(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def replay(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         """Run one batch (from the shape's graph if captured, else eagerly); inside `gpu_gate.shared()`."""
-        entry = self._graphs.get((ids.shape[0], ids.shape[1], mask is not None))
+        entry = self._graphs.get(self.key(inputs))
         if entry is None:
             self.eager_batches += 1
-            return self.forward(ids.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device, non_blocking=True))
-        graph, s_ids, s_mask, s_out = entry
-        s_ids.copy_(ids, non_blocking=True)
-        if s_mask is not None:
-            s_mask.copy_(mask, non_blocking=True)
+            return self.forward(*(None if t is None else t.to(self.device, non_blocking=True) for t in inputs))
+        graph, static, s_out = entry
+        for s, t in zip(static, inputs):
+            if s is not None:
+                s.copy_(t, non_blocking=True)
         graph.replay()
         return s_out
 
-    def _capture(self, ids: torch.Tensor, mask: torch.Tensor | None):
-        s_ids = ids.to(self.device)
-        s_mask = None if mask is None else mask.to(self.device)
+    def _capture(self, key: tuple, inputs: tuple[torch.Tensor | None, ...]):
+        static = tuple(None if t is None else t.to(self.device) for t in inputs)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         if self._stream is None:
@@ -543,16 +626,16 @@ class GraphedForward:
         with compiled_kernels():
             with torch.cuda.stream(side):  # warm-up: compilation, cuBLAS handles, kernel selection, allocator
                 for _ in range(self.WARM_UPS):
-                    self.forward(s_ids, s_mask)
+                    self.forward(*static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # The capture stream must be on this device: torch.cuda.graph's default one is shared by all
             # graphs and lives on whichever device first captured ("already recording to mempool" on the next).
             with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-                s_out = self.forward(s_ids, s_mask)
-        entry = (graph, s_ids, s_mask, s_out)
-        self._graphs[(ids.shape[0], ids.shape[1], mask is not None)] = entry
-        log.debug("captured a CUDA graph for %d×%d (padded: %s); %d graphs", ids.shape[0], ids.shape[1], mask is not None, len(self._graphs))
+                s_out = self.forward(*static)
+        entry = (graph, static, s_out)
+        self._graphs[key] = entry
+        log.debug("captured a CUDA graph for %s; %d graphs", key, len(self._graphs))
         return entry
 
 

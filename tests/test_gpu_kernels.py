@@ -122,12 +122,20 @@ def test_specter2_shaped_heads_in_fp16_graphs_match_the_fp32_reference():
         base_vecs = np.stack([no_adapter.base_model(input_ids=torch.tensor([s], device=dev)).last_hidden_state[0, 0].double().cpu().numpy() for s in seqs[:8]])
     del ref_model, no_adapter
     fast = PooledForward(model.to(dev).half(), "cls", broadcast_mask=True)
-    assert fast.fast
-    run = BatchRunner(fast, dev, pad_id=0, budget=65536, graphs=True, widths=(512,), **HEAD_BATCHES)
-    out = run(seqs)
-    assert np.isfinite(out).all() and cosine(out, ref).min() >= 0.999
-    assert cosine(out[:8], base_vecs).max() < 0.999  # the adapter is active in the graphs
-    assert len(run._graphed) > 0 and not run._graphed.disabled
+    assert fast.fast and fast.packable
+    padded = BatchRunner(fast, dev, pad_id=0, budget=65536, graphs=True, widths=(512,), **HEAD_BATCHES)
+    # Packed: flash attention's variable-length kernel; 90 sequences in graphs of 96 (6 of length 0).
+    packed = BatchRunner(fast.packed, dev, pad_id=0, budget=65536, graphs=True, packed=True)
+    for run in (padded, packed):
+        out = run(seqs[:90])
+        assert np.isfinite(out).all() and cosine(out, ref[:90]).min() >= 0.999
+        assert cosine(out[:8], base_vecs).max() < 0.999  # the adapter is active in the graphs
+        assert len(run._graphed) > 0 and not run._graphed.disabled and run._graphed.eager_batches == 0
+    # Replayed, with other sequences before (what they leave in the filler rows reaches no sequence).
+    order = np.random.default_rng(4).permutation(90)
+    again = packed([seqs[i] for i in order])
+    assert cosine(again, ref[order]).min() >= 0.999
+    assert {k[2] for k in packed._graphed._graphs} == {(97,)}  # 96 sequences + 1 bounds
 
 
 def test_out_of_order_lengths_come_back_in_input_order(mpnet_base):

@@ -581,3 +581,62 @@ def test_the_warm_up_compiles_for_every_gpu_past_the_default_limit(counting_add_
         for i in range(16):
             k(*args[:4], 10.0 ** -(i + 1))
     assert len(runs) == 16
+
+
+@pytest.mark.parametrize("adapter", ["proximity", "adhoc_query", None])
+def test_packed_heads_match_the_adapter_models_own_forward(bert_with_adapters, adapter):
+    """Paper heads packed end to end in one row of tokens (no padding; attention within each): the
+    vectors of the adapter model's own forward, one sequence at a time, whichever adapter is
+    active. Filler tokens past the sequences (any ids) and sequences of length 0 change nothing."""
+    from indexer.encoders import fill_packed, pack
+
+    model = bert_with_adapters
+    fast = PooledForward(model, "cls", broadcast_mask=True)
+    assert fast.packable
+    rng = np.random.default_rng(5)
+    seqs = [[2, *rng.integers(5, model.config.vocab_size, n - 2).tolist(), 3] for n in (37, 2, 9, 64, 21)]
+    ids, lengths = pack(seqs, 0)
+    tokens, n_seqs = int(lengths.sum()) + 11, len(seqs) + 3  # filler: 11 tokens, 3 empty sequences
+    flat, pos, cu = np.zeros(tokens, np.int32), np.zeros(tokens, np.int32), np.zeros(n_seqs + 1, np.int32)
+    fill_packed(flat, pos, cu, ids, lengths, np.arange(len(seqs)), pad_id=0)
+    assert cu.tolist() == [0, 37, 39, 48, 112, 133, 133, 133, 133]
+    assert pos[37:39].tolist() == [0, 1] and flat[:37].tolist() == seqs[0] and flat[133:].tolist() == [0] * 11
+    model.set_active_adapters(adapter)
+    try:
+        with torch.no_grad():
+            ref = torch.stack([model.base_model(input_ids=torch.tensor([s])).last_hidden_state[0, 0] for s in seqs])
+            out = fast.packed(torch.from_numpy(flat), torch.from_numpy(pos), torch.from_numpy(cu))
+            flat[133:] = rng.integers(5, model.config.vocab_size, 11)  # other filler: the same vectors
+            again = fast.packed(torch.from_numpy(flat), torch.from_numpy(pos), torch.from_numpy(cu))
+    finally:
+        model.set_active_adapters("proximity")
+    assert out.shape == (n_seqs, model.config.hidden_size)
+    torch.testing.assert_close(out[: len(seqs)], ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again[: len(seqs)], out[: len(seqs)])
+
+
+def test_packed_runner_gives_the_padded_runners_vectors(bert_with_adapters):
+    """The packed runner (paper heads) against the padded one, over several packed batches."""
+    fast = PooledForward(bert_with_adapters, "cls", broadcast_mask=True)
+    rng = np.random.default_rng(6)
+    seqs = [[2, *rng.integers(5, bert_with_adapters.config.vocab_size, n).tolist(), 3] for n in rng.integers(0, 80, 40)]
+    packed = BatchRunner(fast.packed, torch.device("cpu"), pad_id=0, budget=300, packed=True)
+    padded = BatchRunner(fast, torch.device("cpu"), pad_id=0, budget=300)
+    assert len(packed._plan(np.array([len(s) for s in seqs]), np.arange(len(seqs)))) > 3
+    np.testing.assert_allclose(packed(seqs), padded(seqs), atol=1e-5)
+
+
+def test_only_models_without_a_position_bias_and_with_cls_pooling_run_packed(mpnet, bert_with_adapters):
+    assert not PooledForward(mpnet, "cls").packable  # MPNet's relative-position bias needs the padded path
+    assert not PooledForward(bert_with_adapters, "mean").packable
+    with pytest.raises(ValueError, match="packed"):
+        PooledForward(mpnet, "cls").packed(torch.zeros(4, dtype=torch.int32), torch.zeros(4, dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32))
+
+
+def test_packed_batches_and_their_graph_shapes():
+    from indexer.encoders import pack_batches, packed_shape
+
+    lengths = np.array([100, 200, 50, 600, 10, 90])
+    assert [b.tolist() for b in pack_batches(lengths, 300)] == [[0, 1], [2], [3], [4, 5]]  # 600: a batch of its own
+    assert packed_shape(np.array([100, 200]), 2048, 32) == (2048, 32)
+    assert packed_shape(np.full(40, 512), 2048, 32) == (22528, 64)  # 20,480 tokens and one of filler
