@@ -805,11 +805,14 @@ class ShardWriters:
     MESSAGE_POINTS = 48
     # A pipe holds about one message: the messages past it wait in the process's outbox, so the
     # caller is not held up by a shard that is behind while the others could take writes. Enough
-    # for more than a group's chunks over the shards (a group of 256 papers: ~4,600 chunks, ~100
-    # messages), so the writer hands over a whole group and goes on to build the next while the
-    # processes write: with 4, four GPUs' writer waited ~8 s of a 34 s run while each process wrote
-    # ~45% of it (8,398 -> 10,437 chunks/s with 16; 48 gave the same). At most ~11 MB a shard.
-    IN_FLIGHT = 16
+    # for a whole group's chunks (a group of 256 papers: ~4,600 chunks, ~100 messages over the
+    # shards), so the writer hands over a group and goes on to build the next while the processes
+    # write. With 4, four GPUs' writer waited ~8 s of a 34 s run while each process wrote ~45% of
+    # it (8,398 -> 10,437 chunks/s with 16). With 16, one GPU's writer still waited half the run:
+    # held by a shard with 16 messages while another's queue ran dry, so the last groups' writes
+    # ended 1.1-1.6 s after the last encode, against 0.4-1.2 s with 48 (README, "Performance").
+    # At most ~34 MB a shard.
+    IN_FLIGHT = 48
 
     def __init__(self, dirs: Sequence[Path], vname: str, create: ShardSpec | None = None) -> None:
         self.shards = len(dirs)

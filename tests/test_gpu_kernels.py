@@ -231,10 +231,10 @@ def test_a_capture_on_one_gpu_lets_the_other_gpu_work(mpnet_base):
     captures: list[tuple[float, float]] = []
     real = g._capture
 
-    def timed(ids, mask):
+    def timed(*args):
         t = time.perf_counter()
         try:
-            return real(ids, mask)
+            return real(*args)
         finally:
             captures.append((t, time.perf_counter()))
 
@@ -287,9 +287,9 @@ def test_threads_of_one_gpu_share_its_graphs(mpnet_base):
     captured: list = []
     real = g._capture
 
-    def counted(ids, mask):
-        captured.append((ids.shape[0], ids.shape[1], mask is not None))
-        return real(ids, mask)
+    def counted(key, inputs):
+        captured.append(key)  # (rows, width, padded)
+        return real(key, inputs)
 
     g._capture = counted
     work = [[sequences(120, seed=40 + 5 * i + j) for j in range(5)] for i in range(2)]
@@ -376,11 +376,11 @@ def test_a_capture_that_fails_after_others_worked_costs_one_eager_batch(mpnet_ba
     g = GraphedForward(PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
     real, fail = g._capture, {"left": 3}  # CAPTURE_ATTEMPTS failures in a row for one shape
 
-    def flaky(ids, mask):
-        if ids.shape[1] == 130 and fail["left"]:
+    def flaky(key, inputs):
+        if key[1] == 130 and fail["left"]:  # (rows, width, padded)
             fail["left"] -= 1
             raise RuntimeError("operation not permitted when stream is capturing")
-        return real(ids, mask)
+        return real(key, inputs)
 
     monkeypatch.setattr(g, "_capture", flaky)
     a = torch.from_numpy(np.array([s[:66] + [0] * (66 - len(s[:66])) for s in sequences(8, seed=3)], dtype=np.int32)).pin_memory()
