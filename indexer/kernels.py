@@ -12,7 +12,9 @@ Outputs must match the reference path (fp32, the model's own forward): cosine â‰
   last layer runs for the CLS row only: the other rows' outputs would be thrown away (their keys and
   values are still used).
 - BERT (SPECTER2's base) runs the same layer, with only a key-padding mask for SDPA (none at all
-  for full rows). Its bottleneck adapters (`adapters`: SPECTER2's proximity and ad-hoc query
+  for full rows); or, with no position bias to add, its sequences packed end to end in one row of
+  tokens, none padded, attention within each through flash attention's variable-length kernel
+  (`PooledForward.packed`). Its bottleneck adapters (`adapters`: SPECTER2's proximity and ad-hoc query
   adapters) run through the library's own bottleneck layers, so every bottleneck configuration
   works as it does there; a BERT with other kinds of adapters (LoRA, prefix tuning, invertible
   adapters, fusion) runs its own forward (`fusable`).
