@@ -3,6 +3,7 @@
     python bench/cold_start.py [--papers 500]      # on a CUDA machine
     python bench/cold_start.py --gpus 4 --gate all    # four GPUs, each capture holding back all four
     python bench/cold_start.py --papers 500 --batches sorted   # passage batches as before "Batches that need no padding"
+    python bench/cold_start.py --papers 500 --heads-plan padded   # paper heads in padded batches, as before they were packed
     python bench/cold_start.py --tiny --device cpu --papers 20   # a smoke run of this script
 
 Indexes the same papers twice in one process, into no store, with the defaults (two encoder threads
@@ -40,12 +41,14 @@ def main() -> None:
     ap.add_argument("--capture-warm-ups", type=int, default=None, help="runs of a new shape before its capture (GraphedForward.WARM_UPS)")
     ap.add_argument("--batches", choices=["sorted", "unpadded"], default="unpadded",
                     help="passage batches as encoders.WINDOW_BATCHES cuts them (unpadded: as now), or from one length-sorted run (sorted: as before)")
+    ap.add_argument("--heads-plan", choices=["padded", "packed"], default="packed",
+                    help="paper heads packed end to end (packed: as now), or in padded batches (encoders.HEAD_BATCHES: as before)")
     args = ap.parse_args()
 
     import corpus as corpus_mod
     import models as bench_models
     from index_throughput import NullStore
-    from shapes import plan_windows
+    from shapes import plan_heads, plan_windows
 
     from indexer import kernels
     from indexer.config import Settings
@@ -83,7 +86,9 @@ def main() -> None:
                   replicas=gpu_replicas(s, paper, passage))
     load_s = time.perf_counter() - t
     plan_windows([p for _, p in idx.workers], args.batches)
-    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "capture_warm_ups": kernels.GraphedForward.WARM_UPS, "batches": args.batches, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
+    plan_heads(list({id(p): p for p, _ in idx.workers}.values()), args.heads_plan)
+    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "capture_warm_ups": kernels.GraphedForward.WARM_UPS, "batches": args.batches,
+           "heads_plan": args.heads_plan, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
     for run in ("cold", "warm"):
         captures.clear()
         t = time.perf_counter()
@@ -95,7 +100,7 @@ def main() -> None:
         print(run, json.dumps(out[run]), flush=True)
     passage.close()
     print(json.dumps(out))
-    name = f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}_warm_ups_{kernels.GraphedForward.WARM_UPS}_batches_{args.batches}.json"
+    name = f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}_warm_ups_{kernels.GraphedForward.WARM_UPS}_batches_{args.batches}_heads_{args.heads_plan}.json"
     (Path(os.environ.get("OUT", tempfile.gettempdir())) / name).write_text(json.dumps(out, indent=1))
 
 
