@@ -210,7 +210,7 @@ class _Slot:
     """Pinned host buffers and a completion event for one batch in flight on the GPU."""
 
     def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}  # by name: "ids", "mask" (or positions), "cu", "out"
+        self.buffers: dict[str, torch.Tensor] = {}  # by name: "ids", "mask" or packed "positions" and "cu", "out"
         # Waiting threads sleep rather than spin: a spinning wait takes a core from the tokenizer
         # workers and the chunk shards' writer processes for the whole run.
         self.event = torch.cuda.Event(blocking=True)
@@ -360,7 +360,7 @@ class BatchRunner:
         graphed = self._graphed is not None
         if self.packed:
             tokens, seqs = packed_shape(lens, *self.pack_steps) if graphed else (int(lens.sum()), len(lens))
-            return {"ids": (tokens,), "mask": (tokens,), "cu": (seqs + 1,)}, seqs  # "mask": the positions
+            return {"ids": (tokens,), "positions": (tokens,), "cu": (seqs + 1,)}, seqs
         rows, padded = graph_shape(lens, width, self.budget, self.row_step)
         if not graphed:
             rows = len(lens)  # no fixed shapes to fill
@@ -369,13 +369,13 @@ class BatchRunner:
     def _fill(self, views: dict[str, torch.Tensor], ids: np.ndarray, lengths: np.ndarray, batch: np.ndarray) -> None:
         bufs = {k: v.numpy() for k, v in views.items()}
         if self.packed:
-            fill_packed(bufs["ids"], bufs["mask"], bufs["cu"], ids, lengths, batch, self.pad_id)
+            fill_packed(bufs["ids"], bufs["positions"], bufs["cu"], ids, lengths, batch, self.pad_id)
         else:
             fill_batch(bufs["ids"], bufs.get("mask"), ids, lengths, batch, self.pad_id)
 
     def _inputs(self, views: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
         """The forward's arguments: (ids, mask or None), or packed (ids, positions, cu)."""
-        return (views["ids"], views["mask"], views["cu"]) if self.packed else (views["ids"], views.get("mask"))
+        return (views["ids"], views["positions"], views["cu"]) if self.packed else (views["ids"], views.get("mask"))
 
     def _launch(self, slot: _Slot, ids: np.ndarray, lengths: np.ndarray, batch: np.ndarray, width: int, stream) -> None:
         n = len(batch)
