@@ -75,19 +75,11 @@ def plan_windows(encoders, name: str) -> None:
 def plan_heads(encoders, name: str) -> list:
     """Paper encoders run their heads packed (as now) or padded (encoders.HEAD_BATCHES: before) from
     now on. Each keeps both runners, and with them their CUDA graphs; the runners of `name` come back."""
-    from indexer.encoders import CAPTURE_AFTER, HEAD_BATCHES, BatchRunner
-
     out = []
     for enc in encoders:
         runs = enc.__dict__.setdefault("_bench_head_runs", {"packed" if enc.run.packed else "padded": enc.run})
         if name not in runs:
-            graphs, budget = enc.run.graphs, enc.run.budget
-            if name == "packed":
-                runs[name] = BatchRunner(enc.forward.packed, enc.device, enc.tokenizer.pad_token_id, budget, graphs=graphs,
-                                         capture_after=CAPTURE_AFTER, packed=True)
-            else:
-                runs[name] = BatchRunner(enc.forward, enc.device, enc.tokenizer.pad_token_id, budget, graphs=graphs,
-                                         widths=(enc.max_tokens,), capture_after=CAPTURE_AFTER, **HEAD_BATCHES)
+            runs[name] = enc.heads_runner(name == "packed", enc.run.budget, enc.run.graphs)
         enc.run = runs[name]
         out.append(enc.run)
     return out

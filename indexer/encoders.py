@@ -629,14 +629,18 @@ class PaperEncoder:
         # that a CUDA graph could not capture.
         self.forward = speed_up(self.model, "cls", broadcast_mask=True, graphs=graphs)
         budget = token_budget or default_token_budget(self.device)
-        pad = self.tokenizer.pad_token_id
         # Graphs replay whatever adapter was active at capture: only the proximity runner has them.
-        if self.forward.packable:
-            self.run = BatchRunner(self.forward.packed, self.device, pad, budget, graphs=graphs, capture_after=CAPTURE_AFTER, packed=True)
-        else:
-            self.run = BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,),
-                                   capture_after=CAPTURE_AFTER, **HEAD_BATCHES)
-        self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
+        self.run = self.heads_runner(self.forward.packable, budget, graphs)
+        self.run_queries = BatchRunner(self.forward, self.device, self.tokenizer.pad_token_id, budget)
+
+    def heads_runner(self, packed: bool, budget: int, graphs: bool) -> BatchRunner:
+        """A runner for the paper heads: packed end to end (where `forward.packable`), or in padded
+        batches (HEAD_BATCHES)."""
+        pad = self.tokenizer.pad_token_id
+        if packed:
+            return BatchRunner(self.forward.packed, self.device, pad, budget, graphs=graphs, capture_after=CAPTURE_AFTER, packed=True)
+        return BatchRunner(self.forward, self.device, pad, budget, graphs=graphs, widths=(self.max_tokens,), capture_after=CAPTURE_AFTER,
+                           **HEAD_BATCHES)
 
     def replicate(self, device: str | torch.device) -> PaperEncoder:
         """The same encoder on another device, loaded again: adapters' hooks hold references to
