@@ -289,6 +289,12 @@ class Packing:
         return self.cu[:-1].clamp(max=tokens - 1)
 
 
+try:  # PyTorch's public variable-length attention (2.10 on); else the flash kernel's own op
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:
+    _varlen_attn = None
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                      longest_q: int, longest_k: int) -> torch.Tensor:
     """Attention within packed sequences, no mask: q (Tq, heads, d) and k, v (Tk, heads, d); the
@@ -304,12 +310,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
         if qb > qa and kb > ka:
             out[qa:qb] = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q[qa:qb], k[ka:kb], v[ka:kb]))).transpose(0, 1)
     return out
-
-
-try:  # PyTorch's public variable-length attention (2.10 on); else the flash kernel's own op
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:
-    _varlen_attn = None
 
 
 def residual_norm(block: torch.nn.Module, h: torch.Tensor, res: torch.Tensor, rows: int, mode: str) -> torch.Tensor:
@@ -521,9 +521,9 @@ MAX_FAILED_SHAPES = 8
 
 
 class GraphedForward:
-    """A forward replayed from CUDA graphs, one per shape of its inputs: (ids, mask) for a Forward,
-    whose key is (rows, width, padded); any tuple of tensors (or None) for another function, e.g.
-    PooledForward.packed's (ids, positions, cu).
+    """A forward replayed from CUDA graphs, one per shape of its inputs: a Forward's (ids, mask), the
+    mask None where no row is padded, or another function's, e.g. PooledForward.packed's (ids,
+    positions, cu).
 
     Call it with pinned host tensors: they are copied (asynchronously) into the graph's static input
     buffers. The returned tensor is the graph's static output: valid until the next call with the
@@ -562,9 +562,7 @@ class GraphedForward:
 
     @staticmethod
     def key(inputs: tuple[torch.Tensor | None, ...]) -> tuple:
-        """The graph a call's inputs run in: (rows, width, padded) for (ids, mask), else their shapes."""
-        if len(inputs) == 2 and inputs[0] is not None and inputs[0].dim() == 2:
-            return (*inputs[0].shape, inputs[1] is not None)
+        """The graph a call's inputs run in: their shapes (None for an input left out, e.g. no mask)."""
         return tuple(None if t is None else tuple(t.shape) for t in inputs)
 
     def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,6 @@ import json
 import threading
 
 import numpy as np
-import pytest
 from qdrant_client import QdrantClient
 
 from conftest import make_paper, write_jsonl

@@ -135,7 +135,7 @@ def test_specter2_shaped_heads_in_fp16_graphs_match_the_fp32_reference():
     order = np.random.default_rng(4).permutation(90)
     again = packed([seqs[i] for i in order])
     assert cosine(again, ref[order]).min() >= 0.999
-    assert {k[2] for k in packed._graphed._graphs} == {(97,)}  # 96 sequences + 1 bounds
+    assert {k[2] for k in packed._graphed._graphs} == {(97,)}  # (ids, positions, cu): 96 sequences + 1 bounds
 
 
 def test_out_of_order_lengths_come_back_in_input_order(mpnet_base):
@@ -288,7 +288,7 @@ def test_threads_of_one_gpu_share_its_graphs(mpnet_base):
     real = g._capture
 
     def counted(key, inputs):
-        captured.append(key)  # (rows, width, padded)
+        captured.append(key)  # the shapes of (ids, mask)
         return real(key, inputs)
 
     g._capture = counted
@@ -377,7 +377,7 @@ def test_a_capture_that_fails_after_others_worked_costs_one_eager_batch(mpnet_ba
     real, fail = g._capture, {"left": 3}  # CAPTURE_ATTEMPTS failures in a row for one shape
 
     def flaky(key, inputs):
-        if key[1] == 130 and fail["left"]:  # (rows, width, padded)
+        if key[0][1] == 130 and fail["left"]:  # the width of (ids, mask)
             fail["left"] -= 1
             raise RuntimeError("operation not permitted when stream is capturing")
         return real(key, inputs)
