@@ -672,8 +672,8 @@ def main() -> None:
     ap.add_argument("--profile", nargs="?", const="all", choices=["all", "gil"],
                     help="sample each timed Qdrant Edge run with py-spy: every thread and the worker processes, idle too (all), "
                          "or only the thread that holds the interpreter lock (gil); collapsed stacks in $OUT/profile-*.txt")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads", "one-gpu"],
-                    help="parts not to run (one-gpu: with --gpus N, only the N-GPU runs)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads", "one-gpu", "e2e"],
+                    help="parts not to run (one-gpu: with --gpus N, only the N-GPU runs; e2e: no indexing runs, e.g. the heads alone)")
     ap.add_argument("--in-flight", type=int, nargs="+", help="messages sent to a chunk shard's process before the writer waits for it "
                     "(ShardWriters.IN_FLIGHT; each a run)")
     ap.add_argument("--papers-per-batch", type=int, nargs="+",
@@ -776,7 +776,7 @@ def main() -> None:
 
     paper_enc = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
     store_names = {"edge": "Qdrant Edge", "null": "no store"}
-    for window, overlap in [(w, o) for w in args.window for o in args.overlap]:
+    for window, overlap in [(w, o) for w in args.window for o in args.overlap if "e2e" not in args.skip]:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
                                      tokenizer_workers=args.workers or tokenizer_workers(Settings(device=args.device, gpus=args.gpus)),
                                      tokenizer_lanes=tokenizer_lanes(Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers)),
