@@ -491,8 +491,11 @@ class EdgeStore:
 
     def flush(self) -> None:
         if self._writers is not None:
-            self._writers.flush()
+            # Each paper point as soon as its chunks are written, not all of them once every shard has
+            # flushed: the progress shown, and what a killed run keeps, follow the writes.
+            self._writers.flush(wait=False)
             self._commit(wait=True)
+            self._writers.wait()
         for shards in self._shards.values():  # without the chunk shards while their writers have them
             for shard in shards:
                 shard.flush()
