@@ -345,9 +345,9 @@ def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float
     fast = speed_up(model, "cls")  # compiles the fused add + LayerNorm that the graphs run
     graphed = GraphedForward(fast, device)
     variants = {
-        "kernel: HF MPNet eager fp16": lambda: model(input_ids=d_ids.long(), attention_mask=torch.ones_like(d_ids)).last_hidden_state[:, 0],
-        "kernel: SDPA pooled fp16, eager (add + LayerNorm unfused)": lambda: fast(d_ids, None),
-        "kernel: SDPA pooled fp16 + CUDA graph (fused add + LayerNorm)": lambda: graphed(h_ids, None),
+        "kernel: HF MPNet eager fp16": lambda model=model: model(input_ids=d_ids.long(), attention_mask=torch.ones_like(d_ids)).last_hidden_state[:, 0],
+        "kernel: SDPA pooled fp16, eager (add + LayerNorm unfused)": lambda fast=fast: fast(d_ids, None),
+        "kernel: SDPA pooled fp16 + CUDA graph (fused add + LayerNorm)": lambda graphed=graphed: graphed(h_ids, None),
     }
     if compiled_only:
         variants = {}
@@ -383,6 +383,7 @@ def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float
         except Exception as exc:  # keep the other rows
             say(f"{name} failed: {exc!r}")
             RESULTS["notes"].append(f"{name} failed: {exc!r}"[:500])
+    variants.clear()
     del model, fast, graphed
     torch.cuda.empty_cache()
 

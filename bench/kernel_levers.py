@@ -206,7 +206,6 @@ def main() -> None:
     variants = {k: PooledForward(model, "cls", fusions=f) for k, f in settings.items()}
     warm_up(variants["gelu epilogue + compiled add-norm (default)"], torch.device("cuda"))  # compiles the fused add + LayerNorm
     if not args.no_compile:
-        t = time.perf_counter()
         whole = PooledForward(model, "cls", fusions=settings["no fusions"])
         whole.forward = torch.compile(whole.forward, dynamic=True)  # type: ignore[method-assign]
         variants["torch.compile, whole forward"] = whole

@@ -166,6 +166,45 @@ def test_paper_points_wait_for_their_chunks_without_holding_up_the_caller(tmp_pa
     s.close()
 
 
+def test_flush_writes_each_paper_point_once_its_own_chunks_are_written(tmp_path):
+    """At a run's end, `flush` writes each waiting paper point once the chunk writes sent before it
+    are done, not once every shard has written everything: the progress shown, and what a killed
+    run keeps, follow the writes."""
+    s = sharded(tmp_path / "idx", shards=2)
+    written = []
+    with s.parallel_writes():
+        s.flush()  # both processes have opened their shards
+        procs = s._writers._procs
+        procs[1].send_signal(signal.SIGSTOP)
+        try:
+            s.upsert(s.chunks, chunks(range(6)))
+            s.upsert(s.papers, paper_points(range(6)))
+            s.flush_soon(lambda: written.append("first"))
+            ticket = s._commits[-1][0]  # the writes sent before the callback
+            deadline = time.monotonic() + 30
+            while s._writers._done[0] < ticket[0] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert s._writers._done[0] >= ticket[0]
+            procs[0].send_signal(signal.SIGSTOP)  # shard 0 is done with the first batch, not the second
+            s.upsert(s.chunks, chunks(range(6, 12), seed=1))
+            s.upsert(s.papers, paper_points(range(6, 12)))
+            s.flush_soon(lambda: written.append("second"))
+            flushing = threading.Thread(target=s.flush)
+            flushing.start()
+            procs[1].send_signal(signal.SIGCONT)  # the first batch's chunks are all written now
+            while written != ["first"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert written == ["first"], "flush held the paper points back until every shard had written everything"
+            assert set(s.committed([f"p{p}" for p in range(12)])) == {f"p{p}" for p in range(6)}
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGCONT)
+        flushing.join(30)
+        assert written == ["first", "second"]
+    assert s.count(s.papers) == 12 and s.count(s.chunks) == 60
+    s.close()
+
+
 def test_a_paper_deleted_after_its_write_stays_deleted(tmp_path):
     """delete_papers writes the paper points still waiting for their chunks first: one written
     after the delete would bring the paper back without its chunks."""
