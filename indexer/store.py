@@ -493,7 +493,7 @@ class EdgeStore:
         if self._writers is not None:
             # Each paper point as soon as its chunks are written, not all of them once every shard has
             # flushed: the progress shown, and what a killed run keeps, follow the writes.
-            self._writers.flush(wait=False)
+            self._writers.flush()
             self._commit(wait=True)
             self._writers.wait()
         for shards in self._shards.values():  # without the chunk shards while their writers have them
@@ -511,7 +511,7 @@ class EdgeStore:
             if then is not None:
                 then()
             return
-        self._writers.flush(wait=False)
+        self._writers.flush()
         self._commits.append((self._writers.ticket(), [], then))
         self._commit(wait=False)
 
@@ -964,13 +964,12 @@ class ShardWriters:
                 self._answered.wait()
             self._raise_failed()
 
-    def flush(self, wait: bool = True) -> None:
+    def flush(self) -> None:
+        """Queue a flush of every shard behind the writes sent so far (`wait` waits for it)."""
         with self._lock:
             for i in range(self.shards):
                 self._send_gathered(i)
                 self._send(i, ("flush",))
-        if wait:
-            self.wait()
 
     def close(self) -> None:
         """Finish every write, close the shards, end the processes."""
