@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     max_k: int = 100
     max_candidates: int = 200
     cors_origins: list[str] = []
-    host: str = "0.0.0.0"
+    ui: bool = Field(True, description="serve the search page at / (it only reads, through the service's own API)")
+    # Loopback unless asked: the Docker image sets PAPERINDEX_HOST=0.0.0.0 for its published port.
+    host: str = "127.0.0.1"
     port: int = 8000
 
     def indexing_gpus(self) -> int:
