@@ -396,8 +396,8 @@ def parser() -> argparse.ArgumentParser:
     mi.set_defaults(func=cmd_migrate)
 
     sv = sub.add_parser("serve", parents=[common], help="run the HTTP service (uvicorn)")
-    sv.add_argument("--host")
-    sv.add_argument("--port", type=int)
+    sv.add_argument("--host", help="address to bind (PAPERINDEX_HOST; default 127.0.0.1, this host only: 0.0.0.0 for all)")
+    sv.add_argument("--port", type=int, help="port (PAPERINDEX_PORT; default 8000)")
     sv.set_defaults(func=cmd_serve)
 
     quality = argparse.ArgumentParser(add_help=False)
