@@ -127,6 +127,14 @@ def test_service_commands_are_cli_commands():
     assert indexer["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
 
 
+def test_the_image_binds_all_interfaces_while_paperindex_serve_binds_loopback():
+    assert Settings.model_fields["host"].default == "127.0.0.1"
+    env = " ".join(instruction("ENV"))
+    assert "PAPERINDEX_HOST=0.0.0.0" in env  # the compose services run the image, its ENV included
+    for name in PAPERINDEX:
+        assert SERVICES[name].get("environment", {}).get("PAPERINDEX_HOST", "0.0.0.0") == "0.0.0.0"
+
+
 def test_secrets_are_passed_through_not_defaulted():
     """An API key left unset must not become an empty key: these variables have no value in the file."""
     for key in ("QDRANT__SERVICE__API_KEY", "QDRANT__TLS__CERT", "QDRANT__TLS__KEY"):
