@@ -1,0 +1,91 @@
+"""A passage hit's best window as a word span of its chunk (indexer.spans)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from tiny_models import WORDS
+
+from indexer.spans import Match, WindowMatcher
+
+
+@pytest.fixture(scope="module")
+def passage(encoders):
+    return encoders[1]
+
+
+@pytest.fixture(scope="module")
+def matcher(passage) -> WindowMatcher:
+    return WindowMatcher(passage.tokenizer.backend_tokenizer.to_str(), passage.windows.spec)
+
+
+def chunk_text(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def window_tokens(passage, text: str) -> list[list[int]]:
+    """The windows indexing embeds for `text`, without their special tokens."""
+    spec = passage.windows.spec
+    return [w[len(spec.prefix) : len(w) - len(spec.suffix)] for w in passage.chunk_windows([text])[0]]
+
+
+def contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def test_spans_cover_the_windows_indexing_cut(passage, matcher):
+    text = chunk_text(200)
+    words = text.split()
+    spans = matcher.word_spans(text)
+    windows = window_tokens(passage, text)
+    assert len(spans) == len(windows) > 2
+    assert spans[0][0] == 0 and spans[-1][1] == len(words)
+    for (a, b), ids in zip(spans, windows):
+        assert 0 <= a < b <= len(words)
+        # the span's words hold the whole window, and hardly more: at most a word cut at each end
+        span_ids = passage.tokenizer(" ".join(words[a:b]), add_special_tokens=False)["input_ids"]
+        assert contains(span_ids, ids)
+        assert len(span_ids) <= len(ids) + 2 * 4
+    for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+        assert a0 < a1 <= b0 < b1  # in order, consecutive windows overlap or touch, nothing skipped
+
+
+def bag_of_tokens(passage, token_lists: list[list[int]]) -> np.ndarray:
+    """A vector per token list counting its token ids: a stand-in model whose dot product counts
+    shared tokens, so the best window is the one that holds the query's words."""
+    out = np.zeros((len(token_lists), passage.tokenizer.vocab_size), dtype=np.float32)
+    for row, ids in enumerate(token_lists):
+        np.add.at(out[row], ids, 1.0)
+    return out
+
+
+def test_best_window_covers_a_rare_term_in_the_chunks_second_half(passage, matcher):
+    words = ["the"] * 200
+    rare_at = 150
+    words[rare_at : rare_at + 3] = ["telescope", "galaxy", "enzyme"]
+    text = " ".join(words)
+    windows = bag_of_tokens(passage, window_tokens(passage, text))
+    query_ids = passage.tokenizer("galaxy telescope enzyme", add_special_tokens=False)["input_ids"]
+    query = bag_of_tokens(passage, [query_ids])[0]
+    m = matcher.best(text, query, windows)
+    assert m is not None and m.window > 0
+    assert m.word_start <= rare_at and rare_at + 3 <= m.word_end
+    assert m.word_start > 0  # not the chunk's start
+    assert matcher.best_by_terms(text, "galaxy telescope enzyme") == m
+
+
+def test_windows_that_do_not_fit_the_text_give_no_match(matcher):
+    text = chunk_text(200)
+    spans = matcher.word_spans(text)
+    q = np.ones(4, np.float32)
+    assert matcher.best(text, q, np.ones((len(spans) + 1, 4), np.float32)) is None
+    assert matcher.best(text, q, np.ones(4, np.float32)) is None
+    assert matcher.best(text, q, np.ones((len(spans), 4), np.float32)) == Match(0, *spans[0])
+
+
+def test_short_and_empty_texts(matcher):
+    assert matcher.word_spans("galaxy star") == [(0, 2)]
+    assert matcher.word_spans("") == [(0, 0)]
