@@ -50,7 +50,7 @@ USER 10001:10001
 WORKDIR /home/paperindex
 # Optional: download the three models at build time (else on first start, into the /models volume).
 RUN if [ "${BAKE_MODELS}" = "1" ]; then \
-        python -c "from indexer.config import Settings; from indexer.runtime import load_encoders; from indexer.encoders import Reranker; s = Settings(device='cpu'); load_encoders(s); s.reranker_model and Reranker(s.reranker_model, device='cpu')"; \
+        python -c "from indexer.config import Settings; from indexer.runtime import load_encoders; from indexer.encode import Reranker; s = Settings(device='cpu'); load_encoders(s); s.reranker_model and Reranker(s.reranker_model, device='cpu')"; \
     fi
 VOLUME ["/models", "/data"]
 EXPOSE 8000

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from indexer.encoders import ModelLoadError
+from indexer.errors import ModelLoadError
 from indexer.search import NoReranker, NotFound
 from indexer.store import StoreError, StoreUnavailable
 

@@ -40,9 +40,9 @@ def main() -> None:
                     help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own (off: as before)")
     ap.add_argument("--capture-warm-ups", type=int, default=None, help="runs of a new shape before its capture (GraphedForward.WARM_UPS)")
     ap.add_argument("--batches", choices=["sorted", "unpadded"], default="unpadded",
-                    help="passage batches as encoders.WINDOW_BATCHES cuts them (unpadded: as now), or from one length-sorted run (sorted: as before)")
+                    help="passage batches as batching.WINDOW_BATCHES cuts them (unpadded: as now), or from one length-sorted run (sorted: as before)")
     ap.add_argument("--heads-plan", choices=["padded", "packed"], default="packed",
-                    help="paper heads packed end to end (packed: as now), or in padded batches (encoders.HEAD_BATCHES: as before)")
+                    help="paper heads packed end to end (packed: as now), or in padded batches (batching.HEAD_BATCHES: as before)")
     args = ap.parse_args()
 
     import corpus as corpus_mod
@@ -50,9 +50,9 @@ def main() -> None:
     from index_throughput import NullStore
     from shapes import plan_heads, plan_windows
 
-    from indexer import kernels
+    from indexer.encode import kernels
     from indexer.config import Settings
-    from indexer.encoders import PassageEncoder
+    from indexer.encode import PassageEncoder
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.runtime import gpu_replicas, load_encoders

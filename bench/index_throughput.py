@@ -160,7 +160,7 @@ class GpuEvents:
         self.anchors: dict = {}  # device -> (event, perf_counter at it): puts the GPU's gaps on the run's clock
 
     def __enter__(self):
-        from indexer import kernels
+        from indexer.encode import kernels
 
         for d in self.devices:
             with torch.cuda.device(d):
@@ -187,7 +187,7 @@ class GpuEvents:
         return self
 
     def __exit__(self, *exc):
-        from indexer import kernels
+        from indexer.encode import kernels
 
         kernels.GraphedForward.replay = self.real
 
@@ -331,7 +331,7 @@ def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float
     and without CUDA graphs (and torch.compile); cosine against the fp32 reference."""
     from transformers import MPNetModel
 
-    from indexer.kernels import GraphedForward, speed_up
+    from indexer.encode.kernels import GraphedForward, speed_up
 
     rows, width = ids.shape
     ref32 = MPNetModel.from_pretrained(hf_dir, add_pooling_layer=False).to(device).eval()
@@ -562,7 +562,7 @@ def heads(paper_dirs, corpus: Path, n: int, device: torch.device, paper_enc) -> 
     import adapters
     from transformers import AutoTokenizer
 
-    from indexer.encoders import paper_head
+    from indexer.encode import paper_head
     from indexer.papers import read_papers
 
     base, prox, _ = paper_dirs
@@ -692,8 +692,8 @@ def main() -> None:
     variant("--write-order", ["input", "free"], "free", "groups written as they come unless an earlier one shares a paper (free: as now), "
             "or in input order (input: as before)")
     variant("--heads-plan", ["padded", "packed"], "packed", "paper heads packed end to end, no padding (packed: as now), or in "
-            "padded batches (encoders.HEAD_BATCHES: as before)")
-    variant("--batches", ["sorted", "unpadded"], "unpadded", "passage batches as encoders.WINDOW_BATCHES cuts them (unpadded: the grid's "
+            "padded batches (batching.HEAD_BATCHES: as before)")
+    variant("--batches", ["sorted", "unpadded"], "unpadded", "passage batches as batching.WINDOW_BATCHES cuts them (unpadded: the grid's "
             "widths first, batches that need no padding mask, rows in steps; as now), or cut from one length-sorted run, rows in powers "
             "of two (sorted: as before)")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
@@ -721,9 +721,10 @@ def main() -> None:
     import models as bench_models
     from shapes import plan_heads, plan_windows
 
-    from indexer import kernels
+    from indexer.encode import kernels
     from indexer.chunking import chunk_words
-    from indexer.encoders import CAPTURE_AFTER, PaperEncoder, PassageEncoder
+    from indexer.encode import PaperEncoder, PassageEncoder
+    from indexer.encode.runner import CAPTURE_AFTER
     from indexer.pipeline import Indexer
     from indexer.runtime import encoder_grid, tokenizer_lanes, tokenizer_workers
     from indexer.store import ShardWriters

@@ -32,15 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from index_throughput import flops_per_token, gemm_tflops  # noqa: E402
-from indexer.kernels import (  # noqa: E402
-    Fusions,
-    GraphedForward,
-    PooledForward,
-    compiled_kernels,
-    mpnet_attention_bias,
-    mpnet_position_bias,
-    warm_up,
-)
+from indexer.encode.kernels import Fusions, GraphedForward, PooledForward, compiled_kernels, warm_up  # noqa: E402
+from indexer.encode.kernels.attention import mpnet_attention_bias, mpnet_position_bias  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 ROWS: list[dict] = []

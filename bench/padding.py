@@ -7,9 +7,9 @@ indexer does, groups the windows of each group of papers into forward batches (t
 width buckets 16 apart, CUDA-graph row buckets) and counts the tokens run (padding and filler rows
 in), and the share of them in batches that need a padding mask, for
 - `per bucket`: one run of batches per width bucket (the first plan: a short batch in every bucket);
-- `sorted runs`: `encoders.bucket_batches`, batches cut from one length-sorted run (the plan before);
+- `sorted runs`: `batching.bucket_batches`, batches cut from one length-sorted run (the plan before);
 - `grid widths first`: the windows of the grid's widths first, width by width in batches that need
-  no padding, full ones then pieces; the rest at the end (`encoders.WINDOW_BATCHES`, what runs now)."""
+  no padding, full ones then pieces; the rest at the end (`batching.WINDOW_BATCHES`, what runs now)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ PAPERS_PER_BATCH = 256  # the heads' groups
 
 
 def per_bucket(lengths: np.ndarray, budget: int, preferred, step: int = 64):
-    from indexer.encoders import bucket_widths
+    from indexer.encode.batching import bucket_widths
 
     order = np.argsort(-lengths, kind="stable")
     widths = bucket_widths(lengths[order], preferred, step)
@@ -44,7 +44,8 @@ def per_bucket(lengths: np.ndarray, budget: int, preferred, step: int = 64):
 
 def heads(papers: list[dict], tok) -> None:
     """One batch plan per group of 256 papers' heads (≤ 512 tokens), as PaperEncoder runs them."""
-    from indexer.encoders import HEAD_BATCHES, BatchRunner, bucket_batches, bucket_rows, pack_batches, packed_shape
+    from indexer.encode import BatchRunner
+    from indexer.encode.batching import HEAD_BATCHES, bucket_batches, bucket_rows, pack_batches, packed_shape
 
     lengths = np.array([min(512, len(tok(p["title"], p.get("abstract") or "")["input_ids"])) for p in papers])
     plans = {"one sorted run, rows in powers of two": dict(min_fill=0.0, row_step=None),
@@ -81,7 +82,7 @@ def main() -> None:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from indexer.chunking import WIDTH_STEP, chunk_words, window_spans
-    from indexer.encoders import bucket_batches, graph_shape
+    from indexer.encode.batching import bucket_batches, graph_shape
 
     path = corpus.write(Path(tempfile.mkdtemp()) / "corpus.jsonl", args.papers, 8000)
     papers = [json.loads(line) for line in path.open()]

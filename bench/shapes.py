@@ -6,7 +6,7 @@
     python bench/shapes.py --papers 3000 --gpus 1 4 --windows unpadded --pieces 64 128 256   # the pieces' size
 
 Each (rows, width, padded) batch shape an encoder meets is captured as a CUDA graph the second time
-it comes (`encoders.CAPTURE_AFTER`), and a capture holds its GPU's work back for ~0.2-0.35 s. This
+it comes (`runner.CAPTURE_AFTER`), and a capture holds its GPU's work back for ~0.2-0.35 s. This
 replays the batch plans of a run on the throughput corpus (bench/corpus.py, the benchmark's own
 WordPiece vocabularies, as bench/index_throughput.py builds them) without running a model: the groups
 of papers as the pipeline cuts them (`pipeline.groups`), dealt to the GPUs in turn, each group's paper
@@ -59,8 +59,8 @@ def lengths_of(papers: list[dict], window: int, overlap: int) -> tuple[list[np.n
 
 def window_plans() -> dict[str, dict]:
     """The passage batch plans to compare (BatchRunner's `unpadded`, `pieces`, `row_step`): one
-    length-sorted run, rows in powers of two (sorted: before), or encoders.WINDOW_BATCHES (unpadded: now)."""
-    from indexer.encoders import WINDOW_BATCHES
+    length-sorted run, rows in powers of two (sorted: before), or batching.WINDOW_BATCHES (unpadded: now)."""
+    from indexer.encode.batching import WINDOW_BATCHES
 
     return {"sorted": dict(unpadded=False, pieces=None, row_step=None), "unpadded": WINDOW_BATCHES}
 
@@ -73,7 +73,7 @@ def plan_windows(encoders, name: str) -> None:
 
 
 def plan_heads(encoders, name: str) -> list:
-    """Paper encoders run their heads packed (as now) or padded (encoders.HEAD_BATCHES: before) from
+    """Paper encoders run their heads packed (as now) or padded (batching.HEAD_BATCHES: before) from
     now on. Each keeps both runners, and with them their CUDA graphs; the runners of `name` come back."""
     out = []
     for enc in encoders:
@@ -88,7 +88,7 @@ def plan_heads(encoders, name: str) -> list:
 def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_step, unpadded: bool = False,
               pieces: int | None = None) -> list[tuple[int, int, bool]]:
     """The (rows, width, padded) graph shape of each batch the encoders cut `lengths` into."""
-    from indexer.encoders import bucket_batches, graph_shape
+    from indexer.encode.batching import bucket_batches, graph_shape
 
     keys = []
     for idx, w in bucket_batches(lengths, budget, preferred, min_fill=min_fill, unpadded=unpadded, pieces=pieces):
@@ -154,9 +154,9 @@ def main() -> None:
                     help="a GPU's encoder threads share one set of passage graphs (on: as now), or each has its own (off: as before)")
     ap.add_argument("--windows", nargs="+", choices=["sorted", "unpadded"], default=["unpadded"],
                     help="passage batches cut from one length-sorted run, rows in powers of two (sorted: as before), or as "
-                         "encoders.WINDOW_BATCHES has them (unpadded: as now)")
+                         "batching.WINDOW_BATCHES has them (unpadded: as now)")
     ap.add_argument("--pieces", type=int, nargs="+", help="with --windows unpadded: pieces of N × 2^k rows (each a row; default: "
-                                                            "encoders.WINDOW_BATCHES's)")
+                                                            "batching.WINDOW_BATCHES's)")
     ap.add_argument("--capture-after", type=int, nargs="+", help="a shape is captured the n-th time it comes (default: as the encoders do)")
     ap.add_argument("--budget", type=int, default=262144)
     ap.add_argument("--window", type=int, default=254)
@@ -165,7 +165,7 @@ def main() -> None:
 
     import corpus
 
-    from indexer.encoders import CAPTURE_AFTER
+    from indexer.encode.runner import CAPTURE_AFTER
 
     path = corpus.write(Path(tempfile.mkdtemp()) / "corpus.jsonl", args.papers, 8000)
     papers = [json.loads(line) for line in path.open()]

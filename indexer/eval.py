@@ -180,7 +180,7 @@ class EvalSetup:
 def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = False) -> EvalSetup:
     """Encoders from the settings (passage model, long-chunk handling, windows), an embedded index in
     `index_dir` (a temporary folder when None) and the `Indexer` / `Searcher` the service uses."""
-    from .encoders import PassageEncoder, Reranker
+    from .encode import PassageEncoder, Reranker
     from .pipeline import Indexer
     from .search import Searcher
     from .store import EdgeStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .encoders import PaperEncoder, PassageEncoder, Reranker
+from .encode import PaperEncoder, PassageEncoder, Reranker
 from .store import Group, Hit, SearchFilter, Store
 
 

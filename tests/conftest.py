@@ -89,7 +89,7 @@ def papers_file(tmp_path) -> Path:
 def counting_add_norm():
     """(kernel, compiles, runs): a CompiledKernel of the fused add + LayerNorm whose torch.compile
     backend (standing in for Inductor) counts its compilations and the runs of what it compiled."""
-    from indexer import kernels
+    from indexer.encode.kernels import graphs, layers
 
     compiles, runs = [], []
 
@@ -102,4 +102,4 @@ def counting_add_norm():
 
         return run
 
-    return kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm", backend=backend, dynamic=True, fullgraph=True), compiles, runs
+    return graphs.CompiledKernel(layers._add_norm, "add + LayerNorm", backend=backend, dynamic=True, fullgraph=True), compiles, runs

@@ -3,14 +3,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from indexer.encoders import BatchRunner, PaperEncoder, PassageEncoder, paper_head, token_batches
 from tiny_models import WORDS
+
+from indexer.encode import BatchRunner, PaperEncoder, PassageEncoder, paper_head
+from indexer.encode.batching import token_batches
 
 
 @pytest.fixture(scope="module")
 def passage_encoders(tiny_models):
-    mk = lambda strategy: PassageEncoder(tiny_models["passage_model"], device="cpu", long_chunk=strategy, window_tokens=48, window_overlap=8)
+    mk = lambda strategy: PassageEncoder(
+        tiny_models["passage_model"], device="cpu", long_chunk=strategy, window_tokens=48, window_overlap=8
+    )
     return {s: mk(s) for s in ("multivector", "mean", "truncate")}
 
 
@@ -63,7 +66,9 @@ def test_specter2_input_format_and_active_adapter(tiny_models):
     import adapters
     from transformers import AutoTokenizer
 
-    enc = PaperEncoder(tiny_models["paper_model"], tiny_models["paper_adapter"], tiny_models["query_adapter"], device="cpu")
+    enc = PaperEncoder(
+        tiny_models["paper_model"], tiny_models["paper_adapter"], tiny_models["query_adapter"], device="cpu"
+    )
     tok = AutoTokenizer.from_pretrained(tiny_models["paper_model"])
     assert paper_head("T", "A", tok.sep_token) == "T" + tok.sep_token + "A"
     ids = enc.tokenize_heads(["Graph networks"], ["We study proteins"])[0]
@@ -73,7 +78,9 @@ def test_specter2_input_format_and_active_adapter(tiny_models):
     assert len(long_ids) == 512
 
     ours = enc.encode_papers(["Graph networks"], ["We study proteins"])[0]
-    batch = tok(["Graph networks" + tok.sep_token + "We study proteins"], return_tensors="pt", return_token_type_ids=False)
+    batch = tok(
+        ["Graph networks" + tok.sep_token + "We study proteins"], return_tensors="pt", return_token_type_ids=False
+    )
     assert "token_type_ids" not in batch
     ref = adapters.AutoAdapterModel.from_pretrained(tiny_models["paper_model"]).eval()
     with torch.no_grad():
@@ -123,14 +130,14 @@ def test_other_errors_propagate():
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path):
-    from indexer.encoders import ModelLoadError
+    from indexer.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="cannot load passage model"):
         PassageEncoder(str(tmp_path / "nope"), device="cpu")
 
 
 def test_batches_end_where_the_width_drops_below_min_fill():
-    from indexer.encoders import bucket_batches, bucket_rows
+    from indexer.encode.batching import bucket_batches, bucket_rows
 
     lengths = np.array([500, 480, 300, 290, 280, 120, 100])
     plain = bucket_batches(lengths, 1 << 20)
@@ -138,12 +145,18 @@ def test_batches_end_where_the_width_drops_below_min_fill():
     cut = bucket_batches(lengths, 1 << 20, min_fill=0.8)
     assert [(sorted(i.tolist()), w) for i, w in cut] == [([0, 1], 512), ([2, 3, 4], 320), ([5, 6], 128)]
     assert [(len(i), w) for i, w in bucket_batches(lengths, 1024, min_fill=0.8)] == [(2, 512), (3, 320), (2, 128)]
-    assert [(len(i), w) for i, w in bucket_batches(lengths, 640, min_fill=0.8)] == [(1, 512), (1, 512), (2, 320), (1, 320), (2, 128)]
+    assert [(len(i), w) for i, w in bucket_batches(lengths, 640, min_fill=0.8)] == [
+        (1, 512),
+        (1, 512),
+        (2, 320),
+        (1, 320),
+        (2, 128),
+    ]
     assert bucket_rows(37, 512, 16) == 48 and bucket_rows(37, 40, 16) == 40 and bucket_rows(37, 512) == 64
 
 
 def test_windows_of_the_grid_run_in_batches_that_need_no_padding():
-    from indexer.encoders import bucket_batches, bucket_widths
+    from indexer.encode.batching import bucket_batches, bucket_widths
 
     rng = np.random.default_rng(5)
     grid = (256, 240, 224, 208)
@@ -168,22 +181,37 @@ def test_windows_of_the_grid_run_in_batches_that_need_no_padding():
     assert set(np.flatnonzero(~on_grid)) <= set(tail.tolist())
     assert all((lengths[tail] == w).sum() < 8 for w in grid)
     plain = bucket_batches(lengths, budget, grid)
-    assert sum(len(i) * w for i, w in batches if (lengths[i] < w).any()) < sum(len(i) * w for i, w in plain if (lengths[i] < w).any()) / 5
+    assert (
+        sum(len(i) * w for i, w in batches if (lengths[i] < w).any())
+        < sum(len(i) * w for i, w in plain if (lengths[i] < w).any()) / 5
+    )
 
     # Small: a width's 11 windows are a batch of 8 and one of 2, the 240s one of 4; the one left of
     # each runs last with the windows off the grid (250 and 200), widest first, padded.
     small = np.array([250] + [256] * 11 + [240] * 5 + [200])
-    plan = [(len(i), w, sorted(set(small[i].tolist()))) for i, w in bucket_batches(small, 256 * 16, (256, 240, 208), unpadded=True, pieces=2)]
+    plan = [
+        (len(i), w, sorted(set(small[i].tolist())))
+        for i, w in bucket_batches(small, 256 * 16, (256, 240, 208), unpadded=True, pieces=2)
+    ]
     assert plan == [(8, 256, [256]), (2, 256, [256]), (4, 240, [240]), (4, 256, [200, 240, 250, 256])]
-    assert [len(i) for i, _ in bucket_batches(small[1:12], 256 * 16, (256,), unpadded=True)] == [11]  # no pieces: one short batch
-    assert [len(i) for i, _ in bucket_batches(small[1:12], 256 * 16, (256,), pieces=4)] == [8, 3]  # pieces without `unpadded`
+    assert [len(i) for i, _ in bucket_batches(small[1:12], 256 * 16, (256,), unpadded=True)] == [
+        11
+    ]  # no pieces: one short batch
+    assert [len(i) for i, _ in bucket_batches(small[1:12], 256 * 16, (256,), pieces=4)] == [
+        8,
+        3,
+    ]  # pieces without `unpadded`
 
 
 @settings(max_examples=200, deadline=None)
-@given(lengths=st.lists(st.one_of(st.sampled_from([256, 240, 224, 208]), st.integers(1, 600)), min_size=1, max_size=300),
-       budget=st.integers(256, 8192), pieces=st.sampled_from([None, 1, 4, 16]), unpadded=st.booleans())
+@given(
+    lengths=st.lists(st.one_of(st.sampled_from([256, 240, 224, 208]), st.integers(1, 600)), min_size=1, max_size=300),
+    budget=st.integers(256, 8192),
+    pieces=st.sampled_from([None, 1, 4, 16]),
+    unpadded=st.booleans(),
+)
 def test_every_batch_plan_covers_each_sequence_once_within_the_budget(lengths, budget, pieces, unpadded):
-    from indexer.encoders import bucket_batches
+    from indexer.encode.batching import bucket_batches
 
     lengths = np.array(lengths)
     batches = bucket_batches(lengths, budget, (256, 240, 224, 208, 512), unpadded=unpadded, pieces=pieces)
@@ -193,7 +221,7 @@ def test_every_batch_plan_covers_each_sequence_once_within_the_budget(lengths, b
 
 
 def test_a_batchs_graph_shape_is_its_bucketed_rows_and_whether_it_needs_a_mask():
-    from indexer.encoders import graph_shape
+    from indexer.encode.batching import graph_shape
 
     assert graph_shape(np.full(37, 256), 256, budget=256 * 512) == (64, False)
     assert graph_shape(np.array([256] * 36 + [200]), 256, budget=256 * 40, row_step=16) == (40, True)
@@ -204,8 +232,8 @@ def test_the_reranker_waits_for_a_graph_capture(tiny_models):
     indexes) waits for it like the encoders' work, rather than making GPU calls during the capture."""
     import threading
 
-    from indexer.encoders import Reranker
-    from indexer.kernels import gpu_gate
+    from indexer.encode import Reranker
+    from indexer.encode.kernels import gpu_gate
 
     rr = Reranker(tiny_models["reranker_model"], device="cpu")
     scores: list[list[float]] = []
@@ -233,11 +261,11 @@ def test_a_replica_on_the_same_gpu_shares_the_model_and_graphs(tiny_models, monk
     """PassageEncoder.replicate on the encoder's own device: the same model and CUDA graphs (one
     capture per shape for both threads), its own batch runner; on another device, or without graphs,
     the model is loaded again. (Graphs exist only on CUDA: a stand-in for them here.)"""
-    from indexer.encoders import PassageEncoder
+    from indexer.encode import PassageEncoder
 
     enc = PassageEncoder(tiny_models["passage_model"], device="cpu", window_tokens=48, window_overlap=8)
     assert enc.replicate("cpu").model is not enc.model  # no graphs: loaded again
-    from indexer.kernels import GraphedForward
+    from indexer.encode.kernels import GraphedForward
 
     graphs = GraphedForward(enc.forward, enc.device)  # none captured yet (and so of length 0)
     enc.run._graphed = graphs

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.encoders import BatchRunner
-from indexer.kernels import PooledForward, pool
+from indexer.encode import BatchRunner
+from indexer.encode.kernels import PooledForward, pool
 
 pytestmark = pytest.mark.gpu
 
@@ -23,7 +23,7 @@ def mpnet_base():
 
     from transformers import MPNetConfig, MPNetModel
 
-    from indexer.kernels import speed_up
+    from indexer.encode.kernels import speed_up
 
     torch.manual_seed(0)
     model = MPNetModel(MPNetConfig(vocab_size=30527, max_position_embeddings=514), add_pooling_layer=False).eval()
@@ -68,25 +68,43 @@ def test_windows_in_unpadded_batches_and_pieces_match_the_fp32_reference(mpnet_b
     dev = torch.device("cuda")
     rng = np.random.default_rng(4)
     grid = (258, 242, 226, 210)
-    lengths = np.where(rng.random(400) < 0.9, rng.choice(grid, 400), rng.integers(3, 258, 400))  # the rest: off the grid
+    lengths = np.where(
+        rng.random(400) < 0.9, rng.choice(grid, 400), rng.integers(3, 258, 400)
+    )  # the rest: off the grid
     seqs = [[0, *rng.integers(5, 30000, n - 2).tolist(), 2] for n in lengths]
     ref_model = copy.deepcopy(mpnet_base).to(dev)
     with torch.inference_mode():
-        ref = np.stack([ref_model(input_ids=torch.tensor([s], device=dev)).last_hidden_state[0, 0].double().cpu().numpy() for s in seqs])
+        ref = np.stack(
+            [
+                ref_model(input_ids=torch.tensor([s], device=dev)).last_hidden_state[0, 0].double().cpu().numpy()
+                for s in seqs
+            ]
+        )
     del ref_model
     fast = PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls")
-    # As encoders.WINDOW_BATCHES, at an eighth of the token budget: pieces of 32 × 2^k rows.
-    run = BatchRunner(fast, dev, pad_id=1, budget=32768, graphs=True, widths=(*grid, 512), unpadded=True, pieces=32, row_step=32)
+    # As batching.WINDOW_BATCHES, at an eighth of the token budget: pieces of 32 × 2^k rows.
+    run = BatchRunner(
+        fast, dev, pad_id=1, budget=32768, graphs=True, widths=(*grid, 512), unpadded=True, pieces=32, row_step=32
+    )
     shapes = []
     real = run._graphed.replay
-    run._graphed.replay = lambda ids, mask: shapes.append((ids.shape[0], ids.shape[1], mask is not None)) or real(ids, mask)
+    run._graphed.replay = lambda ids, mask: (
+        shapes.append((ids.shape[0], ids.shape[1], mask is not None)) or real(ids, mask)
+    )
     out = run(seqs)
     assert cosine(out, ref).min() >= 0.999
     assert len(run._graphed) > 0 and not run._graphed.disabled
     # Each width of the grid ran a piece of 64 rows without a padding mask (127 would be full); what
     # was left of them (21-31 each) and the 54 windows off the grid ran at the end, padded: a full
     # batch, then 17 rows in a graph of 32.
-    assert shapes == [(64, 258, False), (64, 242, False), (64, 226, False), (64, 210, False), (127, 258, True), (32, 128, True)]
+    assert shapes == [
+        (64, 258, False),
+        (64, 242, False),
+        (64, 226, False),
+        (64, 210, False),
+        (127, 258, True),
+        (32, 128, True),
+    ]
 
 
 def test_specter2_shaped_heads_in_fp16_graphs_match_the_fp32_reference():
@@ -98,7 +116,7 @@ def test_specter2_shaped_heads_in_fp16_graphs_match_the_fp32_reference():
     from adapters import AutoAdapterModel
     from transformers import BertConfig, BertModel
 
-    from indexer.encoders import HEAD_BATCHES
+    from indexer.encode.batching import HEAD_BATCHES
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -116,10 +134,28 @@ def test_specter2_shaped_heads_in_fp16_graphs_match_the_fp32_reference():
     seqs = [[102, *rng.integers(200, 31000, n - 2).tolist(), 103] for n in rng.integers(2, 513, 96)]
     ref_model = copy.deepcopy(model).to(dev)
     with torch.inference_mode():
-        ref = np.stack([ref_model.base_model(input_ids=torch.tensor([s], device=dev)).last_hidden_state[0, 0].double().cpu().numpy() for s in seqs])
+        ref = np.stack(
+            [
+                ref_model.base_model(input_ids=torch.tensor([s], device=dev))
+                .last_hidden_state[0, 0]
+                .double()
+                .cpu()
+                .numpy()
+                for s in seqs
+            ]
+        )
         no_adapter = copy.deepcopy(model).to(dev)
         no_adapter.set_active_adapters(None)
-        base_vecs = np.stack([no_adapter.base_model(input_ids=torch.tensor([s], device=dev)).last_hidden_state[0, 0].double().cpu().numpy() for s in seqs[:8]])
+        base_vecs = np.stack(
+            [
+                no_adapter.base_model(input_ids=torch.tensor([s], device=dev))
+                .last_hidden_state[0, 0]
+                .double()
+                .cpu()
+                .numpy()
+                for s in seqs[:8]
+            ]
+        )
     del ref_model, no_adapter
     fast = PooledForward(model.to(dev).half(), "cls", broadcast_mask=True)
     assert fast.fast and fast.packable
@@ -151,7 +187,7 @@ def test_out_of_order_lengths_come_back_in_input_order(mpnet_base):
 
 
 def test_encoders_on_cuda_match_the_cpu_ones(tiny_models):
-    from indexer.encoders import PaperEncoder, PassageEncoder
+    from indexer.encode import PaperEncoder, PassageEncoder
 
     texts = ["protein folding with graph neural networks " * 30, "galaxy telescope", "cell " * 70]
     cpu = PassageEncoder(tiny_models["passage_model"], device="cpu", window_tokens=48, window_overlap=8)
@@ -171,7 +207,7 @@ def test_encoders_on_cuda_match_the_cpu_ones(tiny_models):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_replica_on_the_second_gpu_gives_the_same_vectors(tiny_models):
-    from indexer.encoders import PassageEncoder
+    from indexer.encode import PassageEncoder
 
     enc = PassageEncoder(tiny_models["passage_model"], device="cuda:0", window_tokens=48, window_overlap=8)
     other = enc.replicate("cuda:1")
@@ -188,8 +224,17 @@ def test_threads_capturing_new_shapes_at_once_keep_their_graphs(mpnet_base):
     import threading
 
     devs = [torch.device("cuda:0"), torch.device(f"cuda:{min(1, torch.cuda.device_count() - 1)}")]
-    runners = [BatchRunner(PooledForward(copy.deepcopy(mpnet_base).to(d).half(), "cls"), d, pad_id=1, budget=16384,
-                           graphs=True, widths=(258, 242, 226, 210, 194, 512)) for d in devs]
+    runners = [
+        BatchRunner(
+            PooledForward(copy.deepcopy(mpnet_base).to(d).half(), "cls"),
+            d,
+            pad_id=1,
+            budget=16384,
+            graphs=True,
+            widths=(258, 242, 226, 210, 194, 512),
+        )
+        for d in devs
+    ]
     work = [[sequences(120, seed=10 * i + j) for j in range(4)] for i in range(2)]
     results: list = [None, None]
 
@@ -203,7 +248,9 @@ def test_threads_capturing_new_shapes_at_once_keep_their_graphs(mpnet_base):
         t.join()
     for r in runners:
         assert len(r._graphed) > 3 and not r._graphed.disabled
-    solo = BatchRunner(PooledForward(copy.deepcopy(mpnet_base).to(devs[0]).half(), "cls"), devs[0], pad_id=1, budget=16384)
+    solo = BatchRunner(
+        PooledForward(copy.deepcopy(mpnet_base).to(devs[0]).half(), "cls"), devs[0], pad_id=1, budget=16384
+    )
     for i in range(2):
         for seqs, got in zip(work[i], results[i]):
             assert cosine(got, solo(seqs)).min() >= 0.9999
@@ -218,7 +265,7 @@ def test_a_capture_on_one_gpu_lets_the_other_gpu_work(mpnet_base):
     import threading
     import time
 
-    from indexer.kernels import GraphedForward
+    from indexer.encode.kernels import GraphedForward
 
     dev0, dev1 = torch.device("cuda:0"), torch.device("cuda:1")
     g = GraphedForward(PooledForward(copy.deepcopy(mpnet_base).to(dev0).half(), "cls"), dev0)
@@ -246,7 +293,9 @@ def test_a_capture_on_one_gpu_lets_the_other_gpu_work(mpnet_base):
             k = 0
             while not done.is_set():
                 t = time.perf_counter()
-                runner = (graphed, eager, BatchRunner(model1, dev1, pad_id=1, budget=8192))[k % 3]  # the last: new pinned buffers
+                runner = (graphed, eager, BatchRunner(model1, dev1, pad_id=1, budget=8192))[
+                    k % 3
+                ]  # the last: new pinned buffers
                 runs.append((t, time.perf_counter(), runner(seqs)))
                 k += 1
         except BaseException as exc:
@@ -315,20 +364,24 @@ def test_threads_of_one_gpu_share_its_graphs(mpnet_base):
 def test_passage_replicas_on_one_gpu_share_the_model_and_agree(tiny_models):
     import threading
 
-    from indexer.encoders import PassageEncoder
+    from indexer.encode import PassageEncoder
 
     enc = PassageEncoder(tiny_models["passage_model"], device="cuda", window_tokens=48, window_overlap=8)
     twin = enc.replicate("cuda:0")
     assert twin.model is enc.model and twin.run._graphed is enc.run._graphed and twin.run is not enc.run
     cpu = PassageEncoder(tiny_models["passage_model"], device="cpu", window_tokens=48, window_overlap=8)
-    texts = [["protein folding with graph neural networks " * (5 + 7 * i), "galaxy telescope " * (3 + i)] for i in range(12)]
+    texts = [
+        ["protein folding with graph neural networks " * (5 + 7 * i), "galaxy telescope " * (3 + i)] for i in range(12)
+    ]
     windows = [enc.tokenize_windows(t) for t in texts]  # tokenized first: the threads share the tokenizer
     out: dict = {}
 
     def go(name, e, part):
         out[name] = [e.encode_windows(w) for w in part]
 
-    threads = [threading.Thread(target=go, args=(n, e, windows[k::2])) for k, (n, e) in enumerate((("a", enc), ("b", twin)))]
+    threads = [
+        threading.Thread(target=go, args=(n, e, windows[k::2])) for k, (n, e) in enumerate((("a", enc), ("b", twin)))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -346,7 +399,7 @@ def test_graphs_of_many_shapes_share_their_working_memory(mpnet_base):
     import copy
     import gc
 
-    from indexer.kernels import GraphedForward
+    from indexer.encode.kernels import GraphedForward
 
     dev = torch.device("cuda")
     graphed = GraphedForward(PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
@@ -370,7 +423,7 @@ def test_a_capture_that_fails_after_others_worked_costs_one_eager_batch(mpnet_ba
     fails once (e.g. disturbed by other work) runs that batch eagerly and is captured next time."""
     import copy
 
-    from indexer.kernels import GraphedForward
+    from indexer.encode.kernels import GraphedForward
 
     dev = torch.device("cuda")
     g = GraphedForward(PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
@@ -383,8 +436,12 @@ def test_a_capture_that_fails_after_others_worked_costs_one_eager_batch(mpnet_ba
         return real(key, inputs)
 
     monkeypatch.setattr(g, "_capture", flaky)
-    a = torch.from_numpy(np.array([s[:66] + [0] * (66 - len(s[:66])) for s in sequences(8, seed=3)], dtype=np.int32)).pin_memory()
-    b = torch.from_numpy(np.array([s[:130] + [0] * (130 - len(s[:130])) for s in sequences(8, seed=4)], dtype=np.int32)).pin_memory()
+    a = torch.from_numpy(
+        np.array([s[:66] + [0] * (66 - len(s[:66])) for s in sequences(8, seed=3)], dtype=np.int32)
+    ).pin_memory()
+    b = torch.from_numpy(
+        np.array([s[:130] + [0] * (130 - len(s[:130])) for s in sequences(8, seed=4)], dtype=np.int32)
+    ).pin_memory()
     with torch.inference_mode():  # as BatchRunner runs it
         want = PooledForward(copy.deepcopy(mpnet_base).to(dev).half(), "cls")(b.to(dev), None).float().cpu().numpy()
         g(a, None)
@@ -401,7 +458,7 @@ def test_a_shape_is_captured_when_it_comes_again_and_loading_compiles_ahead(mpne
     later, while other threads may be running models."""
     import copy
 
-    from indexer.kernels import GraphedForward, speed_up
+    from indexer.encode.kernels import GraphedForward, speed_up
 
     dev = torch.device("cuda", 0)
     model = copy.deepcopy(mpnet_base).to(dev).half()
@@ -413,7 +470,9 @@ def test_a_shape_is_captured_when_it_comes_again_and_loading_compiles_ahead(mpne
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_compiled  # eps 1e-6: compiled anew
     graphs_compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     g = GraphedForward(fast, dev, capture_after=2)
-    ids = torch.from_numpy(np.array([s[:130] + [0] * (130 - len(s[:130])) for s in sequences(8, seed=5)], dtype=np.int32)).pin_memory()
+    ids = torch.from_numpy(
+        np.array([s[:130] + [0] * (130 - len(s[:130])) for s in sequences(8, seed=5)], dtype=np.int32)
+    ).pin_memory()
     with torch.inference_mode():
         first = g(ids, None).float().cpu().numpy()
         assert len(g) == 0 and g.eager_batches == 1
@@ -429,12 +488,12 @@ def test_captures_run_the_add_norm_compiled_at_load(mpnet_base, monkeypatch, cou
     backend stands in for Inductor), for batch shapes other than the warm-up's, padded or not."""
     import copy
 
-    from indexer import kernels
+    from indexer.encode.kernels import graphs, layers
 
     k, compiles, runs = counting_add_norm
-    monkeypatch.setattr(kernels, "_compiled_add_norm", k)
+    monkeypatch.setattr(layers, "_compiled_add_norm", k)
     dev = torch.device("cuda", 0)
-    g = kernels.GraphedForward(kernels.speed_up(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
+    g = graphs.GraphedForward(layers.speed_up(copy.deepcopy(mpnet_base).to(dev).half(), "cls"), dev)
     compiled = len(compiles)
     for rows, width, padded in ((16, 256, False), (48, 208, True)):
         ids = torch.randint(5, 30000, (rows, width), dtype=torch.int32).pin_memory()
@@ -451,7 +510,7 @@ def test_the_whole_forward_compiled_at_load_matches_the_fused_layers(mpnet_base)
     (padded and not), run in the CUDA graphs; nothing compiles in a capture."""
     import copy
 
-    from indexer.kernels import GraphedForward, speed_up
+    from indexer.encode.kernels import GraphedForward, speed_up
 
     dev = torch.device("cuda", 0)
     fused = speed_up(copy.deepcopy(mpnet_base).to(dev).half(), "cls")
@@ -462,7 +521,9 @@ def test_the_whole_forward_compiled_at_load_matches_the_fused_layers(mpnet_base)
     g_whole, g_fused = GraphedForward(whole, dev), GraphedForward(fused, dev)
     seqs = sequences(40, seed=7)
     ids = torch.from_numpy(np.array([s[:96] + [1] * (96 - len(s[:96])) for s in seqs], dtype=np.int32)).pin_memory()
-    mask = torch.from_numpy(np.array([[1] * min(len(s), 96) + [0] * (96 - min(len(s), 96)) for s in seqs], dtype=np.int32)).pin_memory()
+    mask = torch.from_numpy(
+        np.array([[1] * min(len(s), 96) + [0] * (96 - min(len(s), 96)) for s in seqs], dtype=np.int32)
+    ).pin_memory()
     with torch.inference_mode():
         for m in (None, mask):
             a = g_whole(ids, m).float().cpu().numpy()

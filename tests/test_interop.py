@@ -22,7 +22,7 @@ from langchain_qdrant import QdrantVectorStore  # noqa: E402
 from qdrant_client import models  # noqa: E402
 
 from conftest import make_paper  # noqa: E402
-from indexer.encoders import PassageEncoder  # noqa: E402
+from indexer.encode import PassageEncoder  # noqa: E402
 from indexer.papers import validate  # noqa: E402
 from indexer.pipeline import Indexer  # noqa: E402
 from indexer.search import Searcher  # noqa: E402

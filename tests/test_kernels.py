@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from indexer.chunking import windows
-from indexer.encoders import BatchRunner, bucket_batches, bucket_rows, bucket_widths
-from indexer.kernels import PooledForward, pool
+from indexer.encode import BatchRunner
+from indexer.encode.batching import bucket_batches, bucket_rows, bucket_widths
+from indexer.encode.kernels import PooledForward, pool
 from indexer.tokenizing import Windows
 
 
@@ -15,7 +16,14 @@ def mpnet():
     from transformers import MPNetConfig, MPNetModel
 
     torch.manual_seed(0)
-    cfg = MPNetConfig(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, max_position_embeddings=514)
+    cfg = MPNetConfig(
+        vocab_size=300,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=514,
+    )
     model = MPNetModel(cfg).eval()
     with torch.no_grad():  # larger than the init's weights, so that a wrong bias or mask shows
         for p in model.parameters():
@@ -107,7 +115,10 @@ def test_papers_are_hashed_chunked_and_tokenized_as_in_the_indexing_process(enco
     from indexer.tokenizing import ChunkSpec, WindowTokenizer
 
     _, enc = encoders
-    papers = [PaperIn(**make_paper(i, words=w, venue="v" if i % 2 else None)) for i, w in enumerate([600, 0, 130, 1000, 60, 400, 250])]
+    papers = [
+        PaperIn(**make_paper(i, words=w, venue="v" if i % 2 else None))
+        for i, w in enumerate([600, 0, 130, 1000, 60, 400, 250])
+    ]
     spec = ChunkSpec(120, 20, 6, "settings")
     tok = WindowTokenizer(enc.tokenizer, enc.windows.spec, workers=workers, min_chars_per_task=1)
     try:
@@ -159,7 +170,9 @@ def test_lanes_prepare_requests_side_by_side_on_their_own_workers(encoders, lane
                     active[0] -= 1
 
         tok._pool.map = slow_map
-        threads = [threading.Thread(target=lambda g=g: results.update({g: tok.papers(groups[g], spec)})) for g in range(2)]
+        threads = [
+            threading.Thread(target=lambda g=g: results.update({g: tok.papers(groups[g], spec)})) for g in range(2)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -280,7 +293,9 @@ def test_encoder_replicas_split_the_papers_and_write_the_same_points(settings, e
         stores = {}
         for name, replicas in (("one", ()), ("two", [replica])):
             store = EdgeStore(tmp_path / name)
-            stats = Indexer(store, paper_enc, passage_enc, chunk_size=120, chunk_overlap=20, papers_per_batch=3, replicas=replicas).index(docs)
+            stats = Indexer(
+                store, paper_enc, passage_enc, chunk_size=120, chunk_overlap=20, papers_per_batch=3, replicas=replicas
+            ).index(docs)
             assert stats.papers_indexed == 40 and store.count(store.papers) == 40
             stores[name] = store
     finally:
@@ -300,7 +315,7 @@ def test_encoder_replicas_split_the_papers_and_write_the_same_points(settings, e
 
 
 def test_graph_inputs_are_padded_and_filled_with_a_real_row():
-    from indexer.encoders import fill_batch
+    from indexer.encode.batching import fill_batch
 
     ids = np.array([[0, 7, 8, 2], [0, 9, 2, 1], [0, 2, 1, 1]], dtype=np.int32)
     lengths = np.array([4, 3, 2])
@@ -319,7 +334,7 @@ def test_gpu_gate_runs_a_capture_alone():
     import threading
     import time
 
-    from indexer.kernels import GpuGate
+    from indexer.encode.kernels import GpuGate
 
     gate, log = GpuGate(), []
     first_in, release_first = threading.Event(), threading.Event()
@@ -361,7 +376,7 @@ def test_gpu_gate_holds_back_only_the_capturing_gpu():
     import threading
     import time
 
-    from indexer.kernels import GpuGate
+    from indexer.encode.kernels import GpuGate
 
     gate, log = GpuGate(), []
     gpu0, gpu1 = torch.device("cuda:0"), torch.device("cuda:1")
@@ -418,7 +433,7 @@ def test_gpu_gate_per_gpu_off_stops_every_gpu_for_a_capture():
     import threading
     import time
 
-    from indexer.kernels import GpuGate
+    from indexer.encode.kernels import GpuGate
 
     gate, log = GpuGate(per_device=False), []
 
@@ -439,45 +454,53 @@ def test_gpu_gate_per_gpu_off_stops_every_gpu_for_a_capture():
 
 def _add_norm_args(dtype=torch.float32):
     norm = torch.nn.LayerNorm(8)
-    return (torch.randn(4, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype), norm.weight.detach().to(dtype), norm.bias.detach().to(dtype), norm.eps)
+    return (
+        torch.randn(4, 8, dtype=dtype),
+        torch.randn(4, 8, dtype=dtype),
+        norm.weight.detach().to(dtype),
+        norm.bias.detach().to(dtype),
+        norm.eps,
+    )
 
 
 def test_a_compiled_kernel_compiles_only_in_the_warm_up_and_runs_only_in_captures(counting_add_norm):
     """Compiling patches torch.nn.Module.__call__ process-wide while it traces, so it must never
     happen while other threads run models: only the warm-up compiles; later calls with inputs it did
     not cover run the plain function instead of compiling again."""
-    from indexer import kernels
+    from indexer.encode.kernels import graphs, layers
 
     k, compiles, runs = counting_add_norm
     args = _add_norm_args()
-    want = kernels._add_norm(*args)
+    want = layers._add_norm(*args)
     with torch.inference_mode():  # as captures run
-        with kernels.compiled_kernels():
+        with graphs.compiled_kernels():
             assert torch.allclose(k(*args), want)
         assert not compiles and not runs  # not warmed up: never compiled, not even in a capture
-        with kernels.compiled_kernels(compile=True):
+        with graphs.compiled_kernels(compile=True):
             k(*args)
         assert len(compiles) == 1
         ran = len(runs)
         assert torch.allclose(k(*args), want) and len(runs) == ran  # outside a capture: the plain function
-        with kernels.compiled_kernels():
+        with graphs.compiled_kernels():
             assert torch.allclose(k(*args), want) and len(runs) == ran + 1  # in a capture: the compiled one
             wide = _add_norm_args(torch.float64)  # inputs the warm-up did not cover
-            assert torch.allclose(k(*wide), kernels._add_norm(*wide)) and len(runs) == ran + 1
+            assert torch.allclose(k(*wide), layers._add_norm(*wide)) and len(runs) == ran + 1
     assert len(compiles) == 1
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_after_the_warm_up_captures_of_every_shape_run_the_compiled_add_norm(monkeypatch, mpnet, pooling, counting_add_norm):
+def test_after_the_warm_up_captures_of_every_shape_run_the_compiled_add_norm(
+    monkeypatch, mpnet, pooling, counting_add_norm
+):
     """The warm-up runs the model itself, so what it compiles is what a capture calls (its weights
     are Parameters, the residual and the input are two tensors): every add + LayerNorm of a capture,
     of any batch shape, padded or not, runs compiled, and nothing compiles after the warm-up."""
-    from indexer import kernels
+    from indexer.encode.kernels import graphs, layers
 
     k, compiles, runs = counting_add_norm
-    monkeypatch.setattr(kernels, "_compiled_add_norm", k)
+    monkeypatch.setattr(layers, "_compiled_add_norm", k)
     fwd = PooledForward(mpnet, pooling)
-    kernels.warm_up(fwd, torch.device("cpu"))
+    graphs.warm_up(fwd, torch.device("cpu"))
     compiled = len(compiles)
     assert compiled == 1  # one for every layer, the CLS-only last one too
     per_forward = 2 * mpnet.config.num_hidden_layers
@@ -486,7 +509,7 @@ def test_after_the_warm_up_captures_of_every_shape_run_the_compiled_add_norm(mon
         mask = (torch.arange(width) < torch.randint(1, width + 1, (rows, 1))).long() if padded else None
         runs.clear()
         with torch.inference_mode():
-            with kernels.compiled_kernels():
+            with graphs.compiled_kernels():
                 got = fwd(ids, mask)
             assert len(runs) == per_forward, (rows, width, padded)
             assert torch.allclose(got, fwd(ids, mask), atol=1e-5)
@@ -494,7 +517,7 @@ def test_after_the_warm_up_captures_of_every_shape_run_the_compiled_add_norm(mon
 
 
 def test_a_compiled_kernel_runs_uncompiled_when_compiling_fails(monkeypatch, caplog):
-    from indexer import kernels
+    from indexer.encode.kernels import graphs, layers
 
     calls = []
 
@@ -502,19 +525,20 @@ def test_a_compiled_kernel_runs_uncompiled_when_compiling_fails(monkeypatch, cap
         def run(*args):
             calls.append(1)
             raise RuntimeError("no C compiler")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    k = kernels.CompiledKernel(kernels._add_norm, "add + LayerNorm")
+    k = graphs.CompiledKernel(layers._add_norm, "add + LayerNorm")
     args = _add_norm_args()
-    want = kernels._add_norm(*args)
+    want = layers._add_norm(*args)
     with torch.inference_mode():
-        with kernels.compiled_kernels(compile=True):
+        with graphs.compiled_kernels(compile=True):
             assert torch.allclose(k(*args), want)  # the plain result
         assert len(calls) == 1 and "running it uncompiled" in caplog.text
-        with kernels.compiled_kernels(compile=True):
+        with graphs.compiled_kernels(compile=True):
             assert torch.allclose(k(*args), want)
-        with kernels.compiled_kernels():
+        with graphs.compiled_kernels():
             assert torch.allclose(k(*args), want)
     assert len(calls) == 1  # tried once
 
@@ -563,20 +587,22 @@ def test_bert_with_other_adapter_kinds_runs_its_own_forward(tiny_models):
     ids, mask = padded_batch([30, 12], 30, seed=4)
     ids = (ids % model.config.vocab_size).masked_fill(mask == 0, 0)
     with torch.no_grad():
-        torch.testing.assert_close(fast(ids, mask), model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+        torch.testing.assert_close(
+            fast(ids, mask), model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        )
 
 
 def test_the_warm_up_compiles_for_every_gpu_past_the_default_limit(counting_add_norm):
     """Each GPU (and model kind) adds compilations of the one add + LayerNorm function; PyTorch's
     default limit (8) would leave the later ones running uncompiled. Sixteen variants, all compiled."""
-    from indexer import kernels
+    from indexer.encode.kernels import graphs
 
     k, compiles, runs = counting_add_norm
     args = _add_norm_args()
     for i in range(16):  # a variant each: eps is part of what a compilation is for
-        kernels.warm_up(lambda ids, mask, eps=10.0 ** -(i + 1): k(*args[:4], eps), torch.device("cpu"))
+        graphs.warm_up(lambda ids, mask, eps=10.0 ** -(i + 1): k(*args[:4], eps), torch.device("cpu"))
     assert len(compiles) == 16
-    with torch.inference_mode(), kernels.compiled_kernels():
+    with torch.inference_mode(), graphs.compiled_kernels():
         runs.clear()
         for i in range(16):
             k(*args[:4], 10.0 ** -(i + 1))
@@ -588,7 +614,8 @@ def test_packed_heads_match_the_adapter_models_own_forward(bert_with_adapters, a
     """Paper heads packed end to end in one row of tokens (no padding; attention within each): the
     vectors of the adapter model's own forward, one sequence at a time, whichever adapter is
     active. Filler tokens past the sequences (any ids) and sequences of length 0 change nothing."""
-    from indexer.encoders import fill_packed, pack
+    from indexer.encode.batching import fill_packed
+    from indexer.tokenizing import pack
 
     model = bert_with_adapters
     fast = PooledForward(model, "cls", broadcast_mask=True)
@@ -630,11 +657,15 @@ def test_only_models_without_a_position_bias_and_with_cls_pooling_run_packed(mpn
     assert not PooledForward(mpnet, "cls").packable  # MPNet's relative-position bias needs the padded path
     assert not PooledForward(bert_with_adapters, "mean").packable
     with pytest.raises(ValueError, match="packed"):
-        PooledForward(mpnet, "cls").packed(torch.zeros(4, dtype=torch.int32), torch.zeros(4, dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32))
+        PooledForward(mpnet, "cls").packed(
+            torch.zeros(4, dtype=torch.int32),
+            torch.zeros(4, dtype=torch.int32),
+            torch.tensor([0, 4], dtype=torch.int32),
+        )
 
 
 def test_packed_batches_and_their_graph_shapes():
-    from indexer.encoders import pack_batches, packed_shape
+    from indexer.encode.batching import pack_batches, packed_shape
 
     lengths = np.array([100, 200, 50, 600, 10, 90])
     assert [b.tolist() for b in pack_batches(lengths, 300)] == [[0, 1], [2], [3], [4, 5]]  # 600: a batch of its own

@@ -1,0 +1,21 @@
+"""The whole exception tree: every error paperindex raises on purpose, in one place.
+
+    RuntimeError
+     ├── ModelLoadError    a model or adapter could not be loaded, or the device asked for is not there
+     └── StoreError        the store cannot do what was asked (layout mismatch, bad request)
+          └── StoreUnavailable   Qdrant cannot be reached (server down, timeout, shard cannot be opened)
+"""
+
+from __future__ import annotations
+
+
+class ModelLoadError(RuntimeError):
+    """A model or adapter could not be loaded (bad path, no hub access, wrong files)."""
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (layout mismatch, bad request)."""
+
+
+class StoreUnavailable(StoreError):
+    """Qdrant cannot be reached (server down, timeout, shard cannot be opened)."""
