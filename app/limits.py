@@ -11,7 +11,6 @@ from indexer.config import Settings
 
 from .errors import InvalidRequest
 
-
 # The most of a refused body read (and thrown away) so that its client gets the answer; see below.
 DRAIN_BYTES = 64 * 1024 * 1024
 

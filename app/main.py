@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager, nullcontext
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from indexer.config import Settings
@@ -17,7 +18,7 @@ from . import errors
 from .deps import Service
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
-from .routes import health, index, papers, search
+from .routes import health, index, papers, search, ui
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,10 @@ Two-level retrieval over scientific papers for RAG: passages (whole chunks of fu
 - `GET /search`: the passages to put in a prompt, each with its paper's id, title and metadata;
   `group_by_paper=true` for one entry per paper; `rerank=true` for cross-encoder ordering.
 - `GET /search/papers`, `GET /papers/{paper_id}/similar`, `POST /papers/similar`: paper-level search.
+- `GET /passages/context`: a passage with its neighbours in its paper; `GET /stats`: what the index holds.
 - `POST /index`, `DELETE /papers/{paper_id}`: writes (an API key when PAPERINDEX_API_KEY is set).
+
+A search page for people is at `/` (PAPERINDEX_UI=false turns it off).
 """
 
 
@@ -55,10 +59,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             if runtime is None:
                 rt.close()
 
-    app = FastAPI(title="paperindex", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with Swagger UI's and ReDoc's files from the fastapi-offline package, not a CDN:
+    # they work on a host without internet access.
+    app = FastAPIOffline(title="paperindex", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
     for r in (search.router, papers.router, index.router, health.router):
         app.include_router(r)
+    if settings.ui:
+        ui.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(

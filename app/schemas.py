@@ -15,8 +15,8 @@ from indexer.papers import PaperIn
 __all__ = [
     "PaperIn", "SearchRequest", "PaperSearchRequest", "SimilarQuery", "SimilarRequest", "PassageHit",
     "PassageSearchResponse", "PaperGroup", "GroupedSearchResponse", "PaperHit", "PaperSearchResponse",
-    "Paper", "SimilarResponse", "IndexJob", "JobCounts", "PaperError", "Deleted", "Health", "Readiness",
-    "FieldError", "ErrorResponse",
+    "Paper", "SimilarResponse", "ContextQuery", "PassageContext", "ContextPassage", "IndexSummary", "Models", "StoreSummary",
+    "IndexJob", "JobCounts", "PaperError", "Deleted", "Health", "Readiness", "FieldError", "ErrorResponse",
 ]
 
 _QUERY = "graph neural networks for protein structure prediction"
@@ -65,6 +65,16 @@ class SimilarQuery(BaseModel):
     k: int = Field(10, description="neighbours to return; 1..PAPERINDEX_MAX_K", examples=[10])
     year_from: YearFrom = None
     year_to: YearTo = None
+
+
+class ContextQuery(BaseModel):
+    """Query parameters of GET /passages/context."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paper_id: str = Field(min_length=1, description="the passage's paper", examples=["arXiv:1706.03762"])
+    chunk_index: int = Field(ge=0, description="the passage's position in its paper, from 0", examples=[3])
+    radius: int = Field(2, ge=0, le=10, description="passages to show on each side of it")
 
 
 class SimilarRequest(BaseModel):
@@ -190,6 +200,64 @@ class Paper(BaseModel):
     year: int | None = None
     n_chunks: int = Field(description="passages indexed for this paper")
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ContextPassage(BaseModel):
+    chunk_index: int
+    text: str
+    word_start: int | None = Field(None, description="position of the passage's first word in the paper's text")
+    word_end: int | None = None
+
+
+class PassageContext(BaseModel):
+    """A passage with its neighbours in its paper, in reading order."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "paper_id": "arXiv:1706.03762", "title": "Attention Is All You Need", "year": 2017, "n_chunks": 12, "chunk_index": 3,
+        "passages": [{"chunk_index": 2, "text": "... the previous passage", "word_start": 924, "word_end": 1436},
+                     {"chunk_index": 3, "text": "the passage itself ...", "word_start": 1386, "word_end": 1898}],
+        "metadata": {"authors": ["A. Vaswani"], "venue": "NeurIPS"},
+    }]})
+
+    paper_id: str
+    title: str
+    year: int | None = None
+    n_chunks: int = Field(description="passages indexed for this paper")
+    chunk_index: int = Field(description="the passage asked for")
+    passages: list[ContextPassage] = Field(description="chunk_index - radius .. chunk_index + radius, those that exist")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="the paper's authors, venue, url and extra keys")
+
+
+class Models(BaseModel):
+    passage: str = Field(description="passage encoder (PAPERINDEX_PASSAGE_MODEL)")
+    paper: str = Field(description="SPECTER2 base model (PAPERINDEX_PAPER_MODEL)")
+    paper_adapter: str | None = None
+    query_adapter: str | None = Field(None, description="used by GET /search/papers; null: paper search is off")
+    reranker: str | None = Field(None, description="cross-encoder for rerank=true; null: reranking is off")
+
+
+class StoreSummary(BaseModel):
+    kind: Literal["embedded", "server"] = Field(description="embedded Qdrant Edge, or a Qdrant server or cluster")
+    multivector: bool | None = Field(None, description="a long passage is stored as one vector per window (MaxSim); null before the first write")
+    passage_dim: int | None = None
+    paper_dim: int | None = None
+
+
+class IndexSummary(BaseModel):
+    """What the index holds and what searches it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "papers": 12, "passages": 31,
+        "models": {"passage": "sentence-transformers/multi-qa-mpnet-base-dot-v1", "paper": "allenai/specter2_base",
+                   "paper_adapter": "allenai/specter2", "query_adapter": "allenai/specter2_adhoc_query",
+                   "reranker": "cross-encoder/ms-marco-MiniLM-L6-v2"},
+        "store": {"kind": "embedded", "multivector": True, "passage_dim": 768, "paper_dim": 768},
+    }]})
+
+    papers: int
+    passages: int
+    models: Models
+    store: StoreSummary
 
 
 class PaperError(BaseModel):

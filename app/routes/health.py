@@ -1,4 +1,4 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness, what the index holds, and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..deps import ServiceDep
+from ..deps import Service, ServiceDep
 from ..errors import classify
-from ..schemas import Health, Readiness
+from ..schemas import ErrorResponse, Health, IndexSummary, Models, Readiness, StoreSummary
 
 router = APIRouter(tags=["health"])
 
@@ -39,6 +39,31 @@ async def ready(svc: ServiceDep) -> JSONResponse:
         body = Readiness(ready=False, models=True, qdrant=False, detail=classify(exc).detail)
         return JSONResponse(body.model_dump(), status_code=503)
     return JSONResponse(Readiness(ready=True, models=True, qdrant=True).model_dump())
+
+
+def summary(svc: Service) -> IndexSummary:
+    s, store = svc.settings, svc.store
+    layout = store.layout()
+    models = Models(passage=s.passage_model, paper=s.paper_model, paper_adapter=s.paper_adapter, query_adapter=s.query_adapter,
+                    reranker=s.reranker_model if svc.runtime.reranker is not None else None)
+    kind = "server" if s.qdrant_url else "embedded"
+    where = StoreSummary(kind=kind) if layout is None else StoreSummary(
+        kind=kind, multivector=layout.multivector, passage_dim=layout.chunk_dim, paper_dim=layout.paper_dim)
+    return IndexSummary(papers=store.count(store.papers), passages=store.count(store.chunks), models=models, store=where)
+
+
+@router.get(
+    "/stats",
+    response_model=IndexSummary,
+    summary="What the index holds (papers, passages) and what searches it (models, store)",
+    responses={
+        429: {"model": ErrorResponse, "description": "too many searches in flight; see Retry-After"},
+        503: {"model": ErrorResponse, "description": "Qdrant is unreachable"},
+    },
+)
+async def stats(svc: ServiceDep) -> IndexSummary:
+    await svc.collections()
+    return await svc.read(summary, svc)
 
 
 @router.get(

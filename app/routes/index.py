@@ -29,7 +29,8 @@ _EXAMPLE_PAPER = {
 }
 _BODY = {
     "required": True,
-    "description": "One paper, or a list of papers. Keys beyond the named fields are kept as metadata.",
+    "description": "One paper, a list of papers, or one paper per line (application/x-ndjson, as `paperindex index` reads). "
+                   "Keys beyond the named fields are kept as metadata.",
     "content": {
         "application/json": {
             "schema": {"oneOf": [_PAPER_SCHEMA, {"type": "array", "items": _PAPER_SCHEMA, "minItems": 1}]},
@@ -37,18 +38,51 @@ _BODY = {
                 "one": {"summary": "one paper", "value": _EXAMPLE_PAPER},
                 "many": {"summary": "a list", "value": [_EXAMPLE_PAPER, {"paper_id": "doi:10.1000/xyz", "title": "Another paper", "year": 2020}]},
             },
-        }
+        },
+        "application/x-ndjson": {
+            "schema": {"type": "string", "description": "one paper per line (JSON Lines), as `paperindex index` reads"},
+            "example": json.dumps(_EXAMPLE_PAPER) + "\n" + json.dumps({"paper_id": "doi:10.1000/xyz", "title": "Another paper"}) + "\n",
+        },
     },
 }
+# JSON Lines under the names clients send it with; any other type is read as one JSON document.
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines", "application/json-lines"})
 
 
-def parse_papers(raw: bytes) -> tuple[list[PaperIn], list[PaperError], int]:
-    """Papers from a request body, each validated on its own: (valid, rejected, received)."""
+def json_documents(raw: bytes) -> list[Any]:
+    """The JSON documents of a JSON Lines body, one after another. Newlines are not needed between
+    them: `curl -d @papers.jsonl` strips them (only `--data-binary` keeps a file as it is)."""
     try:
-        doc: Any = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidRequest([(("body",), f"not valid JSON: {exc}")]) from None
-    items = doc if isinstance(doc, list) else [doc]
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest([(("body",), f"not valid UTF-8: {exc}")]) from None
+    decoder = json.JSONDecoder()
+    docs: list[Any] = []
+    at = 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return docs
+        try:
+            doc, at = decoder.raw_decode(text, at)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise InvalidRequest([(("body", len(docs)), f"paper {len(docs) + 1}: not valid JSON: {exc}")]) from None
+        docs.append(doc)
+
+
+def parse_papers(raw: bytes, lines: bool = False) -> tuple[list[PaperIn], list[PaperError], int]:
+    """Papers from a request body (one JSON document, or JSON Lines with `lines`), each validated on its
+    own: (valid, rejected, received)."""
+    if lines:
+        items = json_documents(raw)
+    else:
+        try:
+            doc: Any = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            hint = "; for one paper per line send Content-Type: application/x-ndjson" if "Extra data" in str(exc) else ""
+            raise InvalidRequest([(("body",), f"not valid JSON: {exc}{hint}")]) from None
+        items = doc if isinstance(doc, list) else [doc]
     if not items:
         raise InvalidRequest([(("body",), "the list of papers is empty")])
     papers: list[PaperIn] = []
@@ -101,7 +135,8 @@ async def index(
         # only to answer 429 made the refusals slow and memory grow with the number of posters.
         svc.metrics.jobs.labels("rejected").inc()
         raise QueueFull(f"the index queue is full ({svc.settings.index_queue_size} jobs waiting); retry later", svc.jobs.retry_after())
-    papers, rejected, received = await run_in_threadpool(parse_papers, await request.body())  # megabytes of JSON: off the loop
+    lines = request.headers.get("content-type", "").partition(";")[0].strip().lower() in NDJSON_TYPES
+    papers, rejected, received = await run_in_threadpool(parse_papers, await request.body(), lines)  # megabytes: off the loop
     if rejected and (strict or not papers):
         why = "strict=true and some papers are invalid" if papers else "no valid paper in the request"
         raise InvalidRequest([(("body", e.index), f"{e.paper_id or 'paper'}: {e.error}") for e in rejected] + [(("body",), why)])

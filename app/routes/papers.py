@@ -1,22 +1,56 @@
-"""One paper: fetch, SPECTER2 neighbours, delete; and neighbours of a paper not in the index."""
+"""One paper: fetch, SPECTER2 neighbours, delete, a passage in its context; and neighbours of a paper not in
+the index."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.routing import Match
+from starlette.types import Scope
 
 from indexer.search import NotFound
 from indexer.store import SearchFilter
 
-from ..deps import ServiceDep, WriteAccess
+from ..deps import Service, ServiceDep, WriteAccess
 from ..errors import COMMON
 from ..limits import check_bounds
-from ..schemas import Deleted, ErrorResponse, IndexJob, Paper, SimilarQuery, SimilarRequest, SimilarResponse
+from ..schemas import (
+    ContextPassage,
+    ContextQuery,
+    Deleted,
+    ErrorResponse,
+    IndexJob,
+    Paper,
+    PassageContext,
+    SimilarQuery,
+    SimilarRequest,
+    SimilarResponse,
+)
 from .search import paper_hit
 
-router = APIRouter(responses=COMMON, tags=["papers"])
+
+class LiteralTailRoute(APIRoute):
+    """A route `/papers/{paper_id:path}/similar` that matches only when the raw (undecoded) path ends in
+    `/similar`: a paper whose id ends in "/similar" is reached by sending its slashes encoded
+    (`/papers/x%2Fsimilar`), which the decoded path alone cannot tell from the neighbours of "x"."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.tail = path.rpartition(":path}")[2].encode() if ":path}" in path else b""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        raw = scope.get("raw_path") or scope["path"].encode()
+        if match is not Match.NONE and self.tail and not raw.endswith(self.tail):
+            return Match.NONE, {}
+        return match, child
+
+
+router = APIRouter(responses=COMMON, tags=["papers"], route_class=LiteralTailRoute)
 
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no paper with this id in the index"}}
 UNAVAILABLE = {
@@ -24,7 +58,10 @@ UNAVAILABLE = {
     503: {"model": ErrorResponse, "description": "Qdrant is unreachable"},
 }
 INVALID = {422: {"model": ErrorResponse, "description": "k out of bounds, or an invalid body"}}
-PaperId = Annotated[str, Path(description="the paper's id; may contain slashes (DOIs), e.g. /papers/10.1145/3292500.3330701")]
+PaperId = Annotated[str, Path(description=(
+    "the paper's id; may contain slashes (DOIs), sent as they are or encoded as %2F, e.g. "
+    "/papers/10.1145/3292500.3330701; an id ending in /similar needs its slashes encoded: /papers/x%2Fsimilar"
+))]
 
 
 @router.post(
@@ -39,6 +76,35 @@ async def similar_to(svc: ServiceDep, body: SimilarRequest) -> SimilarResponse:
     flt = SearchFilter(body.year_from, body.year_to)
     hits = await svc.read(svc.searcher.similar_to, body.title, body.abstract, body.k, flt)
     return SimilarResponse(paper_id=None, hits=[paper_hit(h) for h in hits])
+
+
+def passage_context(svc: Service, q: ContextQuery) -> PassageContext:
+    """The passage `q.chunk_index` of a paper and up to `q.radius` passages on each side of it."""
+    paper = svc.searcher.paper(q.paper_id)
+    n = int(paper.get("n_chunks", 0))
+    if q.chunk_index >= n:
+        raise NotFound(f"paper {q.paper_id!r} has {n} passages: no chunk_index {q.chunk_index}")
+    wanted = range(max(0, q.chunk_index - q.radius), min(n, q.chunk_index + q.radius + 1))
+    chunks = svc.store.get_chunks(q.paper_id, list(wanted))
+    passages = []
+    for c in sorted(chunks, key=lambda c: int(c.payload["chunk_index"])):
+        meta = c.payload.get("metadata") or {}
+        passages.append(ContextPassage(chunk_index=int(c.payload["chunk_index"]), text=c.payload.get("text", ""),
+                                       word_start=meta.get("word_start"), word_end=meta.get("word_end")))
+    return PassageContext(paper_id=q.paper_id, title=paper.get("title", ""), year=paper.get("year"), n_chunks=n,
+                          chunk_index=q.chunk_index, passages=passages, metadata=paper.get("metadata") or {})
+
+
+@router.get(
+    "/passages/context",
+    response_model=PassageContext,
+    summary="A passage in its paper: the passages before and after it, by chunk_index",
+    responses={404: {"model": ErrorResponse, "description": "no paper with this id, or no passage at chunk_index"},
+               **UNAVAILABLE},
+)
+async def context(svc: ServiceDep, params: Annotated[ContextQuery, Query()]) -> PassageContext:
+    await svc.collections()
+    return await svc.read(passage_context, svc, params)
 
 
 @router.get(

@@ -1,0 +1,311 @@
+"use strict";
+// The search page. Its state is the page URL's query, whose parameters are GET /search's own (plus
+// `view`: passages, papers or similar), so a result can be shared by its URL. It calls only this
+// service's API and builds every node with textContent: nothing from the index is parsed as HTML.
+
+const $ = (id) => document.getElementById(id);
+const form = $("search");
+const SNIPPET_WORDS = 60;
+const CONTEXT_RADIUS = 2;
+// Words not worth highlighting.
+const STOP = new Set(("a an and are as at be by can do does for from has have how in into is it its of on or " +
+  "that the their this to was what when where which who why with").split(" "));
+const FIELDS = { q: "query", k: "k", year_from: "from year", year_to: "to year", candidates: "candidates", mode: "mode" };
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) if (child !== null && child !== undefined && child !== "") node.append(child);
+  return node;
+}
+
+// --- highlighting ----------------------------------------------------------------------------------
+
+function termPattern(query) {
+  const words = (query.toLowerCase().match(/[\p{L}\p{N}]+/gu) || []).filter((w) => w.length > 1 && !STOP.has(w));
+  if (!words.length) return null;
+  const escaped = [...new Set(words)].map((w) => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
+  return new RegExp(`(?<![\\p{L}\\p{N}])(?:${escaped.join("|")})`, "giu");  // at a word's start: "fold" marks "folding"
+}
+
+function highlighted(text, pattern) {
+  const out = document.createDocumentFragment();
+  let last = 0;
+  if (pattern) {
+    for (const m of text.matchAll(pattern)) {
+      out.append(text.slice(last, m.index), el("mark", {}, m[0]));
+      last = m.index + m[0].length;
+    }
+  }
+  out.append(text.slice(last));
+  return out;
+}
+
+// The SNIPPET_WORDS words of a passage with the most query terms, starting a little before the first.
+function snippet(text, pattern) {
+  const words = text.split(/\s+/).filter(Boolean);
+  if (words.length <= SNIPPET_WORDS) return text;
+  const hits = words.map((w) => (pattern && w.match(pattern) ? 1 : 0));
+  let sum = hits.slice(0, SNIPPET_WORDS).reduce((a, b) => a + b, 0);
+  let best = sum, at = 0;
+  for (let i = SNIPPET_WORDS; i < words.length; i++) {
+    sum += hits[i] - hits[i - SNIPPET_WORDS];
+    if (sum > best) [best, at] = [sum, i - SNIPPET_WORDS + 1];
+  }
+  if (best > 0) at = Math.max(0, Math.min(hits.indexOf(1, at) - 12, words.length - SNIPPET_WORDS));
+  const end = at + SNIPPET_WORDS;
+  return (at > 0 ? "… " : "") + words.slice(at, end).join(" ") + (end < words.length ? " …" : "");
+}
+
+// --- the API ---------------------------------------------------------------------------------------
+
+function explain(status, body, retryAfter) {
+  const detail = typeof body.detail === "string" ? body.detail : "";
+  if (status === 422) {
+    const fields = (body.errors || []).map((e) => `${FIELDS[e.loc[e.loc.length - 1]] || e.loc[e.loc.length - 1]}: ${e.msg}`);
+    return `Please check the search. ${fields.length ? fields.join("; ") : detail}`;
+  }
+  if (status === 429) return `The service is busy with other searches; try again in ${retryAfter || "a few"} s.`;
+  if (status === 503) return "The index is not available right now (its store does not answer); try again shortly.";
+  if (status === 404 || status === 400) return detail || `Not found (HTTP ${status}).`;
+  return `The service could not answer (HTTP ${status}${detail ? `: ${detail}` : ""}).`;
+}
+
+async function call(path, params) {
+  const query = params && [...params].length ? `?${params}` : "";
+  let response;
+  try {
+    response = await fetch(path + query, { headers: { Accept: "application/json" } });
+  } catch (err) {
+    throw new Error("The service cannot be reached; is it running?");
+  }
+  if (response.ok) return response.json();
+  const body = await response.json().catch(() => ({}));
+  throw new Error(explain(response.status, body, response.headers.get("Retry-After")));
+}
+
+// --- page state <-> URL and form -------------------------------------------------------------------
+
+function formParams(view) {
+  const data = new FormData(form);
+  const params = new URLSearchParams();
+  if (view !== "passages") params.set("view", view);
+  params.set("q", data.get("q").trim());
+  const fields = view === "passages" ? ["k", "year_from", "year_to", "mode"] : ["k", "year_from", "year_to"];
+  for (const name of fields) {
+    const value = (data.get(name) || "").trim();
+    if (value) params.set(name, value);
+  }
+  if (view === "passages") {
+    for (const name of ["group_by_paper", "rerank"]) if (data.get(name)) params.set(name, "true");
+  }
+  return params;
+}
+
+function fillForm(params) {
+  if (params.has("q")) form.q.value = params.get("q");
+  for (const name of ["k", "year_from", "year_to"]) form[name].value = params.get(name) || (name === "k" ? "10" : "");
+  if (params.has("view")) return;  // the passage options stay as they were for the next passage search
+  form.group_by_paper.checked = params.get("group_by_paper") === "true";
+  form.rerank.checked = params.get("rerank") === "true";
+  if (params.has("mode")) form.mode.value = params.get("mode");
+}
+
+// --- rendering ---------------------------------------------------------------------------------------
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function startResults(title) {
+  $("error").hidden = true;
+  $("results").hidden = false;
+  $("results").setAttribute("aria-busy", "true");
+  $("results-title").textContent = title;
+  $("list").replaceChildren();
+}
+
+function finishResults(title) {
+  $("results").removeAttribute("aria-busy");
+  $("results-title").textContent = title;
+  $("results-title").focus();
+}
+
+function score(label, value, hint) {
+  return value === null || value === undefined ? "" : el("span", { class: "score", title: hint }, `${label} ${value.toFixed(2)}`);
+}
+
+function paperMeta(year, meta) {
+  const authors = Array.isArray(meta.authors) ? meta.authors : [];
+  const parts = [year, authors.slice(0, 3).join(", ") + (authors.length > 3 ? " et al." : ""), meta.venue].filter(Boolean);
+  const line = el("p", { class: "meta" }, parts.join(" · "));
+  if (typeof meta.url === "string" && /^https?:\/\//i.test(meta.url)) {
+    line.append(parts.length ? " · " : "", el("a", { href: meta.url, rel: "noreferrer noopener", target: "_blank" }, "link"));
+  }
+  return line;
+}
+
+function similarButton(paperId, title) {
+  return el("button", { type: "button", class: "similar", onclick: () => showSimilar(paperId, title) }, "Papers like this");
+}
+
+function passageItem(p, pattern, withTitle) {
+  const where = el("span", { class: "where" }, `passage ${p.chunk_index + 1}`);
+  return el("li", { class: "passage" },
+    withTitle ? el("h3", {}, p.title || p.paper_id) : "",
+    withTitle ? paperMeta(p.metadata.year, p.metadata) : "",
+    el("blockquote", {}, highlighted(snippet(p.text, pattern), pattern)),
+    el("div", { class: "actions" }, where,
+      score("score", p.score, "similarity to the query; higher is closer"),
+      score("rerank", p.rerank_score, "the cross-encoder's score; higher is better"),
+      el("button", { type: "button", class: "context", onclick: () => openContext(p.paper_id, p.chunk_index, pattern) },
+        "Read in context"),
+      withTitle ? similarButton(p.paper_id, p.title) : ""));
+}
+
+function renderGroups(groups, pattern) {
+  for (const g of groups) {
+    const passages = el("ol", { class: "passages" }, ...g.passages.map((p) => passageItem(p, pattern, false)));
+    $("list").append(el("li", { class: "paper", tabindex: "0" },
+      el("h3", {}, g.title || g.paper_id), paperMeta(g.year, g.metadata),
+      el("div", { class: "actions" }, score("score", g.score, "its best passage's score"), similarButton(g.paper_id, g.title)),
+      passages));
+  }
+}
+
+function renderPassages(hits, pattern) {
+  for (const p of hits) $("list").append(Object.assign(passageItem(p, pattern, true), { tabIndex: 0 }));
+}
+
+function renderPapers(hits, pattern) {
+  for (const h of hits) {
+    $("list").append(el("li", { class: "paper", tabindex: "0" },
+      el("h3", {}, highlighted(h.title || h.paper_id, pattern)), paperMeta(h.year, h.metadata),
+      h.abstract ? el("p", { class: "abstract" }, highlighted(snippet(h.abstract, pattern), pattern)) : "",
+      el("div", { class: "actions" },
+        score("distance", h.score, "distance between SPECTER2 embeddings; lower is closer"), similarButton(h.paper_id, h.title))));
+  }
+}
+
+const count = (n, what) => `${n} ${what}${n === 1 ? "" : "s"}`;
+
+async function run(params, push) {
+  if (push) history.pushState(null, "", `/?${params}`);
+  fillForm(params);
+  const view = params.get("view") || "passages";
+  const api = new URLSearchParams(params);
+  api.delete("view");
+  const q = params.get("q") || "";
+  const pattern = view === "similar" ? null : termPattern(q);
+  startResults("Searching…");
+  try {
+    if (view === "similar") {
+      const id = api.get("paper_id") || "";
+      api.delete("paper_id");
+      api.delete("q");
+      const path = `/papers/${encodeURIComponent(id)}`;
+      const [paper, res] = await Promise.all([call(path), call(`${path}/similar`, api)]);
+      renderPapers(res.hits, null);
+      finishResults(`${count(res.hits.length, "paper")} like “${paper.title || id}”`);
+    } else if (view === "papers") {
+      const res = await call("/search/papers", api);
+      renderPapers(res.hits, pattern);
+      finishResults(`${count(res.hits.length, "paper")} for “${q}”`);
+    } else {
+      const res = await call("/search", api);
+      if (res.groups) renderGroups(res.groups, pattern);
+      else renderPassages(res.hits, pattern);
+      const n = res.groups ? count(res.groups.length, "paper") : count(res.hits.length, "passage");
+      finishResults(`${n} for “${q}”${res.reranked ? ", reranked" : ""}`);
+    }
+  } catch (err) {
+    $("results").hidden = true;
+    showError(err.message);
+  }
+}
+
+function showSimilar(paperId, title) {
+  const params = new URLSearchParams({ view: "similar", paper_id: paperId });
+  for (const name of ["k", "year_from", "year_to"]) if (form[name].value) params.set(name, form[name].value);
+  if (title) $("results-title").textContent = `Papers like “${title}”…`;
+  run(params, true);
+}
+
+// --- a passage in its paper --------------------------------------------------------------------------
+
+async function openContext(paperId, chunkIndex, pattern, hit = chunkIndex) {
+  const dialog = $("context");
+  let res;
+  try {
+    res = await call("/passages/context", new URLSearchParams({ paper_id: paperId, chunk_index: chunkIndex, radius: CONTEXT_RADIUS }));
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  const first = res.passages[0].chunk_index, last = res.passages[res.passages.length - 1].chunk_index;
+  $("context-title").textContent = res.title || res.paper_id;
+  $("context-meta").replaceChildren(paperMeta(res.year, res.metadata),
+    el("span", {}, `Passages ${first + 1}–${last + 1} of ${res.n_chunks}`));
+  $("context-body").replaceChildren(...res.passages.map((p) => {
+    const isHit = p.chunk_index === hit;
+    return el("section", { class: isHit ? "passage hit" : "passage", tabindex: "-1", "data-chunk": p.chunk_index },
+      el("h3", {}, `Passage ${p.chunk_index + 1}${isHit ? " (the hit)" : ""}`), el("p", {}, highlighted(p.text, pattern)));
+  }));
+  // The next window over: its middle passage is CONTEXT_RADIUS beyond this one's edge.
+  $("context-before").disabled = first === 0;
+  $("context-before").onclick = () => openContext(paperId, Math.max(0, first - 1 - CONTEXT_RADIUS), pattern, hit);
+  $("context-after").disabled = last >= res.n_chunks - 1;
+  $("context-after").onclick = () => openContext(paperId, Math.min(res.n_chunks - 1, last + 1 + CONTEXT_RADIUS), pattern, hit);
+  if (!dialog.open) dialog.showModal();
+  const focus = dialog.querySelector(".hit") || dialog.querySelector(`[data-chunk="${res.chunk_index}"]`);
+  focus.scrollIntoView({ block: "center" });
+  focus.focus();
+}
+
+// --- the index summary --------------------------------------------------------------------------------
+
+const shortName = (name) => name.split("/").filter(Boolean).slice(-2).join("/");
+
+async function loadSummary() {
+  try {
+    const s = await call("/stats");
+    const parts = [count(s.papers, "paper"), count(s.passages, "passage"), `passages: ${shortName(s.models.passage)}`,
+      `papers: ${shortName(s.models.paper)}`, `reranker: ${s.models.reranker ? shortName(s.models.reranker) : "none"}`,
+      `store: ${s.store.kind}`];
+    $("summary").textContent = parts.join(" · ");
+    $("summary").title = JSON.stringify(s.models, null, 1);
+    if (!s.models.reranker) {
+      form.rerank.disabled = true;
+      form.rerank.parentElement.title = "no reranker is configured";
+    }
+    if (!s.models.query_adapter) {
+      $("find-papers").disabled = true;
+      $("find-papers").title = "no query adapter is configured";
+    }
+  } catch (err) {
+    $("summary").textContent = `Index summary unavailable: ${err.message}`;
+  }
+}
+
+// --- wiring ---------------------------------------------------------------------------------------------
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const view = event.submitter && event.submitter.value === "papers" ? "papers" : "passages";
+  run(formParams(view), true);
+});
+$("context-close").addEventListener("click", () => $("context").close());
+window.addEventListener("popstate", () => {
+  const params = new URLSearchParams(location.search);
+  if (params.has("q") || params.has("paper_id")) run(params, false);
+});
+loadSummary();
+{
+  const params = new URLSearchParams(location.search);
+  if (params.has("q") || params.has("paper_id")) run(params, false);
+}
