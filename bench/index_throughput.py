@@ -38,6 +38,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from indexer.config import Settings  # noqa: E402
-from store_writes import writer_code  # noqa: E402
+from indexer.store import Store  # noqa: E402
+from store_writes import PointsMadeHere  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 RESULTS: dict = {"rows": [], "notes": []}
@@ -307,7 +309,7 @@ class LockProbe:
                     p99_ms=round(float(np.percentile(late, 99)), 3), over_1ms=round(float((late > 1).mean()), 3))
 
 
-class NullStore:
+class NullStore(Store):
     """Takes every write and keeps nothing: the pipeline without Qdrant's cost."""
 
     papers, chunks = "papers", "chunks"
@@ -498,7 +500,7 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
               gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256, create_here: bool = False,
-              gc_freeze: bool = False) -> dict:
+              gc_freeze: bool = False, in_flight: int = 48, writer: str = "new") -> dict:
 
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
@@ -507,9 +509,9 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
 
     devices = list(dict.fromkeys(torch.device("cuda", d.index or 0) if d.type == "cuda" else d for d in [passage_enc.device] + [p.device for _, p in replicas]))
     tmp = tempfile.mkdtemp(prefix="pi-bench-")
-    store = EdgeStore(tmp, options=StoreOptions(chunk_shards=chunk_shards)) if store_kind == "edge" else NullStore()
-    if in_process:
-        store.WRITER_MIN_SHARDS = chunk_shards + 1  # no writer processes: the chunks written in this process
+    # in_process: no writer processes, the chunks written in this process
+    options = StoreOptions(chunk_shards=chunk_shards, writer_processes=not in_process, writer_in_flight=in_flight)
+    store = (PointsMadeHere if writer == "old" else EdgeStore)(tmp, options=options) if store_kind == "edge" else NullStore()
     idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=papers_per_batch, replicas=replicas)
     busy = instrument(idx)
     writes: dict[str, float] = defaultdict(float)  # the writer thread's time by store call
@@ -524,7 +526,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         t = time.perf_counter()
         if create_here:
             idx.ensure_collections()  # as before: the chunk shards created in this process, then opened by the writers
-        with store.parallel_writes() if store_kind == "edge" else nullcontext():  # as `paperindex index` runs it
+        with store.parallel_writes() as report:  # as `paperindex index` runs it
             stats = idx.index((p for i, p in enumerate(read_papers([corpus])) if i < n), on_batch=lambda s: marks.append((time.perf_counter(), s.chunks)))
         for d in devices:
             sync(d)
@@ -547,7 +549,7 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
         stage_busy_s={k: round(v, 1) for k, v in busy.items() if k != "spans"},
         writer_split_s={**{k: round(v, 2) for k, v in writes.items()}, "other (payloads, points)": round(busy["write_s"] - sum(writes.values()), 2)} if writes else None,
         # the writer thread's time waiting for a chunk shard's process, and each process's time writing
-        shard_writes=getattr(store, "writes_report", None),
+        shard_writes=asdict(report) if store_kind == "edge" else None,
         timeline=timeline(busy["spans"], t, t_end),
         lock_wait=probe.report, gc=gcs.report(t),
         tokenize_lanes=passage_enc.tokenize_lanes,
@@ -676,7 +678,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads", "one-gpu", "e2e"],
                     help="parts not to run (one-gpu: with --gpus N, only the N-GPU runs; e2e: no indexing runs, e.g. the heads alone)")
     ap.add_argument("--in-flight", type=int, nargs="+", help="messages sent to a chunk shard's process before the writer waits for it "
-                    "(ShardWriters.IN_FLIGHT; each a run)")
+                    "(StoreOptions.writer_in_flight; each a run)")
     ap.add_argument("--papers-per-batch", type=int, nargs="+",
                     help="papers per group (each a run; default: as `paperindex index` has them on that many GPUs)")
     def variant(flag: str, choices: list[str], now: str, text: str) -> None:
@@ -727,7 +729,7 @@ def main() -> None:
     from indexer.encode.runner import CAPTURE_AFTER
     from indexer.pipeline import Indexer
     from indexer.runtime import encoder_grid, tokenizer_lanes, tokenizer_workers
-    from indexer.store import ShardWriters
+    from indexer.store import StoreOptions
 
     device = torch.device(args.device)
     RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args={**vars(args), "gpus": gpu_runs},
@@ -844,7 +846,7 @@ def main() -> None:
                        + (f", groups of {group} papers" if args.papers_per_batch and len(args.papers_per_batch) > 1 else ""))
                 runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
                 runs += [("edge", 1, True)] if args.in_process else []
-                flights = args.in_flight or [ShardWriters.IN_FLIGHT]
+                flights = args.in_flight or [StoreOptions().writer_in_flight]
                 spreads = args.spread if n_gpus > 1 else args.spread[:1]  # one GPU: the same either way
                 rings = args.ring or [passage_enc.run.in_flight]
 
@@ -859,10 +861,8 @@ def main() -> None:
                     plan_heads(paper_encs, heads_plan)
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
-                    ShardWriters.IN_FLIGHT = flight
                     Indexer.SPREAD = spread == "on"
                     Indexer.IN_INPUT_ORDER = order == "input"
-                    writer_code(writer)
                     kernels.gpu_gate.per_device = gate == "gpu"
                     if args.fresh_graphs:
                         for g in graphed:
@@ -882,7 +882,7 @@ def main() -> None:
                     label += f", batches {batching}" if len(args.batches) > 1 else ""
                     label += f", heads {heads_plan}" if len(args.heads_plan) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
-                              shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze")
+                              shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze", in_flight=flight, writer=writer)
         finally:
             passage_enc.close()
 

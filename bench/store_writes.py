@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import corpus as corpus_mod  # noqa: E402
 from indexer.chunking import chunk_words  # noqa: E402
 from indexer.papers import PaperIn  # noqa: E402
 from indexer.pipeline import SWITCH_INTERVAL_S, Indexer, _Batch  # noqa: E402
-from indexer.store import EdgeStore, Layout, ShardWriters, StoreOptions, chunk_points  # noqa: E402
+from indexer.store import EdgeStore, Layout, StoreOptions, chunk_points  # noqa: E402
 
 DIM = 768
 WINDOWS_PER_CHUNK = (3, 4)  # a 512-word chunk is ~750 tokens: 3 or 4 windows of 254
@@ -46,7 +47,11 @@ def batches(papers: list[PaperIn], per_batch: int, rng: np.random.Generator) -> 
     for at in range(0, len(papers), per_batch):
         group = papers[at : at + per_batch]
         chunks = [chunk_words(p.text or "", 512, 50) for p in group]
-        vecs = [rng.standard_normal((int(rng.integers(*WINDOWS_PER_CHUNK, endpoint=True)), DIM)).astype(np.float32) for cs in chunks for _ in cs]
+        vecs = [
+            rng.standard_normal((int(rng.integers(*WINDOWS_PER_CHUNK, endpoint=True)), DIM)).astype(np.float32)
+            for cs in chunks
+            for _ in cs
+        ]
         b = _Batch(group, [f"h{at + i}" for i in range(len(group))], [], chunks, 0, [], None)
         b.paper_vecs = rng.standard_normal((len(group), DIM)).astype(np.float32)
         b.chunk_vecs = vecs
@@ -59,9 +64,7 @@ def timed(store: EdgeStore, spent: dict[str, float]) -> None:
     counts in the outer one: upsert_chunks may call upsert)."""
     depth = threading.local()
     for name in ("upsert", "upsert_chunks", "delete_chunks", "flush", "flush_soon"):
-        fn = getattr(store, name, None)
-        if fn is None:
-            continue
+        fn = getattr(store, name)
 
         def wrapper(*args, _fn=fn, _name=name, **kw):
             key = _name
@@ -82,20 +85,15 @@ def timed(store: EdgeStore, spent: dict[str, float]) -> None:
         setattr(store, name, wrapper)
 
 
-EDGE_UPSERT_CHUNKS = EdgeStore.upsert_chunks
+class PointsMadeHere(EdgeStore):
+    """The "old" writer of the A/B rows: the chunk points (ids, payloads) made in the indexing process,
+    as before, and sent 256 an upsert call; EdgeStore ("new") sends the papers' chunks and the chunk
+    shards' writer processes make the points."""
 
-
-def writer_code(which: str) -> None:
-    """Where the chunk points (ids, payloads) are made, for A/B rows in one process: in the chunk
-    shards' writer processes, as now ("new": EdgeStore.upsert_chunks sends the papers' chunks), or in
-    the indexing process ("old": as before, the points sent 256 an upsert call)."""
-
-    def points_here(self, entries) -> None:
+    def upsert_chunks(self, entries) -> None:
         points = chunk_points(entries)
         for i in range(0, len(points), 256):
             self.upsert(self.chunks, points[i : i + 256])
-
-    EdgeStore.upsert_chunks = points_here if which == "old" else EDGE_UPSERT_CHUNKS
 
 
 def busy(stop: threading.Event) -> None:
@@ -104,34 +102,36 @@ def busy(stop: threading.Event) -> None:
         sum(i * i for i in range(2000))
 
 
-def run(bs: list[_Batch], shards: int, busy_threads: int, message_points: int) -> dict:
+def run(bs: list[_Batch], shards: int, busy_threads: int, message_points: int, writer: str) -> dict:
     stop = threading.Event()
     others = [threading.Thread(target=busy, args=(stop,), daemon=True) for _ in range(busy_threads)]
     interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    default, ShardWriters.MESSAGE_POINTS = ShardWriters.MESSAGE_POINTS, message_points
     try:
         for t in others:
             t.start()
-        return _run(bs, shards)
+        return _run(
+            bs,
+            StoreOptions(chunk_shards=shards, writer_message_points=message_points),
+            PointsMadeHere if writer == "old" else EdgeStore,
+        )
     finally:
         stop.set()
         for t in others:
             t.join()
         sys.setswitchinterval(interval)
-        ShardWriters.MESSAGE_POINTS = default
 
 
-def _run(bs: list[_Batch], shards: int) -> dict:
+def _run(bs: list[_Batch], options: StoreOptions, kind: type[EdgeStore]) -> dict:
     with tempfile.TemporaryDirectory(prefix="pi-writes-") as tmp:
-        store = EdgeStore(tmp, options=StoreOptions(chunk_shards=shards))
+        store = kind(tmp, options=options)
         idx = Indexer.__new__(Indexer)  # the write stage needs no encoders
         idx.store, idx._write_lock = store, threading.Lock()
         store.create(Layout(DIM, DIM, True))
         spent: dict[str, float] = defaultdict(float)
         timed(store, spent)
         n_chunks = sum(len(cs) for b in bs for cs in b.chunks)
-        with store.parallel_writes():
+        with store.parallel_writes() as report:
             time.sleep(1.0)  # the writer processes start and open their shards
             t0, c0 = time.perf_counter(), time.thread_time()
             for b in bs:
@@ -139,10 +139,16 @@ def _run(bs: list[_Batch], shards: int) -> dict:
             store.flush()  # what the last batches left in flight: the run's last flush waits for it
             cpu = time.thread_time() - c0
         seconds = time.perf_counter() - t0
-        row = {"shards": shards, "chunks": n_chunks, "seconds": round(seconds, 2), "chunks_s": round(n_chunks / seconds),
-               "writer_cpu_us_per_chunk": round(1e6 * cpu / n_chunks, 1), "split_s": {k: round(v, 2) for k, v in spent.items()}}
+        row = {
+            "shards": options.chunk_shards,
+            "chunks": n_chunks,
+            "seconds": round(seconds, 2),
+            "chunks_s": round(n_chunks / seconds),
+            "writer_cpu_us_per_chunk": round(1e6 * cpu / n_chunks, 1),
+            "split_s": {k: round(v, 2) for k, v in spent.items()},
+        }
         row["split_s"]["other (payloads, points)"] = round(seconds - sum(spent.values()), 2)
-        row["shard_writes"] = store.writes_report
+        row["shard_writes"] = asdict(report)
         return row
 
 
@@ -152,12 +158,28 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=8000, help="body words per paper")
     ap.add_argument("--per-batch", type=int, default=256, help="papers per write (the pipeline's papers_per_batch)")
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--busy-threads", type=int, nargs="+", default=[0, 2],
-                    help="threads running Python beside the writer, as the pipeline's GPU and planning threads do (each a run)")
-    ap.add_argument("--message-points", type=int, nargs="+", default=[ShardWriters.MESSAGE_POINTS],
-                    help="points per message to a shard's process (each a run)")
-    ap.add_argument("--writer", nargs="+", choices=["old", "new"], default=["new"],
-                    help="chunk points made by the shards' writer processes as now (new), or by the writer thread as before (old); each a run")
+    ap.add_argument(
+        "--busy-threads",
+        type=int,
+        nargs="+",
+        default=[0, 2],
+        help="threads running Python beside the writer, as the pipeline's GPU and planning threads do (each a run)",
+    )
+    ap.add_argument(
+        "--message-points",
+        type=int,
+        nargs="+",
+        default=[StoreOptions().writer_message_points],
+        help="points per message to a shard's process (each a run)",
+    )
+    ap.add_argument(
+        "--writer",
+        nargs="+",
+        choices=["old", "new"],
+        default=["new"],
+        help="chunk points made by the shards' writer processes as now (new), or by the writer thread as before (old); "
+        "each a run",
+    )
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     papers = [PaperIn(**p) for p in corpus_mod.papers(args.papers, args.words)]
@@ -167,22 +189,28 @@ def main() -> None:
         for n in args.shards:
             for m in args.message_points:
                 for w in args.writer:
-                    writer_code(w)
-                    rows.append({"busy_threads": k, "message_points": m, "writer": w, **run(bs, n, k, m)})
-    writer_code("new")
+                    rows.append({"busy_threads": k, "message_points": m, "writer": w, **run(bs, n, k, m, w)})
     print(f"cores: {os.cpu_count()}")
-    print("| chunk shards | busy threads | points a message | writer | chunks | seconds | chunks/s | writer thread CPU µs/chunk | writer time by call (s) |")
+    print(
+        "| chunk shards | busy threads | points a message | writer | chunks | seconds | chunks/s "
+        "| writer thread CPU µs/chunk | writer time by call (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         split = ", ".join(f"{k} {v}" for k, v in r["split_s"].items())
-        print(f"| {r['shards']} | {r['busy_threads']} | {r['message_points']} | {r['writer']} | {r['chunks']:,} | {r['seconds']} | {r['chunks_s']:,} | "
-              f"{r['writer_cpu_us_per_chunk']} | {split} |")
+        print(
+            f"| {r['shards']} | {r['busy_threads']} | {r['message_points']} | {r['writer']} | {r['chunks']:,} "
+            f"| {r['seconds']} | {r['chunks_s']:,} | "
+            f"{r['writer_cpu_us_per_chunk']} | {split} |"
+        )
     print("shard writes (the writer thread's wait for a shard with a full outbox; each shard process's time writing):")
     for r in rows:
         print(f"  {r['shards']} shards, {r['busy_threads']} busy threads: {r['shard_writes']}")
     out = os.environ.get("OUT")
     if out:
-        Path(out, "store_writes.json").write_text(json.dumps({"rows": rows, "args": vars(args), "cores": os.cpu_count()}, indent=1))
+        Path(out, "store_writes.json").write_text(
+            json.dumps({"rows": rows, "args": vars(args), "cores": os.cpu_count()}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -103,7 +102,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     try:
         # The embedded store writes its chunk shards from processes of their own meanwhile (on a new
         # index they create them, while the run starts).
-        with frozen_heap(), getattr(rt.store, "parallel_writes", contextlib.nullcontext)():
+        with frozen_heap(), rt.store.parallel_writes():
             stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
         rt.store.finish_bulk()
     finally:

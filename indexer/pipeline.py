@@ -29,10 +29,11 @@ from typing import TypeVar
 import numpy as np
 
 from .chunking import WINDOWING, Chunk
-from .encoders import PaperEncoder, PassageEncoder
-from .kernels import one_device
+from .encode import PaperEncoder, PassageEncoder
+from .encode.kernels import one_device
 from .papers import BadRecord, PaperIn
-from .store import Layout, Point, Store, StoreUnavailable, paper_point_id
+from .errors import StoreUnavailable
+from .store import ChunkText, Layout, PaperChunks, PaperRef, Point, Store, paper_payload, paper_point_id
 from .tokenizing import ChunkSpec, Windows
 
 log = logging.getLogger(__name__)
@@ -283,8 +284,9 @@ class Indexer:
             entries, at = [], 0
             for p, cs in zip(b.papers, b.chunks):
                 if cs:
-                    entries.append(((p.paper_id, p.title, p.year, p.metadata()), [(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
-                                    b.chunk_vecs[at : at + len(cs)]))
+                    entries.append(PaperChunks(PaperRef(p.paper_id, p.title, p.year, p.metadata()),
+                                               [ChunkText(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
+                                               b.chunk_vecs[at : at + len(cs)]))
                     at += len(cs)
             retry(self.store.upsert_chunks, entries)  # the store makes the points (see PaperChunks)
             paper_points = [
@@ -297,23 +299,11 @@ class Indexer:
             # (~1 s for 90,000 chunks). A store whose chunk writes run elsewhere takes the flush and
             # the group's paper points in line behind them and returns (`flush_soon`): the next
             # group's writes are sent meanwhile, and the run's last flush waits for all.
-            if flush_soon := getattr(self.store, "flush_soon", None):
-                retry(flush_soon, written)
-            else:
-                retry(self.store.flush)
-                written()
+            retry(self.store.flush_soon, written)
 
     @staticmethod
     def paper_payload(p: PaperIn, content_hash: str, n_chunks: int) -> dict:
-        return {
-            "paper_id": p.paper_id,
-            "title": p.title,
-            "abstract": p.abstract,
-            "year": p.year,
-            "n_chunks": n_chunks,
-            "content_hash": content_hash,
-            "metadata": p.metadata(),
-        }
+        return paper_payload(p.paper_id, p.title, p.abstract, p.year, n_chunks, content_hash, p.metadata())
 
     # driver --------------------------------------------------------------------------------------
     def index(

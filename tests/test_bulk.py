@@ -11,12 +11,21 @@ import json
 import threading
 
 import numpy as np
+from conftest import make_paper, write_jsonl
 from qdrant_client import QdrantClient
 
-from conftest import make_paper, write_jsonl
 from indexer.papers import PaperIn, read_papers, validate
 from indexer.pipeline import Indexer
-from indexer.store import MIN_PARALLEL_BATCH, ClientStore, EdgeStore, Layout, Point, StoreOptions, chunk_point_id, paper_point_id
+from indexer.store import (
+    MIN_PARALLEL_BATCH,
+    ClientStore,
+    EdgeStore,
+    Layout,
+    Point,
+    StoreOptions,
+    chunk_point_id,
+    paper_point_id,
+)
 
 PAYLOAD_INDEXES = {"paper_id", "paper_uuid", "year", "chunk_index"}
 
@@ -27,7 +36,19 @@ def chunk_points(n: int, dim: int, seed: int = 0, multivector: bool = False) -> 
     for i in range(n):
         pid = f"p{i:05d}"
         vec = rng.standard_normal((2, dim) if multivector else dim).astype(np.float32)
-        out.append(Point(chunk_point_id(pid, 0), vec, {"paper_id": pid, "paper_uuid": paper_point_id(pid), "chunk_index": 0, "year": 1990 + i % 30, "text": f"t{i}"}))
+        out.append(
+            Point(
+                chunk_point_id(pid, 0),
+                vec,
+                {
+                    "paper_id": pid,
+                    "paper_uuid": paper_point_id(pid),
+                    "chunk_index": 0,
+                    "year": 1990 + i % 30,
+                    "text": f"t{i}",
+                },
+            )
+        )
     return out
 
 
@@ -153,7 +174,14 @@ class RecordingClient:
 
 def test_server_bulk_load_requests(encoders):
     rec = RecordingClient()
-    options = StoreOptions(bulk_load=True, quantization="int8", vectors_on_disk=True, shard_number=6, replication_factor=2, upload_parallel=3)
+    options = StoreOptions(
+        bulk_load=True,
+        quantization="int8",
+        vectors_on_disk=True,
+        shard_number=6,
+        replication_factor=2,
+        upload_parallel=3,
+    )
     store = ClientStore(client=rec, options=options)
     stats = indexer(store, encoders).index(papers(8))
 
@@ -166,7 +194,9 @@ def test_server_bulk_load_requests(encoders):
         assert all(p.on_disk for p in kw["vectors_config"].values())
     assert created["chunks"]["vectors_config"]["passage"].multivector_config is not None
 
-    assert rec.payload_indexes_before_first_upsert() == {("papers", "paper_id"), ("papers", "year")} | {("chunks", f) for f in PAYLOAD_INDEXES}
+    assert rec.payload_indexes_before_first_upsert() == {("papers", "paper_id"), ("papers", "year")} | {
+        ("chunks", f) for f in PAYLOAD_INDEXES
+    }
 
     assert store.hnsw_m("chunks") == 0
     store.finish_bulk()
@@ -182,7 +212,9 @@ def test_pipeline_uploads_to_a_server_in_parallel(encoders):
     rec = RecordingClient()
     store = ClientStore(client=rec, options=StoreOptions(upload_parallel=3))
     paper_enc, passage_enc = encoders
-    stats = Indexer(store, paper_enc, passage_enc, chunk_size=24, chunk_overlap=4, papers_per_batch=16).index(papers(16))
+    stats = Indexer(store, paper_enc, passage_enc, chunk_size=24, chunk_overlap=4, papers_per_batch=16).index(
+        papers(16)
+    )
     chunk_upserts = [c for c in rec.named("upsert") if c[1][0] == "chunks"]
     # one write batch of 160 chunks, split in two requests made by the upload pool
     assert stats.chunks == 160 and len(chunk_upserts) == 160 // MIN_PARALLEL_BATCH
@@ -238,7 +270,9 @@ def test_shards_indexed_separately_equal_one_run(tmp_path, encoders):
     whole = EdgeStore(tmp_path / "whole")
     indexer(whole, encoders).index(read_papers([src]))
     for name in ("papers", "chunks"):
-        assert {p.id for b, _ in split.scroll(name, with_vectors=False) for p in b} == {p.id for b, _ in whole.scroll(name, with_vectors=False) for p in b}
+        assert {p.id for b, _ in split.scroll(name, with_vectors=False) for p in b} == {
+            p.id for b, _ in whole.scroll(name, with_vectors=False) for p in b
+        }
     # overlapping reruns are harmless: the ids are deterministic and unchanged papers are skipped
     again = indexer(split, encoders).index(read_papers([src]))
     assert again.papers_unchanged == 9 and split.count("chunks") == whole.count("chunks")

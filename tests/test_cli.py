@@ -121,14 +121,14 @@ def test_migrate_to_server_is_resumable(env, papers_file, tmp_path, capsys, monk
 
 
 def test_index_writes_the_chunk_shards_from_processes_of_their_own(env, papers_file, monkeypatch, capsys):
-    from indexer import store as store_module
+    from indexer.store import edge as store_module
 
     made = []
     real = store_module.ShardWriters
 
-    def counting(dirs, vname, create=None):
+    def counting(dirs, vname, create=None, *tuning):
         made.append((len(dirs), create is not None))
-        return real(dirs, vname, create)
+        return real(dirs, vname, create, *tuning)
 
     monkeypatch.setattr(store_module, "ShardWriters", counting)
     code, out, err = run(capsys, "index", str(papers_file), "-q", "--json")

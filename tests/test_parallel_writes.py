@@ -11,26 +11,61 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import store as store_module
-from indexer.store import EdgeStore, Layout, Point, SearchFilter, StoreError, StoreOptions, chunk_point_id, chunk_shard, paper_point_id
+from indexer.errors import StoreUnavailable
+from indexer.store import (
+    ChunkText,
+    EdgeStore,
+    Layout,
+    PaperChunks,
+    PaperRef,
+    Point,
+    SearchFilter,
+    ShardWriters,
+    StoreError,
+    StoreOptions,
+    chunk_point_id,
+    chunk_points,
+    chunk_shard,
+    paper_point_id,
+)
+from indexer.store import shard as shard_module
+from indexer.store import writers as writers_module
 
 DIM = 16
 
 
 def chunks(papers, per_paper=5, seed=0, windows=3):
     rng = np.random.default_rng(seed)
-    return [Point(chunk_point_id(f"p{p}", c), rng.standard_normal((windows, DIM)).astype(np.float32),
-                  {"paper_id": f"p{p}", "paper_uuid": paper_point_id(f"p{p}"), "chunk_index": c, "year": 2000 + p % 5, "text": f"p{p} c{c}"})
-            for p in papers for c in range(per_paper)]
+    return [
+        Point(
+            chunk_point_id(f"p{p}", c),
+            rng.standard_normal((windows, DIM)).astype(np.float32),
+            {
+                "paper_id": f"p{p}",
+                "paper_uuid": paper_point_id(f"p{p}"),
+                "chunk_index": c,
+                "year": 2000 + p % 5,
+                "text": f"p{p} c{c}",
+            },
+        )
+        for p in papers
+        for c in range(per_paper)
+    ]
 
 
 def paper_points(papers):
-    return [Point(paper_point_id(f"p{p}"), np.full(DIM, p, dtype=np.float32), {"paper_id": f"p{p}", "title": f"t{p}", "content_hash": "h"})
-            for p in papers]
+    return [
+        Point(
+            paper_point_id(f"p{p}"),
+            np.full(DIM, p, dtype=np.float32),
+            {"paper_id": f"p{p}", "title": f"t{p}", "content_hash": "h"},
+        )
+        for p in papers
+    ]
 
 
-def sharded(path, shards=3):
-    s = EdgeStore(path, options=StoreOptions(chunk_shards=shards))
+def sharded(path, shards=3, **options):
+    s = EdgeStore(path, options=StoreOptions(chunk_shards=shards, **options))
     s.create(Layout(DIM, DIM, True))
     return s
 
@@ -39,6 +74,7 @@ def test_parallel_writes_end_with_the_points_of_plain_writes(tmp_path):
     first, second = chunks(range(40)), chunks(range(30, 50), seed=1)  # p30-p39 written twice
     plain, par = sharded(tmp_path / "plain"), sharded(tmp_path / "par")
     for s, ctx in ((plain, None), (par, par.parallel_writes)):
+
         def write(s=s):
             s.upsert(s.chunks, first)
             s.upsert(s.papers, paper_points(range(40)))
@@ -46,6 +82,7 @@ def test_parallel_writes_end_with_the_points_of_plain_writes(tmp_path):
             s.delete_chunks([f"p{p}" for p in range(30, 40)])
             s.upsert(s.chunks, second)
             s.flush()
+
         if ctx is None:
             write()
         else:
@@ -69,34 +106,43 @@ def test_parallel_writes_end_with_the_points_of_plain_writes(tmp_path):
 def entries(papers, per_paper=5, seed=0, windows=3):
     """Papers' chunks as the pipeline hands them to Store.upsert_chunks."""
     rng = np.random.default_rng(seed)
-    return [((f"p{p}", f"title {p}", 2000 + p % 5, {"venue": f"v{p % 3}"}),
-             [(c, 400 * c, 400 * c + 512, f"p{p} c{c} seed {seed}") for c in range(per_paper)],
-             [rng.standard_normal((windows, DIM)).astype(np.float32) for _ in range(per_paper)]) for p in papers]
+    return [
+        PaperChunks(
+            PaperRef(f"p{p}", f"title {p}", 2000 + p % 5, {"venue": f"v{p % 3}"}),
+            [ChunkText(c, 400 * c, 400 * c + 512, f"p{p} c{c} seed {seed}") for c in range(per_paper)],
+            [rng.standard_normal((windows, DIM)).astype(np.float32) for _ in range(per_paper)],
+        )
+        for p in papers
+    ]
 
 
 def everything(s):
     return {p.id: (p.payload, p.vector) for part, _ in s.scroll(s.chunks) for p in part}
 
 
-def test_papers_chunks_made_into_points_by_the_writer_processes_are_the_points_made_here(tmp_path, monkeypatch):
+def test_papers_chunks_made_into_points_by_the_writer_processes_are_the_points_made_here(tmp_path):
     """upsert_chunks sends papers' chunks to the chunk shards' processes, which make the points (ids,
     payloads): the same points as chunk_points makes in this process, in the same order as the other
     writes (a paper written twice, its chunks deleted between, points and papers' chunks mixed)."""
-    monkeypatch.setattr(store_module.ShardWriters, "MESSAGE_POINTS", 3)  # messages of whole papers, 3 chunks or more
     first, second = entries(range(12)), entries(range(6, 10), per_paper=3, seed=1)
-    plain, par = sharded(tmp_path / "plain"), sharded(tmp_path / "par")
+    plain = sharded(tmp_path / "plain")
+    par = sharded(tmp_path / "par", writer_message_points=3)  # messages of whole papers, 3 chunks or more
     for s in (plain, par):
+
         def write(s=s):
             s.upsert_chunks(first)
             s.delete_chunks(["p7"])
             s.upsert(s.chunks, chunks([7], per_paper=2, seed=2))  # points, between papers' chunks
-            s.upsert_chunks(second + entries([20], per_paper=0))  # p6-p9 again (3 chunks of 5 replaced), a paper without chunks
+            s.upsert_chunks(
+                second + entries([20], per_paper=0)
+            )  # p6-p9 again (3 chunks of 5 replaced), a paper without chunks
             s.upsert_chunks(entries([11], per_paper=2, seed=3))  # gathered (fewer than a message)...
             s.upsert(s.chunks, chunks([11], per_paper=3, seed=4))  # ...and written before these points
             s.upsert(s.papers, paper_points(range(12)))
             s.flush()
+
         if s is plain:
-            s.upsert_chunks = lambda es, s=s: s.upsert(s.chunks, store_module.chunk_points(es))  # made here
+            s.upsert_chunks = lambda es, s=s: s.upsert(s.chunks, chunk_points(es))  # made here
             write()
         else:
             with s.parallel_writes():
@@ -110,11 +156,33 @@ def test_papers_chunks_made_into_points_by_the_writer_processes_are_the_points_m
         np.testing.assert_array_equal(got[pid][1], vec)
     p8 = {p["chunk_index"]: p for p, _ in (got[chunk_point_id("p8", c)] for c in range(5))}
     assert p8[0]["text"] == "p8 c0 seed 1" and p8[4]["text"] == "p8 c4 seed 0"
-    assert p8[1] == {"paper_id": "p8", "paper_uuid": paper_point_id("p8"), "chunk_index": 1, "year": 2003, "text": "p8 c1 seed 1",
-                     "metadata": {"paper_id": "p8", "title": "title 8", "year": 2003, "chunk_index": 1, "word_start": 400, "word_end": 912, "venue": "v2"}}
-    assert [got[chunk_point_id("p7", c)][0]["text"] for c in range(3)] == [f"p7 c{c} seed 1" for c in range(3)]  # after the points
+    assert p8[1] == {
+        "paper_id": "p8",
+        "paper_uuid": paper_point_id("p8"),
+        "chunk_index": 1,
+        "year": 2003,
+        "text": "p8 c1 seed 1",
+        "metadata": {
+            "paper_id": "p8",
+            "title": "title 8",
+            "year": 2003,
+            "chunk_index": 1,
+            "word_start": 400,
+            "word_end": 912,
+            "venue": "v2",
+        },
+    }
+    assert [got[chunk_point_id("p7", c)][0]["text"] for c in range(3)] == [
+        f"p7 c{c} seed 1" for c in range(3)
+    ]  # after the points
     assert chunk_point_id("p7", 3) not in got  # deleted
-    assert [got[chunk_point_id("p11", c)][0]["text"] for c in range(5)] == ["p11 c0", "p11 c1", "p11 c2", "p11 c3 seed 0", "p11 c4 seed 0"]
+    assert [got[chunk_point_id("p11", c)][0]["text"] for c in range(5)] == [
+        "p11 c0",
+        "p11 c1",
+        "p11 c2",
+        "p11 c3 seed 0",
+        "p11 c4 seed 0",
+    ]
     plain.close()
     par.close()
 
@@ -142,6 +210,7 @@ def test_paper_points_wait_for_their_chunks_without_holding_up_the_caller(tmp_pa
         busy = s._writers._procs[0]
         busy.send_signal(signal.SIGSTOP)
         try:
+
             def batches():
                 s.upsert(s.chunks, chunks(range(6)))
                 s.upsert(s.papers, paper_points(range(6)))
@@ -222,7 +291,9 @@ def test_a_failed_chunk_write_keeps_its_paper_uncommitted(tmp_path):
     """Chunk writes are not waited for, but a paper point (the commit marker) waits for them: if
     one failed, the marker is not written, and the error surfaces."""
     s = sharded(tmp_path / "idx")
-    bad = [Point(chunk_point_id("p0", 0), np.zeros((2, DIM + 1), dtype=np.float32), {"paper_id": "p0"})]  # wrong dimension
+    bad = [
+        Point(chunk_point_id("p0", 0), np.zeros((2, DIM + 1), dtype=np.float32), {"paper_id": "p0"})
+    ]  # wrong dimension
     with pytest.raises(StoreError, match="chunk shard"):
         with s.parallel_writes():
             s.upsert(s.chunks, bad)
@@ -254,7 +325,9 @@ def test_an_index_of_one_chunk_shard_is_written_by_a_process_too(tmp_path):
         s.upsert(s.chunks, chunks(range(3)))
     assert s.count(s.chunks) == 15
     s.close()
-    again = EdgeStore(tmp_path / "idx", options=StoreOptions(chunk_shards=4))  # an index keeps the shards it was made with
+    again = EdgeStore(
+        tmp_path / "idx", options=StoreOptions(chunk_shards=4)
+    )  # an index keeps the shards it was made with
     assert again.chunk_shards == 1 and again.count(again.chunks) == 15
     again.close()
 
@@ -264,8 +337,8 @@ def test_the_layout_is_known_while_the_writers_hold_the_chunk_shards(tmp_path, m
     must find them, not create them again, and without waiting for the writers to open them (their
     configs are on disk already)."""
     s = sharded(tmp_path / "idx")
-    waits, real_wait = [], store_module.ShardWriters.wait
-    monkeypatch.setattr(store_module.ShardWriters, "wait", lambda self, *a: waits.append(a) or real_wait(self, *a))
+    waits, real_wait = [], ShardWriters.wait
+    monkeypatch.setattr(ShardWriters, "wait", lambda self, *a: waits.append(a) or real_wait(self, *a))
     with s.parallel_writes():
         assert s.layout() == Layout(DIM, DIM, True) and waits == []
         s.create(Layout(DIM, DIM, True))
@@ -278,11 +351,11 @@ def test_a_shard_the_writers_cannot_open_fails_the_run_without_holding_it_up(tmp
     """The writer processes open their shards while the caller goes on; a shard another process
     holds (here: this one, after the wait runs out) is a clear error at the next write, and no
     paper is committed."""
-    monkeypatch.setattr(store_module, "OPEN_WAIT_S", 0.5)
+    monkeypatch.setattr(shard_module, "OPEN_WAIT_S", 0.5)
     s = sharded(tmp_path / "idx", shards=2)
     with s.parallel_writes():  # a first run: the shards exist and are closed in this process
         pass
-    held = store_module._load_shard(s.qe, str(tmp_path / "idx" / "chunks.1"))
+    held = shard_module.load_shard(s.qe, str(tmp_path / "idx" / "chunks.1"))
     t, entered = time.perf_counter(), []
     with pytest.raises(StoreError, match="chunk shard 1: cannot open"):
         with s.parallel_writes():
@@ -314,12 +387,21 @@ def test_a_new_index_gets_its_chunk_shards_from_the_writer_processes(tmp_path):
         s.upsert(s.chunks, chunks(range(12)))
         s.upsert(s.papers, paper_points(range(12)))
     for i, name in enumerate(["chunks", "chunks.1", "chunks.2"]):
-        made, expected = (json.loads((p / name / "edge_config.json").read_text()) for p in (tmp_path / "idx", tmp_path / "here"))
+        made, expected = (
+            json.loads((p / name / "edge_config.json").read_text()) for p in (tmp_path / "idx", tmp_path / "here")
+        )
         assert made == expected and made["hnsw_config"]["m"] == 0
-        assert set(s._shard_list(s.chunks)[i].info().payload_schema) == {"paper_id", "paper_uuid", "year", "chunk_index"}
+        assert set(s._shard_list(s.chunks)[i].info().payload_schema) == {
+            "paper_id",
+            "paper_uuid",
+            "year",
+            "chunk_index",
+        }
     assert s.count(s.chunks) == 60 and s.count(s.papers) == 12
-    assert {h.payload["paper_id"] for h in s.search(s.chunks, np.ones(DIM, dtype=np.float32), 60, SearchFilter(year_from=2003))} == {
-        f"p{p}" for p in range(12) if 2000 + p % 5 >= 2003}
+    assert {
+        h.payload["paper_id"]
+        for h in s.search(s.chunks, np.ones(DIM, dtype=np.float32), 60, SearchFilter(year_from=2003))
+    } == {f"p{p}" for p in range(12) if 2000 + p % 5 >= 2003}
     s.close()
     here.close()
 
@@ -354,7 +436,9 @@ def test_after_parallel_writes_the_chunk_shards_open_on_first_use(tmp_path, monk
     s.create(Layout(DIM, DIM, True))
     loads = []
     real_load = s.qe.EdgeShard.load
-    monkeypatch.setattr(s.qe.EdgeShard, "load", lambda path, *cfg: loads.append((Path(path).name, bool(cfg))) or real_load(path, *cfg))
+    monkeypatch.setattr(
+        s.qe.EdgeShard, "load", lambda path, *cfg: loads.append((Path(path).name, bool(cfg))) or real_load(path, *cfg)
+    )
     with s.parallel_writes():
         s.upsert(s.chunks, chunks(range(6)))
         s.upsert(s.papers, paper_points(range(6)))
@@ -401,26 +485,25 @@ def test_a_shard_that_cannot_be_opened_is_a_clear_error(tmp_path):
     with s.parallel_writes():
         s.upsert(s.chunks, chunks(range(4)))
     (tmp_path / "idx" / "chunks.1" / "edge_config.json").write_text("{not json")
-    with pytest.raises(store_module.StoreUnavailable, match="cannot open embedded collection"):
+    with pytest.raises(StoreUnavailable, match="cannot open embedded collection"):
         s.count(s.chunks)  # opened on first use after parallel_writes
     s.close()
-    with pytest.raises(store_module.StoreUnavailable, match="cannot open embedded collection"):
+    with pytest.raises(StoreUnavailable, match="cannot open embedded collection"):
         EdgeStore(tmp_path / "idx")
 
 
 def test_chunk_writes_are_gathered_into_messages_of_a_set_size(tmp_path, monkeypatch):
-    """Points go to a shard's process MESSAGE_POINTS at a time (each message costs the writer
+    """Points go to a shard's process writer_message_points at a time (each message costs the writer
     thread the interpreter lock twice); what is left over is sent when the block ends."""
-    monkeypatch.setattr(store_module.ShardWriters, "MESSAGE_POINTS", 4)
     sizes = []
-    real_pack = store_module._pack
+    real_pack = writers_module.pack
 
     def counting(points):
         sizes.append(len(points))
         return real_pack(points)
 
-    monkeypatch.setattr(store_module, "_pack", counting)
-    s = sharded(tmp_path / "idx", shards=2)
+    monkeypatch.setattr(writers_module, "pack", counting)
+    s = sharded(tmp_path / "idx", shards=2, writer_message_points=4)
     points = chunks(range(9))  # 45 points over two shards
     with s.parallel_writes():
         for p in points:  # one point a call, as a slow caller might
@@ -432,18 +515,21 @@ def test_chunk_writes_are_gathered_into_messages_of_a_set_size(tmp_path, monkeyp
     s.close()
 
 
-def test_gathered_chunk_writes_keep_their_order_with_deletes(tmp_path, monkeypatch):
+def test_gathered_chunk_writes_keep_their_order_with_deletes(tmp_path):
     """A delete is not sent ahead of writes gathered before it: deleted papers stay deleted, and
     chunks written after the delete are the ones kept."""
-    monkeypatch.setattr(store_module.ShardWriters, "MESSAGE_POINTS", 1000)  # everything gathered until sent
-    s = sharded(tmp_path / "idx", shards=2)
+    s = sharded(tmp_path / "idx", shards=2, writer_message_points=1000)  # everything gathered until sent
     with s.parallel_writes():
         s.upsert(s.chunks, chunks(range(10)))
         s.delete_chunks([f"p{p}" for p in range(5)])
         s.upsert(s.chunks, chunks(range(3), seed=1))
     assert s.count(s.chunks) == 5 * 5 + 3 * 5
     stored = {p.id: p for page, _ in s.scroll(s.chunks) for p in page}
-    expected = {p.id: p for p in chunks(range(3), seed=1) + [c for c in chunks(range(10)) if c.payload["paper_id"] in {f"p{i}" for i in range(5, 10)}]}
+    expected = {
+        p.id: p
+        for p in chunks(range(3), seed=1)
+        + [c for c in chunks(range(10)) if c.payload["paper_id"] in {f"p{i}" for i in range(5, 10)}]
+    }
     assert set(stored) == set(expected)
     for pid, point in expected.items():
         np.testing.assert_allclose(stored[pid].vector, point.vector, rtol=1e-6)
@@ -454,9 +540,15 @@ def test_points_of_any_number_of_windows_arrive_as_they_were_sent(tmp_path):
     """A message carries its points' vectors in one array: each point gets its own rows back."""
     s = sharded(tmp_path / "idx", shards=2)
     rng = np.random.default_rng(3)
-    points = [Point(chunk_point_id(f"p{p}", c), rng.standard_normal((1 + (p + c) % 4, DIM)).astype(np.float32),
-                    {"paper_id": f"p{p}", "paper_uuid": paper_point_id(f"p{p}"), "chunk_index": c, "text": f"p{p} c{c}"})
-              for p in range(12) for c in range(3)]
+    points = [
+        Point(
+            chunk_point_id(f"p{p}", c),
+            rng.standard_normal((1 + (p + c) % 4, DIM)).astype(np.float32),
+            {"paper_id": f"p{p}", "paper_uuid": paper_point_id(f"p{p}"), "chunk_index": c, "text": f"p{p} c{c}"},
+        )
+        for p in range(12)
+        for c in range(3)
+    ]
     with s.parallel_writes():
         s.upsert(s.chunks, points)
     stored = {p.id: p for page, _ in s.scroll(s.chunks) for p in page}

@@ -1,11 +1,21 @@
 """One contract, both backends: Qdrant Edge (embedded default; with one chunk shard and with several)
-and qdrant-client (":memory:" standing in for a server; the same suite runs against a real server in test_server*.py when QDRANT_URL is set)."""
+and qdrant-client (":memory:" standing in for a server; the same suite runs against a real server in
+test_server*.py when QDRANT_URL is set)."""
 
 import numpy as np
 import pytest
 
 from indexer.store import (
-    ClientStore, EdgeStore, Layout, Point, SearchFilter, StoreError, StoreOptions, chunk_point_id, group_hits, paper_point_id,
+    ClientStore,
+    EdgeStore,
+    Layout,
+    Point,
+    SearchFilter,
+    StoreError,
+    StoreOptions,
+    chunk_point_id,
+    group_hits,
+    paper_point_id,
 )
 
 DIM = 8
@@ -13,8 +23,11 @@ DIM = 8
 
 @pytest.fixture(params=["edge", "edge-3-chunk-shards", "memory"])
 def store(request, tmp_path):
-    kinds = {"edge": lambda: EdgeStore(tmp_path / "idx"), "memory": lambda: ClientStore(location=":memory:"),
-             "edge-3-chunk-shards": lambda: EdgeStore(tmp_path / "idx", options=StoreOptions(chunk_shards=3))}
+    kinds = {
+        "edge": lambda: EdgeStore(tmp_path / "idx"),
+        "memory": lambda: ClientStore(location=":memory:"),
+        "edge-3-chunk-shards": lambda: EdgeStore(tmp_path / "idx", options=StoreOptions(chunk_shards=3)),
+    }
     s = kinds[request.param]()
     yield s
     s.close()
@@ -27,14 +40,26 @@ def unit(i, dim=DIM):
 
 
 def chunk(pid, ci, vec, year=2020):
-    return Point(chunk_point_id(pid, ci), vec, {
-        "paper_id": pid, "paper_uuid": paper_point_id(pid), "chunk_index": ci, "year": year, "text": f"{pid} chunk {ci}",
-        "metadata": {"paper_id": pid, "title": f"title {pid}", "year": year, "chunk_index": ci},
-    })
+    return Point(
+        chunk_point_id(pid, ci),
+        vec,
+        {
+            "paper_id": pid,
+            "paper_uuid": paper_point_id(pid),
+            "chunk_index": ci,
+            "year": year,
+            "text": f"{pid} chunk {ci}",
+            "metadata": {"paper_id": pid, "title": f"title {pid}", "year": year, "chunk_index": ci},
+        },
+    )
 
 
 def paper(pid, vec, year=2020, h="h1"):
-    return Point(paper_point_id(pid), vec, {"paper_id": pid, "title": f"title {pid}", "year": year, "content_hash": h, "metadata": {}})
+    return Point(
+        paper_point_id(pid),
+        vec,
+        {"paper_id": pid, "title": f"title {pid}", "year": year, "content_hash": h, "metadata": {}},
+    )
 
 
 def fill(store, multivector=False):
@@ -64,7 +89,9 @@ def test_create_upsert_search_count(store, multivector):
     hits = store.search(store.chunks, unit(0), 3)
     assert [h.payload["paper_id"] for h in hits][:1] == ["p0"] and hits[0].payload["chunk_index"] == 0
     assert hits[0].score >= hits[1].score >= hits[2].score
-    store.upsert(store.chunks, [chunk("p0", 0, np.stack([unit(0), unit(1)]) if multivector else unit(0))])  # idempotent id
+    store.upsert(
+        store.chunks, [chunk("p0", 0, np.stack([unit(0), unit(1)]) if multivector else unit(0))]
+    )  # idempotent id
     assert store.count(store.chunks) == 12
 
 
@@ -103,7 +130,9 @@ def test_grouping_widens_until_enough_papers(tmp_path):
     s = EdgeStore(tmp_path / "idx")
     s.create(Layout(DIM, DIM, False))
     # one paper owns the 300 best passages; the second paper only shows up deep in the ranking
-    s.upsert(s.chunks, [chunk("big", i, unit(0) * (10 - i * 0.001)) for i in range(300)] + [chunk("small", 0, unit(0) * 0.5)])
+    s.upsert(
+        s.chunks, [chunk("big", i, unit(0) * (10 - i * 0.001)) for i in range(300)] + [chunk("small", 0, unit(0) * 0.5)]
+    )
     groups = s.search_groups(unit(0), groups=2, group_size=1)
     assert [g.paper_id for g in groups] == ["big", "small"]
     assert groups[1].paper is None  # chunks without a committed paper still group
@@ -132,10 +161,8 @@ def test_get_papers_committed_delete(store):
 
 def test_scroll_resumes_from_offset(store):
     fill(store)
-    seen, offset = [], None
-    for points, offset in store.scroll(store.chunks, batch=5):
-        seen.extend(p.id for p in points)
-        break
+    points, offset = next(iter(store.scroll(store.chunks, batch=5)))
+    seen = [p.id for p in points]
     rest = [p.id for points, _ in store.scroll(store.chunks, batch=5, offset=offset) for p in points]
     assert len(seen) == 5 and len(set(seen + rest)) == 12 and not set(seen) & set(rest)
 
@@ -146,7 +173,9 @@ def test_edge_persists_across_reopen(tmp_path):
     s.close()
     s2 = EdgeStore(tmp_path / "idx")
     assert s2.layout() == Layout(DIM, DIM, False) and s2.count(s2.chunks) == 12
-    assert (tmp_path / "idx" / "papers" / "edge_config.json").exists() and (tmp_path / "idx" / "chunks" / "edge_config.json").exists()
+    assert (tmp_path / "idx" / "papers" / "edge_config.json").exists() and (
+        tmp_path / "idx" / "chunks" / "edge_config.json"
+    ).exists()
     s2.close()
 
 
@@ -155,3 +184,15 @@ def test_search_before_anything_is_indexed_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="index some papers first"):
         s.search(s.chunks, unit(0), 3)
     assert s.count(s.chunks) == 0
+
+
+@pytest.mark.parametrize("multivector", [False, True])
+def test_get_chunks_by_index_in_order_of_index(store, multivector):
+    fill(store, multivector)
+    got = store.get_chunks("p1", [2, 0, 7, 2])  # 7: no such chunk; 2 asked twice
+    assert [p.payload["chunk_index"] for p in got] == [0, 2]
+    assert [p.id for p in got] == [chunk_point_id("p1", 0), chunk_point_id("p1", 2)]
+    assert got[0].payload["text"] == "p1 chunk 0" and got[0].vector.size == 0
+    with_vectors = store.get_chunks("p1", [1], with_vectors=True)
+    assert with_vectors[0].vector.shape == ((2, DIM) if multivector else (DIM,))
+    assert store.get_chunks("nope", [0]) == [] and store.get_chunks("p1", []) == []
