@@ -75,14 +75,51 @@ def recall_table(exact: np.ndarray, prefetch: np.ndarray, ks: list[int], top: in
     return out
 
 
+def needed_k(exact: np.ndarray, prefetch: np.ndarray, targets: list[float], top: int = 10) -> dict[float, int]:
+    """The least K whose recall@`top` reaches each target: recall@top(K) is the share of exact top-`top`
+    chunks ranked below K by the pooled vector, so K is a quantile of those ranks."""
+    truth = np.argsort(-exact, axis=1, kind="stable")[:, :top]
+    rank = np.argsort(np.argsort(-prefetch, axis=1, kind="stable"), axis=1)
+    ranks = np.sort(np.take_along_axis(rank, truth, axis=1).ravel())
+    return {t: int(ranks[max(0, int(np.ceil(t * len(ranks))) - 1)]) + 1 for t in targets}
+
+
+def subset(windows: np.ndarray, offsets: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A random `fraction` of the chunks (all their windows), as (windows, offsets)."""
+    n = len(offsets) - 1
+    keep = np.sort(np.random.default_rng(seed).choice(n, max(1, round(n * fraction)), replace=False))
+    counts = np.diff(offsets)[keep]
+    rows = np.concatenate([np.arange(offsets[c], offsets[c + 1]) for c in keep])
+    return windows[rows], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def encoded(
+    papers: list[PaperIn], path: Path, enc: PassageEncoder, a: argparse.Namespace
+) -> tuple[np.ndarray, np.ndarray]:
+    """The windows and offsets of one papers file, from the cache when it has them."""
+    key = hashlib.sha256(json.dumps([str(path), path.stat().st_size, a.model, a.chunk_words, a.chunk_overlap,
+                                     a.window_tokens, a.window_overlap]).encode()).hexdigest()[:16]
+    cache = Path(a.cache) / f"{key}.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        return z["windows"], z["offsets"]
+    t0 = time.perf_counter()
+    windows, offsets = encode_corpus(papers, enc, a.chunk_words, a.chunk_overlap)
+    print(f"{path}: encoded {len(offsets) - 1} chunks, {len(windows)} windows in {time.perf_counter() - t0:.0f}s")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, windows=windows, offsets=offsets)
+    return windows, offsets
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("papers", help="papers JSONL (paperindex's input format)")
+    ap.add_argument("papers", nargs="+", help="papers JSONL files (paperindex's input format), each cached apart")
     ap.add_argument("--model", required=True, help="sentence-transformers model folder or hub id")
     ap.add_argument("--queries", action="append", default=[], help="a BEIR queries.jsonl (repeatable)")
     ap.add_argument("--probes", type=int, default=500, help="sentences sampled from the chunks as known-item queries")
     ap.add_argument("--k", default="50,100,200,400", help="prefetch depths")
     ap.add_argument("--pooling", default="mean,unit", help="mean: the windows' mean; unit: it normalised")
+    ap.add_argument("--fractions", default="1", help="also on random subsets of the chunks (recall against size)")
     ap.add_argument("--chunk-words", type=int, default=512)
     ap.add_argument("--chunk-overlap", type=int, default=50)
     ap.add_argument("--window-tokens", type=int, default=254)
@@ -91,20 +128,14 @@ def main() -> None:
     ap.add_argument("--out", help="JSON results path")
     a = ap.parse_args()
 
-    papers = list(read_papers([Path(a.papers)]))
     enc = PassageEncoder(a.model, device="cpu", window_tokens=a.window_tokens, window_overlap=a.window_overlap)
-    key = hashlib.sha256(json.dumps([a.papers, Path(a.papers).stat().st_size, a.model, a.chunk_words, a.chunk_overlap,
-                                     a.window_tokens, a.window_overlap]).encode()).hexdigest()[:16]
-    cache = Path(a.cache) / f"{key}.npz"
-    if cache.is_file():
-        z = np.load(cache)
-        windows, offsets = z["windows"], z["offsets"]
-    else:
-        t0 = time.perf_counter()
-        windows, offsets = encode_corpus(papers, enc, a.chunk_words, a.chunk_overlap)
-        print(f"encoded {len(offsets) - 1} chunks, {len(windows)} windows in {time.perf_counter() - t0:.0f}s")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, windows=windows, offsets=offsets)
+    papers, parts = [], []
+    for path in map(Path, a.papers):
+        these = list(read_papers([path]))
+        papers += these
+        parts.append(encoded(these, path, enc, a))
+    windows = np.concatenate([w for w, _ in parts])
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(o) for _, o in parts]))]).astype(np.int64)
 
     sets: dict[str, list[str]] = {}
     for path in a.queries:
@@ -117,15 +148,23 @@ def main() -> None:
     results = {"model": a.model, "papers": len(papers), "chunks": len(offsets) - 1, "windows": len(windows),
                "recall@10": {}}
     print(f"\n{len(papers)} papers, {len(offsets) - 1} chunks, {len(windows)} windows; {a.model}\n")
-    print("| queries | n | pooled vector | " + " | ".join(f"K={k}" for k in ks) + " |")
-    print("|---|---|---|" + "---|" * len(ks))
+    targets = [0.95, 0.98, 0.99]
+    print("| queries | n | chunks | pooled vector | " + " | ".join(f"K={k}" for k in ks) + " | "
+          + " | ".join(f"K for {t}" for t in targets) + " | exact top 1 kept, K=" + str(ks[0]) + " |")
+    print("|---|---|---|---|" + "---|" * (len(ks) + len(targets) + 1))
     for name, texts in sets.items():
         q = enc.encode_queries(texts)
-        exact = maxsim(q, windows, offsets)
-        for how in a.pooling.split(","):
-            rec = recall_table(exact, q @ pooled(windows, offsets, how).T, ks)
-            results["recall@10"].setdefault(name, {})[how] = rec
-            print(f"| {name} | {len(texts)} | {how} | " + " | ".join(f"{rec[k]:.3f}" for k in ks) + " |")
+        for fraction in [float(f) for f in a.fractions.split(",")]:
+            w, o = (windows, offsets) if fraction == 1 else subset(windows, offsets, fraction)
+            exact = maxsim(q, w, o)
+            for how in a.pooling.split(","):
+                pre = q @ pooled(w, o, how).T
+                rec, need = recall_table(exact, pre, ks), needed_k(exact, pre, targets)
+                top1 = recall_table(exact, pre, ks[:1], top=1)[ks[0]]
+                results["recall@10"].setdefault(name, {}).setdefault(str(len(o) - 1), {})[how] = {
+                    "recall@10": rec, "k_needed": need, f"top1_kept@{ks[0]}": top1}
+                print(f"| {name} | {len(texts)} | {len(o) - 1} | {how} | " + " | ".join(f"{rec[k]:.3f}" for k in ks)
+                      + " | " + " | ".join(str(need[t]) for t in targets) + f" | {top1:.3f} |")
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
 
