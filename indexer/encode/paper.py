@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .batching import HEAD_BATCHES
-from .device import default_token_budget, prepare_model, resolve_device
+from .device import DevicePlan, plan_for, prepare_model, resolve_device
 from .kernels.layers import speed_up
 from .runner import CAPTURE_AFTER, BatchRunner
 
@@ -41,8 +41,10 @@ class PaperEncoder:
         max_tokens: int = 512,
         compile: bool = False,
         graphs: bool = True,
+        plan: DevicePlan | None = None,
     ) -> None:
-        """`graphs`: replay CUDA graphs of bucketed batch shapes for paper heads (CUDA only)."""
+        """`graphs`: replay CUDA graphs of bucketed batch shapes for paper heads (CUDA only, where the
+        plan has them); `plan`: how to run on the device (None: read from it)."""
         from adapters import AutoAdapterModel
         from transformers import AutoTokenizer
 
@@ -55,6 +57,7 @@ class PaperEncoder:
             graphs=graphs,
         )
         self.device = resolve_device(device)
+        self.plan = self._args["plan"] = plan_for(self.device, plan)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             base = AutoAdapterModel.from_pretrained(model)
@@ -71,18 +74,19 @@ class PaperEncoder:
         self.max_tokens = max_tokens
         self._tok_lock = threading.Lock()  # see PassageEncoder: fast tokenizers are not safe across threads
         self._lock = threading.Lock()  # guards the model's active adapter
-        self.model = prepare_model(base, self.device)
+        self.model = prepare_model(base, self.device, self.plan)
+        graphs = graphs and self.plan.graphs
         # A (batch, 1, length) mask: the model broadcasts it itself, with no data-dependent check
         # that a CUDA graph could not capture.
-        self.forward = speed_up(self.model, "cls", broadcast_mask=True, graphs=graphs)
-        budget = token_budget or default_token_budget(self.device)
+        self.forward = speed_up(self.model, "cls", broadcast_mask=True, graphs=graphs, attention=self.plan.sdpa_backend)
+        budget = token_budget or self.plan.token_budget
         # Graphs replay whatever adapter was active at capture: only the proximity runner has them.
-        self.run = self.heads_runner(self.forward.packable, budget, graphs)
+        self.run = self.heads_runner(self.forward.packable and self.plan.packed, budget, graphs)
         self.run_queries = BatchRunner(self.forward, self.device, self.tokenizer.pad_token_id, budget)
 
     def heads_runner(self, packed: bool, budget: int, graphs: bool) -> BatchRunner:
-        """A runner for the paper heads: packed end to end (where `forward.packable`), or in padded
-        batches (HEAD_BATCHES)."""
+        """A runner for the paper heads: packed end to end (where `forward.packable` and the device
+        plan has variable-length attention), or in padded batches (HEAD_BATCHES)."""
         pad = self.tokenizer.pad_token_id
         if packed:
             return BatchRunner(

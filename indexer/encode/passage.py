@@ -14,7 +14,7 @@ from ..chunking import WIDTH_STEP
 from ..errors import ModelLoadError
 from ..tokenizing import ChunkSpec, PreparedPapers, Windows, WindowSpec, WindowTokenizer
 from .batching import WINDOW_BATCHES
-from .device import default_token_budget, prepare_model, resolve_device
+from .device import DevicePlan, plan_for, prepare_model, resolve_device
 from .kernels.graphs import one_device
 from .kernels.layers import speed_up
 from .runner import CAPTURE_AFTER, BatchRunner
@@ -43,10 +43,12 @@ class PassageEncoder:
         tokenizer_workers: int = 0,
         graphs: bool = True,
         tokenizer_lanes: int = 1,
+        plan: DevicePlan | None = None,
     ) -> None:
         """`tokenizer_workers`: processes that tokenize chunks (0: in this process), in
         `tokenizer_lanes` groups that each take a request at a time; `graphs`: replay
-        CUDA graphs of bucketed batch shapes (CUDA only); `compile`: torch.compile the forward."""
+        CUDA graphs of bucketed batch shapes (CUDA only, where the plan has them); `compile`:
+        torch.compile the forward; `plan`: how to run on the device (None: read from it)."""
         from sentence_transformers import SentenceTransformer
 
         self._args = dict(
@@ -59,6 +61,7 @@ class PassageEncoder:
             graphs=graphs,
         )
         self.device = resolve_device(device)
+        self.plan = self._args["plan"] = plan_for(self.device, plan)
         try:
             st = SentenceTransformer(model, device="cpu")
         except Exception as exc:  # hub errors, missing files, bad configs all land here
@@ -99,11 +102,14 @@ class PassageEncoder:
             truncate=truncate,
         )
         self.windows = WindowTokenizer(self.tokenizer, spec, workers=tokenizer_workers, lanes=tokenizer_lanes)
-        self.model = prepare_model(st[0].auto_model, self.device)
+        self.model = prepare_model(st[0].auto_model, self.device, self.plan)
+        graphs = graphs and self.plan.graphs
+        on_gpu = self.device.type == "cuda"
+        attention = self.plan.sdpa_backend
         self.forward = speed_up(
-            self.model, self.pooling, self.normalize, compile=compile and self.device.type == "cuda", graphs=graphs
+            self.model, self.pooling, self.normalize, compile=compile and on_gpu, graphs=graphs, attention=attention
         )
-        budget = token_budget or default_token_budget(self.device)
+        budget = token_budget or self.plan.token_budget
         pad = self.tokenizer.pad_token_id
         full = spec.length + len(prefix) + len(suffix)
         # Windows of long chunks are cut on a grid 16 tokens apart from the full window down

@@ -3,6 +3,8 @@ padding), and flash attention's variable-length kernel for sequences packed end 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,15 +54,32 @@ def padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
     return out
 
 
-_BACKENDS = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+# SDPA backends by name: "auto" lets PyTorch choose; "efficient" and "cudnn" are the kernels that take
+# an additive bias; "no_flash" is what a GPU older than sm_80 has (the memory-efficient kernel, else
+# the math one); "math" materialises the scores (any device, any dtype).
+_BACKENDS = {
+    "efficient": ("EFFICIENT_ATTENTION",),
+    "cudnn": ("CUDNN_ATTENTION",),
+    "no_flash": ("EFFICIENT_ATTENTION", "MATH"),
+    "math": ("MATH",),
+}
+
+
+@contextmanager
+def sdpa_backends(backend: str, cuda: bool = True) -> Iterator[None]:
+    """SDPA calls inside use only `backend`'s kernels. "efficient" and "cudnn" name CUDA kernels: off
+    CUDA (`cuda` False) the CPU's own kernels run."""
+    if backend == "auto" or (not cuda and "MATH" not in _BACKENDS[backend]):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, name) for name in _BACKENDS[backend]]):
+        yield
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "auto" or not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(getattr(SDPBackend, _BACKENDS[backend])):
+    with sdpa_backends(backend, q.is_cuda):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
@@ -98,7 +117,8 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Attention within packed sequences, no mask: q (Tq, heads, d) and k, v (Tk, heads, d); the
     queries of sequence i are rows cu_q[i]:cu_q[i+1], its keys rows cu_k[i]:cu_k[i+1]. On CUDA in
-    fp16/bf16, flash attention's variable-length kernel; elsewhere one SDPA call per sequence."""
+    fp16/bf16, flash attention's variable-length kernel (sm_80 and newer: the device plan packs
+    sequences only there); elsewhere one SDPA call per sequence."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         if _varlen_attn is not None:
             return _varlen_attn(q, k, v, cu_q, cu_k, longest_q, longest_k)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .attention import Packing, attention, mpnet_attention_bias, padding_bias, varlen_attention
+from .attention import Packing, attention, mpnet_attention_bias, padding_bias, sdpa_backends, varlen_attention
 from .graphs import CompiledKernel, warm_up
 
 
@@ -102,8 +102,8 @@ class Fusions:
       the (tokens, 3072) activations, the largest ones in the layer.
     - `add_norm`: "compiled" fuses each residual add with its LayerNorm (torch.compile, one kernel for
       every shape) in the CUDA graphs; "eager" runs them as two kernels.
-    - `attention`: the SDPA backend ("auto" lets PyTorch choose; "efficient" and "cudnn" are the ones
-      that take an additive bias).
+    - `attention`: the SDPA kernels ("auto" lets PyTorch choose; see attention.sdpa_backends), in the
+      fused layers and in the model's own forward where they do not run.
     """
 
     gelu_epilogue: bool = True
@@ -236,7 +236,8 @@ class PooledForward(torch.nn.Module):
                 mask = (torch.ones_like(ids) if mask is None else mask)[:, None, :]
             # The base model: a model with heads (e.g. adapters' BertAdapterModel) would flatten a
             # (B, 1, L) mask back to (B, L); only token states are needed here anyway.
-            out = self.model.base_model(input_ids=ids, attention_mask=mask)
+            with sdpa_backends(self.fusions.attention, ids.is_cuda):
+                out = self.model.base_model(input_ids=ids, attention_mask=mask)
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         enc = self.base.encoder
         rows, width = ids.shape
@@ -286,12 +287,15 @@ def speed_up(
     compile: bool = False,
     broadcast_mask: bool = False,
     graphs: bool = True,
+    attention: str = "auto",
 ) -> PooledForward:
-    """The pooled forward to run for `model` (already on its device and dtype, in eval mode). With
-    `graphs` (CUDA graphs will be captured of it), the kernels the captures run are compiled now;
-    without, nothing compiles: eager calls run the plain kernels anyway."""
+    """The pooled forward to run for `model` (already on its device and dtype, in eval mode), its
+    attention through `attention`'s SDPA kernels (Fusions). With `graphs` (CUDA graphs will be
+    captured of it), the kernels the captures run are compiled now; without, nothing compiles: eager
+    calls run the plain kernels anyway."""
     # Compiling the whole forward fuses the adds and norms itself (measured slower: bench/kernel_levers.py).
-    fwd = PooledForward(model, pooling, normalize, broadcast_mask, Fusions(add_norm="eager") if compile else Fusions())
+    fusions = Fusions(add_norm="eager" if compile else "compiled", attention=attention)
+    fwd = PooledForward(model, pooling, normalize, broadcast_mask, fusions)
     if compile:
         # Symbolic batch and width: one compilation serves every bucket shape (graphs are per shape).
         fwd.forward = CompiledKernel(fwd.forward, "the whole forward", dynamic=True)  # type: ignore[method-assign]
