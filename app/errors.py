@@ -24,7 +24,8 @@ class InvalidRequest(ValueError):
 
     def __init__(self, errors: list[tuple[tuple[str | int, ...], str]]) -> None:
         self.errors = errors
-        super().__init__("; ".join(f"{'.'.join(str(p) for p in loc[1:] or loc)}: {msg}" for loc, msg in errors) or "invalid request")
+        parts = (f"{'.'.join(str(p) for p in loc[1:] or loc)}: {msg}" for loc, msg in errors)
+        super().__init__("; ".join(parts) or "invalid request")
 
 
 class Unauthorized(Exception):
@@ -103,7 +104,9 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(_body(m, errors), status_code=m.status, headers=m.headers)
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+}
 
 
 def _validation_message(err: dict) -> tuple[tuple[str | int, ...], str]:
@@ -125,7 +128,8 @@ def install(app: FastAPI) -> None:
 
     async def http(request: Request, exc: HTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return JSONResponse({"detail": str(exc.detail), "code": code}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse({"detail": str(exc.detail), "code": code}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after this handler, so the server log gets the traceback; the client gets none.

@@ -62,8 +62,8 @@ class Job:
         )
         error = classify(self.exc).detail if self.exc is not None else None
         return IndexJob(
-            job_id=self.id, kind=self.kind, status=self.status, submitted_at=self.submitted_at, started_at=self.started_at,
-            finished_at=self.finished_at, counts=counts, errors=self.rejected, error=error,  # type: ignore[arg-type]
+            job_id=self.id, kind=self.kind, status=self.status, submitted_at=self.submitted_at,
+            started_at=self.started_at, finished_at=self.finished_at, counts=counts, errors=self.rejected, error=error,  # type: ignore[arg-type]
         )
 
     async def wait(self, timeout: float) -> bool:
@@ -162,7 +162,8 @@ class JobQueue:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise UnknownJob(f"no index job {job_id!r} (finished jobs are kept for the last {self.history} jobs, and not across restarts)")
+            raise UnknownJob(f"no index job {job_id!r} (finished jobs are kept for the last {self.history} jobs, "
+                             "and not across restarts)")
         return job
 
     def retry_after(self) -> int:

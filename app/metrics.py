@@ -19,10 +19,13 @@ class Metrics:
             ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("paperindex_index_queue_depth", "index jobs waiting for the worker", registry=r)
-        self.jobs = Counter("paperindex_index_jobs", "index jobs by outcome (done, failed, rejected: queue full)", ["status"], registry=r)
-        self.job_seconds = Histogram("paperindex_index_job_duration_seconds", "time the worker spent on a job", buckets=LATENCY_BUCKETS, registry=r)
+        self.jobs = Counter("paperindex_index_jobs", "index jobs by outcome (done, failed, rejected: queue full)",
+                            ["status"], registry=r)
+        self.job_seconds = Histogram("paperindex_index_job_duration_seconds", "time the worker spent on a job",
+                                     buckets=LATENCY_BUCKETS, registry=r)
         self.papers_indexed = Counter("paperindex_papers_indexed", "papers embedded and written", registry=r)
-        self.papers_unchanged = Counter("paperindex_papers_unchanged", "posted papers skipped as already indexed", registry=r)
+        self.papers_unchanged = Counter("paperindex_papers_unchanged", "posted papers skipped as already indexed",
+                                        registry=r)
         self.chunks_indexed = Counter("paperindex_chunks_indexed", "passages embedded and written", registry=r)
         self.papers_deleted = Counter("paperindex_papers_deleted", "papers deleted", registry=r)
 

@@ -15,8 +15,9 @@ from indexer.papers import PaperIn
 __all__ = [
     "PaperIn", "SearchRequest", "PaperSearchRequest", "SimilarQuery", "SimilarRequest", "PassageHit",
     "PassageSearchResponse", "PaperGroup", "GroupedSearchResponse", "PaperHit", "PaperSearchResponse",
-    "Paper", "SimilarResponse", "ContextQuery", "PassageContext", "ContextPassage", "IndexSummary", "Models", "StoreSummary",
-    "IndexJob", "JobCounts", "PaperError", "Deleted", "Health", "Readiness", "FieldError", "ErrorResponse",
+    "Paper", "SimilarResponse", "ContextQuery", "PassageContext", "ContextPassage", "IndexSummary", "Models",
+    "StoreSummary", "IndexJob", "JobCounts", "PaperError", "Deleted", "Health", "Readiness", "FieldError",
+    "ErrorResponse",
 ]
 
 _QUERY = "graph neural networks for protein structure prediction"
@@ -25,14 +26,19 @@ _QUERY = "graph neural networks for protein structure prediction"
 # requests -----------------------------------------------------------------------------------------
 
 
-YearFrom = Annotated[int | None, Field(ge=0, le=3000, description="only papers published in or after this year", examples=[2018])]
-YearTo = Annotated[int | None, Field(ge=0, le=3000, description="only papers published in or before this year", examples=[2024])]
+YearFrom = Annotated[
+    int | None, Field(ge=0, le=3000, description="only papers published in or after this year", examples=[2018])
+]
+YearTo = Annotated[
+    int | None, Field(ge=0, le=3000, description="only papers published in or before this year", examples=[2024])
+]
 
 
 class _Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    q: str = Field(description="the question or keywords; at most PAPERINDEX_MAX_QUERY_CHARS characters", examples=[_QUERY])
+    q: str = Field(description="the question or keywords; at most PAPERINDEX_MAX_QUERY_CHARS characters",
+                   examples=[_QUERY])
     k: int = Field(10, description="hits to return (passages, or papers); 1..PAPERINDEX_MAX_K", examples=[5])
     year_from: YearFrom = None
     year_to: YearTo = None
@@ -42,13 +48,17 @@ class SearchRequest(_Query):
     """Query parameters of GET /search."""
 
     paper_id: list[str] = Field(
-        default_factory=list, max_length=1000, description="restrict to these papers; repeat the parameter for several", examples=[["arXiv:1706.03762"]]
+        default_factory=list, max_length=1000, description="restrict to these papers; repeat the parameter for several",
+        examples=[["arXiv:1706.03762"]],
     )
     group_by_paper: bool = Field(False, description="return papers, each once, with their best passages (k papers)")
     group_size: int = Field(3, ge=1, le=20, description="passages per paper when grouping")
-    rerank: bool = Field(False, description="rescore the top `candidates` passages with the cross-encoder, then cut to k")
+    rerank: bool = Field(False,
+                         description="rescore the top `candidates` passages with the cross-encoder, then cut to k")
     candidates: int | None = Field(
-        None, description="passages the cross-encoder sees when rerank=true; 1..PAPERINDEX_MAX_CANDIDATES (default 50, or that maximum if lower)",
+        None,
+        description="passages the cross-encoder sees when rerank=true; 1..PAPERINDEX_MAX_CANDIDATES (default 50, "
+                    "or that maximum if lower)",
         examples=[50],
     )
 
@@ -82,7 +92,9 @@ class SimilarRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"title": "Attention Is All You Need", "abstract": "The dominant sequence transduction models ...", "k": 5}]},
+        json_schema_extra={"examples": [
+            {"title": "Attention Is All You Need", "abstract": "The dominant sequence transduction models ...", "k": 5},
+        ]},
     )
 
     title: str = Field(min_length=1, max_length=4096)
@@ -101,8 +113,8 @@ _PASSAGE_EXAMPLE = {
     "text": "We encode residues as graph nodes and ...",
     "score": 21.7,
     "rerank_score": 7.9,
-    "metadata": {"paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "year": 2022, "chunk_index": 3,
-                 "word_start": 1386, "word_end": 1898, "authors": ["A. Author"]},
+    "metadata": {"paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "year": 2022,
+                 "chunk_index": 3, "word_start": 1386, "word_end": 1898, "authors": ["A. Author"]},
 }
 _PAPER_EXAMPLE = {
     "paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "score": 4.12, "year": 2022,
@@ -124,13 +136,17 @@ class PassageHit(BaseModel):
     title: str
     chunk_index: int = Field(description="position of the chunk in its paper, from 0")
     text: str = Field(description="the whole chunk")
-    score: float = Field(description="vector similarity (dot product, MaxSim over windows for long chunks); higher is closer")
-    rerank_score: float | None = Field(None, description="cross-encoder score when rerank=true; hits are then ordered by it")
-    metadata: dict[str, Any] = Field(description="paper_id, title, year, chunk_index, word_start, word_end, authors, venue, url and extra keys")
+    score: float = Field(
+        description="vector similarity (dot product, MaxSim over windows for long chunks); higher is closer")
+    rerank_score: float | None = Field(
+        None, description="cross-encoder score when rerank=true; hits are then ordered by it")
+    metadata: dict[str, Any] = Field(
+        description="paper_id, title, year, chunk_index, word_start, word_end, authors, venue, url and extra keys")
 
 
 class PassageSearchResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"query": _QUERY, "reranked": True, "hits": [_PASSAGE_EXAMPLE]}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"query": _QUERY, "reranked": True, "hits": [_PASSAGE_EXAMPLE]}]})
 
     query: str
     reranked: bool
@@ -152,7 +168,8 @@ class PaperGroup(BaseModel):
 
 
 class GroupedSearchResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"query": _QUERY, "reranked": False, "groups": [_GROUP_EXAMPLE]}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"query": _QUERY, "reranked": False, "groups": [_GROUP_EXAMPLE]}]})
 
     query: str
     reranked: bool
@@ -180,7 +197,8 @@ class PaperSearchResponse(BaseModel):
 
 
 class SimilarResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"paper_id": "arXiv:1706.03762", "hits": [_PAPER_EXAMPLE]}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"paper_id": "arXiv:1706.03762", "hits": [_PAPER_EXAMPLE]}]})
 
     paper_id: str | None = Field(None, description="the paper the neighbours are of; null for POST /papers/similar")
     hits: list[PaperHit]
@@ -190,8 +208,8 @@ class Paper(BaseModel):
     """An indexed paper."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "paper_id": "arXiv:1706.03762", "title": "Attention Is All You Need", "abstract": "The dominant ...", "year": 2017,
-        "n_chunks": 12, "metadata": {"authors": ["A. Vaswani"], "venue": "NeurIPS"},
+        "paper_id": "arXiv:1706.03762", "title": "Attention Is All You Need", "abstract": "The dominant ...",
+        "year": 2017, "n_chunks": 12, "metadata": {"authors": ["A. Vaswani"], "venue": "NeurIPS"},
     }]})
 
     paper_id: str
@@ -213,7 +231,8 @@ class PassageContext(BaseModel):
     """A passage with its neighbours in its paper, in reading order."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "paper_id": "arXiv:1706.03762", "title": "Attention Is All You Need", "year": 2017, "n_chunks": 12, "chunk_index": 3,
+        "paper_id": "arXiv:1706.03762", "title": "Attention Is All You Need", "year": 2017, "n_chunks": 12,
+        "chunk_index": 3,
         "passages": [{"chunk_index": 2, "text": "... the previous passage", "word_start": 924, "word_end": 1436},
                      {"chunk_index": 3, "text": "the passage itself ...", "word_start": 1386, "word_end": 1898}],
         "metadata": {"authors": ["A. Vaswani"], "venue": "NeurIPS"},
@@ -238,7 +257,8 @@ class Models(BaseModel):
 
 class StoreSummary(BaseModel):
     kind: Literal["embedded", "server"] = Field(description="embedded Qdrant Edge, or a Qdrant server or cluster")
-    multivector: bool | None = Field(None, description="a long passage is stored as one vector per window (MaxSim); null before the first write")
+    multivector: bool | None = Field(
+        None, description="a long passage is stored as one vector per window (MaxSim); null before the first write")
     passage_dim: int | None = None
     paper_dim: int | None = None
 
@@ -279,7 +299,8 @@ class JobCounts(BaseModel):
 
 
 class IndexJob(BaseModel):
-    """A write (indexing, or a deletion that has not finished in time). Papers become searchable when status is `done`."""
+    """A write (indexing, or a deletion that has not finished in time). Papers become searchable when status is
+    `done`."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "job_id": "0b7c8f6e2d6a4c1f9e3b5a7d1c2e4f60", "status": "done", "submitted_at": "2025-01-01T12:00:00Z",
@@ -313,7 +334,9 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": False, "models": True, "qdrant": False, "detail": "Qdrant is unreachable: ..."}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"ready": False, "models": True, "qdrant": False, "detail": "Qdrant is unreachable: ..."},
+    ]})
 
     ready: bool
     models: bool = Field(description="encoders loaded")
@@ -329,8 +352,10 @@ class FieldError(BaseModel):
 class ErrorResponse(BaseModel):
     """Every error: a readable message, a stable code, and for 422 the offending fields."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "k: must be at most 100 (got 500)", "code": "invalid_request",
-                                                               "errors": [{"loc": ["query", "k"], "msg": "must be at most 100 (got 500)"}]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "detail": "k: must be at most 100 (got 500)", "code": "invalid_request",
+        "errors": [{"loc": ["query", "k"], "msg": "must be at most 100 (got 500)"}],
+    }]})
 
     detail: str
     code: str

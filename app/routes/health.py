@@ -33,7 +33,8 @@ async def ready(svc: ServiceDep) -> JSONResponse:
         with anyio.fail_after(READY_TIMEOUT_S):
             await anyio.to_thread.run_sync(svc.check, abandon_on_cancel=True)
     except TimeoutError:
-        body = Readiness(ready=False, models=True, qdrant=False, detail=f"Qdrant did not answer within {READY_TIMEOUT_S:.0f} s")
+        why = f"Qdrant did not answer within {READY_TIMEOUT_S:.0f} s"
+        body = Readiness(ready=False, models=True, qdrant=False, detail=why)
         return JSONResponse(body.model_dump(), status_code=503)
     except Exception as exc:
         body = Readiness(ready=False, models=True, qdrant=False, detail=classify(exc).detail)
@@ -44,12 +45,14 @@ async def ready(svc: ServiceDep) -> JSONResponse:
 def summary(svc: Service) -> IndexSummary:
     s, store = svc.settings, svc.store
     layout = store.layout()
-    models = Models(passage=s.passage_model, paper=s.paper_model, paper_adapter=s.paper_adapter, query_adapter=s.query_adapter,
-                    reranker=s.reranker_model if svc.runtime.reranker is not None else None)
+    reranker = s.reranker_model if svc.runtime.reranker is not None else None
+    models = Models(passage=s.passage_model, paper=s.paper_model, paper_adapter=s.paper_adapter,
+                    query_adapter=s.query_adapter, reranker=reranker)
     kind = "server" if s.qdrant_url else "embedded"
     where = StoreSummary(kind=kind) if layout is None else StoreSummary(
         kind=kind, multivector=layout.multivector, passage_dim=layout.chunk_dim, paper_dim=layout.paper_dim)
-    return IndexSummary(papers=store.count(store.papers), passages=store.count(store.chunks), models=models, store=where)
+    return IndexSummary(papers=store.count(store.papers), passages=store.count(store.chunks), models=models,
+                        store=where)
 
 
 @router.get(

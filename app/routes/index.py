@@ -21,32 +21,34 @@ _PAPER_SCHEMA = PaperIn.model_json_schema()
 _EXAMPLE_PAPER = {
     "paper_id": "arXiv:1706.03762",
     "title": "Attention Is All You Need",
-    "abstract": "The dominant sequence transduction models are based on complex recurrent or convolutional neural networks ...",
+    "abstract": "The dominant sequence transduction models are based on complex recurrent or convolutional ...",
     "text": "1 Introduction\nRecurrent neural networks, long short-term memory and gated recurrent neural networks ...",
     "year": 2017,
     "authors": ["A. Vaswani", "N. Shazeer"],
     "venue": "NeurIPS",
 }
+_OTHER_PAPER = {"paper_id": "doi:10.1000/xyz", "title": "Another paper", "year": 2020}
 _BODY = {
     "required": True,
-    "description": "One paper, a list of papers, or one paper per line (application/x-ndjson, as `paperindex index` reads). "
-                   "Keys beyond the named fields are kept as metadata.",
+    "description": "One paper, a list of papers, or one paper per line (application/x-ndjson, as `paperindex index` "
+                   "reads). Keys beyond the named fields are kept as metadata.",
     "content": {
         "application/json": {
             "schema": {"oneOf": [_PAPER_SCHEMA, {"type": "array", "items": _PAPER_SCHEMA, "minItems": 1}]},
             "examples": {
                 "one": {"summary": "one paper", "value": _EXAMPLE_PAPER},
-                "many": {"summary": "a list", "value": [_EXAMPLE_PAPER, {"paper_id": "doi:10.1000/xyz", "title": "Another paper", "year": 2020}]},
+                "many": {"summary": "a list", "value": [_EXAMPLE_PAPER, _OTHER_PAPER]},
             },
         },
         "application/x-ndjson": {
             "schema": {"type": "string", "description": "one paper per line (JSON Lines), as `paperindex index` reads"},
-            "example": json.dumps(_EXAMPLE_PAPER) + "\n" + json.dumps({"paper_id": "doi:10.1000/xyz", "title": "Another paper"}) + "\n",
+            "example": json.dumps(_EXAMPLE_PAPER) + "\n" + json.dumps(_OTHER_PAPER) + "\n",
         },
     },
 }
 # JSON Lines under the names clients send it with; any other type is read as one JSON document.
-NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines", "application/json-lines"})
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines",
+                          "application/json-lines"})
 
 
 def json_documents(raw: bytes) -> list[Any]:
@@ -80,7 +82,8 @@ def parse_papers(raw: bytes, lines: bool = False) -> tuple[list[PaperIn], list[P
         try:
             doc: Any = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            hint = "; for one paper per line send Content-Type: application/x-ndjson" if "Extra data" in str(exc) else ""
+            several = "Extra data" in str(exc)
+            hint = "; for one paper per line send Content-Type: application/x-ndjson" if several else ""
             raise InvalidRequest([(("body",), f"not valid JSON: {exc}{hint}")]) from None
         items = doc if isinstance(doc, list) else [doc]
     if not items:
@@ -134,12 +137,15 @@ async def index(
         # Refused before reading the body: under a burst of large posts, reading and parsing megabytes
         # only to answer 429 made the refusals slow and memory grow with the number of posters.
         svc.metrics.jobs.labels("rejected").inc()
-        raise QueueFull(f"the index queue is full ({svc.settings.index_queue_size} jobs waiting); retry later", svc.jobs.retry_after())
+        waiting = svc.settings.index_queue_size
+        raise QueueFull(f"the index queue is full ({waiting} jobs waiting); retry later", svc.jobs.retry_after())
     lines = request.headers.get("content-type", "").partition(";")[0].strip().lower() in NDJSON_TYPES
-    papers, rejected, received = await run_in_threadpool(parse_papers, await request.body(), lines)  # megabytes: off the loop
+    # megabytes of JSON: parsed off the event loop
+    papers, rejected, received = await run_in_threadpool(parse_papers, await request.body(), lines)
     if rejected and (strict or not papers):
         why = "strict=true and some papers are invalid" if papers else "no valid paper in the request"
-        raise InvalidRequest([(("body", e.index), f"{e.paper_id or 'paper'}: {e.error}") for e in rejected] + [(("body",), why)])
+        each = [(("body", e.index), f"{e.paper_id or 'paper'}: {e.error}") for e in rejected]
+        raise InvalidRequest([*each, (("body",), why)])
     job = svc.jobs.submit(papers, rejected, received, force)
     headers = {"Location": f"/index/{job.id}"}
     if wait and await job.wait(timeout):

@@ -54,7 +54,8 @@ router = APIRouter(responses=COMMON, tags=["papers"], route_class=LiteralTailRou
 
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "no paper with this id in the index"}}
 UNAVAILABLE = {
-    429: {"model": ErrorResponse, "description": "too many searches in flight (PAPERINDEX_MAX_CONCURRENT_SEARCHES); see Retry-After"},
+    429: {"model": ErrorResponse,
+          "description": "too many searches in flight (PAPERINDEX_MAX_CONCURRENT_SEARCHES); see Retry-After"},
     503: {"model": ErrorResponse, "description": "Qdrant is unreachable"},
 }
 INVALID = {422: {"model": ErrorResponse, "description": "k out of bounds, or an invalid body"}}
@@ -121,7 +122,8 @@ async def similar(svc: ServiceDep, paper_id: PaperId, params: Annotated[SimilarQ
     return SimilarResponse(paper_id=paper_id, hits=[paper_hit(h) for h in hits])
 
 
-@router.get("/papers/{paper_id:path}", response_model=Paper, summary="An indexed paper", responses={**NOT_FOUND, **UNAVAILABLE})
+@router.get("/papers/{paper_id:path}", response_model=Paper, summary="An indexed paper",
+            responses={**NOT_FOUND, **UNAVAILABLE})
 async def get_paper(svc: ServiceDep, paper_id: PaperId) -> Paper:
     await svc.collections()
     p = await svc.read(svc.searcher.paper, paper_id)
@@ -146,11 +148,14 @@ async def get_paper(svc: ServiceDep, paper_id: PaperId) -> Paper:
     },
 )
 async def delete_paper(
-    svc: ServiceDep, paper_id: PaperId, timeout: Annotated[float, Query(gt=0, le=600, description="seconds to wait for the deletion")] = 60.0
+    svc: ServiceDep,
+    paper_id: PaperId,
+    timeout: Annotated[float, Query(gt=0, le=600, description="seconds to wait for the deletion")] = 60.0,
 ) -> Deleted | JSONResponse:
     job = svc.jobs.submit_delete([paper_id])
     if not await job.wait(timeout):
-        return JSONResponse(job.view().model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED, headers={"Location": f"/index/{job.id}"})
+        return JSONResponse(job.view().model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED,
+                            headers={"Location": f"/index/{job.id}"})
     if job.exc is not None:
         raise job.exc
     if job.deleted == 0:

@@ -32,7 +32,8 @@ router = APIRouter(responses=COMMON, tags=["search"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "rerank=true but no reranker is configured"},
     422: {"model": ErrorResponse, "description": "a parameter out of bounds (k, candidates, query length, years)"},
-    429: {"model": ErrorResponse, "description": "too many searches in flight (PAPERINDEX_MAX_CONCURRENT_SEARCHES); see Retry-After"},
+    429: {"model": ErrorResponse,
+          "description": "too many searches in flight (PAPERINDEX_MAX_CONCURRENT_SEARCHES); see Retry-After"},
     503: {"model": ErrorResponse, "description": "Qdrant is unreachable"},
 }
 
@@ -43,7 +44,8 @@ def passage_hit(p: Passage) -> PassageHit:
 
 
 def paper_hit(r: PaperResult) -> PaperHit:
-    return PaperHit(paper_id=r.paper_id, title=r.title, score=r.score, year=r.year, abstract=r.abstract, metadata=r.metadata)
+    return PaperHit(paper_id=r.paper_id, title=r.title, score=r.score, year=r.year, abstract=r.abstract,
+                    metadata=r.metadata)
 
 
 def paper_group(g: FoundGroup) -> PaperGroup:
@@ -66,7 +68,9 @@ def paper_group(g: FoundGroup) -> PaperGroup:
     ),
     responses=ERRORS,
 )
-async def search(svc: ServiceDep, params: Annotated[SearchRequest, Query()]) -> PassageSearchResponse | GroupedSearchResponse:
+async def search(
+    svc: ServiceDep, params: Annotated[SearchRequest, Query()]
+) -> PassageSearchResponse | GroupedSearchResponse:
     p = params
     check_bounds(svc.settings, q=p.q, k=p.k, candidates=p.candidates, year_from=p.year_from, year_to=p.year_to)
     flt = SearchFilter(p.year_from, p.year_to, list(p.paper_id))
