@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .encode import PaperEncoder, PassageEncoder, Reranker
+from .spans import Match, WindowMatcher
 from .store import Group, Hit, SearchFilter, Store
 
 
@@ -26,6 +30,7 @@ class Passage:
     score: float
     rerank_score: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    match: Match | None = None  # the words of `text` the query matched best (its best window)
 
     @classmethod
     def from_hit(cls, h: Hit) -> Passage:
@@ -70,6 +75,7 @@ class Searcher:
         self.passage_encoder = passage_encoder
         self.paper_encoder = paper_encoder
         self.reranker = reranker
+        self.matcher = WindowMatcher(passage_encoder.tokenizer.backend_tokenizer.to_str(), passage_encoder.windows.spec)
 
     def passages(
         self,
@@ -84,6 +90,7 @@ class Searcher:
         hits = [Passage.from_hit(h) for h in self.store.search(self.store.chunks, vec, max(k, candidates) if rerank else k, flt)]
         if rerank:
             hits = self._rerank(query, hits)
+        self._match(query, vec, hits[:k])
         return hits[:k]
 
     def grouped(
@@ -112,7 +119,26 @@ class Searcher:
                 g.passages.sort(key=lambda p: -(p.rerank_score or 0.0))
                 g.score = best[g.paper_id]
             out.sort(key=lambda g: -g.score)
+        self._match(query, vec, [p for g in out[:k] for p in g.passages])
         return out[:k]
+
+    def _match(self, query: str, vec: np.ndarray | None, hits: Sequence[Passage]) -> None:
+        """Set each hit's `match`: the window of its chunk that scores best against the query vector
+        (the windows' vectors of the hits shown only, one store read per paper), or without a vector
+        (lexical search) the window holding the most query terms."""
+        by_paper: dict[str, list[Passage]] = {}
+        for h in hits:
+            by_paper.setdefault(h.paper_id, []).append(h)
+        for paper_id, ps in by_paper.items():
+            if vec is None:
+                for p in ps:
+                    p.match = self.matcher.best_by_terms(p.text, query)
+                continue
+            stored = self.store.get_chunks(paper_id, [p.chunk_index for p in ps], with_vectors=True)
+            windows = {int(pt.payload["chunk_index"]): np.atleast_2d(pt.vector) for pt in stored}
+            for p in ps:
+                if p.chunk_index in windows:
+                    p.match = self.matcher.best(p.text, vec, windows[p.chunk_index])
 
     def _rerank(self, query: str, hits: list[Passage]) -> list[Passage]:
         if self.reranker is None:

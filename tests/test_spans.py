@@ -89,3 +89,34 @@ def test_windows_that_do_not_fit_the_text_give_no_match(matcher):
 def test_short_and_empty_texts(matcher):
     assert matcher.word_spans("galaxy star") == [(0, 2)]
     assert matcher.word_spans("") == [(0, 0)]
+
+
+def test_search_hits_carry_their_best_window(tmp_path, encoders):
+    """Through the Searcher on an embedded index: each hit's match is the argmax of the query against
+    the chunk's windows as indexing embedded them."""
+    from conftest import make_paper
+
+    from indexer.papers import validate
+    from indexer.pipeline import Indexer
+    from indexer.search import Searcher
+    from indexer.store import EdgeStore
+
+    paper_enc, passage = encoders
+    store = EdgeStore(tmp_path / "index")
+    try:
+        Indexer(store, paper_enc, passage, chunk_size=120, chunk_overlap=20).index(
+            [validate(make_paper(i, words=300), "test", i + 1) for i in range(4)]
+        )
+        searcher = Searcher(store, passage, paper_enc)
+        query = "protein folding with attention"
+        q = passage.encode_queries([query])[0]
+        hits = searcher.passages(query, k=5)
+        groups = searcher.grouped(query, k=2, group_size=2)
+        for h in hits + [p for g in groups for p in g.passages]:
+            windows = passage.encode_chunks([h.text])[0]
+            assert len(windows) > 1 and h.match is not None
+            best = int(np.argmax(windows @ q))
+            assert h.match == Match(best, *searcher.matcher.word_spans(h.text)[best])
+            assert h.score == pytest.approx(float((windows @ q).max()), rel=1e-3)
+    finally:
+        store.close()
