@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from indexer.papers import PaperIn
 
 __all__ = [
-    "PaperIn", "SearchRequest", "PaperSearchRequest", "SimilarQuery", "SimilarRequest", "PassageHit",
+    "PaperIn", "SearchRequest", "PaperSearchRequest", "SimilarQuery", "SimilarRequest", "PassageHit", "PassageMatch",
     "PassageSearchResponse", "PaperGroup", "GroupedSearchResponse", "PaperHit", "PaperSearchResponse",
     "Paper", "SimilarResponse", "ContextQuery", "PassageContext", "ContextPassage", "IndexSummary", "Models",
     "StoreSummary", "IndexJob", "JobCounts", "PaperError", "Deleted", "Health", "Readiness", "FieldError",
@@ -115,6 +115,7 @@ _PASSAGE_EXAMPLE = {
     "rerank_score": 7.9,
     "metadata": {"paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "year": 2022,
                  "chunk_index": 3, "word_start": 1386, "word_end": 1898, "authors": ["A. Author"]},
+    "match": {"window": 1, "word_start": 158, "word_end": 357},
 }
 _PAPER_EXAMPLE = {
     "paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "score": 4.12, "year": 2022,
@@ -125,6 +126,14 @@ _GROUP_EXAMPLE = {
     "paper_id": "arXiv:2203.00001", "title": "Message passing for protein folding", "score": 21.7, "year": 2022,
     "abstract": "We study ...", "metadata": {"authors": ["A. Author"]}, "passages": [_PASSAGE_EXAMPLE],
 }
+
+
+class PassageMatch(BaseModel):
+    """The part of a passage the query matched best: its best-scoring window, as words of `text`."""
+
+    window: int = Field(description="the window's index among the chunk's windows, from 0")
+    word_start: int = Field(description="first word of the window in `text` (split on whitespace), from 0")
+    word_end: int = Field(description="the word after the window's last one")
 
 
 class PassageHit(BaseModel):
@@ -142,6 +151,8 @@ class PassageHit(BaseModel):
         None, description="cross-encoder score when rerank=true; hits are then ordered by it")
     metadata: dict[str, Any] = Field(
         description="paper_id, title, year, chunk_index, word_start, word_end, authors, venue, url and extra keys")
+    match: PassageMatch | None = Field(
+        None, description="what the query matched: the best window's words, `text.split()[word_start:word_end]`")
 
 
 class PassageSearchResponse(BaseModel):

@@ -179,8 +179,10 @@ def test_search_hits_carry_what_a_prompt_needs(client):
     assert len(hits) == 7 and res["reranked"] is False
     titles = {p["paper_id"]: p["title"] for p in CORPUS}
     for h in hits:
-        assert set(h) == {"paper_id", "title", "chunk_index", "text", "score", "rerank_score", "metadata"}
+        assert set(h) == {"paper_id", "title", "chunk_index", "text", "score", "rerank_score", "metadata", "match"}
         assert h["text"] and h["rerank_score"] is None
+        m = h["match"]  # the best window's words (long_chunk=multivector)
+        assert 0 <= m["word_start"] < m["word_end"] <= len(h["text"].split()) and m["window"] >= 0
         if h["paper_id"] in titles:
             assert h["title"] == titles[h["paper_id"]]
         assert h["metadata"]["title"] == h["title"] and h["metadata"]["chunk_index"] == h["chunk_index"]

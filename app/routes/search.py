@@ -21,6 +21,7 @@ from ..schemas import (
     PaperSearchRequest,
     PaperSearchResponse,
     PassageHit,
+    PassageMatch,
     PassageSearchResponse,
     SearchRequest,
 )
@@ -39,8 +40,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def passage_hit(p: Passage) -> PassageHit:
+    m = p.match
+    match = PassageMatch(window=m.window, word_start=m.word_start, word_end=m.word_end) if m else None
     return PassageHit(paper_id=p.paper_id, title=p.title, chunk_index=p.chunk_index, text=p.text, score=p.score,
-                      rerank_score=p.rerank_score, metadata=p.metadata)
+                      rerank_score=p.rerank_score, metadata=p.metadata, match=match)
 
 
 def paper_hit(r: PaperResult) -> PaperHit:
