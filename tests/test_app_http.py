@@ -175,12 +175,21 @@ def test_stats_reports_what_the_index_holds_and_what_searches_it(client, runtime
     assert client.get("/stats", params={"x": 1}).status_code == 200  # no parameters to get wrong
 
 
-def test_stats_of_an_empty_embedded_index(tiny_models, tmp_path):
+def test_stats_and_context_on_the_embedded_store(tiny_models, tmp_path):
     s = Settings(**{**tiny_models, "reranker_model": None}, qdrant_path=tmp_path / "index", window_tokens=48,
-                 window_overlap=8, token_budget=4096)
+                 window_overlap=8, chunk_words=120, chunk_overlap=20, token_budget=4096, edge_chunk_shards=3)
     with TestClient(create_app(s)) as c:
         got = c.get("/stats").json()
-    assert (got["papers"], got["passages"], got["models"]["reranker"], got["store"]["kind"]) == (0, 0, None, "embedded")
+        assert (got["papers"], got["passages"], got["models"]["reranker"]) == (0, 0, None)
+        assert got["store"]["kind"] == "embedded" and got["store"]["multivector"] is True  # created at startup
+        assert c.post("/index", params={"wait": True}, json=CORPUS[:4]).status_code == 200
+        got = c.get("/stats").json()
+        assert got["papers"] == 4 and got["passages"] > 4
+        src = CORPUS[3]  # several chunks, spread over the shards
+        ctx = c.get("/passages/context", params={"paper_id": src["paper_id"], "chunk_index": 1, "radius": 1}).json()
+        assert [p["chunk_index"] for p in ctx["passages"]] == [0, 1, 2] and ctx["title"] == src["title"]
+        words = src["text"].split()
+        assert all(p["text"] == " ".join(words[p["word_start"]:p["word_end"]]) for p in ctx["passages"])
 
 
 # GET /passages/context --------------------------------------------------------------------------------

@@ -86,9 +86,8 @@ def passage_context(svc: Service, q: ContextQuery) -> PassageContext:
     if q.chunk_index >= n:
         raise NotFound(f"paper {q.paper_id!r} has {n} passages: no chunk_index {q.chunk_index}")
     wanted = range(max(0, q.chunk_index - q.radius), min(n, q.chunk_index + q.radius + 1))
-    chunks = svc.store.get_chunks(q.paper_id, list(wanted))
     passages = []
-    for c in sorted(chunks, key=lambda c: int(c.payload["chunk_index"])):
+    for c in svc.store.get_chunks(q.paper_id, list(wanted)):  # in chunk_index order
         meta = c.payload.get("metadata") or {}
         passages.append(ContextPassage(chunk_index=int(c.payload["chunk_index"]), text=c.payload.get("text", ""),
                                        word_start=meta.get("word_start"), word_end=meta.get("word_end")))
