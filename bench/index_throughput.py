@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from indexer.config import Settings  # noqa: E402
+from indexer.plan import Tuning  # noqa: E402
 from indexer.store import Store  # noqa: E402
 from store_writes import PointsMadeHere  # noqa: E402
 
@@ -418,14 +419,14 @@ def baseline_chunks(st_dir: Path, texts: list[str], device: torch.device) -> tup
 
 
 def instrument(indexer) -> dict:
-    """Per stage (plan / tokenize / encode / write): seconds inside it, summed over threads, and CPU
-    seconds of the calling thread (for plan and write nearly all of it holds the interpreter lock)."""
-    stages = ("plan", "tokenize", "encode", "write")
+    """Per stage (select / prepare / encode / write): seconds inside it, summed over threads, and CPU
+    seconds of the calling thread (for select and write nearly all of it holds the interpreter lock)."""
+    stages = ("select", "prepare", "encode", "write")
     busy: dict = {f"{stage}_{kind}": 0.0 for stage in stages for kind in ("s", "cpu")}
     busy["spans"] = []  # (stage, start, end): the run's timeline
     lock = threading.Lock()
     for stage in stages:
-        inner = getattr(indexer, "_" + stage)
+        inner = getattr(indexer, stage)
 
         def timed(*a, inner=inner, stage=stage, **kw):
             t, c = time.perf_counter(), time.thread_time()
@@ -438,7 +439,7 @@ def instrument(indexer) -> dict:
                     busy[stage + "_cpu"] += time.thread_time() - c
                     busy["spans"].append((stage, t, end, threading.current_thread().name))
 
-        setattr(indexer, "_" + stage, timed)
+        setattr(indexer, stage, timed)
     return busy
 
 
@@ -473,7 +474,7 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
         if a > at:
             idle.append((at, a))
         at = max(at, b)
-    prep_done = sorted(b for s, _, b, _ in spans if s == "tokenize")
+    prep_done = sorted(b for s, _, b, _ in spans if s == "prepare")
     enc_starts = sorted(a for a, _ in enc)
     # a gap with fewer groups prepared than taken by then: the encoders waited for the producer
     starved = sum(b - a for a, b in idle if sum(p <= a for p in prep_done) <= sum(e <= a for e in enc_starts))
@@ -500,7 +501,7 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
 
 def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
               gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256, create_here: bool = False,
-              gc_freeze: bool = False, in_flight: int = 48, writer: str = "new") -> dict:
+              gc_freeze: bool = False, in_flight: int = 48, writer: str = "new", tuning: Tuning = Tuning()) -> dict:
 
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
@@ -512,7 +513,8 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     # in_process: no writer processes, the chunks written in this process
     options = StoreOptions(chunk_shards=chunk_shards, writer_processes=not in_process, writer_in_flight=in_flight)
     store = (PointsMadeHere if writer == "old" else EdgeStore)(tmp, options=options) if store_kind == "edge" else NullStore()
-    idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=papers_per_batch, replicas=replicas)
+    idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=papers_per_batch, replicas=replicas,
+                  tuning=tuning)
     busy = instrument(idx)
     writes: dict[str, float] = defaultdict(float)  # the writer thread's time by store call
     if store_kind == "edge":
@@ -700,7 +702,7 @@ def main() -> None:
             "of two (sorted: as before)")
     ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
     ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
-                    help="several GPUs: the first groups spread over them and the last cut finer (Indexer.SPREAD; each a run), or "
+                    help="several GPUs: the first groups spread over them and the last cut finer (Tuning.spread; each a run), or "
                          "every GPU's threads taking groups as they come, each ramp size once and the last group halved (off)")
     ap.add_argument("--gate", nargs="+", choices=["gpu", "all"], default=["gpu"],
                     help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before); each a run")
@@ -728,10 +730,12 @@ def main() -> None:
     from indexer.encode import PaperEncoder, PassageEncoder
     from indexer.encode.runner import CAPTURE_AFTER
     from indexer.pipeline import Indexer
-    from indexer.runtime import encoder_grid, tokenizer_lanes, tokenizer_workers
+    from indexer.plan import Hardware, make_plan
+    from indexer.runtime import encoder_grid
     from indexer.store import StoreOptions
 
     device = torch.device(args.device)
+    hw = Hardware.detect(args.device)  # the counts the runs are sized from, as `paperindex index` sizes its own
     RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args={**vars(args), "gpus": gpu_runs},
                           gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           gpus=torch.cuda.device_count() if device.type == "cuda" else 0)
@@ -782,8 +786,8 @@ def main() -> None:
     store_names = {"edge": "Qdrant Edge", "null": "no store"}
     for window, overlap in [(w, o) for w in args.window for o in args.overlap if "e2e" not in args.skip]:
         passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
-                                     tokenizer_workers=args.workers or tokenizer_workers(Settings(device=args.device, gpus=args.gpus)),
-                                     tokenizer_lanes=tokenizer_lanes(Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers)),
+                                     tokenizer_workers=make_plan(Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers), hw).tokenizer_workers,
+                                     tokenizer_lanes=make_plan(Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers), hw).tokenizer_lanes,
                                      compile=args.pipeline_compile)
         # The encoders `paperindex index` runs (indexer.runtime): each GPU its own paper encoder, shared
         # by that GPU's threads, and a passage replica per thread.
@@ -802,7 +806,7 @@ def main() -> None:
             gpu_counts = sorted(set(gpu_runs) if "one-gpu" in args.skip else {1, *gpu_runs})
 
             def groups_for(n: int) -> list[int]:
-                return args.papers_per_batch or [Settings(device=args.device, gpus=n).group_papers()]
+                return args.papers_per_batch or [make_plan(Settings(device=args.device, gpus=n), hw).group_papers]
 
             # warm-up on the same papers: worker processes started, CUDA graphs captured for the
             # shapes the corpus needs, so that no timed run pays for captures another did not. The
@@ -835,7 +839,7 @@ def main() -> None:
             def lanes_for(n: int) -> list[int]:  # as `paperindex index` has them on n GPUs, or --lanes
                 if n == 1:
                     return [1]
-                return args.lanes or [tokenizer_lanes(Settings(device=args.device, gpus=n, tokenizer_workers=passage_enc.windows.workers))]
+                return args.lanes or [make_plan(Settings(device=args.device, gpus=n, tokenizer_workers=passage_enc.windows.workers), hw).tokenizer_lanes]
 
             for n_gpus, per_gpu, n_lanes, group in [(n, k, m, g) for n in gpu_counts for k in args.per_gpu for m in lanes_for(n)
                                                     for g in groups_for(n)]:
@@ -861,8 +865,6 @@ def main() -> None:
                     plan_heads(paper_encs, heads_plan)
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
-                    Indexer.SPREAD = spread == "on"
-                    Indexer.IN_INPUT_ORDER = order == "input"
                     kernels.gpu_gate.per_device = gate == "gpu"
                     if args.fresh_graphs:
                         for g in graphed:
@@ -882,7 +884,8 @@ def main() -> None:
                     label += f", batches {batching}" if len(args.batches) > 1 else ""
                     label += f", heads {heads_plan}" if len(args.heads_plan) > 1 else ""
                     index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
-                              shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze", in_flight=flight, writer=writer)
+                              shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze", in_flight=flight, writer=writer,
+                              tuning=Tuning(spread=spread == "on", in_input_order=order == "input"))
         finally:
             passage_enc.close()
 

@@ -1,4 +1,4 @@
-"""The indexing writer alone: how many chunks/s `Indexer._write` puts into Qdrant Edge, by chunk shards.
+"""The indexing writer alone: how many chunks/s `Indexer.write` puts into Qdrant Edge, by chunk shards.
 
 No models: batches of real-prose papers (bench/corpus.py) are chunked as indexing does, given random
 vectors of the shapes the encoders return (window multivectors, ~3.5 windows of 768 a chunk; 768-d
@@ -35,14 +35,14 @@ import corpus as corpus_mod  # noqa: E402
 
 from indexer.chunking import chunk_words  # noqa: E402
 from indexer.papers import PaperIn  # noqa: E402
-from indexer.pipeline import SWITCH_INTERVAL_S, Indexer, _Batch  # noqa: E402
+from indexer.pipeline import SWITCH_INTERVAL_S, CommitGroup, Indexer  # noqa: E402
 from indexer.store import EdgeStore, Layout, StoreOptions, chunk_points  # noqa: E402
 
 DIM = 768
 WINDOWS_PER_CHUNK = (3, 4)  # a 512-word chunk is ~750 tokens: 3 or 4 windows of 254
 
 
-def batches(papers: list[PaperIn], per_batch: int, rng: np.random.Generator) -> list[_Batch]:
+def batches(papers: list[PaperIn], per_batch: int, rng: np.random.Generator) -> list[CommitGroup]:
     out = []
     for at in range(0, len(papers), per_batch):
         group = papers[at : at + per_batch]
@@ -52,7 +52,7 @@ def batches(papers: list[PaperIn], per_batch: int, rng: np.random.Generator) -> 
             for cs in chunks
             for _ in cs
         ]
-        b = _Batch(group, [f"h{at + i}" for i in range(len(group))], [], chunks, 0, [], None)
+        b = CommitGroup(group, [], [], hashes=[f"h{at + i}" for i in range(len(group))], chunks=chunks)
         b.paper_vecs = rng.standard_normal((len(group), DIM)).astype(np.float32)
         b.chunk_vecs = vecs
         out.append(b)
@@ -102,7 +102,7 @@ def busy(stop: threading.Event) -> None:
         sum(i * i for i in range(2000))
 
 
-def run(bs: list[_Batch], shards: int, busy_threads: int, message_points: int, writer: str) -> dict:
+def run(bs: list[CommitGroup], shards: int, busy_threads: int, message_points: int, writer: str) -> dict:
     stop = threading.Event()
     others = [threading.Thread(target=busy, args=(stop,), daemon=True) for _ in range(busy_threads)]
     interval = sys.getswitchinterval()
@@ -122,7 +122,7 @@ def run(bs: list[_Batch], shards: int, busy_threads: int, message_points: int, w
         sys.setswitchinterval(interval)
 
 
-def _run(bs: list[_Batch], options: StoreOptions, kind: type[EdgeStore]) -> dict:
+def _run(bs: list[CommitGroup], options: StoreOptions, kind: type[EdgeStore]) -> dict:
     with tempfile.TemporaryDirectory(prefix="pi-writes-") as tmp:
         store = kind(tmp, options=options)
         idx = Indexer.__new__(Indexer)  # the write stage needs no encoders
@@ -135,7 +135,7 @@ def _run(bs: list[_Batch], options: StoreOptions, kind: type[EdgeStore]) -> dict
             time.sleep(1.0)  # the writer processes start and open their shards
             t0, c0 = time.perf_counter(), time.thread_time()
             for b in bs:
-                idx._write(b)
+                idx.write(b)
             store.flush()  # what the last batches left in flight: the run's last flush waits for it
             cpu = time.thread_time() - c0
         seconds = time.perf_counter() - t0

@@ -17,6 +17,9 @@ from collections import defaultdict
 
 import numpy as np
 
+# The stages as results from before their renaming call them.
+OLD_NAMES = {"plan": "select", "tokenize": "prepare"}
+
 
 def busy_counts(spans: list, t: np.ndarray) -> np.ndarray:
     """How many of `spans` ((stage, thread, start, end)) run at each time of `t`."""
@@ -33,7 +36,7 @@ def report(row: dict, per_gpu: int, step: float = 0.01) -> str:
     t = np.arange(0.0, row["seconds"], step)
     by_stage = defaultdict(list)
     for s in spans:
-        by_stage[s[0]].append(s)
+        by_stage[OLD_NAMES.get(s[0], s[0])].append(s)
     enc = by_stage["encode"]
     threads = sorted({s[1] for s in enc}, key=lambda n: int(n.rsplit("-", 1)[1]))
     lines = [f"{row['run']}: {row['chunks_s']:,.0f} chunks/s over {row['seconds']:.1f} s"]
@@ -42,7 +45,7 @@ def report(row: dict, per_gpu: int, step: float = 0.01) -> str:
         c = busy_counts([s for s in enc if s[1] in names], t)
         shares = ", ".join(f"{k} encoding {np.mean(c == k):.0%}" for k in range(per_gpu + 1))
         lines.append(f"  GPU {g // per_gpu}: {shares}")
-    counts = {stage: busy_counts(by_stage[stage], t) for stage in ("plan", "tokenize", "encode", "write")}
+    counts = {stage: busy_counts(by_stage[stage], t) for stage in ("select", "prepare", "encode", "write")}
     lines.append("  second   " + "  ".join(f"{stage:>8}" for stage in counts))
     for a in range(int(np.ceil(row["seconds"]))):
         m = (t >= a) & (t < a + 1)

@@ -75,6 +75,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
             raise CliError(f"--shard takes i/n with 0 <= i < n, got {args.shard!r}")
         shard = (int(i), int(n))
+    if args.ray and Path(args.ray).exists():  # `--ray corpus.jsonl`: argparse took the path for the address
+        args.paths, args.ray = [args.ray, *args.paths], "local"
     paths = args.paths or [str(EXAMPLE)]
     try:
         files = input_files(paths)
@@ -87,7 +89,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                 print(f"bad record {r}", file=sys.stderr)
             raise CliError(f"{len(bad)} bad record(s); nothing indexed (--strict)")
     s = _settings(args)
-    rt = build(s, reranker=False)
+    address = args.ray or s.ray_address
+    rt = None if address else build(s, reranker=False)
     total = _count_records(files)
     bar = tqdm(total=total, unit="paper", disable=args.quiet, dynamic_ncols=True)
 
@@ -100,14 +103,18 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar.set_postfix(post, refresh=False)
 
     try:
-        # The embedded store writes its chunk shards from processes of their own meanwhile (on a new
-        # index they create them, while the run starts).
-        with frozen_heap(), rt.store.parallel_writes():
-            stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
-        rt.store.finish_bulk()
+        if rt is None:
+            stats = _index_on_ray(s, files, address, args.force, shard, progress)
+        else:
+            # The embedded store writes its chunk shards from processes of their own meanwhile (on a new
+            # index they create them, while the run starts).
+            with frozen_heap(), rt.store.parallel_writes():
+                stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
+            rt.store.finish_bulk()
     finally:
         bar.close()
-        rt.close()
+        if rt is not None:
+            rt.close()
     for r in stats.bad:
         print(f"bad record {r}", file=sys.stderr)
     secs = max(stats.seconds, 1e-9)
@@ -122,6 +129,16 @@ def cmd_index(args: argparse.Namespace) -> int:
             + (f"; {stats.papers_capped} paper(s) cut to {s.max_chunks_per_paper} chunks (--max-chunks-per-paper)" if stats.papers_capped else "")
         )
     return 0
+
+
+def _index_on_ray(s, files: list[Path], address: str, force: bool, shard: tuple[int, int] | None, progress):
+    try:
+        from .distributed import index_cluster
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise CliError('--ray needs Ray: pip install "paperindex[ray]"') from exc
+    return index_cluster(s, files, address, force, shard, progress)
 
 
 def _print_json(obj) -> None:
@@ -360,6 +377,8 @@ def parser() -> argparse.ArgumentParser:
     ix.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"], help="how windows of a long chunk are combined")
     ix.add_argument("--max-chunks-per-paper", type=int, dest="max_chunks_per_paper")
     ix.add_argument("--bulk-load", action="store_true", default=None, dest="bulk_load", help="defer HNSW building to the end")
+    ix.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="run on a Ray cluster: ADDRESS, `auto` (the one this host is in), none: a new one here (PAPERINDEX_RAY_ADDRESS)")
     ix.set_defaults(func=cmd_index)
 
     filters = argparse.ArgumentParser(add_help=False)
@@ -443,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from .encoders import ModelLoadError
+    from .errors import ModelLoadError
     from .search import NoReranker, NotFound
     from .store import StoreError
 

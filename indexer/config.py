@@ -42,12 +42,26 @@ class Settings(BaseSettings):
     window_overlap: int = Field(16, ge=0)
 
     # Batching.
-    token_budget: int | None = Field(None, ge=512, description="tokens per forward batch; None: 262144 on CUDA, 16384 on CPU")
+    token_budget: int | None = Field(
+        None, ge=512, description="tokens per forward batch; None: the device plan's (by free GPU memory; CPU 16384)"
+    )
     papers_per_batch: int | None = Field(None, ge=1, description="papers per commit group; None: 256, or 128 where more than two GPUs index")
     compile: bool = False
     tokenizer_workers: int | None = Field(None, ge=1, description="processes that tokenize chunks; None: on a GPU host all cores but 4, at most 12 per GPU that indexes, else 2")
     gpus: int = Field(1, ge=0, description="GPUs that encode while indexing (one model replica each); 0: all visible")
-    encoders_per_gpu: int = Field(2, ge=1, description="encoder threads (passage model replicas) per GPU: while one collects a group's vectors and starts the next, another keeps the GPU busy")
+    # While one encoder thread collects a group's vectors and starts the next, another keeps the GPU busy.
+    encoders_per_gpu: int | None = Field(
+        None, ge=1, description="encoder threads (passage model replicas) per GPU; None: the device plan's (1 or 2)"
+    )
+    # The device plan's choices by hand (None: chosen from the GPU; indexer/encode/device.py).
+    attention: Literal["flash", "sdpa", "eager"] | None = Field(
+        None, description="flash: packed heads (sm_80+); sdpa: padded, SDPA without flash; eager: SDPA's math kernel"
+    )
+    dtype: Literal["float16", "float32"] | None = Field(
+        None, description="the models' dtype; None: float16 on a GPU, else float32"
+    )
+    cuda_graphs: bool | None = Field(None, description="replay batches from CUDA graphs; None: on sm_80 and newer")
+    ray_address: str | None = Field(None, description="`paperindex index` runs on this Ray cluster (`auto`: the one this host is in; `local`: a new one here)")
 
     # Store layout (defaults fit 1M+ chunks on one machine).
     hnsw_m: int = 16

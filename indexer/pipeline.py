@@ -1,16 +1,24 @@
-"""Papers -> heads + chunks -> encoders -> store, batch by batch, resumable.
+"""Papers -> heads + chunks -> encoders -> store, group by group, resumable.
 
-Four stages overlap: a thread plans the next batch (what is already indexed, the heads' tokens),
-another has the passage encoder's worker processes hash, chunk and tokenize the papers of the batch
-before it, while the encoders run earlier ones (GPU; one thread per encoder replica, e.g. one per
-GPU, each taking whole batches of papers) and another thread writes finished batches to Qdrant as
-they come (a batch that shares a paper with an earlier one after it).
+Four stages overlap, each a method of `Indexer` run by threads of an `IndexRun`:
+
+    read + select   (thread "select")      which papers of the next group need indexing; their heads' tokens
+    prepare         (threads "prepare-i")  content hashes, chunks and their token windows, in the
+                                           tokenizer's worker processes (one thread per lane of them)
+    encode          (threads "encode-i")   heads and windows -> vectors; one thread per encoder replica
+                                           (e.g. two per GPU), each taking whole groups
+    write           (thread "write")       groups to the store as they come (one that shares a paper with
+                                           an earlier group still unwritten waits for it)
 
 Commit protocol, per paper: delete what a previous version left, write the chunks, then the paper
 point last. The paper point carries the content hash, so it is the commit marker: a rerun after any
 crash skips papers whose marker matches and redoes the rest, ending with exactly the right points.
-(Where chunk shards are written by processes of their own, the store holds a batch's paper points
-until its chunk writes are done, and the run's progress counts the batch only then.)
+(Where chunk shards are written by processes of their own, the store holds a group's paper points
+until its chunk writes are done, and the run's progress counts the group only then.)
+
+Ctrl-C (KeyboardInterrupt in the calling thread): no new group is selected, prepared or encoded; the
+groups already encoded are written and flushed, then the interrupt goes on to the caller. A second
+Ctrl-C gives up the waiting.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ import numpy as np
 from .chunking import WINDOWING, Chunk
 from .encode import PaperEncoder, PassageEncoder
 from .encode.kernels import one_device
-from .papers import BadRecord, PaperIn
 from .errors import StoreUnavailable
+from .papers import BadRecord, PaperIn
+from .plan import Tuning
 from .store import ChunkText, Layout, PaperChunks, PaperRef, Point, Store, paper_payload, paper_point_id
 from .tokenizing import ChunkSpec, Windows
 
@@ -41,18 +50,18 @@ T = TypeVar("T")
 
 HEAD_FALLBACK_WORDS = 300
 # While indexing, threads hand over the interpreter lock after this long (Python's default, 5 ms,
-# would let a busy writer stall a GPU thread's next launch for that long, many times per batch).
+# would let a busy writer stall a GPU thread's next launch for that long, many times per group).
 SWITCH_INTERVAL_S = 0.0005
 # The first groups of papers are this many, then 1.5 times as many each, up to papers_per_batch:
-# the GPU starts once this many are tokenised, not a whole batch (~1 s at 256 papers). Preparing a
+# the GPU starts once this many are tokenised, not a whole group (~1 s at 256 papers). Preparing a
 # group takes ~2/3 of the GPU's time for it, so a group 1.5 times the last is ready about when the
 # last is encoded (doubling left the GPU waiting ~0.6 s in all). The last groups shrink back towards
-# FIRST_PAPERS: the run ends with a short encode and a short write, not a whole batch's (`groups`).
+# FIRST_PAPERS: the run ends with a short encode and a short write, not a whole group's (`groups`).
 FIRST_PAPERS = 32
 GROWTH = 1.5
 
 
-def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1) -> Iterator[list[T]]:
+def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1, limit: Callable[[], int] | None = None) -> Iterator[list[T]]:
     """`papers` in groups for the encoder threads: each size of the ramp (FIRST_PAPERS, then GROWTH
     times the last) once per GPU, so that every GPU starts on a small group; then groups of `most`.
 
@@ -61,14 +70,20 @@ def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1) -> Iter
     groups, not done in one go while the GPUs wait for the next group). Where the input ends, what is
     left (those groups and the last one) is cut into groups of a 2 × `gpus`-th of it each, at least
     FIRST_PAPERS: on one GPU halves, on four an eighth, then an eighth of the rest... so the GPUs end
-    about together, each with a short group."""
+    about together, each with a short group. `limit`: the most papers a group may have now (asked as
+    each group starts; see GroupSpeed)."""
     ramp: list[int] = []
     size = min(FIRST_PAPERS, most)
     while size < most:
         ramp += [size] * gpus
         size = min(int(size * GROWTH), most)
     sizes = iter(ramp)
-    want = next(sizes, most)
+
+    def wanted() -> int:
+        n = next(sizes, most)
+        return n if limit is None else max(1, min(n, limit()))
+
+    want = wanted()
     pending: deque[list[T]] = deque()
     group: list[T] = []
     held = 1  # groups of `most` that may wait now
@@ -80,14 +95,40 @@ def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1) -> Iter
         group.append(p)
         if len(group) == want:
             pending.append(group)
-            group, want = [], next(sizes, most)
+            group, want = [], wanted()
     rest = [p for g in pending for p in g] + group
     while len(rest) > 2 * FIRST_PAPERS:
         n = min(most, max(FIRST_PAPERS, len(rest) // (2 * gpus)))
+        if limit is not None:
+            n = max(1, min(n, limit()))
         yield rest[:n]
         rest = rest[n:]
-    if rest:
-        yield rest
+    while rest:
+        n = len(rest) if limit is None else max(1, min(len(rest), limit()))
+        yield rest[:n]
+        rest = rest[n:]
+
+
+class GroupSpeed:
+    """Group sizes from the measured speed of encoding: a group takes about `seconds` (the progress
+    bar moves and Ctrl-C keeps the work done every few seconds, on a fast device or a slow one). One
+    paper a group until the first is measured; then papers/s (a running mean) × `seconds`, from 1 to
+    `most`."""
+
+    def __init__(self, seconds: float, most: int) -> None:
+        self.seconds, self.most = seconds, most
+        self._rate: float | None = None
+        self._lock = threading.Lock()
+
+    def record(self, papers: int, seconds: float) -> None:
+        rate = papers / max(seconds, 1e-6)
+        with self._lock:
+            self._rate = rate if self._rate is None else (self._rate + rate) / 2
+
+    def limit(self) -> int:
+        with self._lock:
+            rate = self._rate
+        return 1 if rate is None else max(1, min(self.most, int(rate * self.seconds)))
 
 
 class Handout:
@@ -174,16 +215,18 @@ class IndexStats:
 
 
 @dataclass
-class _Batch:
-    papers: list[PaperIn]
-    hashes: list[str]  # this and the chunks from stage 2 on
-    replace: list[str]  # committed with other content: uncommit before writing
-    chunks: list[list[Chunk]]
-    capped: int
-    head_ids: list[list[int]]
-    windows: Windows | None
-    paper_vecs: np.ndarray | None = None
-    chunk_vecs: list[np.ndarray] | None = None
+class CommitGroup:
+    """A group of papers on its way through the stages, each filling in its part."""
+
+    papers: list[PaperIn]  # those to index (select)
+    replace: list[str]  # committed with other content: uncommit before writing (select)
+    head_ids: list[list[int]]  # the heads' tokens (select)
+    hashes: list[str] = field(default_factory=list)  # content hashes (prepare)
+    chunks: list[list[Chunk]] = field(default_factory=list)  # (prepare)
+    capped: int = 0  # papers cut at max_chunks (prepare)
+    windows: Windows | None = None  # the chunks' token windows; None without chunks (prepare)
+    paper_vecs: np.ndarray | None = None  # (encode)
+    chunk_vecs: list[np.ndarray] | None = None  # (encode)
 
 
 def retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kwargs):
@@ -199,23 +242,21 @@ def retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kwa
             if attempt == attempts - 1:
                 raise
             delay = base_delay * 2**attempt
-        log.warning("store call %s failed (attempt %d/%d), retrying in %.1fs", getattr(fn, "__name__", fn), attempt + 1, attempts, delay)
+        log.warning("store call %s failed (attempt %d/%d), retrying in %.1fs", getattr(fn, "__name__", fn), attempt + 1,
+                    attempts, delay)
         time.sleep(delay)
 
 
 def settings_fingerprint(passage: PassageEncoder, paper: PaperEncoder, chunk_size: int, overlap: int, max_chunks: int | None) -> str:
     """Everything besides the paper itself that shapes its points: a change re-indexes the paper."""
-    parts = [passage.name, passage.long_chunk, passage.window_tokens, passage.window_overlap, WINDOWING, paper.name, chunk_size, overlap, max_chunks]
+    parts = [passage.name, passage.long_chunk, passage.window_tokens, passage.window_overlap, WINDOWING, paper.name, chunk_size,
+             overlap, max_chunks]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 class Indexer:
-    # Where several GPUs index: each size of the first groups comes once per GPU and the last groups
-    # are cut finer (`groups`), and each group goes to the GPU with the fewest in work (`Handout`),
-    # so that the GPUs start and end together.
-    SPREAD = True
-    # Groups written in input order, each after every earlier one (as before; bench/), not as they come.
-    IN_INPUT_ORDER = False
+    """The stages of indexing (`select`, `prepare`, `encode`, `write`) and `index`, which runs them
+    overlapped over an input (see the module's docstring)."""
 
     def __init__(
         self,
@@ -227,9 +268,13 @@ class Indexer:
         max_chunks: int | None = None,
         papers_per_batch: int = 256,
         replicas: Sequence[tuple[PaperEncoder, PassageEncoder]] = (),
+        group_seconds: float | None = None,
+        tuning: Tuning = Tuning(),
     ) -> None:
         """`replicas`: more (paper, passage) encoder pairs, e.g. on other GPUs; each encodes whole
-        batches of papers in its own thread, next to the main pair."""
+        groups of papers in its own thread, next to the main pair. `papers_per_batch`: papers per group
+        at most; `group_seconds`: groups sized by the measured speed to take about this long to
+        encode (GroupSpeed; None: the ramp up to `papers_per_batch`). See plan.make_plan."""
         self.store = store
         self.paper_encoder = paper_encoder
         self.passage_encoder = passage_encoder
@@ -238,7 +283,7 @@ class Indexer:
         self.gpu_of = [list(dict.fromkeys(devices)).index(d) for d in devices]  # each encoder thread's GPU, from 0
         self.gpus = max(self.gpu_of) + 1
         self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks
-        self.papers_per_batch = papers_per_batch
+        self.papers_per_batch, self.group_seconds, self.tuning = papers_per_batch, group_seconds, tuning
         self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks)
         self.chunking = ChunkSpec(chunk_size, chunk_overlap, max_chunks, self.fingerprint)
         self.layout = Layout(paper_encoder.dim, passage_encoder.dim, passage_encoder.multivector)
@@ -247,233 +292,270 @@ class Indexer:
     def ensure_collections(self) -> None:
         retry(self.store.create, self.layout)
 
-    # stage 1: plan (CPU, this process) ----------------------------------------------------------
-    def _plan(self, papers: list[PaperIn], force: bool) -> _Batch:
+    # stage 1: select (CPU, this process) ---------------------------------------------------------
+    def select(self, papers: list[PaperIn], force: bool) -> CommitGroup:
+        """The papers of a group that need indexing (new, changed, or all with `force`), their heads' tokens."""
         done = retry(self.store.committed, [p.paper_id for p in papers])
         # Only a paper indexed before needs its content hash here, to see whether it changed; the
         # tokenizer workers hash the others while they chunk them.
         todo = [p for p in papers if force or p.paper_id not in done or done[p.paper_id] != p.content_hash(self.fingerprint)]
         replace = [p.paper_id for p in todo if p.paper_id in done]
-        heads = [(p.title, p.abstract or " ".join((p.text or "").split(maxsplit=HEAD_FALLBACK_WORDS)[:HEAD_FALLBACK_WORDS])) for p in todo]
+        heads = [(p.title, p.abstract or " ".join((p.text or "").split(maxsplit=HEAD_FALLBACK_WORDS)[:HEAD_FALLBACK_WORDS]))
+                 for p in todo]
         head_ids = self.paper_encoder.tokenize_heads([t for t, _ in heads], [a for _, a in heads]) if todo else []
-        return _Batch(todo, [], replace, [], 0, head_ids, None)
+        return CommitGroup(todo, replace, head_ids)
 
-    # stage 2: content hashes, chunks and their windows (CPU, the passage encoder's worker processes)
-    def _tokenize(self, b: _Batch) -> None:
-        if b.papers:
-            prepared = self.passage_encoder.prepare_papers([p.model_dump() for p in b.papers], self.chunking)
-            b.hashes, b.chunks, b.capped, b.windows = prepared.hashes, prepared.chunks, prepared.capped, prepared.windows
+    # stage 2: prepare (CPU, the tokenizer's worker processes) -----------------------------------
+    def prepare(self, g: CommitGroup) -> None:
+        """Content hashes, chunks and the chunks' token windows."""
+        if g.papers:
+            prepared = self.passage_encoder.windows.papers([p.model_dump() for p in g.papers], self.chunking)
+            g.hashes, g.chunks, g.capped, g.windows = prepared.hashes, prepared.chunks, prepared.capped, prepared.windows
 
     # stage 3: encode (GPU) -----------------------------------------------------------------------
-    def _encode(self, b: _Batch, paper_encoder: PaperEncoder | None = None, passage_encoder: PassageEncoder | None = None) -> None:
-        if b.papers:
-            b.paper_vecs = (paper_encoder or self.paper_encoder).encode_ids(b.head_ids)
-        b.chunk_vecs = (passage_encoder or self.passage_encoder).encode_windows(b.windows) if b.windows is not None else []
+    def encode(self, g: CommitGroup, paper_encoder: PaperEncoder | None = None, passage_encoder: PassageEncoder | None = None) -> None:
+        if g.papers:
+            g.paper_vecs = (paper_encoder or self.paper_encoder).encode_ids(g.head_ids)
+        g.chunk_vecs = (passage_encoder or self.passage_encoder).encode_windows(g.windows) if g.windows is not None else []
 
     # stage 4: write (store) ----------------------------------------------------------------------
-    def _write(self, b: _Batch, written: Callable[[], None] = lambda: None) -> None:
-        """Write a batch; `written` is called once its paper points are written (maybe later: see
+    def write(self, g: CommitGroup, written: Callable[[], None] = lambda: None) -> None:
+        """Write a group; `written` is called once its paper points are written (maybe later: see
         the end)."""
-        if not b.papers:
+        if not g.papers:
             written()
             return
         with self._write_lock:
-            if b.replace:
-                retry(self.store.delete_papers, b.replace)
-            retry(self.store.delete_chunks, [p.paper_id for p in b.papers if p.paper_id not in set(b.replace)])
+            if g.replace:
+                retry(self.store.delete_papers, g.replace)
+            retry(self.store.delete_chunks, [p.paper_id for p in g.papers if p.paper_id not in set(g.replace)])
             entries, at = [], 0
-            for p, cs in zip(b.papers, b.chunks):
+            for p, cs in zip(g.papers, g.chunks):
                 if cs:
                     entries.append(PaperChunks(PaperRef(p.paper_id, p.title, p.year, p.metadata()),
                                                [ChunkText(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
-                                               b.chunk_vecs[at : at + len(cs)]))
+                                               g.chunk_vecs[at : at + len(cs)]))
                     at += len(cs)
             retry(self.store.upsert_chunks, entries)  # the store makes the points (see PaperChunks)
             paper_points = [
-                Point(paper_point_id(p.paper_id), b.paper_vecs[i], self.paper_payload(p, h, len(cs)))
-                for i, (p, h, cs) in enumerate(zip(b.papers, b.hashes, b.chunks))
+                Point(paper_point_id(p.paper_id), g.paper_vecs[i], self.paper_payload(p, h, len(cs)))
+                for i, (p, h, cs) in enumerate(zip(g.papers, g.hashes, g.chunks))
             ]
             retry(self.store.upsert, self.store.papers, paper_points)
             # Each group is flushed while the next ones encode (an embedded store writes its segments
             # without the interpreter lock), so the run ends with one group to flush, not all of them
             # (~1 s for 90,000 chunks). A store whose chunk writes run elsewhere takes the flush and
-            # the group's paper points in line behind them and returns (`flush_soon`): the next
-            # group's writes are sent meanwhile, and the run's last flush waits for all.
+            # the group's paper points in line behind them and returns: the next group's writes are
+            # sent meanwhile, and the run's last flush waits for all.
             retry(self.store.flush_soon, written)
 
     @staticmethod
     def paper_payload(p: PaperIn, content_hash: str, n_chunks: int) -> dict:
         return paper_payload(p.paper_id, p.title, p.abstract, p.year, n_chunks, content_hash, p.metadata())
 
-    # driver --------------------------------------------------------------------------------------
     def index(
         self,
         records: Iterable[PaperIn | BadRecord],
         force: bool = False,
         on_batch: Callable[[IndexStats], None] | None = None,
     ) -> IndexStats:
-        """Index papers (bad records are counted and passed over). Returns the run's statistics."""
-        stats = IndexStats()
-        t0 = time.perf_counter()
+        """Index papers (bad records are counted and passed over). Returns the run's statistics;
+        `on_batch` gets them each time a group is committed (on Ctrl-C, the last call counts every
+        paper kept)."""
         self.ensure_collections()
-        n_enc = len(self.workers)
-        planned: queue.Queue = queue.Queue(maxsize=2)
-        encoded: queue.Queue = queue.Queue(maxsize=2 * n_enc)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-
-        def good() -> Iterator[PaperIn]:
-            for rec in records:
-                if isinstance(rec, BadRecord):
-                    stats.bad.append(rec)
-                    log.warning("bad record %s", rec)
-                    continue
-                stats.papers_seen += 1
-                yield rec
-
-        spread = self.SPREAD and self.gpus > 1
-        batches = groups(good(), self.papers_per_batch, self.gpus if spread else 1, n_enc if spread else 1)
-        gpu_of = self.gpu_of if spread else [0] * n_enc
-        # One tokenizing thread per lane of the tokenizer workers (a group each in work at once);
-        # groups may come out of order, and the writer writes each once no earlier group it shares a
-        # paper with is left (see writer).
-        n_tok = self.passage_encoder.tokenize_lanes
-        prepared = Handout(gpu_of, 2 * n_enc, stop, producers=n_tok)
-        unwritten: dict[int, frozenset[str]] = {}  # the paper ids of each group planned and not yet written
-        unwritten_lock = threading.Lock()
-
-        def offer(q: queue.Queue, item) -> bool:
-            """Put on `q` unless the run is stopping (then nobody may be taking)."""
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def take(q: queue.Queue):
-            """The next item of `q`; None once the run is stopping."""
-            while True:
-                try:
-                    return q.get(timeout=0.05)
-                except queue.Empty:
-                    if stop.is_set():
-                        return None
-
-        def planner() -> None:
-            try:
-                for seq, group in enumerate(batches):
-                    if stop.is_set():
-                        return
-                    with unwritten_lock:
-                        unwritten[seq] = frozenset(p.paper_id for p in group)
-                    b = self._plan(group, force)
-                    stats.papers_unchanged += len(group) - len(b.papers)
-                    if not offer(planned, (seq, b)):
-                        return
-            except BaseException as exc:  # handed to the main thread
-                errors.append(exc)
-                stop.set()
-            finally:
-                offer(planned, None)
-
-        def tokenizer() -> None:
-            try:
-                while (item := take(planned)) is not None and not errors:
-                    self._tokenize(item[1])
-                    if not prepared.put(item):
-                        return
-            except BaseException as exc:
-                errors.append(exc)
-                stop.set()
-            finally:
-                offer(planned, None)  # the planner's end, for the next tokenizing thread
-                prepared.close()
-
-        def encoder(gpu: int, paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
-            try:
-                while (item := prepared.get(gpu)) is not None and not errors:
-                    self._encode(item[1], paper_enc, passage_enc)
-                    prepared.done(gpu)
-                    encoded.put(item)  # the writer always takes, so this never blocks for long
-            except BaseException as exc:
-                errors.append(exc)
-                stop.set()
-            finally:
-                prepared.leave(gpu)
-                encoded.put(None)
-
-        def record(b: _Batch) -> None:
-            stats.papers_indexed += len(b.papers)
-            stats.papers_capped += b.capped
-            stats.chunks += sum(len(cs) for cs in b.chunks)
-            if b.windows is not None:
-                stats.windows += b.windows.n_windows
-                stats.tokens += b.windows.tokens
-            stats.head_tokens += sum(len(h) for h in b.head_ids)
-            stats.seconds = time.perf_counter() - t0
-            if on_batch:
-                on_batch(stats)
-
-        def free(seq: int) -> bool:
-            """Whether no earlier group still to be written shares a paper with group `seq`."""
-            with unwritten_lock:
-                ids = unwritten[seq]
-                return all(k >= seq or (not self.IN_INPUT_ORDER and ids.isdisjoint(other)) for k, other in unwritten.items())
-
-        def writer() -> None:
-            # A batch is written as soon as it is encoded, unless an earlier one still to be written
-            # has one of its papers: then after it (a paper listed twice ends with its last version).
-            # In input order, every batch waited for the slowest before it, and at the run's end the
-            # writes of all those behind it came after the last encode. Every encoder ends with a None.
-            waiting: dict[int, _Batch] = {}
-            running = n_enc
-            while running:
-                item = encoded.get()
-                if item is None:
-                    running -= 1
-                    continue
-                waiting[item[0]] = item[1]
-                while ready := [seq for seq in sorted(waiting) if free(seq)]:
-                    for seq in ready:
-                        b = waiting.pop(seq)
-                        if not errors:
-                            try:
-                                self._write(b, lambda b=b: record(b))
-                            except BaseException as exc:
-                                errors.append(exc)
-                                stop.set()
-                        with unwritten_lock:
-                            del unwritten[seq]
-
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
-        threads = [threading.Thread(target=planner, daemon=True, name="plan")]
-        threads += [threading.Thread(target=tokenizer, daemon=True, name=f"tokenize-{i}") for i in range(n_tok)]
-        threads += [threading.Thread(target=encoder, args=(gpu_of[i], *w), daemon=True, name=f"encode-{i}") for i, w in enumerate(self.workers)]
-        threads.append(threading.Thread(target=writer, daemon=True, name="write"))
-        try:
-            for t in threads:
-                t.start()
-            threads[-1].join()
-        except BaseException as exc:  # e.g. KeyboardInterrupt while waiting
-            errors.append(exc)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-            sys.setswitchinterval(interval)
-            self.store.flush()
-        stats.seconds = time.perf_counter() - t0
-        if errors:
-            raise errors[0]
-        return stats
+        return IndexRun(self, records, force, on_batch).run()
 
     def delete(self, paper_ids: Sequence[str]) -> int:
         """Remove papers and all their chunks; returns how many papers existed."""
         with self._write_lock:
             return len(delete_papers(self.store, paper_ids))
+
+
+class IndexRun:
+    """One `Indexer.index` call: the stages' threads and the queues between them.
+
+    Groups are numbered in input order. The prepare threads may finish them out of order (one lane of
+    tokenizer workers each), and the writer writes each once no earlier group it shares a paper with
+    is left to write (`free`)."""
+
+    def __init__(self, indexer: Indexer, records: Iterable[PaperIn | BadRecord], force: bool,
+                 on_batch: Callable[[IndexStats], None] | None) -> None:
+        self.ix, self.records, self.force, self.on_batch = indexer, records, force, on_batch
+        self.stats = IndexStats()
+        self.t0 = time.perf_counter()
+        self.stop = threading.Event()  # no new work: an error, or Ctrl-C
+        self.errors: list[BaseException] = []  # the first is raised; a failed run writes nothing more
+        ix = indexer
+        self.n_enc = len(ix.workers)
+        spread = ix.tuning.spread and ix.gpus > 1
+        self.gpu_of = ix.gpu_of if spread else [0] * self.n_enc
+        self.speed = GroupSpeed(ix.group_seconds, ix.papers_per_batch) if ix.group_seconds else None
+        self.groups = groups(self._good(), ix.papers_per_batch, ix.gpus if spread else 1, self.n_enc if spread else 1,
+                             self.speed.limit if self.speed else None)
+        self.n_prep = ix.passage_encoder.tokenize_lanes
+        self.selected: queue.Queue = queue.Queue(maxsize=2)
+        self.prepared = Handout(self.gpu_of, 2 * self.n_enc, self.stop, producers=self.n_prep)
+        self.encoded: queue.Queue = queue.Queue(maxsize=2 * self.n_enc)
+        self.unwritten: dict[int, frozenset[str]] = {}  # the paper ids of each group selected and not yet written
+        self.unwritten_lock = threading.Lock()
+
+    def _good(self) -> Iterator[PaperIn]:
+        for rec in self.records:
+            if isinstance(rec, BadRecord):
+                self.stats.bad.append(rec)
+                log.warning("bad record %s", rec)
+                continue
+            self.stats.papers_seen += 1
+            yield rec
+
+    def _fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.stop.set()
+
+    def _offer(self, q: queue.Queue, item) -> bool:
+        """Put on `q` unless the run is stopping (then nobody may be taking)."""
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _take(self, q: queue.Queue):
+        """The next item of `q`; None once the run is stopping."""
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return None
+
+    # the stages' threads -------------------------------------------------------------------------
+    def select_stage(self) -> None:
+        try:
+            for seq, group in enumerate(self.groups):
+                if self.stop.is_set():
+                    return
+                with self.unwritten_lock:
+                    self.unwritten[seq] = frozenset(p.paper_id for p in group)
+                g = self.ix.select(group, self.force)
+                self.stats.papers_unchanged += len(group) - len(g.papers)
+                if not self._offer(self.selected, (seq, g)):
+                    return
+        except BaseException as exc:  # handed to the calling thread
+            self._fail(exc)
+        finally:
+            self._offer(self.selected, None)
+
+    def prepare_stage(self) -> None:
+        try:
+            while (item := self._take(self.selected)) is not None and not self.errors:
+                self.ix.prepare(item[1])
+                if not self.prepared.put(item):
+                    return
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._offer(self.selected, None)  # the selecting thread's end, for the next prepare thread
+            self.prepared.close()
+
+    def encode_stage(self, gpu: int, paper_enc: PaperEncoder, passage_enc: PassageEncoder) -> None:
+        try:
+            while (item := self.prepared.get(gpu)) is not None and not self.errors:
+                t = time.perf_counter()
+                self.ix.encode(item[1], paper_enc, passage_enc)
+                if self.speed and item[1].papers:
+                    self.speed.record(len(item[1].papers), time.perf_counter() - t)
+                self.prepared.done(gpu)
+                self.encoded.put(item)  # the writer always takes, so this never blocks for long
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self.prepared.leave(gpu)
+            self.encoded.put(None)
+
+    def write_stage(self) -> None:
+        """Write each group as soon as it is encoded, unless an earlier one still to be written has
+        one of its papers: then after it (a paper listed twice ends with its last version). Once the
+        encoders have ended (every one sends None), what still waits is written in input order: the
+        earlier groups it waited for will not come (the run was stopped before they were encoded)."""
+        waiting: dict[int, CommitGroup] = {}
+        running = self.n_enc
+        while running:
+            item = self.encoded.get()
+            if item is None:
+                running -= 1
+                continue
+            waiting[item[0]] = item[1]
+            while ready := [seq for seq in sorted(waiting) if self._free(seq)]:
+                for seq in ready:
+                    self._write(seq, waiting.pop(seq))
+        for seq in sorted(waiting):
+            self._write(seq, waiting.pop(seq))
+
+    # ---------------------------------------------------------------------------------------------
+    def _write(self, seq: int, g: CommitGroup) -> None:
+        if not self.errors:
+            try:
+                self.ix.write(g, lambda: self._record(g))
+            except BaseException as exc:
+                self._fail(exc)
+        with self.unwritten_lock:
+            del self.unwritten[seq]
+
+    def _free(self, seq: int) -> bool:
+        """Whether no earlier group still to be written shares a paper with group `seq`."""
+        in_order = self.ix.tuning.in_input_order
+        with self.unwritten_lock:
+            ids = self.unwritten[seq]
+            return all(k >= seq or (not in_order and ids.isdisjoint(other)) for k, other in self.unwritten.items())
+
+    def _record(self, g: CommitGroup) -> None:
+        st = self.stats
+        st.papers_indexed += len(g.papers)
+        st.papers_capped += g.capped
+        st.chunks += sum(len(cs) for cs in g.chunks)
+        if g.windows is not None:
+            st.windows += g.windows.n_windows
+            st.tokens += g.windows.tokens
+        st.head_tokens += sum(len(h) for h in g.head_ids)
+        st.seconds = time.perf_counter() - self.t0
+        if self.on_batch:
+            self.on_batch(st)
+
+    def run(self) -> IndexStats:
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
+        threads = [threading.Thread(target=self.select_stage, daemon=True, name="select")]
+        threads += [threading.Thread(target=self.prepare_stage, daemon=True, name=f"prepare-{i}") for i in range(self.n_prep)]
+        threads += [threading.Thread(target=self.encode_stage, args=(self.gpu_of[i], *w), daemon=True, name=f"encode-{i}")
+                    for i, w in enumerate(self.ix.workers)]
+        writer = threading.Thread(target=self.write_stage, daemon=True, name="write")
+        threads.append(writer)
+        try:
+            for t in threads:
+                t.start()
+            try:
+                writer.join()
+            except KeyboardInterrupt:
+                # Ctrl-C: nothing new starts; the groups encoded (or being encoded) are still written.
+                log.info("interrupted: writing the papers already encoded")
+                self.stop.set()
+                writer.join()
+                raise
+        except BaseException as exc:  # the interrupt, or a second one while waiting
+            self.errors.insert(0, exc)
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join()
+            sys.setswitchinterval(interval)
+            self.ix.store.flush()
+        self.stats.seconds = time.perf_counter() - self.t0
+        if self.errors:
+            raise self.errors[0]
+        return self.stats
 
 
 def delete_papers(store: Store, paper_ids: Sequence[str]) -> set[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import pickle
 import queue
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -183,6 +184,7 @@ def _serve() -> None:
     """A worker's loop: a (tokenizer JSON, spec) message, then requests in, ("ok", result) or
     ("error", message) out, pickled over stdin/stdout. A request is a list of texts (result:
     Windows) or a ("papers", model dumps, ChunkSpec) tuple (result: PreparedPapers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes our stdin
     inp, out = streams()
     tokenizer_json, spec = pickle.load(inp)
     tok = _load(tokenizer_json)

@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import make_paper, write_jsonl
 from reliability_support import index_until_killed
+
 from indexer.papers import BadRecord, PaperIn, read_papers
 from indexer.runtime import build
 from indexer.store import ClientStore, SearchFilter, chunk_point_id
@@ -304,19 +304,19 @@ def test_a_group_waits_only_for_earlier_groups_with_one_of_its_papers(settings, 
         r.indexer.passage_encoder.windows.set_lanes(2)
         r.indexer.passage_encoder.windows.min_chars_per_task = 1
         held = threading.Event()
-        inner_tokenize, inner_write, written = r.indexer._tokenize, r.indexer._write, []
+        inner_prepare, inner_write, written = r.indexer.prepare, r.indexer.write, []
 
-        def tokenize(b):
+        def prepare(b):
             if "p0001" in {p.paper_id for p in b.papers}:
                 held.wait(5)  # the first group: the second lane prepares the next meanwhile
-            inner_tokenize(b)
+            inner_prepare(b)
 
         def write(b, *a):
             written.append([p.paper_id for p in b.papers])
             held.set()  # the first group goes on once a group was written (or after 5 s)
             inner_write(b, *a)
 
-        r.indexer._tokenize, r.indexer._write = tokenize, write
+        r.indexer.prepare, r.indexer.write = prepare, write
         second = PaperIn(**{**make_paper(0 if twice else 3, words=60), "title": "the newer version"})
         done = []
         stats = r.indexer.index([*papers((0, 200), (1, 150)), second, *papers((2, 90))], on_batch=lambda s: done.append(s.papers_indexed))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from indexer.config import Settings
+from indexer.plan import Hardware, make_plan
 from indexer.runtime import encoder_grid, gpu_replicas
 
 
@@ -34,9 +35,8 @@ class FakeEncoder:
     ],
 )
 def test_replicas_follow_the_gpu_settings(monkeypatch, device, gpus, per_gpu, visible, papers, passages):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     paper, passage = FakeEncoder(device if device.startswith("cuda:") else "cuda:0"), FakeEncoder(device if device.startswith("cuda:") else "cuda:0")
-    pairs = gpu_replicas(Settings(device=device, gpus=gpus, encoders_per_gpu=per_gpu), paper, passage)
+    pairs = gpu_replicas(make_plan(Settings(device=device, gpus=gpus, encoders_per_gpu=per_gpu), hardware(device, visible=visible)), paper, passage)
     assert paper.made == papers
     assert [str(q.device) for _, q in pairs] == passages
     assert all(p.device == q.device for p, q in pairs)
@@ -63,10 +63,13 @@ def test_a_gpus_passage_replicas_come_from_its_first():
         assert grid[(gpu, 1)][1].origin is grid[(gpu, 2)][1].origin is first
 
 
-def test_no_replicas_on_cpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+def test_no_replicas_on_cpu():
     cpu = types.SimpleNamespace(device=torch.device("cpu"))
-    assert gpu_replicas(Settings(gpus=0), cpu, cpu) == []
+    assert gpu_replicas(make_plan(Settings(gpus=0), hardware("auto", visible=4)), cpu, cpu) == []
+
+
+def hardware(device: str, cores: int = 16, visible: int = 4) -> Hardware:
+    return Hardware(cores, visible, "cuda" if device.startswith(("cuda", "auto")) and visible else "cpu")
 
 
 @pytest.mark.parametrize(
@@ -81,13 +84,9 @@ def test_no_replicas_on_cpu(monkeypatch):
         ("cuda", 16, 1, 3, 3),  # PAPERINDEX_TOKENIZER_WORKERS wins
     ],
 )
-def test_tokenizer_workers_follow_the_host(monkeypatch, device, cores, gpus, setting, workers):
-    import indexer.runtime as runtime
-
-    monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device(device))
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert runtime.tokenizer_workers(Settings(device=device, gpus=gpus, tokenizer_workers=setting)) == workers
+def test_tokenizer_workers_follow_the_host(device, cores, gpus, setting, workers):
+    plan = make_plan(Settings(device=device, gpus=gpus, tokenizer_workers=setting), hardware(device, cores, 8))
+    assert plan.tokenizer_workers == workers
 
 
 @pytest.mark.parametrize(
@@ -101,13 +100,8 @@ def test_tokenizer_workers_follow_the_host(monkeypatch, device, cores, gpus, set
         ("cuda", 20, 0, 8, 4),  # 16 workers: four lanes of 4
     ],
 )
-def test_tokenizer_lanes_follow_the_gpus_that_index(monkeypatch, device, cores, gpus, visible, lanes):
-    import indexer.runtime as runtime
-
-    monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device(device))
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert runtime.tokenizer_lanes(Settings(device=device, gpus=gpus)) == lanes
+def test_tokenizer_lanes_follow_the_gpus_that_index(device, cores, gpus, visible, lanes):
+    assert make_plan(Settings(device=device, gpus=gpus), hardware(device, cores, visible)).tokenizer_lanes == lanes
 
 
 @pytest.mark.parametrize(
@@ -121,9 +115,20 @@ def test_tokenizer_lanes_follow_the_gpus_that_index(monkeypatch, device, cores, 
         ("auto", 0, 8, 64, 64),  # PAPERINDEX_PAPERS_PER_BATCH wins
     ],
 )
-def test_papers_per_group_follow_the_gpus_that_index(monkeypatch, device, gpus, visible, setting, papers):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert Settings(device=device, gpus=gpus, papers_per_batch=setting).group_papers() == papers
+def test_papers_per_group_follow_the_gpus_that_index(device, gpus, visible, setting, papers):
+    assert make_plan(Settings(device=device, gpus=gpus, papers_per_batch=setting), hardware(device, visible=visible)).group_papers == papers
+
+
+@pytest.mark.parametrize(
+    "device, setting, seconds",
+    [
+        ("cpu", None, 3.0),  # a CPU: groups sized by measured speed, a few seconds each
+        ("cpu", 8, None),  # a size set by hand is kept
+        ("auto", None, None),  # a GPU: the ramp up to 256
+    ],
+)
+def test_groups_on_a_cpu_are_sized_by_measured_speed(device, setting, seconds):
+    assert make_plan(Settings(device=device, papers_per_batch=setting), hardware(device)).group_seconds == seconds
 
 
 @pytest.mark.parametrize(
@@ -138,11 +143,16 @@ def test_papers_per_group_follow_the_gpus_that_index(monkeypatch, device, gpus, 
         ("auto", 0, 4, 3, 3),  # PAPERINDEX_EDGE_CHUNK_SHARDS wins
     ],
 )
-def test_chunk_shards_of_a_new_index_follow_the_gpus_that_index(monkeypatch, device, gpus, visible, setting, shards):
-    from indexer.store import store_options
+def test_chunk_shards_of_a_new_index_follow_the_gpus_that_index(device, gpus, visible, setting, shards):
+    plan = make_plan(Settings(device=device, gpus=gpus, edge_chunk_shards=setting), hardware(device, visible=visible))
+    assert plan.chunk_shards == shards
 
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    assert store_options(Settings(device=device, gpus=gpus, edge_chunk_shards=setting)).chunk_shards == shards
+
+def test_a_query_only_plan_has_one_encoder_and_no_workers():
+    plan = make_plan(Settings(device="auto", gpus=0, encoders_per_gpu=2), hardware("auto", 64, 4), indexing=False)
+    assert plan.devices == ("cuda:0",) and plan.encoders_per_gpu == 1 and plan.tokenizer_workers == 0
+    full = make_plan(Settings(device="auto", gpus=0, encoders_per_gpu=2), hardware("auto", 64, 4))
+    assert full.devices == ("cuda:0", "cuda:1", "cuda:2", "cuda:3") and full.encoder_threads == 8
 
 
 def test_a_query_only_runtime_loads_no_graphs_workers_or_replicas(settings):
@@ -150,7 +160,9 @@ def test_a_query_only_runtime_loads_no_graphs_workers_or_replicas(settings):
     for them at load), no tokenizer worker processes, no encoder replicas."""
     from indexer.runtime import build
 
-    rt = build(settings.model_copy(update={"tokenizer_workers": 2}), reranker=False, indexing=False)
+    # CUDA graphs asked for (as a GPU's plan has them): a query-only runtime still has none.
+    asked = settings.model_copy(update={"tokenizer_workers": 2, "cuda_graphs": True})
+    rt = build(asked, reranker=False, indexing=False)
     try:
         assert not rt.passage_encoder.run.graphs and not rt.paper_encoder.run.graphs
         assert rt.passage_encoder.windows.workers == 0
@@ -158,7 +170,7 @@ def test_a_query_only_runtime_loads_no_graphs_workers_or_replicas(settings):
     finally:
         rt.passage_encoder.close()
         rt.store.close()
-    rt = build(settings.model_copy(update={"tokenizer_workers": 2}), reranker=False)  # indexing: as configured
+    rt = build(asked, reranker=False)  # indexing: as configured
     try:
         assert rt.passage_encoder.run.graphs and rt.passage_encoder.windows.workers == 2
     finally:
