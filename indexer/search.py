@@ -32,6 +32,19 @@ class Passage:
     metadata: dict[str, Any] = field(default_factory=dict)
     match: Match | None = None  # the words of `text` the query matched best (its best window)
 
+    def snippet(self, chars: int = 200) -> str:
+        """The start of what the query matched (the whole text without a match), cut at a word within
+        `chars` characters, with "…" where text was left out before or after."""
+        words = self.text.split()
+        start, end = (self.match.word_start, self.match.word_end) if self.match else (0, len(words))
+        out, size = [], 0
+        for w in words[start:end]:
+            if out and size + 1 + len(w) > chars:
+                break
+            out.append(w)
+            size += len(w) + (1 if len(out) > 1 else 0)
+        return ("…" if start > 0 else "") + " ".join(out) + ("…" if start + len(out) < len(words) else "")
+
     @classmethod
     def from_hit(cls, h: Hit) -> Passage:
         meta = dict(h.payload.get("metadata") or {})

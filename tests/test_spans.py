@@ -120,3 +120,17 @@ def test_search_hits_carry_their_best_window(tmp_path, encoders):
             assert h.score == pytest.approx(float((windows @ q).max()), rel=1e-3)
     finally:
         store.close()
+
+
+def test_snippet_shows_the_matched_words():
+    from indexer.search import Passage
+
+    text = " ".join(f"w{i}" for i in range(100))
+    p = Passage("p", "t", 0, text, 1.0)
+    assert p.snippet(14) == "w0 w1 w2 w3 w4…"
+    assert Passage("p", "t", 0, "a b", 1.0).snippet() == "a b"
+    p.match = Match(1, 40, 60)
+    assert p.snippet(1000) == "…" + " ".join(f"w{i}" for i in range(40, 60)) + "…"
+    assert p.snippet(8) == "…w40 w41…"
+    p.match = Match(2, 90, 100)
+    assert p.snippet(1000).endswith("w99") and p.snippet(1000).startswith("…w90")
