@@ -123,8 +123,15 @@ def test_search_read_in_context_follow_similar_and_see_errors(base_url, browser)
     expect(dialog).to_be_visible()
     expect(page.locator("#context-title")).to_have_text(title)
     expect(dialog.locator(".passage.hit")).to_have_count(1)
+    expect(dialog.locator(".passage.hit .matched")).to_have_count(1)  # the words the query matched best
     assert dialog.locator(".passage").count() >= 2
     assert page.evaluate("document.activeElement.classList.contains('hit')")
+    shown = dialog.locator(".passage").evaluate_all("ps => ps.map(p => +p.dataset.chunk)")
+    for step in ("#context-after", "#context-before"):  # the next passages over, if the paper has more
+        if page.is_enabled(step):
+            page.click(step)
+            expect(dialog.locator(".passage").first).not_to_have_attribute("data-chunk", str(shown[0]))
+            break
     page.keyboard.press("Escape")
     expect(dialog).to_be_hidden()
 

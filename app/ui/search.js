@@ -45,20 +45,38 @@ function highlighted(text, pattern) {
   return out;
 }
 
-// The SNIPPET_WORDS words of a passage with the most query terms, starting a little before the first.
-function snippet(text, pattern) {
+// SNIPPET_WORDS words of a passage: within what the query matched (`match`, the best window's words, when
+// the service says), those with the most query terms, starting a little before the first of them.
+function snippet(text, pattern, match) {
   const words = text.split(/\s+/).filter(Boolean);
   if (words.length <= SNIPPET_WORDS) return text;
+  const lo = match ? Math.min(match.word_start, words.length) : 0;
+  const hi = match ? Math.min(Math.max(match.word_end, lo + SNIPPET_WORDS), words.length) : words.length;
   const hits = words.map((w) => (pattern && w.match(pattern) ? 1 : 0));
-  let sum = hits.slice(0, SNIPPET_WORDS).reduce((a, b) => a + b, 0);
-  let best = sum, at = 0;
-  for (let i = SNIPPET_WORDS; i < words.length; i++) {
+  let at = Math.max(0, Math.min(lo, words.length - SNIPPET_WORDS));
+  let sum = hits.slice(at, at + SNIPPET_WORDS).reduce((a, b) => a + b, 0);
+  let best = sum;
+  for (let i = at + SNIPPET_WORDS; i < hi; i++) {
     sum += hits[i] - hits[i - SNIPPET_WORDS];
     if (sum > best) [best, at] = [sum, i - SNIPPET_WORDS + 1];
   }
-  if (best > 0) at = Math.max(0, Math.min(hits.indexOf(1, at) - 12, words.length - SNIPPET_WORDS));
+  if (best > 0) at = Math.max(lo, Math.min(hits.indexOf(1, at) - 12, words.length - SNIPPET_WORDS));
   const end = at + SNIPPET_WORDS;
   return (at > 0 ? "… " : "") + words.slice(at, end).join(" ") + (end < words.length ? " …" : "");
+}
+
+// A passage's text with the matched words (`match`) set apart, its query terms marked.
+function withMatch(text, pattern, match) {
+  const spans = [...text.matchAll(/\S+/g)];
+  if (!match || match.word_start >= spans.length) return highlighted(text, pattern);
+  const start = spans[match.word_start].index;
+  const last = spans[Math.min(match.word_end, spans.length) - 1];
+  const end = last.index + last[0].length;
+  const out = document.createDocumentFragment();
+  out.append(highlighted(text.slice(0, start), pattern),
+    el("span", { class: "matched", title: "what the query matched best" }, highlighted(text.slice(start, end), pattern)),
+    highlighted(text.slice(end), pattern));
+  return out;
 }
 
 // --- the API ---------------------------------------------------------------------------------------
@@ -159,11 +177,11 @@ function passageItem(p, pattern, withTitle) {
   return el("li", { class: "passage" },
     withTitle ? el("h3", {}, p.title || p.paper_id) : "",
     withTitle ? paperMeta(p.metadata.year, p.metadata) : "",
-    el("blockquote", {}, highlighted(snippet(p.text, pattern), pattern)),
+    el("blockquote", {}, highlighted(snippet(p.text, pattern, p.match), pattern)),
     el("div", { class: "actions" }, where,
       score("score", p.score, "similarity to the query; higher is closer"),
       score("rerank", p.rerank_score, "the cross-encoder's score; higher is better"),
-      el("button", { type: "button", class: "context", onclick: () => openContext(p.paper_id, p.chunk_index, pattern) },
+      el("button", { type: "button", class: "context", onclick: () => openContext(p.paper_id, p.chunk_index, pattern, p) },
         "Read in context"),
       withTitle ? similarButton(p.paper_id, p.title) : ""));
 }
@@ -238,7 +256,8 @@ function showSimilar(paperId, title) {
 
 // --- a passage in its paper --------------------------------------------------------------------------
 
-async function openContext(paperId, chunkIndex, pattern, hit = chunkIndex) {
+// `hit`: the passage found (its chunk_index and match), marked wherever the window of passages moves.
+async function openContext(paperId, chunkIndex, pattern, hit) {
   const dialog = $("context");
   let res;
   try {
@@ -252,9 +271,10 @@ async function openContext(paperId, chunkIndex, pattern, hit = chunkIndex) {
   $("context-meta").replaceChildren(paperMeta(res.year, res.metadata),
     el("span", {}, `Passages ${first + 1}–${last + 1} of ${res.n_chunks}`));
   $("context-body").replaceChildren(...res.passages.map((p) => {
-    const isHit = p.chunk_index === hit;
+    const isHit = p.chunk_index === hit.chunk_index;
     return el("section", { class: isHit ? "passage hit" : "passage", tabindex: "-1", "data-chunk": p.chunk_index },
-      el("h3", {}, `Passage ${p.chunk_index + 1}${isHit ? " (the hit)" : ""}`), el("p", {}, highlighted(p.text, pattern)));
+      el("h3", {}, `Passage ${p.chunk_index + 1}${isHit ? " (the hit)" : ""}`),
+      el("p", {}, isHit ? withMatch(p.text, pattern, hit.match) : highlighted(p.text, pattern)));
   }));
   // The next window over: its middle passage is CONTEXT_RADIUS beyond this one's edge.
   $("context-before").disabled = first === 0;
