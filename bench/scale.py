@@ -252,26 +252,34 @@ def phase_prepare(a: argparse.Namespace, saved: Saved) -> None:
 # index -----------------------------------------------------------------------------------------------
 
 
+class Tapped:
+    """A store whose chunk writes are shown to `tap` (the papers' chunks and their vectors) first."""
+
+    def __init__(self, store: Any, tap: Callable[[Sequence], None]) -> None:
+        self._store, self._tap = store, tap
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def upsert_chunks(self, entries: Sequence) -> None:
+        self._tap(entries)
+        self._store.upsert_chunks(entries)
+
+
 def index_corpus(fields: dict[str, Any], files: Sequence[Path], feed_until: float | None,
                  tap: Callable[[Sequence], None] | None = None) -> dict[str, Any]:
     """What `paperindex index` does (indexer/cli.py): load the models, index the parts inside the
     store's parallel writes, then build what the writes deferred, each timed. Parts are taken until
-    perf_counter() passes `feed_until`; the build runs only if every part was taken. `tap` sees each
-    call's papers' chunks and vectors before the store does."""
+    perf_counter() passes `feed_until`; the build runs only if every part was taken. `tap` sees the
+    chunks and vectors of every write."""
     from indexer.config import Settings
     from indexer.papers import read_papers
     from indexer.runtime import build, frozen_heap
+    from indexer.store import open_store
 
     t = time.perf_counter()
-    rt = build(Settings(**fields), reranker=False)
-    if tap is not None:
-        upsert_chunks = rt.store.upsert_chunks
-
-        def tapped(entries: Sequence) -> None:
-            tap(entries)
-            upsert_chunks(entries)
-
-        rt.store.upsert_chunks = tapped  # this store object only: the pipeline writes through it
+    s = Settings(**fields)
+    rt = build(s, reranker=False, store=None if tap is None else Tapped(open_store(s), tap))
     out: dict[str, Any] = {"load_s": time.perf_counter() - t, "parts": []}
     taken: list[str] = out["parts"]
 
@@ -434,9 +442,9 @@ class Windows:
         self.counts: list[int] = []
 
     def __call__(self, entries: Sequence) -> None:
-        for paper, chunks, vectors in entries:
-            for c, v in zip(chunks, vectors):
-                self.ids.append(self.point_id(paper[0], c[0]))
+        for e in entries:
+            for c, v in zip(e.chunks, e.vectors):
+                self.ids.append(self.point_id(e.paper.paper_id, c.chunk_index))
                 self.parts.append(np.asarray(v, dtype=np.float32).reshape(-1, v.shape[-1]))
                 self.counts.append(len(self.parts[-1]))
 
@@ -614,7 +622,7 @@ def table(d: dict[str, Any]) -> str:
             rows.append((f"recall@10, engine two-stage {name}", _fmt(e["recall@10"]), f">= {RECALL_TARGET}",
                          _met(e["recall@10"] >= RECALL_TARGET),
                          f"`Searcher.passages`, dense; {e['within_margin_of_10th']:.3f} of its hits within the margin; "
-                         f"{e['search_ms_p50']} ms p50 with query encoding"))
+                         f"{_fmt(e['search_ms_p50'])} ms p50 with query encoding"))
         for key, v in rc["brute_force"].items():
             rows.append((f"recall@10, brute-force prefetch by {key}", _fmt(v), f">= {RECALL_TARGET}",
                          _met(v >= RECALL_TARGET), "exact top K by the pooled vector, rescored by MaxSim (no HNSW)"))
