@@ -80,19 +80,28 @@ async def similar_to(svc: ServiceDep, body: SimilarRequest) -> SimilarResponse:
 
 
 def passage_context(svc: Service, q: ContextQuery) -> PassageContext:
-    """The passage `q.chunk_index` of a paper and up to `q.radius` passages on each side of it."""
+    """The passage `q.chunk_index` of a paper and up to `q.radius` passages on each side of it.
+
+    One passage more is read on each side, to tell whether the paper goes on; which passages exist is
+    the store's answer, not a count (a paper's title and abstract, -1, is a passage only in newer indexes).
+    """
     paper = svc.searcher.paper(q.paper_id)
-    n = int(paper.get("n_chunks", 0))
-    if q.chunk_index >= n:
-        raise NotFound(f"paper {q.paper_id!r} has {n} passages: no chunk_index {q.chunk_index}")
-    wanted = range(max(0, q.chunk_index - q.radius), min(n, q.chunk_index + q.radius + 1))
+    lo, hi = q.chunk_index - q.radius, q.chunk_index + q.radius
+    found = svc.store.get_chunks(q.paper_id, list(range(max(-1, lo - 1), hi + 2)))
+    indexes = [int(c.payload["chunk_index"]) for c in found]
+    if q.chunk_index not in indexes:
+        raise NotFound(f"paper {q.paper_id!r} has no passage at chunk_index {q.chunk_index}")
     passages = []
-    for c in svc.store.get_chunks(q.paper_id, list(wanted)):  # in chunk_index order
-        meta = c.payload.get("metadata") or {}
-        passages.append(ContextPassage(chunk_index=int(c.payload["chunk_index"]), text=c.payload.get("text", ""),
-                                       word_start=meta.get("word_start"), word_end=meta.get("word_end")))
-    return PassageContext(paper_id=q.paper_id, title=paper.get("title", ""), year=paper.get("year"), n_chunks=n,
-                          chunk_index=q.chunk_index, passages=passages, metadata=paper.get("metadata") or {})
+    for i, c in zip(indexes, found):  # in chunk_index order
+        if lo <= i <= hi:
+            meta = c.payload.get("metadata") or {}
+            passages.append(ContextPassage(chunk_index=i, text=c.payload.get("text", ""),
+                                           word_start=meta.get("word_start"), word_end=meta.get("word_end")))
+    return PassageContext(
+        paper_id=q.paper_id, title=paper.get("title", ""), year=paper.get("year"),
+        n_chunks=int(paper.get("n_chunks", 0)), chunk_index=q.chunk_index, passages=passages,
+        more_before=indexes[0] < lo, more_after=indexes[-1] > hi, metadata=paper.get("metadata") or {},
+    )
 
 
 @router.get(

@@ -172,8 +172,11 @@ function similarButton(paperId, title) {
   return el("button", { type: "button", class: "similar", onclick: () => showSimilar(paperId, title) }, "Papers like this");
 }
 
+// chunk_index -1 is a paper's title and abstract, searched as a passage of its own.
+const passageName = (chunkIndex) => (chunkIndex < 0 ? "title and abstract" : `passage ${chunkIndex + 1}`);
+
 function passageItem(p, pattern, withTitle) {
-  const where = el("span", { class: "where" }, `passage ${p.chunk_index + 1}`);
+  const where = el("span", { class: "where" }, passageName(p.chunk_index));
   return el("li", { class: "passage" },
     withTitle ? el("h3", {}, p.title || p.paper_id) : "",
     withTitle ? paperMeta(p.metadata.year, p.metadata) : "",
@@ -269,18 +272,18 @@ async function openContext(paperId, chunkIndex, pattern, hit) {
   const first = res.passages[0].chunk_index, last = res.passages[res.passages.length - 1].chunk_index;
   $("context-title").textContent = res.title || res.paper_id;
   $("context-meta").replaceChildren(paperMeta(res.year, res.metadata),
-    el("span", {}, `Passages ${first + 1}–${last + 1} of ${res.n_chunks}`));
+    el("span", {}, `${passageName(first)} to ${passageName(last)}`));
   $("context-body").replaceChildren(...res.passages.map((p) => {
     const isHit = p.chunk_index === hit.chunk_index;
     return el("section", { class: isHit ? "passage hit" : "passage", tabindex: "-1", "data-chunk": p.chunk_index },
-      el("h3", {}, `Passage ${p.chunk_index + 1}${isHit ? " (the hit)" : ""}`),
+      el("h3", {}, `${passageName(p.chunk_index)}${isHit ? " (the hit)" : ""}`),
       el("p", {}, isHit ? withMatch(p.text, pattern, hit.match) : highlighted(p.text, pattern)));
   }));
-  // The next window over: its middle passage is CONTEXT_RADIUS beyond this one's edge.
-  $("context-before").disabled = first === 0;
-  $("context-before").onclick = () => openContext(paperId, Math.max(0, first - 1 - CONTEXT_RADIUS), pattern, hit);
-  $("context-after").disabled = last >= res.n_chunks - 1;
-  $("context-after").onclick = () => openContext(paperId, Math.min(res.n_chunks - 1, last + 1 + CONTEXT_RADIUS), pattern, hit);
+  // Around the passage just beyond either edge: it exists when the service says the paper goes on.
+  $("context-before").disabled = !res.more_before;
+  $("context-before").onclick = () => openContext(paperId, first - 1, pattern, hit);
+  $("context-after").disabled = !res.more_after;
+  $("context-after").onclick = () => openContext(paperId, last + 1, pattern, hit);
   if (!dialog.open) dialog.showModal();
   const focus = dialog.querySelector(".hit") || dialog.querySelector(`[data-chunk="${res.chunk_index}"]`);
   focus.scrollIntoView({ block: "center" });
