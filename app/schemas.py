@@ -83,7 +83,8 @@ class ContextQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     paper_id: str = Field(min_length=1, description="the passage's paper", examples=["arXiv:1706.03762"])
-    chunk_index: int = Field(ge=0, description="the passage's position in its paper, from 0", examples=[3])
+    chunk_index: int = Field(
+        ge=-1, description="the passage's position in its paper, from 0; -1: its title and abstract", examples=[3])
     radius: int = Field(2, ge=0, le=10, description="passages to show on each side of it")
 
 
@@ -243,7 +244,7 @@ class PassageContext(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "paper_id": "arXiv:1706.03762", "title": "Attention Is All You Need", "year": 2017, "n_chunks": 12,
-        "chunk_index": 3,
+        "chunk_index": 3, "more_before": True, "more_after": True,
         "passages": [{"chunk_index": 2, "text": "... the previous passage", "word_start": 924, "word_end": 1436},
                      {"chunk_index": 3, "text": "the passage itself ...", "word_start": 1386, "word_end": 1898}],
         "metadata": {"authors": ["A. Vaswani"], "venue": "NeurIPS"},
@@ -255,6 +256,8 @@ class PassageContext(BaseModel):
     n_chunks: int = Field(description="passages indexed for this paper")
     chunk_index: int = Field(description="the passage asked for")
     passages: list[ContextPassage] = Field(description="chunk_index - radius .. chunk_index + radius, those that exist")
+    more_before: bool = Field(description="the paper has passages before these")
+    more_after: bool = Field(description="the paper has passages after these")
     metadata: dict[str, Any] = Field(default_factory=dict, description="the paper's authors, venue, url and extra keys")
 
 
