@@ -266,12 +266,12 @@ class Tapped:
         self._store.upsert_chunks(entries)
 
 
-def index_corpus(fields: dict[str, Any], files: Sequence[Path], feed_until: float | None,
+def index_corpus(fields: dict[str, Any], files: Sequence[Path], feed_until: float | None, last: bool = True,
                  tap: Callable[[Sequence], None] | None = None) -> dict[str, Any]:
     """What `paperindex index` does (indexer/cli.py): load the models, index the parts inside the
     store's parallel writes, then build what the writes deferred, each timed. Parts are taken until
-    perf_counter() passes `feed_until`; the build runs only if every part was taken. `tap` sees the
-    chunks and vectors of every write."""
+    perf_counter() passes `feed_until` (none if it has passed once the models are loaded); the build
+    runs if every part was taken and they are the `last` to index. `tap` sees the chunks and vectors of every write."""
     from indexer.config import Settings
     from indexer.papers import read_papers
     from indexer.runtime import build, frozen_heap
@@ -280,8 +280,11 @@ def index_corpus(fields: dict[str, Any], files: Sequence[Path], feed_until: floa
     t = time.perf_counter()
     s = Settings(**fields)
     rt = build(s, reranker=False, store=None if tap is None else Tapped(open_store(s), tap))
-    out: dict[str, Any] = {"load_s": time.perf_counter() - t, "parts": []}
+    out: dict[str, Any] = {"load_s": time.perf_counter() - t, "parts": [], "index_s": 0.0, "stats": {"chunks": 0}}
     taken: list[str] = out["parts"]
+    if feed_until is not None and time.perf_counter() > feed_until:
+        rt.close()
+        return out
 
     def records() -> Iterator:
         for f in files:
@@ -296,7 +299,7 @@ def index_corpus(fields: dict[str, Any], files: Sequence[Path], feed_until: floa
             stats = rt.indexer.index(records())
         out["index_s"] = time.perf_counter() - t
         out["stats"] = stats.as_dict()
-        if len(taken) == len(files):
+        if last and len(taken) == len(files):
             t = time.perf_counter()
             rt.store.finish_bulk()
             out["build_s"] = time.perf_counter() - t
@@ -313,7 +316,9 @@ def phase_index(a: argparse.Namespace, saved: Saved, started: float) -> None:
     if not todo and "build_s" in state:
         say("every part is indexed and built: nothing to do (run --phase prepare to start over)")
         return
-    run = index_corpus(settings_for(a, saved, "index"), todo, started + a.feed_s if a.feed_s else None)
+    take = todo[: a.max_parts] if a.max_parts else todo
+    feed_until = started + a.feed_s if a.feed_s else None
+    run = index_corpus(settings_for(a, saved, "index"), take, feed_until, last=len(take) == len(todo))
     state.setdefault("runs", []).append({k: v for k, v in run.items() if k != "parts"} | {"parts": len(run["parts"])})
     state["parts_done"] = sorted(done | set(run["parts"]))
     if "build_s" in run:
@@ -656,6 +661,7 @@ def main() -> None:
     g = ap.add_argument_group("index")
     g.add_argument("--feed-s", type=float, default=420,
                    help="take no new part once the command has run this many seconds (0: take all)")
+    g.add_argument("--max-parts", type=int, help="take at most this many parts in one command")
     g.add_argument("--bulk-load", action=argparse.BooleanOptionalAction, default=True,
                    help="PAPERINDEX_BULK_LOAD (README: for a first load of 1M+ chunks)")
     g = ap.add_argument_group("search")
