@@ -42,6 +42,9 @@ class _Query(BaseModel):
     k: int = Field(10, description="hits to return (passages, or papers); 1..PAPERINDEX_MAX_K", examples=[5])
     year_from: YearFrom = None
     year_to: YearTo = None
+    mode: Literal["hybrid", "dense", "lexical"] | None = Field(
+        None, description="dense (the models' vectors), lexical (BM25 of the words) or hybrid (both lists fused); "
+                          "default PAPERINDEX_SEARCH_MODE (hybrid)")
 
 
 class SearchRequest(_Query):

@@ -13,6 +13,16 @@ class Chunk:
     text: str
 
 
+# A paper's title + abstract is also a passage, this chunk_index, so that passage search finds a
+# paper by its abstract too, and a paper without a body at all.
+HEAD_CHUNK = -1
+
+
+def head_chunk(title: str, abstract: str | None) -> Chunk:
+    """The title + abstract as a chunk (no word offsets: those count the body's words)."""
+    return Chunk(HEAD_CHUNK, 0, 0, f"{title}\n{abstract}" if abstract else title)
+
+
 def chunk_words(text: str, size: int = 512, overlap: int = 50, max_chunks: int | None = None) -> list[Chunk]:
     """Split on whitespace into chunks of `size` words, each starting `size - overlap` after the last.
 

@@ -153,7 +153,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         flt = _filter(args)
         if args.papers:
-            res = [asdict(r) for r in rt.searcher.papers(args.query, args.k, flt)]
+            res = [asdict(r) for r in rt.searcher.papers(args.query, args.k, flt, mode=args.mode)]
             if args.json:
                 _print_json(res)
             for i, r in enumerate(res, 1):
@@ -161,7 +161,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                     print(f"{i:>2}. [{r['score']:.3f}] {r['paper_id']}  {r['title']} ({r['year'] or 'n.d.'})")
             return 0
         if args.group:
-            groups = rt.searcher.grouped(args.query, args.k, args.group_size, flt, rerank=args.rerank, candidates=args.candidates)
+            groups = rt.searcher.grouped(args.query, args.k, args.group_size, flt, rerank=args.rerank,
+                                         candidates=args.candidates, mode=args.mode)
             if args.json:
                 _print_json([asdict(g) for g in groups])
                 return 0
@@ -170,7 +171,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 for p in g.passages:
                     print(f"      #{p.chunk_index} [{p.score:.3f}] {p.text[:160]}…")
             return 0
-        hits = rt.searcher.passages(args.query, args.k, flt, rerank=args.rerank, candidates=args.candidates)
+        hits = rt.searcher.passages(args.query, args.k, flt, rerank=args.rerank, candidates=args.candidates, mode=args.mode)
         if args.json:
             _print_json([asdict(h) for h in hits])
             return 0
@@ -394,6 +395,8 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--group-size", type=int, default=3)
     se.add_argument("--rerank", action="store_true", help="rescore with the cross-encoder")
     se.add_argument("--candidates", type=int, default=50)
+    se.add_argument("--mode", choices=["hybrid", "dense", "lexical"],
+                    help="dense (the models' vectors), lexical (BM25) or hybrid (both, fused); default: PAPERINDEX_SEARCH_MODE")
     se.set_defaults(func=cmd_search)
 
     si = sub.add_parser("similar", parents=[common, filters], help="papers nearest to an indexed paper (SPECTER2)")

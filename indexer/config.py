@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     cuda_graphs: bool | None = Field(None, description="replay batches from CUDA graphs; None: on sm_80 and newer")
     ray_address: str | None = Field(None, description="`paperindex index` runs on this Ray cluster (`auto`: the one this host is in; `local`: a new one here)")
 
+    # Search: dense (the models' vectors), lexical (BM25 in the engine) or hybrid (both, fused).
+    search_mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
+    search_prefetch: int = Field(200, ge=1, le=10000, description="chunks the pooled vector finds for MaxSim to rescore")
+    search_fusion: Literal["rrf", "dbsf"] = "rrf"
+    head_passage: bool = Field(False, description="index each paper's title + abstract as a passage too (chunk_index -1)")
+
     # Store layout (defaults fit 1M+ chunks on one machine).
     hnsw_m: int = 16
     hnsw_ef_construct: int = 100

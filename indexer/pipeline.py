@@ -247,10 +247,11 @@ def retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kwa
         time.sleep(delay)
 
 
-def settings_fingerprint(passage: PassageEncoder, paper: PaperEncoder, chunk_size: int, overlap: int, max_chunks: int | None) -> str:
+def settings_fingerprint(passage: PassageEncoder, paper: PaperEncoder, chunk_size: int, overlap: int, max_chunks: int | None,
+                         head_passage: bool = False) -> str:
     """Everything besides the paper itself that shapes its points: a change re-indexes the paper."""
     parts = [passage.name, passage.long_chunk, passage.window_tokens, passage.window_overlap, WINDOWING, paper.name, chunk_size,
-             overlap, max_chunks]
+             overlap, max_chunks] + (["head passage"] if head_passage else [])
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -270,11 +271,13 @@ class Indexer:
         replicas: Sequence[tuple[PaperEncoder, PassageEncoder]] = (),
         group_seconds: float | None = None,
         tuning: Tuning = Tuning(),
+        head_passage: bool = False,
     ) -> None:
         """`replicas`: more (paper, passage) encoder pairs, e.g. on other GPUs; each encodes whole
         groups of papers in its own thread, next to the main pair. `papers_per_batch`: papers per group
         at most; `group_seconds`: groups sized by the measured speed to take about this long to
-        encode (GroupSpeed; None: the ramp up to `papers_per_batch`). See plan.make_plan."""
+        encode (GroupSpeed; None: the ramp up to `papers_per_batch`). See plan.make_plan. `head_passage`:
+        each paper's title + abstract is also a passage (chunk_index -1)."""
         self.store = store
         self.paper_encoder = paper_encoder
         self.passage_encoder = passage_encoder
@@ -284,8 +287,8 @@ class Indexer:
         self.gpus = max(self.gpu_of) + 1
         self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks
         self.papers_per_batch, self.group_seconds, self.tuning = papers_per_batch, group_seconds, tuning
-        self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks)
-        self.chunking = ChunkSpec(chunk_size, chunk_overlap, max_chunks, self.fingerprint)
+        self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks, head_passage)
+        self.chunking = ChunkSpec(chunk_size, chunk_overlap, max_chunks, self.fingerprint, head_passage)
         self.layout = Layout(paper_encoder.dim, passage_encoder.dim, passage_encoder.multivector)
         self._write_lock = threading.Lock()
 

@@ -87,5 +87,6 @@ def build(s: Settings, reranker: bool = True, store: Store | None = None, indexi
     store = store or open_store(s)
     idx = Indexer(store, paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, plan.group_papers,
                   replicas=gpu_replicas(plan, paper, passage) if indexing else (), group_seconds=plan.group_seconds,
-                  tuning=plan.tuning)
-    return Runtime(s, store, paper, passage, rr, idx, Searcher(store, passage, paper, rr))
+                  tuning=plan.tuning, head_passage=s.head_passage)
+    searcher = Searcher(store, passage, paper, rr, s.search_mode, s.search_prefetch, s.search_fusion)
+    return Runtime(s, store, paper, passage, rr, idx, searcher)

@@ -10,7 +10,7 @@ import numpy as np
 
 from .encode import PaperEncoder, PassageEncoder, Reranker
 from .spans import Match, WindowMatcher
-from .store import Group, Hit, SearchFilter, Store
+from .store import DEFAULT_PREFETCH, FusionMethod, Group, Hit, SearchFilter, SearchMode, SearchQuery, Store
 
 
 class NotFound(LookupError):
@@ -71,7 +71,7 @@ class PaperGroup:
 class PaperResult:
     paper_id: str
     title: str
-    score: float  # SPECTER2 Euclidean distance: lower is closer
+    score: float  # dense: SPECTER2 Euclidean distance, lower is closer; lexical (BM25), hybrid (fused): higher
     year: int | None
     abstract: str | None
     metadata: dict[str, Any]
@@ -79,15 +79,31 @@ class PaperResult:
     @classmethod
     def from_hit(cls, h: Hit) -> PaperResult:
         p = h.payload
-        return cls(p["paper_id"], p.get("title", ""), h.score, p.get("year"), p.get("abstract"), dict(p.get("metadata") or {}))
+        return cls(
+            p["paper_id"], p.get("title", ""), h.score, p.get("year"), p.get("abstract"), dict(p.get("metadata") or {})
+        )
 
 
 class Searcher:
-    def __init__(self, store: Store, passage_encoder: PassageEncoder, paper_encoder: PaperEncoder, reranker: Reranker | None = None) -> None:
+    """Passage, grouped and paper search. `mode` (each call may name its own): dense (the model's
+    vectors; two-stage over multivector chunks, `prefetch` deep), lexical (BM25) or hybrid (both
+    lists fused by the engine, `fusion`)."""
+
+    def __init__(
+        self,
+        store: Store,
+        passage_encoder: PassageEncoder,
+        paper_encoder: PaperEncoder,
+        reranker: Reranker | None = None,
+        mode: SearchMode = "hybrid",
+        prefetch: int = DEFAULT_PREFETCH,
+        fusion: FusionMethod = "rrf",
+    ) -> None:
         self.store = store
         self.passage_encoder = passage_encoder
         self.paper_encoder = paper_encoder
         self.reranker = reranker
+        self.mode, self.prefetch, self.fusion = mode, prefetch, fusion
         self.matcher = WindowMatcher(passage_encoder.tokenizer.backend_tokenizer.to_str(), passage_encoder.windows.spec)
 
     def passages(
@@ -97,13 +113,17 @@ class Searcher:
         flt: SearchFilter | None = None,
         rerank: bool = False,
         candidates: int = 50,
+        mode: SearchMode | None = None,
     ) -> list[Passage]:
         """Top-k passages; with rerank, the top `candidates` are rescored by the cross-encoder, then cut to k."""
-        vec = self.passage_encoder.encode_queries([query])[0]
-        hits = [Passage.from_hit(h) for h in self.store.search(self.store.chunks, vec, max(k, candidates) if rerank else k, flt)]
+        q = self._query(self.passage_encoder, query, mode)
+        hits = [
+            Passage.from_hit(h)
+            for h in self.store.search(self.store.chunks, q, max(k, candidates) if rerank else k, flt)
+        ]
         if rerank:
             hits = self._rerank(query, hits)
-        self._match(query, vec, hits[:k])
+        self._match(query, q.vector, hits[:k])
         return hits[:k]
 
     def grouped(
@@ -114,10 +134,13 @@ class Searcher:
         flt: SearchFilter | None = None,
         rerank: bool = False,
         candidates: int = 50,
+        mode: SearchMode | None = None,
     ) -> list[PaperGroup]:
         """Top-k papers by their best passages, each paper once with up to `group_size` passages."""
-        vec = self.passage_encoder.encode_queries([query])[0]
-        groups: list[Group] = self.store.search_groups(vec, max(k, candidates // group_size) if rerank else k, group_size, flt)
+        q = self._query(self.passage_encoder, query, mode)
+        groups: list[Group] = self.store.search_groups(
+            q, max(k, candidates // group_size) if rerank else k, group_size, flt
+        )
         out = []
         for g in groups:
             ps = [Passage.from_hit(h) for h in g.hits]
@@ -132,8 +155,14 @@ class Searcher:
                 g.passages.sort(key=lambda p: -(p.rerank_score or 0.0))
                 g.score = best[g.paper_id]
             out.sort(key=lambda g: -g.score)
-        self._match(query, vec, [p for g in out[:k] for p in g.passages])
+        self._match(query, q.vector, [p for g in out[:k] for p in g.passages])
         return out[:k]
+
+    def _query(self, encoder: PassageEncoder | PaperEncoder, text: str, mode: SearchMode | None) -> SearchQuery:
+        """The store's query for `text`: its vector by `encoder` unless the search is lexical only."""
+        mode = mode or self.mode
+        vec = None if mode == "lexical" else encoder.encode_queries([text])[0]
+        return SearchQuery(vec, text, mode, self.prefetch, self.fusion)
 
     def _match(self, query: str, vec: np.ndarray | None, hits: Sequence[Passage]) -> None:
         """Set each hit's `match`: the window of its chunk that scores best against the query vector
@@ -160,10 +189,13 @@ class Searcher:
             h.rerank_score = s
         return sorted(hits, key=lambda h: -(h.rerank_score or 0.0))
 
-    def papers(self, query: str, k: int = 10, flt: SearchFilter | None = None) -> list[PaperResult]:
-        """Paper search: the query through SPECTER2's ad-hoc query adapter, against paper heads."""
-        vec = self.paper_encoder.encode_queries([query])[0]
-        return [PaperResult.from_hit(h) for h in self.store.search(self.store.papers, vec, k, flt)]
+    def papers(
+        self, query: str, k: int = 10, flt: SearchFilter | None = None, mode: SearchMode | None = None
+    ) -> list[PaperResult]:
+        """Paper search: the query through SPECTER2's ad-hoc query adapter against paper heads (dense),
+        BM25 of their titles and abstracts (lexical), or both fused (hybrid)."""
+        q = self._query(self.paper_encoder, query, mode)
+        return [PaperResult.from_hit(h) for h in self.store.search(self.store.papers, q, k, flt)]
 
     def paper(self, paper_id: str) -> dict[str, Any]:
         found = self.store.get_papers([paper_id])
@@ -180,7 +212,9 @@ class Searcher:
         f = SearchFilter(f.year_from, f.year_to, f.paper_ids, [*f.exclude_paper_ids, paper_id])
         return [PaperResult.from_hit(h) for h in self.store.search(self.store.papers, found[paper_id].vector, k, f)]
 
-    def similar_to(self, title: str, abstract: str | None, k: int = 10, flt: SearchFilter | None = None) -> list[PaperResult]:
+    def similar_to(
+        self, title: str, abstract: str | None, k: int = 10, flt: SearchFilter | None = None
+    ) -> list[PaperResult]:
         """SPECTER2 neighbours of a paper that is not in the index."""
         vec = self.paper_encoder.encode_papers([title], [abstract])[0]
         return [PaperResult.from_hit(h) for h in self.store.search(self.store.papers, vec, k, flt)]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunking import Chunk, chunk_words, window_spans
+from .chunking import Chunk, chunk_words, head_chunk, window_spans
 from .papers import content_hash
 from .workers import answer, send, spawn, stop, streams
 
@@ -132,6 +132,7 @@ class ChunkSpec:
     overlap: int
     max_chunks: int | None
     fingerprint: str
+    head: bool = False  # the title + abstract first, as a chunk of its own (chunking.head_chunk)
 
 
 @dataclass
@@ -159,7 +160,7 @@ def _prepare(tok, papers: list[dict], chunking: ChunkSpec, spec: WindowSpec) -> 
         cs = chunk_words(fields.get("text") or "", chunking.size, chunking.overlap, None if cap is None else cap + 1)
         if cap is not None and len(cs) > cap:
             cs, capped = cs[:cap], capped + 1
-        chunks.append(cs)
+        chunks.append([head_chunk(fields["title"], fields.get("abstract")), *cs] if chunking.head else cs)
     texts = [c.text for cs in chunks for c in cs]
     return PreparedPapers(hashes, chunks, capped, _tokenize(tok, texts, spec) if texts else None)
 

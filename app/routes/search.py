@@ -80,9 +80,9 @@ async def search(
     candidates = p.candidates or min(DEFAULT_CANDIDATES, svc.settings.max_candidates)
     await svc.collections()
     if p.group_by_paper:
-        groups = await svc.read(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, candidates)
+        groups = await svc.read(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, candidates, p.mode)
         return GroupedSearchResponse(query=p.q, reranked=p.rerank, groups=[paper_group(g) for g in groups])
-    hits = await svc.read(svc.searcher.passages, p.q, p.k, flt, p.rerank, candidates)
+    hits = await svc.read(svc.searcher.passages, p.q, p.k, flt, p.rerank, candidates, p.mode)
     return PassageSearchResponse(query=p.q, reranked=p.rerank, hits=[passage_hit(h) for h in hits])
 
 
@@ -96,5 +96,5 @@ async def search_papers(svc: ServiceDep, params: Annotated[PaperSearchRequest, Q
     p = params
     check_bounds(svc.settings, q=p.q, k=p.k, year_from=p.year_from, year_to=p.year_to)
     await svc.collections()
-    hits = await svc.read(svc.searcher.papers, p.q, p.k, SearchFilter(p.year_from, p.year_to))
+    hits = await svc.read(svc.searcher.papers, p.q, p.k, SearchFilter(p.year_from, p.year_to), p.mode)
     return PaperSearchResponse(query=p.q, hits=[paper_hit(h) for h in hits])

@@ -9,9 +9,14 @@ base.py holds the interface (`Store`) and its values, schema.py what the points 
 
 from __future__ import annotations
 
+from ..chunking import HEAD_CHUNK
 from ..errors import StoreError, StoreUnavailable
+from ..plan import make_plan
 from .base import (
+    DEFAULT_PREFETCH,
+    SCHEMA,
     ChunkText,
+    FusionMethod,
     Group,
     Hit,
     Layout,
@@ -19,6 +24,8 @@ from .base import (
     PaperRef,
     Point,
     SearchFilter,
+    SearchMode,
+    SearchQuery,
     Store,
     StoreOptions,
     WritesReport,
@@ -40,6 +47,12 @@ from .schema import (
 from .writers import ShardWriters
 
 __all__ = [
+    "DEFAULT_PREFETCH",
+    "HEAD_CHUNK",
+    "SCHEMA",
+    "FusionMethod",
+    "SearchMode",
+    "SearchQuery",
     "MIN_PARALLEL_BATCH",
     "NAMESPACE",
     "PAPER_VECTOR",
@@ -82,7 +95,7 @@ def store_options(settings) -> StoreOptions:
         shard_number=settings.shard_number,
         replication_factor=settings.replication_factor,
         upload_parallel=settings.upload_parallel,
-        chunk_shards=settings.edge_chunk_shards or 2 * settings.indexing_gpus(),
+        chunk_shards=make_plan(settings).chunk_shards,
     )
 
 

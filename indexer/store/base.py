@@ -21,9 +21,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
+
+# What the collections hold (schema.py): 1, one dense vector a point; 2, also a BM25 sparse vector,
+# and on a multivector chunk a pooled vector that is searched first (the windows have no graph).
+SCHEMA = 2
+SearchMode = Literal["hybrid", "dense", "lexical"]
+FusionMethod = Literal["rrf", "dbsf"]
+# Chunks taken by the pooled vector for MaxSim to rescore (PAPERINDEX_SEARCH_PREFETCH).
+DEFAULT_PREFETCH = 200
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,25 @@ class Layout:
     paper_dim: int
     chunk_dim: int
     multivector: bool
+    schema: int = SCHEMA
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """What a search looks for. dense: `vector` (two-stage where chunks are multivectors: the top
+    `prefetch` by the pooled vector, rescored by MaxSim over the windows); lexical: BM25 of `text`;
+    hybrid: both lists, fused by the engine (`fusion`)."""
+
+    vector: np.ndarray | None = None
+    text: str | None = None
+    mode: SearchMode = "dense"
+    prefetch: int = DEFAULT_PREFETCH
+    fusion: FusionMethod = "rrf"
+
+    @classmethod
+    def of(cls, query: SearchQuery | np.ndarray) -> SearchQuery:
+        """A bare vector is a dense query."""
+        return query if isinstance(query, SearchQuery) else cls(vector=query)
 
 
 @dataclass
@@ -170,11 +197,17 @@ class Store(Protocol):
         """A paper's chunks by index: those that exist, ordered by chunk_index (vectors: the windows)."""
         ...
 
-    def search(self, collection: str, vector: np.ndarray, limit: int, flt: SearchFilter | None = None) -> list[Hit]: ...
+    def search(
+        self, collection: str, query: SearchQuery | np.ndarray, limit: int, flt: SearchFilter | None = None
+    ) -> list[Hit]:
+        """The best `limit` points of a collection (chunks or papers) for a query (a bare vector: dense)."""
+        ...
 
     def search_groups(
-        self, vector: np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None
-    ) -> list[Group]: ...
+        self, query: SearchQuery | np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None
+    ) -> list[Group]:
+        """The best `groups` papers by their chunks, each with its best `group_size` chunks."""
+        ...
 
     def count(self, collection: str, flt: SearchFilter | None = None) -> int: ...
 

@@ -10,21 +10,30 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError, StoreUnavailable
-from .base import Group, Hit, Layout, PaperChunks, Point, SearchFilter, Store, StoreOptions
+from .base import SCHEMA, Group, Hit, Layout, PaperChunks, Point, SearchFilter, SearchQuery, Store, StoreOptions
 from .schema import (
     CHUNK_INDEXES,
     INTEGER_KEYS,
+    OLD_INDEX,
     PAPER_INDEXES,
     PAPER_VECTOR,
     PASSAGE_VECTOR,
+    RRF_K,
+    SPARSE_VECTOR,
     FilterModels,
+    VectorNames,
+    bm25,
+    check_query,
     chunk_point_id,
     chunk_points,
+    fusion_depth,
     make_filter,
+    named_vectors,
     paper_point_id,
     paper_points,
     query_value,
     record_points,
+    vector_names,
 )
 
 MIN_PARALLEL_BATCH = 64  # points per request below which splitting an upsert costs more than it gains
@@ -81,7 +90,7 @@ class ClientStore(Store):
             self.client = QdrantClient(location=location)
         else:
             self.client = QdrantClient(url=url, api_key=api_key, prefer_grpc=prefer_grpc, timeout=int(timeout))
-        self._multivector: bool | None = None
+        self._layout: Layout | None = None  # read once (layout) or created
         # qdrant-client's local mode (":memory:", a path) is not thread-safe: parallel upload is for servers.
         local = type(getattr(self.client, "_client", None)).__name__ == "QdrantLocal"
         self._pool = (
@@ -107,19 +116,31 @@ class ClientStore(Store):
         if not (self._call(c.collection_exists, self.papers) and self._call(c.collection_exists, self.chunks)):
             return None
         pv = self._call(c.get_collection, self.papers).config.params.vectors[PAPER_VECTOR]
-        cv = self._call(c.get_collection, self.chunks).config.params.vectors[PASSAGE_VECTOR]
-        self._multivector = cv.multivector_config is not None
-        return Layout(pv.size, cv.size, self._multivector)
+        params = self._call(c.get_collection, self.chunks).config.params
+        cv = params.vectors[PASSAGE_VECTOR]
+        schema = SCHEMA if SPARSE_VECTOR in (params.sparse_vectors or {}) else 1
+        self._layout = Layout(pv.size, cv.size, cv.multivector_config is not None, schema)
+        return self._layout
+
+    def _names(self) -> tuple[VectorNames, VectorNames]:
+        """(papers, chunks) vector names of the collections (their layout read once)."""
+        if self._layout is None and self.layout() is None:
+            raise StoreError(f"collections {self.papers!r}/{self.chunks!r} do not exist yet: index some papers first")
+        return vector_names(self._layout)
 
     def create(self, layout: Layout) -> None:
         existing = self.layout()
         if existing is not None:
+            if existing.schema < SCHEMA:
+                raise StoreError(f"{OLD_INDEX} (collections {self.papers!r}/{self.chunks!r})")
             if existing != layout:
                 raise StoreError(
                     f"collections {self.papers!r}/{self.chunks!r} were built with {existing}, "
                     f"the models/settings now give {layout}"
                 )
             return
+        if layout.schema != SCHEMA:
+            raise StoreError(f"new collections are made as index schema {SCHEMA}, not {layout.schema}")
         m, o = self.m, self.options
         quant = (
             m.ScalarQuantization(
@@ -129,23 +150,36 @@ class ClientStore(Store):
             else None
         )
         hnsw = m.HnswConfigDiff(m=0 if o.bulk_load else o.hnsw_m, ef_construct=o.hnsw_ef_construct)
+        paper_names, chunk_names = vector_names(layout)
         specs = {
-            self.papers: (PAPER_VECTOR, layout.paper_dim, m.Distance.EUCLID, False, PAPER_INDEXES),
-            self.chunks: (PASSAGE_VECTOR, layout.chunk_dim, m.Distance.DOT, layout.multivector, CHUNK_INDEXES),
+            self.papers: (paper_names, layout.paper_dim, m.Distance.EUCLID, False, PAPER_INDEXES),
+            self.chunks: (chunk_names, layout.chunk_dim, m.Distance.DOT, layout.multivector, CHUNK_INDEXES),
         }
-        for name, (vname, dim, distance, multi, indexed) in specs.items():
+        for name, (names, dim, distance, multi, indexed) in specs.items():
             if self._call(self.client.collection_exists, name):
                 continue
-            params = m.VectorParams(
-                size=dim,
-                distance=distance,
-                on_disk=o.vectors_on_disk or None,
-                multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM) if multi else None,
-            )
+            vectors = {
+                names.dense: m.VectorParams(
+                    size=dim,
+                    distance=distance,
+                    on_disk=o.vectors_on_disk or None,
+                    multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM)
+                    if multi
+                    else None,
+                    # searched through the pooled vector only: no graph over the windows
+                    hnsw_config=m.HnswConfigDiff(m=0) if names.pooled else None,
+                )
+            }
+            if names.pooled:
+                vectors[names.pooled] = m.VectorParams(
+                    size=dim, distance=m.Distance.COSINE, on_disk=o.vectors_on_disk or None
+                )
+            sparse = {names.sparse: m.SparseVectorParams(modifier=m.Modifier.IDF)} if names.sparse else None
             self._call(
                 self.client.create_collection,
                 name,
-                vectors_config={vname: params},
+                vectors_config=vectors,
+                sparse_vectors_config=sparse,
                 hnsw_config=hnsw,
                 quantization_config=quant,
                 on_disk_payload=True,
@@ -155,7 +189,7 @@ class ClientStore(Store):
             for key in indexed:
                 schema = m.PayloadSchemaType.INTEGER if key in INTEGER_KEYS else m.PayloadSchemaType.KEYWORD
                 self._call(self.client.create_payload_index, name, key, field_schema=schema, wait=True)
-        self._multivector = layout.multivector
+        self._layout = layout
 
     def hnsw_m(self, collection: str) -> int | None:
         if not self._call(self.client.collection_exists, collection):
@@ -173,10 +207,42 @@ class ClientStore(Store):
                 )
         self.options = replace(self.options, bulk_load=False)
 
-    def _is_multivector(self) -> bool:
-        if self._multivector is None:
-            self.layout()
-        return bool(self._multivector)
+    def _sparse(self, vector):
+        """qdrant_edge's Bm25 SparseVector as qdrant-client takes it."""
+        return self.m.SparseVector(indices=list(vector.indices), values=list(vector.values))
+
+    def _branch(self, names: VectorNames, q: SearchQuery, limit: int, flt) -> dict:
+        """query_points arguments of one list (see shard._branch)."""
+        m = self.m
+        if q.mode == "lexical":
+            return dict(query=self._sparse(bm25().embed_query(q.text)), using=names.sparse)
+        multi = names.dense == PASSAGE_VECTOR and self._layout.multivector
+        if names.pooled:
+            vector = query_value(q.vector, False)
+            pre = m.Prefetch(query=vector, using=names.pooled, limit=max(q.prefetch, limit), filter=flt)
+            return dict(query=[vector], using=names.dense, prefetch=[pre])
+        return dict(query=query_value(q.vector, multi), using=names.dense)
+
+    def _request(self, collection: str, query: SearchQuery | np.ndarray, limit: int, flt: SearchFilter | None) -> dict:
+        """query_points arguments for a query; hybrid: the server fuses the dense and the BM25 list."""
+        q = SearchQuery.of(query)
+        paper_names, chunk_names = self._names()
+        names = chunk_names if collection == self.chunks else paper_names
+        check_query(q, names)
+        f = self._filter(flt)
+        if q.mode != "hybrid":
+            return dict(self._branch(names, q, limit, f), limit=limit, query_filter=f)
+        depth = fusion_depth(limit)
+        lists = [
+            self.m.Prefetch(**self._branch(names, replace(q, mode=mode), depth, f), limit=depth, filter=f)
+            for mode in ("dense", "lexical")
+        ]
+        fusion = (
+            self.m.RrfQuery(rrf=self.m.Rrf(k=RRF_K))
+            if q.fusion == "rrf"
+            else self.m.FusionQuery(fusion=self.m.Fusion.DBSF)
+        )
+        return dict(query=fusion, prefetch=lists, limit=limit, query_filter=f)
 
     def _filter(self, flt: SearchFilter | None):
         return make_filter(flt, self._filters)
@@ -185,10 +251,10 @@ class ClientStore(Store):
     def upsert(self, collection: str, points: Sequence[Point]) -> None:
         if not points:
             return
-        vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
+        names = self._names()[0 if collection == self.papers else 1]
         structs = [
             self.m.PointStruct(
-                id=p.id, vector={vname: p.vector.astype(np.float32, copy=False).tolist()}, payload=p.payload
+                id=p.id, vector=named_vectors(names, p.vector, p.payload, self._sparse), payload=p.payload
             )
             for p in points
         ]
@@ -234,7 +300,7 @@ class ClientStore(Store):
             self.papers,
             ids=[paper_point_id(p) for p in paper_ids],
             with_payload=True,
-            with_vectors=with_vectors,
+            with_vectors=[PAPER_VECTOR] if with_vectors else False,
         )
         return paper_points(recs, with_vectors)
 
@@ -251,32 +317,25 @@ class ClientStore(Store):
         )
         return sorted(record_points(recs, PASSAGE_VECTOR, with_vectors), key=lambda p: p.payload["chunk_index"])
 
-    def search(self, collection: str, vector: np.ndarray, limit: int, flt: SearchFilter | None = None) -> list[Hit]:
-        multi = collection == self.chunks and self._is_multivector()
-        vname = PASSAGE_VECTOR if collection == self.chunks else PAPER_VECTOR
+    def search(
+        self, collection: str, query: SearchQuery | np.ndarray, limit: int, flt: SearchFilter | None = None
+    ) -> list[Hit]:
         res = self._call(
-            self.client.query_points,
-            collection,
-            query=query_value(vector, multi),
-            using=vname,
-            limit=limit,
-            query_filter=self._filter(flt),
-            with_payload=True,
+            self.client.query_points, collection, **self._request(collection, query, limit, flt), with_payload=True
         )
         return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res.points]
 
     def search_groups(
-        self, vector: np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None
+        self, query: SearchQuery | np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None
     ) -> list[Group]:
+        # the lists the groups are made of as deep as EdgeStore's first oversampled top-N
+        request = self._request(self.chunks, query, max(groups * group_size * 4, 64), flt)
         res = self._call(
             self.client.query_points_groups,
             self.chunks,
-            query=query_value(vector, self._is_multivector()),
-            using=PASSAGE_VECTOR,
+            **{**request, "limit": groups},
             group_by="paper_uuid",
-            limit=groups,
             group_size=group_size,
-            query_filter=self._filter(flt),
             with_payload=True,
             with_lookup=self.m.WithLookup(collection=self.papers, with_payload=True, with_vectors=False),
         )
@@ -298,7 +357,12 @@ class ClientStore(Store):
         vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
         while True:
             recs, nxt = self._call(
-                self.client.scroll, collection, offset=offset, limit=batch, with_payload=True, with_vectors=with_vectors
+                self.client.scroll,
+                collection,
+                offset=offset,
+                limit=batch,
+                with_payload=True,
+                with_vectors=[vname] if with_vectors else False,
             )
             offset = None if nxt is None else str(nxt)
             yield record_points(recs, vname, with_vectors), offset

@@ -15,22 +15,48 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError, StoreUnavailable
-from .base import Group, Hit, Layout, PaperChunks, Point, SearchFilter, Store, StoreOptions, WritesReport, group_hits
+from .base import (
+    SCHEMA,
+    Group,
+    Hit,
+    Layout,
+    PaperChunks,
+    Point,
+    SearchFilter,
+    SearchQuery,
+    Store,
+    StoreOptions,
+    WritesReport,
+    group_hits,
+)
 from .schema import (
     CHUNK_INDEXES,
+    OLD_INDEX,
     PAPER_INDEXES,
     PAPER_VECTOR,
     PASSAGE_VECTOR,
+    SPARSE_VECTOR,
+    VectorNames,
+    check_query,
     chunk_point_id,
     chunk_points,
     chunk_shard,
     make_filter,
     paper_point_id,
     paper_points,
-    query_value,
     record_points,
+    vector_names,
 )
-from .shard import ShardSpec, create_shard, edge_config, edge_filters, edge_points, load_shard, paper_filter
+from .shard import (
+    ShardSpec,
+    create_shard,
+    edge_config,
+    edge_filters,
+    edge_points,
+    load_shard,
+    paper_filter,
+    search_shards,
+)
 from .writers import ShardWriters
 
 
@@ -63,13 +89,11 @@ class EdgeStore(Store):
         # Paper points waiting for their chunk writes (ShardWriters.ticket) while the writers run,
         # and what to call once they are written (flush_soon).
         self._commits: deque[tuple[tuple[int, ...], list[Point], Callable[[], None] | None]] = deque()
-        self._multivector = False
+        self._layout: Layout | None = None  # of the collections once they exist (read or created)
         for name in (papers, chunks):
             if dirs := self._dirs(name):
                 self._unopened[name] = dirs
                 self._open(name)
-        if chunks in self._shards:
-            self._multivector = self._read_layout()[1]
 
     def _dirs(self, name: str, n: int | None = None) -> list[Path]:
         """The shard folders of a collection: `n` of them, or those on disk."""
@@ -88,27 +112,40 @@ class EdgeStore(Store):
         return self._writers.shards if self._writers is not None else self.options.chunk_shards
 
     # layout ------------------------------------------------------------------------------------
-    def _read_layout(self) -> tuple[int, bool]:
-        cfg = json.loads((self.path / self.chunks / "edge_config.json").read_text())
-        params = cfg["vectors"][PASSAGE_VECTOR]
-        return int(params["size"]), params.get("multivector_config") is not None
-
     def layout(self) -> Layout | None:
+        if self._layout is not None:
+            return self._layout
         if not self._exists(self.papers) or not self._exists(self.chunks):
             return None
         if self._writers is not None and self._writers.creates:
             self._writers.wait(self._writers.opened)  # the shards' configs are on disk once their creators answered
         paper_cfg = json.loads((self.path / self.papers / "edge_config.json").read_text())
-        dim, multi = self._read_layout()
-        return Layout(int(paper_cfg["vectors"][PAPER_VECTOR]["size"]), dim, multi)
+        chunk_cfg = json.loads((self.path / self.chunks / "edge_config.json").read_text())
+        passage = chunk_cfg["vectors"][PASSAGE_VECTOR]
+        schema = SCHEMA if SPARSE_VECTOR in (chunk_cfg.get("sparse_vectors") or {}) else 1
+        self._layout = Layout(
+            int(paper_cfg["vectors"][PAPER_VECTOR]["size"]),
+            int(passage["size"]),
+            passage.get("multivector_config") is not None,
+            schema,
+        )
+        return self._layout
+
+    def _names(self) -> tuple[VectorNames, VectorNames]:
+        """(papers, chunks) vector names of the collections."""
+        layout = self.layout()
+        if layout is None:
+            raise StoreError(f"no index at {self.path} yet: index some papers first")
+        return vector_names(layout)
 
     def _specs(self, layout: Layout) -> dict[str, ShardSpec]:
         """What each collection's new shards are created with, chunks first."""
         o = self.options
         m = 0 if o.bulk_load else o.hnsw_m
+        paper_names, chunk_names = vector_names(layout)
         return {
             self.chunks: ShardSpec(
-                PASSAGE_VECTOR,
+                chunk_names,
                 layout.chunk_dim,
                 "Dot",
                 layout.multivector,
@@ -119,7 +156,7 @@ class EdgeStore(Store):
                 CHUNK_INDEXES,
             ),
             self.papers: ShardSpec(
-                PAPER_VECTOR,
+                paper_names,
                 layout.paper_dim,
                 "Euclid",
                 False,
@@ -137,12 +174,16 @@ class EdgeStore(Store):
         goes on (~0.08 s a shard, most of it the payload indexes)."""
         existing = self.layout()
         if existing is not None:
+            if existing.schema < SCHEMA:
+                raise StoreError(f"{OLD_INDEX} ({self.path})")
             if existing != layout:
                 raise StoreError(
                     f"the index at {self.path} was built with {existing}, the models/settings now give {layout}; "
                     "use another PAPERINDEX_QDRANT_PATH or delete the old index"
                 )
             return
+        if layout.schema != SCHEMA:
+            raise StoreError(f"new collections are made as index schema {SCHEMA}, not {layout.schema}")
         for name, spec in self._specs(layout).items():
             if self._exists(name):
                 continue
@@ -151,7 +192,7 @@ class EdgeStore(Store):
                 self._start_writers(dirs, create=spec)
             else:
                 self._shards[name] = [create_shard(self.qe, d, spec) for d in dirs]
-        self._multivector = layout.multivector
+        self._layout = layout
 
     def _exists(self, name: str) -> bool:
         return name in self._shards or name in self._unopened or (name == self.chunks and self._writers is not None)
@@ -204,7 +245,7 @@ class EdgeStore(Store):
         for name, spec in self._specs(layout).items():
             if self.hnsw_m(name) != self.options.hnsw_m:
                 # only m changes: the vectors keep the quantization and placement they were created with
-                stored = json.loads((self.path / name / "edge_config.json").read_text())["vectors"][spec.vector]
+                stored = json.loads((self.path / name / "edge_config.json").read_text())["vectors"][spec.names.dense]
                 spec = replace(
                     spec,
                     m=self.options.hnsw_m,
@@ -240,7 +281,7 @@ class EdgeStore(Store):
             if self._writers is not None:
                 self._writers.upsert(i, part)
             else:
-                self._update(self._shard_list(self.chunks)[i], PASSAGE_VECTOR, part)
+                self._update(self._shard_list(self.chunks)[i], self._names()[1], part)
         if self._writers is not None:
             self._commit(wait=False)
 
@@ -255,13 +296,13 @@ class EdgeStore(Store):
         self._commit(wait=False)
 
     def _write_papers(self, points: Sequence[Point]) -> None:
-        self._update(self._shard_list(self.papers)[0], PAPER_VECTOR, points)
+        self._update(self._shard_list(self.papers)[0], self._names()[0], points)
 
-    def _update(self, shard, vname: str, points: Sequence[Point]) -> None:
+    def _update(self, shard, names: VectorNames, points: Sequence[Point]) -> None:
         """Upsert into a shard open in this process, IN_PROCESS_UPSERT_POINTS a call."""
         step = self.IN_PROCESS_UPSERT_POINTS
         for i in range(0, len(points), step):
-            shard.update(self.qe.UpdateOperation.upsert_points(edge_points(self.qe, vname, points[i : i + step])))
+            shard.update(self.qe.UpdateOperation.upsert_points(edge_points(self.qe, names, points[i : i + step])))
 
     def _commit(self, wait: bool) -> None:
         """Write the paper points whose chunk writes are done, in the order they came; with `wait`,
@@ -353,10 +394,10 @@ class EdgeStore(Store):
                 self._writers = None
             self._commits.clear()  # after a failure: not written, so a rerun redoes those papers
             if not all((d / "edge_config.json").exists() for d in dirs):
-                for d in (
-                    dirs
-                ):  # a new index whose shards were not all created: none was written, the next create makes them
+                # a new index whose shards were not all created: none was written, the next create makes them
+                for d in dirs:
                     shutil.rmtree(d, ignore_errors=True)
+                self._layout = None
             elif dirs:
                 # Opened again when next read or written here: a `paperindex index` run ends without (~0.4 s
                 # a shard of 30,000 chunks), and `finish_bulk` opens them once, with its own config.
@@ -364,12 +405,13 @@ class EdgeStore(Store):
 
     def _start_writers(self, dirs: list[Path], create: ShardSpec | None = None) -> None:
         """The chunk shards (`create`: new ones) to writer processes, for the rest of parallel_writes."""
+        names = create.names if create is not None else self._names()[1]
         for shard in self._shards.pop(self.chunks, ()):
             shard.flush()
             shard.close()
         self._unopened.pop(self.chunks, None)
         o = self.options
-        self._writers = ShardWriters(dirs, PASSAGE_VECTOR, create, o.writer_message_points, o.writer_in_flight)
+        self._writers = ShardWriters(dirs, names, create, o.writer_message_points, o.writer_in_flight)
         self._parallel[:] = dirs
 
     # reads -------------------------------------------------------------------------------------
@@ -377,7 +419,9 @@ class EdgeStore(Store):
         if not paper_ids or not self._exists(self.papers):
             return {}
         recs = self._shard_list(self.papers)[0].retrieve(
-            [paper_point_id(p) for p in paper_ids], with_payload=True, with_vector=with_vectors
+            [paper_point_id(p) for p in paper_ids],
+            with_payload=True,
+            with_vector=[PAPER_VECTOR] if with_vectors else False,
         )
         return paper_points(recs, with_vectors)
 
@@ -388,36 +432,29 @@ class EdgeStore(Store):
         recs = shard.retrieve(
             [chunk_point_id(paper_id, i) for i in dict.fromkeys(chunk_indexes)],
             with_payload=True,
-            with_vector=with_vectors,
+            with_vector=[PASSAGE_VECTOR] if with_vectors else False,
         )
         return sorted(record_points(recs, PASSAGE_VECTOR, with_vectors), key=lambda p: p.payload["chunk_index"])
 
-    def search(self, collection: str, vector: np.ndarray, limit: int, flt: SearchFilter | None = None) -> list[Hit]:
-        qe = self.qe
-        multi = collection == self.chunks and self._multivector
-        vname = PASSAGE_VECTOR if collection == self.chunks else PAPER_VECTOR
-        request = qe.QueryRequest(
-            limit=limit,
-            query=qe.Query.Nearest(query_value(vector, multi), using=vname),
-            filter=make_filter(flt, self._filters),
-            with_payload=True,
+    def search(
+        self, collection: str, query: SearchQuery | np.ndarray, limit: int, flt: SearchFilter | None = None
+    ) -> list[Hit]:
+        q = SearchQuery.of(query)
+        paper_names, chunk_names = self._names()
+        names = chunk_names if collection == self.chunks else paper_names
+        check_query(q, names)
+        multi = collection == self.chunks and self.layout().multivector
+        return search_shards(
+            self.qe, self._shard_list(collection), names, q, limit, make_filter(flt, self._filters), multi
         )
-        hits = [
-            Hit(str(p.id), float(p.score), dict(p.payload or {}))
-            for shard in self._shard_list(collection)
-            for p in shard.query(request)
-        ]
-        if len(self._shards[collection]) > 1:  # chunks: dot product / MaxSim, higher is better
-            hits = sorted(hits, key=lambda h: -h.score)[:limit]
-        return hits
 
     def search_groups(
-        self, vector: np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None
+        self, query: SearchQuery | np.ndarray, groups: int, group_size: int, flt: SearchFilter | None = None
     ) -> list[Group]:
         # Edge has no group query: group an oversampled top-N here, widening N until enough papers show up.
         limit = max(groups * group_size * 4, 64)
         while True:
-            hits = self.search(self.chunks, vector, limit, flt)
+            hits = self.search(self.chunks, query, limit, flt)
             grouped = group_hits(hits, groups, group_size)
             if len(grouped) >= groups or len(hits) < limit or limit >= 16384:
                 break
@@ -430,7 +467,7 @@ class EdgeStore(Store):
             n_chunks = papers[pid].payload.get("n_chunks", group_size) if pid in papers else group_size
             if len(hs) < min(group_size, n_chunks):
                 within = SearchFilter(base.year_from, base.year_to, [pid], list(base.exclude_paper_ids))
-                grouped[i] = (pid, self.search(self.chunks, vector, group_size, within))
+                grouped[i] = (pid, self.search(self.chunks, query, group_size, within))
         return [Group(pid, hs, papers[pid].payload if pid in papers else None) for pid, hs in grouped]
 
     def count(self, collection: str, flt: SearchFilter | None = None) -> int:
@@ -456,7 +493,10 @@ class EdgeStore(Store):
             while at < len(shards) and len(recs) < batch:  # a page runs on into the next shard
                 got, nxt = shards[at].scroll(
                     self.qe.ScrollRequest(
-                        offset=inner, limit=batch - len(recs), with_payload=True, with_vector=with_vectors
+                        offset=inner,
+                        limit=batch - len(recs),
+                        with_payload=True,
+                        with_vector=[vname] if with_vectors else False,
                     )
                 )
                 recs += got

@@ -6,13 +6,25 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .base import Point
-from .schema import INTEGER_KEYS, FilterModels, SearchFilter, make_filter
+from .base import Hit, Point, SearchQuery
+from .schema import (
+    INTEGER_KEYS,
+    RRF_K,
+    FilterModels,
+    SearchFilter,
+    VectorNames,
+    bm25,
+    fuse,
+    fusion_depth,
+    make_filter,
+    named_vectors,
+    query_value,
+)
 
 # How long a process opening a shard waits for another to let go of it (see load_shard).
 OPEN_WAIT_S = 10.0
@@ -23,7 +35,7 @@ class ShardSpec:
     """What a new Qdrant Edge shard is created with, in plain values (a writer process creates its
     chunk shard from one: see EdgeStore.create)."""
 
-    vector: str
+    names: VectorNames
     dim: int
     distance: str  # a qdrant_edge.Distance name
     multivector: bool
@@ -42,12 +54,16 @@ def paper_filter(qe, paper_ids: Sequence[str]):
     return make_filter(SearchFilter(paper_ids=list(paper_ids)), edge_filters(qe))
 
 
-def vector_value(vector: np.ndarray) -> list:
-    return vector.astype(np.float32, copy=False).tolist()
+def _same(sparse):
+    return sparse  # qdrant_edge takes Bm25's SparseVector as it is
 
 
-def edge_points(qe, vname: str, points: Sequence[Point]) -> list:
-    return [qe.Point(p.id, {vname: vector_value(p.vector)}, p.payload) for p in points]
+def edge_point(qe, names: VectorNames, point_id: str, vector: np.ndarray, payload: dict):
+    return qe.Point(point_id, named_vectors(names, vector, payload, _same), payload)
+
+
+def edge_points(qe, names: VectorNames, points: Sequence[Point]) -> list:
+    return [edge_point(qe, names, p.id, p.vector, p.payload) for p in points]
 
 
 def edge_config(qe, spec: ShardSpec):
@@ -56,16 +72,28 @@ def edge_config(qe, spec: ShardSpec):
         if spec.quantization == "int8"
         else None
     )
-    params = qe.EdgeVectorParams(
-        size=spec.dim,
-        distance=getattr(qe.Distance, spec.distance),
-        multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim) if spec.multivector else None,
-        on_disk=spec.on_disk or None,
-        quantization_config=quant,
-    )
+    names = spec.names
+    vectors = {
+        names.dense: qe.EdgeVectorParams(
+            size=spec.dim,
+            distance=getattr(qe.Distance, spec.distance),
+            multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim) if spec.multivector else None,
+            on_disk=spec.on_disk or None,
+            quantization_config=quant,
+            # searched through the pooled vector only: no graph over the windows
+            hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=spec.ef_construct, full_scan_threshold=10000)
+            if names.pooled
+            else None,
+        )
+    }
+    if names.pooled:
+        vectors[names.pooled] = qe.EdgeVectorParams(
+            size=spec.dim, distance=qe.Distance.Cosine, on_disk=spec.on_disk or None, quantization_config=quant
+        )
+    sparse = {names.sparse: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if names.sparse else None
     hnsw = qe.HnswIndexConfig(m=spec.m, ef_construct=spec.ef_construct, full_scan_threshold=10000)
     # Payload (chunk text) on disk, as on a Qdrant server: filters use the in-RAM payload indexes.
-    return qe.EdgeConfig(vectors={spec.vector: params}, hnsw_config=hnsw, on_disk_payload=True)
+    return qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse, hnsw_config=hnsw, on_disk_payload=True)
 
 
 def create_shard(qe, path: Path, spec: ShardSpec):
@@ -93,3 +121,52 @@ def load_shard(qe, path: str, wait_s: float | None = None):
             if "WouldBlock" not in str(exc) or time.monotonic() >= deadline:
                 raise
         time.sleep(0.2)
+
+
+def _branch(qe, names: VectorNames, q: SearchQuery, limit: int, flt, multivector: bool):
+    """(query, prefetches) of one list: BM25 (lexical), or dense: the pooled vector's top `prefetch`
+    rescored by MaxSim where the chunks have one, else the dense vector alone."""
+    if q.mode == "lexical":
+        return qe.Query.Nearest(bm25().embed_query(q.text), using=names.sparse), None
+    if names.pooled:
+        vector = query_value(q.vector, False)
+        pre = qe.Prefetch(limit=max(q.prefetch, limit), query=qe.Query.Nearest(vector, using=names.pooled), filter=flt)
+        return qe.Query.Nearest([vector], using=names.dense), [pre]
+    return qe.Query.Nearest(query_value(q.vector, multivector), using=names.dense), None
+
+
+def edge_request(qe, names: VectorNames, q: SearchQuery, limit: int, flt, multivector: bool):
+    """One shard's QueryRequest for a query (check_query first); hybrid: the engine fuses the
+    dense and the BM25 list."""
+    if q.mode != "hybrid":
+        query, prefetches = _branch(qe, names, q, limit, flt, multivector)
+        return qe.QueryRequest(limit=limit, query=query, prefetches=prefetches, filter=flt, with_payload=True)
+    depth = fusion_depth(limit)
+    lists = []
+    for mode in ("dense", "lexical"):
+        query, prefetches = _branch(qe, names, replace(q, mode=mode), depth, flt, multivector)
+        lists.append(qe.Prefetch(limit=depth, query=query, prefetches=prefetches, filter=flt))
+    fusion = qe.Fusion.Rrf(k=RRF_K) if q.fusion == "rrf" else qe.Fusion.Dbsf()
+    return qe.QueryRequest(limit=limit, query=fusion, prefetches=lists, filter=flt, with_payload=True)
+
+
+def search_shards(
+    qe, shards: list, names: VectorNames, q: SearchQuery, limit: int, flt, multivector: bool
+) -> list[Hit]:
+    """A query over a collection's shards (check_query first). Hybrid over several shards: a paper's
+    chunks all sit in one shard, so each list is merged over the shards first, then fused, as one
+    engine query over all the chunks would."""
+    if q.mode == "hybrid" and len(shards) > 1:
+        depth = fusion_depth(limit)
+        lists = [
+            _query(shards, edge_request(qe, names, replace(q, mode=m), depth, flt, multivector), depth)
+            for m in ("dense", "lexical")
+        ]
+        return fuse(lists, q.fusion, limit)
+    return _query(shards, edge_request(qe, names, q, limit, flt, multivector), limit)
+
+
+def _query(shards: list, request, limit: int) -> list[Hit]:
+    """A request on each shard, merged (several shards: chunks, whose scores are higher-better)."""
+    hits = [Hit(str(p.id), float(p.score), dict(p.payload or {})) for shard in shards for p in shard.query(request)]
+    return sorted(hits, key=lambda h: -h.score)[:limit] if len(shards) > 1 else hits

@@ -24,8 +24,8 @@ from ..errors import StoreError
 from ..workers import answer, frames, read_frames, send, spawn, stop, streams, write_frames
 from . import shard as shard_module
 from .base import ChunkText, PaperChunks, PaperRef, Point
-from .schema import chunk_payload, chunk_point_id
-from .shard import ShardSpec, create_shard, load_shard, paper_filter
+from .schema import VectorNames, chunk_payload, chunk_point_id
+from .shard import ShardSpec, create_shard, edge_point, load_shard, paper_filter
 
 
 def _stack(vectors: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
@@ -34,13 +34,13 @@ def _stack(vectors: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     return np.concatenate([v.reshape(-1, v.shape[-1]) for v in vectors]).astype(np.float32, copy=False), rows
 
 
-def _values(vectors: np.ndarray, rows: list[int]) -> Iterator[list]:
-    """`_stack` undone: each point's vector as Qdrant Edge takes it."""
+def _values(vectors: np.ndarray, rows: list[int]) -> Iterator[np.ndarray]:
+    """`_stack` undone: each point's vector."""
     at = 0
     for n in rows:
         v = vectors[at : at + max(n, 1)]
         at += max(n, 1)
-        yield (v if n else v[0]).tolist()
+        yield v if n else v[0]
 
 
 def pack(points: Sequence[Point]) -> tuple:
@@ -50,8 +50,8 @@ def pack(points: Sequence[Point]) -> tuple:
     return [p.id for p in points], *_stack([p.vector for p in points]), [p.payload for p in points]
 
 
-def _unpack(qe, vname: str, ids: list, vectors: np.ndarray, rows: list, payloads: list) -> list:
-    return [qe.Point(pid, {vname: v}, payload) for pid, v, payload in zip(ids, _values(vectors, rows), payloads)]
+def _unpack(qe, names: VectorNames, ids: list, vectors: np.ndarray, rows: list, payloads: list) -> list:
+    return [edge_point(qe, names, pid, v, payload) for pid, v, payload in zip(ids, _values(vectors, rows), payloads)]
 
 
 def pack_chunks(entries: Sequence[PaperChunks]) -> tuple:
@@ -64,23 +64,20 @@ def pack_chunks(entries: Sequence[PaperChunks]) -> tuple:
     )
 
 
-def _unpack_chunks(qe, vname: str, papers: list, chunks: list, vectors: np.ndarray, rows: list) -> list:
+def _unpack_chunks(qe, names: VectorNames, papers: list, chunks: list, vectors: np.ndarray, rows: list) -> list:
     values = _values(vectors, rows)
     out = []
     for paper, cs in zip(papers, chunks):
         ref = PaperRef._make(paper)
         for c in cs:
             chunk = ChunkText._make(c)
-            out.append(
-                qe.Point(
-                    chunk_point_id(ref.paper_id, chunk.chunk_index), {vname: next(values)}, chunk_payload(ref, chunk)
-                )
-            )
+            point_id = chunk_point_id(ref.paper_id, chunk.chunk_index)
+            out.append(edge_point(qe, names, point_id, next(values), chunk_payload(ref, chunk)))
     return out
 
 
 def serve_shard() -> None:
-    """A chunk shard's writer process: (path, vector name, wait_s, the ShardSpec to create the shard
+    """A chunk shard's writer process: (path, VectorNames, wait_s, the ShardSpec to create the shard
     with or None to open it) pickled, then messages written by `write_frames`: ("upsert",
     *pack(points)) / ("chunks", *pack_chunks(entries)) / ("delete", paper_ids) / ("flush",) /
     ("close",), each answered ("ok", None) or ("error", message); the answer to "close" carries the
@@ -89,7 +86,7 @@ def serve_shard() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     inp, out = streams()
-    path, vname, wait_s, create = pickle.load(inp)
+    path, names, wait_s, create = pickle.load(inp)
     try:
         shard = load_shard(qe, path, wait_s) if create is None else create_shard(qe, Path(path), create)
     except Exception as exc:
@@ -110,9 +107,9 @@ def serve_shard() -> None:
             t = time.perf_counter()
             try:
                 if op == "upsert":
-                    shard.update(qe.UpdateOperation.upsert_points(_unpack(qe, vname, *args)))
+                    shard.update(qe.UpdateOperation.upsert_points(_unpack(qe, names, *args)))
                 elif op == "chunks":
-                    shard.update(qe.UpdateOperation.upsert_points(_unpack_chunks(qe, vname, *args)))
+                    shard.update(qe.UpdateOperation.upsert_points(_unpack_chunks(qe, names, *args)))
                 elif op == "delete":
                     shard.update(qe.UpdateOperation.delete_points_by_filter(paper_filter(qe, args[0])))
                 elif op in ("flush", "close"):
@@ -147,7 +144,7 @@ class ShardWriters:
     def __init__(
         self,
         dirs: Sequence[Path],
-        vname: str,
+        names: VectorNames,
         create: ShardSpec | None = None,
         message_points: int = 48,
         in_flight: int = 48,
@@ -178,7 +175,7 @@ class ShardWriters:
         self.busy_s: list[float | None] = [None] * len(dirs)  # each process's time writing, once closed
         try:
             for p, d in zip(self._procs, dirs):
-                send(p, (str(d), vname, shard_module.OPEN_WAIT_S, create))
+                send(p, (str(d), names, shard_module.OPEN_WAIT_S, create))
         except BaseException:
             self.stop()
             raise
