@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from .pipeline import Indexer
 from .plan import Plan, make_plan
 from .search import Searcher
 from .store import Store, open_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,11 +50,12 @@ def load_encoders(s: Settings, indexing: bool = True, plan: Plan | None = None) 
     """The paper and passage encoders; without `indexing` (queries only: `paperindex search`), no
     CUDA graphs and nothing compiled for them, and passages tokenized in this process."""
     plan = plan or make_plan(s, indexing=indexing)
-    paper = PaperEncoder(s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, token_budget=s.token_budget, graphs=indexing)
+    log.info("device plan: %s", plan.device.describe())
+    paper = PaperEncoder(s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, graphs=indexing, plan=plan.device)
     passage = PassageEncoder(
         s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
-        window_overlap=s.window_overlap, token_budget=s.token_budget, compile=s.compile,
-        tokenizer_workers=plan.tokenizer_workers, graphs=indexing, tokenizer_lanes=plan.tokenizer_lanes,
+        window_overlap=s.window_overlap, compile=s.compile, tokenizer_workers=plan.tokenizer_workers, graphs=indexing,
+        tokenizer_lanes=plan.tokenizer_lanes, plan=plan.device,
     )
     return paper, passage
 
@@ -83,7 +87,7 @@ def build(s: Settings, reranker: bool = True, store: Store | None = None, indexi
     make_plan's for these settings on this host)."""
     plan = plan or make_plan(s, indexing=indexing)
     paper, passage = load_encoders(s, indexing, plan)
-    rr = Reranker(s.reranker_model, device=s.device) if reranker and s.reranker_model else None
+    rr = Reranker(s.reranker_model, device=s.device, plan=plan.device) if reranker and s.reranker_model else None
     store = store or open_store(s)
     idx = Indexer(store, paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, plan.group_papers,
                   replicas=gpu_replicas(plan, paper, passage) if indexing else (), group_seconds=plan.group_seconds,

@@ -121,6 +121,28 @@ def test_out_of_memory_halves_the_budget_and_loses_nothing():
     assert run.budget <= 256 and any(c > 256 for c in calls)
 
 
+def test_a_cancelled_run_starts_no_further_batch():
+    import threading
+
+    from indexer.errors import Cancelled
+
+    cancel, calls = threading.Event(), []
+
+    def forward(ids, mask):
+        calls.append(len(ids))
+        if len(calls) == 1:
+            cancel.set()  # e.g. Ctrl-C while the first batch runs
+        return ids[:, :1].float().repeat(1, 4)
+
+    run = BatchRunner(forward, torch.device("cpu"), pad_id=0, budget=64)
+    seqs = [[i + 1] * 16 for i in range(20)]  # 4 rows a batch: 5 batches
+    with pytest.raises(Cancelled):
+        run(seqs, cancel)
+    assert len(calls) == 1
+    cancel.clear()
+    np.testing.assert_array_equal(run(seqs, cancel)[:, 0], np.arange(1, 21))  # not set: every batch runs
+
+
 def test_other_errors_propagate():
     def forward(ids, mask):
         raise RuntimeError("shape mismatch")
@@ -257,7 +279,7 @@ def test_the_reranker_waits_for_a_graph_capture(tiny_models):
     assert len(scores) == 1 and len(scores[0]) == 2
 
 
-def test_a_replica_on_the_same_gpu_shares_the_model_and_graphs(tiny_models, monkeypatch):
+def test_a_replica_on_the_same_gpu_shares_the_model_and_graphs(tiny_models):
     """PassageEncoder.replicate on the encoder's own device: the same model and CUDA graphs (one
     capture per shape for both threads), its own batch runner; on another device, or without graphs,
     the model is loaded again. (Graphs exist only on CUDA: a stand-in for them here.)"""
@@ -272,5 +294,4 @@ def test_a_replica_on_the_same_gpu_shares_the_model_and_graphs(tiny_models, monk
     twin = enc.replicate("cpu")
     assert twin.model is enc.model and twin.run is not enc.run and twin.run._graphed is graphs
     assert twin.run.budget == enc.run.budget and twin.run.widths == enc.run.widths and twin.windows is enc.windows
-    monkeypatch.setattr(PassageEncoder, "SHARE_GRAPHS", False)
-    assert enc.replicate("cpu").model is not enc.model
+    assert enc.replicate("cpu", share_graphs=False).model is not enc.model

@@ -119,16 +119,17 @@ class PaperEncoder:
                 return_attention_mask=False,
             )["input_ids"]
 
-    def _encode(self, ids: list[list[int]], adapter: str) -> np.ndarray:
+    def _encode(self, ids: list[list[int]], adapter: str, cancel: threading.Event | None = None) -> np.ndarray:
         with self._lock:
             self.model.set_active_adapters(adapter)
             try:
-                return (self.run if adapter == self.PROXIMITY else self.run_queries)(ids)
+                return (self.run if adapter == self.PROXIMITY else self.run_queries)(ids, cancel)
             finally:
                 self.model.set_active_adapters(self.PROXIMITY)
 
-    def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
-        return self._encode(ids, self.PROXIMITY)
+    def encode_ids(self, ids: list[list[int]], cancel: threading.Event | None = None) -> np.ndarray:
+        """Vectors of paper heads' tokens; once `cancel` is set no further batch starts (Cancelled)."""
+        return self._encode(ids, self.PROXIMITY, cancel)
 
     def encode_papers(self, titles: Sequence[str], abstracts: Sequence[str | None]) -> np.ndarray:
         return self.encode_ids(self.tokenize_heads(titles, abstracts))

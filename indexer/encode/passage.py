@@ -12,7 +12,7 @@ import torch
 
 from ..chunking import WIDTH_STEP
 from ..errors import ModelLoadError
-from ..tokenizing import ChunkSpec, PreparedPapers, Windows, WindowSpec, WindowTokenizer
+from ..tokenizing import Windows, WindowSpec, WindowTokenizer
 from .batching import WINDOW_BATCHES
 from .device import DevicePlan, plan_for, prepare_model, resolve_device
 from .kernels.graphs import one_device
@@ -129,16 +129,13 @@ class PassageEncoder:
         # Queries come one request at a time: no graphs, and no waiting behind an indexing batch.
         self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
 
-    # Replicas on the encoder's own GPU share its model and CUDA graphs (see replicate).
-    SHARE_GRAPHS = True
-
-    def replicate(self, device: str | torch.device) -> PassageEncoder:
+    def replicate(self, device: str | torch.device, share_graphs: bool = True) -> PassageEncoder:
         """The same encoder for another encoder thread, the tokenizer workers shared. On another
         device the model is loaded again (a deep copy would share whatever the model's hooks hold).
-        On this one (with CUDA graphs) the replica shares the model and the graphs: each batch shape is
-        captured once for both threads, not once each (a capture holds the GPU's work back ~0.3 s),
-        and the graphs' working memory is kept once."""
-        if self.SHARE_GRAPHS and self.run._graphed is not None and one_device(device) == one_device(self.device):
+        On this one (with CUDA graphs, and `share_graphs`) the replica shares the model and the
+        graphs: each batch shape is captured once for both threads, not once each (a capture holds
+        the GPU's work back ~0.3 s), and the graphs' working memory is kept once."""
+        if share_graphs and self.run._graphed is not None and one_device(device) == one_device(self.device):
             other = copy.copy(self)
             other.run = replace(self.run, shared_graphs=self.run._graphed)
             return other
@@ -163,23 +160,22 @@ class PassageEncoder:
         """Token windows (with special tokens) of each chunk, packed."""
         return self.windows(texts)
 
-    def prepare_papers(self, papers: Sequence[dict], chunking: ChunkSpec) -> PreparedPapers:
-        """Content hashes, chunks and their packed windows of papers (`PaperIn.model_dump()`s)."""
-        return self.windows.papers(papers, chunking)
-
     def chunk_windows(self, texts: Sequence[str]) -> list[list[list[int]]]:
         """Token windows (with special tokens) of each chunk."""
         return self.tokenize_windows(texts).as_lists()
 
     # core + post
-    def encode_windows(self, chunk_windows: Windows | Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
-        """One array per chunk: (n_windows, dim) for multivector, (dim,) otherwise."""
+    def encode_windows(
+        self, chunk_windows: Windows | Sequence[Sequence[Sequence[int]]], cancel: threading.Event | None = None
+    ) -> list[np.ndarray]:
+        """One array per chunk: (n_windows, dim) for multivector, (dim,) otherwise. Once `cancel` is
+        set no further batch starts (Cancelled)."""
         w = (
             chunk_windows
             if isinstance(chunk_windows, Windows)
             else Windows.from_lists(chunk_windows, self.tokenizer.pad_token_id)
         )
-        vecs = self.run.run_packed(w.ids, w.lengths)
+        vecs = self.run.run_packed(w.ids, w.lengths, cancel)
         per_chunk = np.split(vecs, w.offsets[1:-1])
         return per_chunk if self.multivector else [v.mean(0) for v in per_chunk]
 

@@ -11,11 +11,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import Cancelled
 from ..tokenizing import pack
 from .batching import bucket_batches, fill_batch, fill_packed, graph_shape, pack_batches, packed_shape, token_batches
 from .kernels.graphs import GraphedForward, gpu_gate, on_device
 
 log = logging.getLogger(__name__)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("encoding stopped: the run is stopping")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -101,13 +107,14 @@ class BatchRunner:
         self._lock = threading.Lock()
         self._failed_rows = 0
 
-    def __call__(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+    def __call__(self, seqs: Sequence[Sequence[int]], cancel: threading.Event | None = None) -> np.ndarray:
         if not seqs:
             raise ValueError("nothing to encode")
-        return self.run_packed(*pack(seqs, self.pad_id))
+        return self.run_packed(*pack(seqs, self.pad_id), cancel=cancel)
 
-    def run_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """(n, dim) float32 vectors of the rows of `ids` (row i holds lengths[i] tokens), in input order."""
+    def run_packed(self, ids: np.ndarray, lengths: np.ndarray, cancel: threading.Event | None = None) -> np.ndarray:
+        """(n, dim) float32 vectors of the rows of `ids` (row i holds lengths[i] tokens), in input order.
+        Once `cancel` is set, no further batch starts: Cancelled is raised."""
         if len(lengths) == 0:
             raise ValueError("nothing to encode")
         out: list[np.ndarray] = []
@@ -116,7 +123,7 @@ class BatchRunner:
             while not done.all():
                 todo = np.flatnonzero(~done)
                 try:
-                    self._run(ids, lengths, todo, out, done)
+                    self._run(ids, lengths, todo, out, done, cancel)
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
                     if not _is_oom(exc) or self._failed_rows <= 1 or self.budget <= self.min_budget:
                         raise
@@ -155,10 +162,17 @@ class BatchRunner:
         done[batch] = True
 
     def _run(
-        self, ids: np.ndarray, lengths: np.ndarray, todo: np.ndarray, out: list[np.ndarray], done: np.ndarray
+        self,
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        todo: np.ndarray,
+        out: list[np.ndarray],
+        done: np.ndarray,
+        cancel: threading.Event | None,
     ) -> None:
         if self.device.type != "cuda":
             for batch, width in self._plan(lengths, todo):
+                _check(cancel)
                 self._failed_rows = len(batch)
                 views = {
                     k: torch.empty(shape, dtype=torch.int32)
@@ -174,6 +188,7 @@ class BatchRunner:
         stream = torch.cuda.current_stream(self.device)
         try:
             for k, (batch, width) in enumerate(self._plan(lengths, todo)):
+                _check(cancel)
                 slot = self._slots[k % self.in_flight]
                 self._collect(slot, out, done)
                 self._failed_rows = len(batch)
