@@ -10,7 +10,9 @@ from indexer.runtime import build
 
 @pytest.fixture(params=["edge", "memory"])
 def rt(request, settings):
-    s = settings.model_copy(update={"head_passage": True, **({"qdrant_url": ":memory:"} if request.param == "memory" else {})})
+    s = settings.model_copy(
+        update={"head_passage": True, **({"qdrant_url": ":memory:"} if request.param == "memory" else {})}
+    )
     r = build(s, reranker=False)
     yield r
     r.close()
