@@ -169,7 +169,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             for i, g in enumerate(groups, 1):
                 print(f"{i:>2}. [{g.score:.3f}] {g.paper_id}  {g.title}")
                 for p in g.passages:
-                    print(f"      #{p.chunk_index} [{p.score:.3f}] {p.text[:160]}…")
+                    print(f"      #{p.chunk_index} [{p.score:.3f}] {p.snippet(160)}")
             return 0
         hits = rt.searcher.passages(args.query, args.k, flt, rerank=args.rerank, candidates=args.candidates, mode=args.mode)
         if args.json:
@@ -177,7 +177,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             return 0
         for i, h in enumerate(hits, 1):
             rr = f" rerank {h.rerank_score:.3f}" if h.rerank_score is not None else ""
-            print(f"{i:>2}. [{h.score:.3f}{rr}] {h.paper_id} #{h.chunk_index}  {h.title}\n      {h.text[:200]}…")
+            print(f"{i:>2}. [{h.score:.3f}{rr}] {h.paper_id} #{h.chunk_index}  {h.title}\n      {h.snippet(200)}")
         return 0
     finally:
         rt.close()
@@ -284,7 +284,8 @@ def _quality_settings(args: argparse.Namespace):
     """Settings for eval / coverage: the environment's, with the command line's model-side overrides."""
     from .config import Settings
 
-    names = ("device", "long_chunk", "window_tokens", "window_overlap", "chunk_words", "chunk_overlap")
+    names = ("device", "long_chunk", "window_tokens", "window_overlap", "chunk_words", "chunk_overlap",
+             "search_prefetch", "search_fusion")
     try:
         return Settings(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
     except ValidationError as exc:
@@ -306,10 +307,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         setup.cleanup()
         raise CliError("--rerank needs a reranker model (PAPERINDEX_RERANKER_MODEL)")
     docs = tqdm(total=len(data.corpus), unit="doc", disable=args.quiet, dynamic_ncols=True)
-    queries = tqdm(total=len(data.queries) * (2 if args.rerank else 1), unit="query", disable=args.quiet, dynamic_ncols=True)
+    modes = ["hybrid", "dense", "lexical"] if args.mode == "all" else [args.mode]
+    queries = tqdm(total=len(data.queries) * (len(modes) + args.rerank), unit="query", disable=args.quiet,
+                   dynamic_ncols=True)
     try:
         report = evaluate(
-            setup, data, rerank=args.rerank, candidates=args.candidates, with_title=not args.no_title,
+            setup, data, modes=modes, rerank=args.rerank, candidates=args.candidates, with_title=not args.no_title,
             on_batch=lambda st: docs.update(st.papers_indexed + st.papers_unchanged - docs.n), on_query=lambda _n: queries.update(1),
         )
     finally:
@@ -434,6 +437,12 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("dataset", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     ev.add_argument("--split", default="test")
     ev.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"])
+    ev.add_argument("--mode", choices=["hybrid", "dense", "lexical", "all"], default="all",
+                    help="search modes to report (default: all)")
+    ev.add_argument("--prefetch", type=int, dest="search_prefetch",
+                    help="chunks found by the pooled vector for MaxSim (PAPERINDEX_SEARCH_PREFETCH)")
+    ev.add_argument("--fusion", choices=["rrf", "dbsf"], dest="search_fusion",
+                    help="how hybrid fuses the lists (PAPERINDEX_SEARCH_FUSION)")
     ev.add_argument("--rerank", action="store_true", help="also report metrics after cross-encoder reranking")
     ev.add_argument("--candidates", type=int, default=100, help="passages the cross-encoder rescores per query")
     ev.add_argument("--no-title", action="store_true", help="embed the text alone (BEIR and MTEB embed title + text)")

@@ -2,7 +2,8 @@
 
 The corpus is indexed with the real `Indexer` (each document becomes a paper whose text is chunked and
 embedded like any paper's) and every query goes through `Searcher.grouped`, so a document's score is
-its best chunk's. Metrics follow BEIR (pytrec_eval definitions): nDCG@10 with linear gains,
+its best chunk's; each search mode asked for (dense, lexical, hybrid) runs every query on the same index.
+Metrics follow BEIR (pytrec_eval definitions): nDCG@10 with linear gains,
 Recall@k over the judged-relevant documents (score > 0), MRR@10; a hit whose id equals the query id
 is dropped, as BEIR does by default. `reference_run` is the plain sentence-transformers baseline
 (encode + exact dot-product top-k) the numbers can be checked against.
@@ -196,7 +197,9 @@ def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = Fal
     store = EdgeStore(path, s.papers_collection, s.chunks_collection)
     heads = NoPaperHeads()
     indexer = Indexer(store, heads, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers())  # type: ignore[arg-type]
-    searcher = Searcher(store, passage, heads, reranker)  # type: ignore[arg-type]
+    searcher = Searcher(
+        store, passage, heads, reranker, s.search_mode, s.search_prefetch, s.search_fusion  # type: ignore[arg-type]
+    )
 
     def cleanup() -> None:
         store.close()
@@ -207,6 +210,7 @@ def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = Fal
         "passage_model": s.passage_model, "long_chunk": s.long_chunk, "window_tokens": s.window_tokens,
         "window_overlap": s.window_overlap, "chunk_words": s.chunk_words, "chunk_overlap": s.chunk_overlap,
         "device": str(passage.device), "reranker_model": reranker.name if reranker else None,
+        "prefetch": s.search_prefetch, "fusion": s.search_fusion,
     }
     return EvalSetup(indexer, searcher, path, describe, cleanup)
 
@@ -215,13 +219,15 @@ def evaluate(
     setup: EvalSetup,
     data: BeirData,
     k: int = 100,
+    modes: Sequence[str] = ("dense",),
     rerank: bool = False,
     candidates: int = 100,
     with_title: bool = True,
     on_batch: Callable[[Any], None] | None = None,
     on_query: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Index the corpus, run every query (dense, then reranked if asked), and report metrics and latency."""
+    """Index the corpus, run every query in each search mode (then reranked, in the searcher's default
+    mode, if asked), and report metrics and latency per mode; "best_mode" has the highest nDCG@10."""
     stats = setup.indexer.index(corpus_papers(data, with_title), on_batch=on_batch)
     store = setup.indexer.store
     report: dict[str, Any] = {
@@ -236,11 +242,13 @@ def evaluate(
         },
     }
 
-    def dense(q: str) -> list[tuple[str, float]]:
-        return [(g.paper_id, g.score) for g in setup.searcher.grouped(q, k=k, group_size=1)]
+    for mode in modes:
+        def search(q: str, mode: str = mode) -> list[tuple[str, float]]:
+            return [(g.paper_id, g.score) for g in setup.searcher.grouped(q, k=k, group_size=1, mode=mode)]
 
-    run, secs = run_queries(dense, data.queries, on_query)
-    report["dense"] = score_run(run, data.qrels) | {"latency_ms": latency_summary(secs)}
+        run, secs = run_queries(search, data.queries, on_query)
+        report[mode] = score_run(run, data.qrels) | {"latency_ms": latency_summary(secs)}
+    report["best_mode"] = max(modes, key=lambda m: report[m]["ndcg@10"])
     if rerank:
         def reranked(q: str) -> list[tuple[str, float]]:
             return [(g.paper_id, g.score) for g in setup.searcher.grouped(q, k=k, group_size=1, rerank=True, candidates=candidates)]
@@ -276,20 +284,23 @@ def reference_run(
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """A few human-readable lines: the setup, then one line of metrics per run (dense, rerank, reference)."""
+    """A few human-readable lines: the setup, then one line of metrics per run (each mode, rerank,
+    reference); the best mode is starred."""
     ix = report["index"]
     lines = [
         f"{report['dataset']}: {report['documents']} documents ({ix['chunks']} chunks, {ix['windows']} windows, indexed in {ix['seconds']}s), "
         f"{report['queries']} queries; {report['passage_model']} long_chunk={report['long_chunk']}"
         + (f" window={report['window_tokens']}/{report['window_overlap']}" if report["long_chunk"] != "truncate" else "")
+        + f" prefetch={report['prefetch']} fusion={report['fusion']}"
     ]
-    for name in ("dense", "rerank", "reference"):
+    for name in ("hybrid", "dense", "lexical", "rerank", "reference"):
         m = report.get(name)
         if not m:
             continue
         lat = m.get("latency_ms")
+        star = "*" if name == report.get("best_mode") else " "
         lines.append(
-            f"  {name:<9} nDCG@10 {m['ndcg@10']:.4f}  Recall@10 {m['recall@10']:.4f}  Recall@100 {m['recall@100']:.4f}  MRR@10 {m['mrr@10']:.4f}"
+            f" {star}{name:<9} nDCG@10 {m['ndcg@10']:.4f}  Recall@10 {m['recall@10']:.4f}  Recall@100 {m['recall@100']:.4f}  MRR@10 {m['mrr@10']:.4f}"
             + (f"  latency ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}" if lat else "")
         )
     return "\n".join(lines)

@@ -174,10 +174,14 @@ def test_cli_eval_writes_report_with_rerank_and_reference(tiny_models, spread_mo
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["dataset"] == "tiny" and report["queries"] == 10 and report["long_chunk"] == "truncate"
-    for run in ("dense", "rerank", "reference"):
+    for run in ("hybrid", "dense", "lexical", "rerank", "reference"):  # --mode all by default
         assert set(report[run]) >= {"ndcg@10", "recall@10", "recall@100", "mrr@10"}
         assert all(0.0 <= report[run][m] <= 1.0 for m in ("ndcg@10", "recall@10", "recall@100", "mrr@10"))
     assert report["dense"]["ndcg@10"] == pytest.approx(report["reference"]["ndcg@10"], abs=1e-4)
     assert report["rerank"]["candidates"] == 20 and report["rerank"]["latency_ms"]["p50"] > 0
+    assert report["best_mode"] == max(("hybrid", "dense", "lexical"), key=lambda m: report[m]["ndcg@10"])
     assert "nDCG@10" in capsys.readouterr().out
+    rc = main(["eval", str(root), "--mode", "lexical", "--prefetch", "7", "--out", str(out), "-q"])
+    report = json.loads(out.read_text())
+    assert rc == 0 and "lexical" in report and "dense" not in report and report["prefetch"] == 7
     assert main(["eval", str(tmp_path / "missing")]) == 1
