@@ -218,9 +218,10 @@ class ClientStore(Store):
             return dict(query=self._sparse(bm25().embed_query(q.text)), using=names.sparse)
         multi = names.dense == PASSAGE_VECTOR and self._layout.multivector
         if names.pooled:
-            vector = query_value(q.vector, False)
-            pre = m.Prefetch(query=vector, using=names.pooled, limit=max(q.prefetch, limit), filter=flt)
-            return dict(query=[vector], using=names.dense, prefetch=[pre])
+            windows = query_value(q.vector, True)  # a query of several vectors is found by their mean
+            pooled = np.mean(windows, axis=0).tolist()
+            pre = m.Prefetch(query=pooled, using=names.pooled, limit=max(q.prefetch, limit), filter=flt)
+            return dict(query=windows, using=names.dense, prefetch=[pre])
         return dict(query=query_value(q.vector, multi), using=names.dense)
 
     def _request(self, collection: str, query: SearchQuery | np.ndarray, limit: int, flt: SearchFilter | None) -> dict:

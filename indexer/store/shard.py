@@ -129,9 +129,10 @@ def _branch(qe, names: VectorNames, q: SearchQuery, limit: int, flt, multivector
     if q.mode == "lexical":
         return qe.Query.Nearest(bm25().embed_query(q.text), using=names.sparse), None
     if names.pooled:
-        vector = query_value(q.vector, False)
-        pre = qe.Prefetch(limit=max(q.prefetch, limit), query=qe.Query.Nearest(vector, using=names.pooled), filter=flt)
-        return qe.Query.Nearest([vector], using=names.dense), [pre]
+        windows = query_value(q.vector, True)  # a query of several vectors is found by their mean
+        pooled = np.mean(windows, axis=0).tolist()
+        pre = qe.Prefetch(limit=max(q.prefetch, limit), query=qe.Query.Nearest(pooled, using=names.pooled), filter=flt)
+        return qe.Query.Nearest(windows, using=names.dense), [pre]
     return qe.Query.Nearest(query_value(q.vector, multivector), using=names.dense), None
 
 
