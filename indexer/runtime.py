@@ -51,7 +51,9 @@ def load_encoders(s: Settings, indexing: bool = True, plan: Plan | None = None) 
     CUDA graphs and nothing compiled for them, and passages tokenized in this process."""
     plan = plan or make_plan(s, indexing=indexing)
     log.info("device plan: %s", plan.device.describe())
-    paper = PaperEncoder(s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, graphs=indexing, plan=plan.device)
+    paper = PaperEncoder(
+        s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, graphs=indexing, plan=plan.device
+    )
     passage = PassageEncoder(
         s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
         window_overlap=s.window_overlap, compile=s.compile, tokenizer_workers=plan.tokenizer_workers, graphs=indexing,
@@ -68,7 +70,9 @@ def gpu_replicas(plan: Plan, paper: PaperEncoder, passage: PassageEncoder) -> li
     return list(encoder_grid(plan.devices, plan.encoders_per_gpu, paper, passage).values())
 
 
-def encoder_grid(devices: Sequence[str], per_gpu: int, paper: PaperEncoder, passage: PassageEncoder) -> dict[tuple[int, int], tuple[PaperEncoder, PassageEncoder]]:
+def encoder_grid(
+    devices: Sequence[str], per_gpu: int, paper: PaperEncoder, passage: PassageEncoder
+) -> dict[tuple[int, int], tuple[PaperEncoder, PassageEncoder]]:
     """{(GPU index, thread index): (paper, passage) encoders} beside (paper, passage), which sit on
     devices[0] and are (0, 0): `per_gpu` passage replicas per device (one model per device, its CUDA
     graphs shared by the device's threads: PassageEncoder.replicate), each device's threads sharing
@@ -77,11 +81,14 @@ def encoder_grid(devices: Sequence[str], per_gpu: int, paper: PaperEncoder, pass
     for i, device in enumerate(devices):
         heads = paper if i == 0 else paper.replicate(device)
         first = passage if i == 0 else passage.replicate(device)  # the others on this GPU share its graphs
-        grid.update({(i, j): (heads, first if j == 0 else first.replicate(device)) for j in range(per_gpu) if (i, j) != (0, 0)})
+        threads = [j for j in range(per_gpu) if (i, j) != (0, 0)]
+        grid.update({(i, j): (heads, first if j == 0 else first.replicate(device)) for j in threads})
     return grid
 
 
-def build(s: Settings, reranker: bool = True, store: Store | None = None, indexing: bool = True, plan: Plan | None = None) -> Runtime:
+def build(
+    s: Settings, reranker: bool = True, store: Store | None = None, indexing: bool = True, plan: Plan | None = None
+) -> Runtime:
     """Everything a command needs; `indexing` False for one that only queries (see load_encoders): its
     Indexer, if used at all, runs on the one encoder pair, eagerly. `plan`: the run's sizes (default:
     make_plan's for these settings on this host)."""
