@@ -23,7 +23,6 @@ _TOKEN_BUDGET, _ENCODERS_PER_GPU, _CUDA_GRAPHS):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -32,8 +31,6 @@ from ..errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger(__name__)
 
 Attention = Literal["flash", "sdpa", "eager"]
 Dtype = Literal["float16", "float32"]
