@@ -296,13 +296,22 @@ def index_corpus(fields: dict[str, Any], files: Sequence[Path], feed_until: floa
             taken.append(f.name)  # once the next part starts (or the run ends) this one was read whole
             yield from read_papers([f])
 
+    said = [time.perf_counter()]
+
+    def progress(st: Any) -> None:  # a line every 30 s: a command cut at the machine's limit still shows its pace
+        if time.perf_counter() - said[0] >= 30:
+            said[0] = time.perf_counter()
+            say(f"  {st.papers_indexed:,} papers, {st.chunks:,} chunks in {st.seconds:.0f} s "
+                f"({st.chunks / max(st.seconds, 1e-9):,.0f} chunks/s)")
+
     try:
         t = time.perf_counter()
         with frozen_heap(), rt.store.parallel_writes():
-            stats = rt.indexer.index(records())
+            stats = rt.indexer.index(records(), on_batch=progress)
         out["index_s"] = time.perf_counter() - t
         out["stats"] = stats.as_dict()
         if last and len(taken) == len(files):
+            say(f"  written: {stats.chunks:,} chunks in {out['index_s']:.0f} s; building")
             t = time.perf_counter()
             rt.store.finish_bulk()
             out["build_s"] = time.perf_counter() - t
@@ -390,11 +399,14 @@ def search_runs(modes: bool) -> list[tuple[str, dict[str, Any]]]:
 def phase_search(a: argparse.Namespace, saved: Saved) -> None:
     import httpx
 
+    from indexer.config import Settings
+
     if "build_s" not in saved["index"]:
         raise SystemExit("the index is not built yet: run --phase index until it says every part is written")
     queries = json.loads((a.work / "queries.json").read_text())[: a.queries]
     port = free_port()
-    env = {**os.environ, **env_of(settings_for(a, saved, "index")), "PYTHONPATH": str(ROOT)}
+    fields = settings_for(a, saved, "index")
+    env = {**os.environ, **env_of(fields), "PYTHONPATH": str(ROOT)}
     log = (a.work / "server.log").open("w")
     t0 = time.perf_counter()
     srv = subprocess.Popen([sys.executable, "-m", "indexer.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -417,6 +429,7 @@ def phase_search(a: argparse.Namespace, saved: Saved) -> None:
             out["rss_ready_mib"] = rss_mib(srv.pid)
             names = {p["name"] for p in c.get("/openapi.json").json()["paths"]["/search"]["get"]["parameters"]}
             out["modes"] = "mode" in names
+            out["default_mode"] = Settings(**fields).search_mode if out["modes"] else "dense"
             out["rows"] = {}
             for name, extra in search_runs(out["modes"]):
                 params = [{"q": queries[i % len(queries)], "k": 10, **extra} for i in range(a.warm_up + a.requests)]
@@ -618,6 +631,8 @@ def table(d: dict[str, Any]) -> str:
         target = P50_RERANK_TARGET_MS if name.startswith("reranked") else P50_TARGET_MS
         p50 = r.get("p50_ms")
         err = f"; {r['errors']} errors: {r['first_error']}" if r.get("errors") else ""
+        if name.startswith(("grouped", "reranked")):
+            name += f" ({se.get('default_mode', 'default')} mode)"
         rows.append((f"GET /search {name}: p50 / p95", f"{_fmt(p50)} / {_fmt(r.get('p95_ms'))} ms",
                      f"p50 < {target:g} ms", _met(None if p50 is None else p50 < target),
                      f"{r.get('n', '-')} requests, k 10, query encoding in{err}"))
