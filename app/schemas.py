@@ -26,6 +26,10 @@ _QUERY = "graph neural networks for protein structure prediction"
 # requests -----------------------------------------------------------------------------------------
 
 
+Mode = Literal["hybrid", "dense", "lexical"]
+ModeUsed = Annotated[
+    Mode, Field(description="the mode the search ran in (the request's, or PAPERINDEX_SEARCH_MODE): what scores mean")
+]
 YearFrom = Annotated[
     int | None, Field(ge=0, le=3000, description="only papers published in or after this year", examples=[2018])
 ]
@@ -42,7 +46,7 @@ class _Query(BaseModel):
     k: int = Field(10, description="hits to return (passages, or papers); 1..PAPERINDEX_MAX_K", examples=[5])
     year_from: YearFrom = None
     year_to: YearTo = None
-    mode: Literal["hybrid", "dense", "lexical"] | None = Field(
+    mode: Mode | None = Field(
         None, description="dense (the models' vectors), lexical (BM25 of the words) or hybrid (both lists fused); "
                           "default PAPERINDEX_SEARCH_MODE (hybrid)")
 
@@ -149,8 +153,9 @@ class PassageHit(BaseModel):
     title: str
     chunk_index: int = Field(description="position of the chunk in its paper, from 0")
     text: str = Field(description="the whole chunk")
-    score: float = Field(
-        description="vector similarity (dot product, MaxSim over windows for long chunks); higher is closer")
+    score: float = Field(description=(
+        "higher is closer; by the response's mode: dense, the vectors' dot product (MaxSim over windows for long "
+        "chunks); lexical, BM25; hybrid, the two lists fused by rank"))
     rerank_score: float | None = Field(
         None, description="cross-encoder score when rerank=true; hits are then ordered by it")
     metadata: dict[str, Any] = Field(
@@ -160,10 +165,11 @@ class PassageHit(BaseModel):
 
 
 class PassageSearchResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"query": _QUERY, "reranked": True, "hits": [_PASSAGE_EXAMPLE]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"query": _QUERY, "mode": "hybrid", "reranked": True, "hits": [_PASSAGE_EXAMPLE]}]})
 
     query: str
+    mode: ModeUsed
     reranked: bool
     hits: list[PassageHit]
 
@@ -183,10 +189,11 @@ class PaperGroup(BaseModel):
 
 
 class GroupedSearchResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"query": _QUERY, "reranked": False, "groups": [_GROUP_EXAMPLE]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"query": _QUERY, "mode": "hybrid", "reranked": False, "groups": [_GROUP_EXAMPLE]}]})
 
     query: str
+    mode: ModeUsed
     reranked: bool
     groups: list[PaperGroup]
 
@@ -198,16 +205,20 @@ class PaperHit(BaseModel):
 
     paper_id: str
     title: str
-    score: float = Field(description="Euclidean distance between SPECTER2 embeddings; lower is closer")
+    score: float = Field(description=(
+        "dense (and every /similar): the Euclidean distance between SPECTER2 embeddings, lower is closer; "
+        "lexical: BM25 of title and abstract, hybrid: the two lists fused by rank, higher is closer"))
     year: int | None = None
     abstract: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class PaperSearchResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"query": _QUERY, "hits": [_PAPER_EXAMPLE]}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"query": _QUERY, "mode": "dense", "hits": [_PAPER_EXAMPLE]}]})
 
     query: str
+    mode: ModeUsed
     hits: list[PaperHit]
 
 
@@ -289,12 +300,15 @@ class IndexSummary(BaseModel):
                    "paper_adapter": "allenai/specter2", "query_adapter": "allenai/specter2_adhoc_query",
                    "reranker": "cross-encoder/ms-marco-MiniLM-L6-v2"},
         "store": {"kind": "embedded", "multivector": True, "passage_dim": 768, "paper_dim": 768},
+        "search_mode": "hybrid", "search_modes": ["hybrid", "dense", "lexical"],
     }]})
 
     papers: int
     passages: int
     models: Models
     store: StoreSummary
+    search_mode: Mode = Field(description="the mode of a search that names none (PAPERINDEX_SEARCH_MODE)")
+    search_modes: list[Mode] = Field(description="the modes this index can search in (dense only: built before BM25)")
 
 
 class PaperError(BaseModel):

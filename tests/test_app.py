@@ -190,6 +190,19 @@ def test_search_hits_carry_what_a_prompt_needs(client):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_each_search_names_its_mode_and_lexical_hits_hold_the_words(client, runtime):
+    assert search(client, q="protein folding", k=3)["mode"] == runtime.settings.search_mode
+    for mode in ("hybrid", "dense", "lexical"):
+        for grouped in (False, True):
+            res = search(client, q="enzyme telescope", k=4, mode=mode, group_by_paper=grouped)
+            hits = [p for g in res["groups"] for p in g["passages"]] if grouped else res["hits"]
+            assert res["mode"] == mode and hits
+            if mode == "lexical":  # BM25: only passages with a query word
+                assert all({"enzyme", "telescope"} & set(h["text"].lower().split()) for h in hits)
+    r = client.get("/search", params={"q": "protein", "mode": "fuzzy"})
+    assert r.status_code == 422 and "mode" in r.json()["detail"]
+
+
 def test_search_filters(client):
     hits = search(client, q="cell tumor", k=20, year_from=1993, year_to=1996)["hits"]
     assert hits and all(1993 <= h["metadata"]["year"] <= 1996 for h in hits)
@@ -200,7 +213,8 @@ def test_search_filters(client):
 
 
 def test_grouped_search_returns_each_paper_once_with_its_best_passages(client):
-    res = search(client, q="graph attention network", k=5, group_by_paper=True, group_size=2)
+    # dense: a paper's best passages score the same in the grouped and in a per-paper search (fused ranks do not)
+    res = search(client, q="graph attention network", k=5, group_by_paper=True, group_size=2, mode="dense")
     groups = res["groups"]
     assert len(groups) == 5
     assert len({g["paper_id"] for g in groups}) == 5
@@ -208,7 +222,7 @@ def test_grouped_search_returns_each_paper_once_with_its_best_passages(client):
     for g in groups:
         assert 1 <= len(g["passages"]) <= 2 and all(p["paper_id"] == g["paper_id"] for p in g["passages"])
         assert g["score"] == pytest.approx(g["passages"][0]["score"])
-        best = search(client, q="graph attention network", k=2, paper_id=g["paper_id"])["hits"]
+        best = search(client, q="graph attention network", k=2, paper_id=g["paper_id"], mode="dense")["hits"]
         # the same best passages (scores compared: the tiny model scores some chunks within float rounding,
         # and such ties may come in either order)
         assert [p["score"] for p in g["passages"]] == pytest.approx([p["score"] for p in best], rel=1e-5)
@@ -216,7 +230,7 @@ def test_grouped_search_returns_each_paper_once_with_its_best_passages(client):
         paper = client.get(f"/papers/{g['paper_id']}").json()
         assert (g["title"], g["year"], g["abstract"]) == (paper["title"], paper["year"], paper["abstract"])
     # the best group holds the best passage overall
-    top = search(client, q="graph attention network", k=1)["hits"][0]
+    top = search(client, q="graph attention network", k=1, mode="dense")["hits"][0]
     assert (groups[0]["paper_id"], groups[0]["passages"][0]["chunk_index"]) == (top["paper_id"], top["chunk_index"])
 
 
@@ -263,10 +277,14 @@ def test_rerank_without_a_reranker_is_400(runtime):
 
 
 def test_paper_search(client):
-    res = client.get("/search/papers", params={"q": "climate ocean", "k": 5}).json()
+    res = client.get("/search/papers", params={"q": "climate ocean", "k": 5, "mode": "dense"}).json()
     hits = res["hits"]
-    assert len(hits) == 5 and len({h["paper_id"] for h in hits}) == 5
+    assert res["mode"] == "dense" and len(hits) == 5 and len({h["paper_id"] for h in hits}) == 5
     assert [h["score"] for h in hits] == sorted(h["score"] for h in hits)  # distances: closest first
+    for mode in ("hybrid", "lexical"):  # scores: best first
+        res = client.get("/search/papers", params={"q": "climate ocean", "k": 5, "mode": mode}).json()
+        assert res["mode"] == mode and res["hits"]
+        assert [h["score"] for h in res["hits"]] == sorted((h["score"] for h in res["hits"]), reverse=True)
     hits = client.get("/search/papers", params={"q": "climate ocean", "k": 20, "year_from": 1995, "year_to": 1999}).json()["hits"]
     assert hits and all(1995 <= h["year"] <= 1999 for h in hits)
 

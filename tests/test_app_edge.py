@@ -36,10 +36,13 @@ def test_search_grouped_similar_on_edge(client):
     assert client.get("/ready").json()["ready"] is True
     hits = client.get("/search", params={"q": "protein folding", "k": 6}).json()["hits"]
     assert len(hits) == 6 and all(h["text"] and h["title"] for h in hits)
-    groups = client.get("/search", params={"q": "protein folding", "k": 4, "group_by_paper": True, "group_size": 2}).json()["groups"]
+    # dense: a paper's best passages score the same grouped and alone (fused ranks do not)
+    grouped = {"q": "protein folding", "k": 4, "group_by_paper": True, "group_size": 2, "mode": "dense"}
+    groups = client.get("/search", params=grouped).json()["groups"]
     assert len(groups) == 4 and len({g["paper_id"] for g in groups}) == 4
     for g in groups:
-        best = client.get("/search", params={"q": "protein folding", "k": 2, "paper_id": g["paper_id"]}).json()["hits"]
+        alone = {"q": "protein folding", "k": 2, "paper_id": g["paper_id"], "mode": "dense"}
+        best = client.get("/search", params=alone).json()["hits"]
         # the same best passages (scores compared: the tiny model scores some chunks within float rounding,
         # and such ties may come in either order)
         assert [p["score"] for p in g["passages"]] == pytest.approx([p["score"] for p in best], rel=1e-5)
@@ -69,14 +72,15 @@ def test_replace_and_delete_on_edge(client):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_searches_beside_the_index_worker_get_the_same_answers(edge_settings, tmp_path, device):
-    """Requests encode queries while the worker encodes papers with the same models: answers must not change."""
+    """Requests encode queries while the worker encodes papers with the same models: answers must not change.
+    Dense searches: BM25's statistics, and so lexical and hybrid scores, change as papers are added."""
     s = edge_settings.model_copy(update={"qdrant_path": tmp_path / "index", "device": device})
-    ids = [("paper_id", p["paper_id"]) for p in CORPUS]
+    ids = [("mode", "dense")] + [("paper_id", p["paper_id"]) for p in CORPUS]
     probes = [
         ("/search", [("q", "graph neural network"), ("k", 5), *ids]),
         ("/search", [("q", "cell tumor"), ("k", 3), ("group_by_paper", True), *ids]),
         ("/search", [("q", "enzyme molecule"), ("k", 4), ("rerank", True), ("candidates", 12), *ids]),
-        ("/search/papers", [("q", "star galaxy"), ("k", 3), ("year_to", 2050)]),
+        ("/search/papers", [("q", "star galaxy"), ("k", 3), ("year_to", 2050), ("mode", "dense")]),
     ]
 
     def answer(c: TestClient, path: str, params: list) -> list[tuple[str, int, float]]:

@@ -172,6 +172,7 @@ def test_stats_reports_what_the_index_holds_and_what_searches_it(client, runtime
     layout = store.layout()
     assert s["store"] == {"kind": "server", "multivector": layout.multivector, "passage_dim": layout.chunk_dim,
                           "paper_dim": layout.paper_dim}
+    assert (s["search_mode"], s["search_modes"]) == (settings.search_mode, ["hybrid", "dense", "lexical"])
     assert client.get("/stats", params={"x": 1}).status_code == 200  # no parameters to get wrong
 
 

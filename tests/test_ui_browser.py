@@ -88,6 +88,8 @@ def test_search_read_in_context_follow_similar_and_see_errors(base_url, browser)
     page.goto(base_url + "/")
     expect(page.locator("#summary")).to_contain_text("12 papers")
     expect(page.locator("#summary")).to_contain_text("store: server")
+    modes = page.locator("select[name=mode] option").all_inner_texts()
+    assert modes == ["hybrid (default)", "hybrid", "dense", "lexical"]
 
     # a grouped search, submitted with Enter; its options land in the URL
     page.fill("#q", QUERY)
@@ -145,7 +147,15 @@ def test_search_read_in_context_follow_similar_and_see_errors(base_url, browser)
 
     # back to the passages
     page.go_back()
-    expect(page.locator("#results-title")).to_contain_text(f"5 papers for “{QUERY}”")
+    expect(page.locator("#results-title")).to_contain_text(f"5 papers for “{QUERY}” (hybrid)")
+
+    # lexical mode: every passage shown holds a query word, marked
+    page.select_option("select[name=mode]", "lexical")
+    page.press("#q", "Enter")
+    expect(page.locator("#results-title")).to_contain_text(f"for “{QUERY}” (lexical)")
+    assert "mode=lexical" in page.url
+    quotes = page.locator("#list blockquote")
+    assert quotes.count() >= 5 and all(q.locator("mark").count() for q in quotes.all())
 
     # find papers
     page.click("#find-papers")

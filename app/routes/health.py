@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from indexer.store import SCHEMA, SearchMode
 
 from ..deps import Service, ServiceDep
 from ..errors import classify
@@ -51,8 +55,9 @@ def summary(svc: Service) -> IndexSummary:
     kind = "server" if s.qdrant_url else "embedded"
     where = StoreSummary(kind=kind) if layout is None else StoreSummary(
         kind=kind, multivector=layout.multivector, passage_dim=layout.chunk_dim, paper_dim=layout.paper_dim)
+    modes = list(get_args(SearchMode)) if layout is None or layout.schema >= SCHEMA else ["dense"]
     return IndexSummary(papers=store.count(store.papers), passages=store.count(store.chunks), models=models,
-                        store=where)
+                        store=where, search_mode=svc.searcher.mode, search_modes=modes)
 
 
 @router.get(

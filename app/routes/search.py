@@ -64,10 +64,11 @@ def paper_group(g: FoundGroup) -> PaperGroup:
     response_model=PassageSearchResponse | GroupedSearchResponse,
     summary="Passage search: the top passages for a query, or the top papers with their best passages",
     description=(
-        "The query is embedded with the passage model and matched against whole chunks. With `group_by_paper=true` "
-        "each paper appears once with up to `group_size` of its best passages (response: `groups`); otherwise "
-        "the response is a flat list of `hits`. With `rerank=true` the top `candidates` passages are rescored by "
-        "the cross-encoder and ordered by its score (`rerank_score`), then cut to `k`."
+        "The query is matched against whole chunks: by the passage model's vectors (`mode=dense`), BM25 of the words "
+        "(`lexical`), or both lists fused (`hybrid`). With `group_by_paper=true` each paper appears once with up to "
+        "`group_size` of its best passages (response: `groups`); otherwise the response is a flat list of `hits`. "
+        "With `rerank=true` the top `candidates` passages are rescored by the cross-encoder and ordered by its score "
+        "(`rerank_score`), then cut to `k`."
     ),
     responses=ERRORS,
 )
@@ -78,23 +79,26 @@ async def search(
     check_bounds(svc.settings, q=p.q, k=p.k, candidates=p.candidates, year_from=p.year_from, year_to=p.year_to)
     flt = SearchFilter(p.year_from, p.year_to, list(p.paper_id))
     candidates = p.candidates or min(DEFAULT_CANDIDATES, svc.settings.max_candidates)
+    mode = p.mode or svc.searcher.mode
     await svc.collections()
     if p.group_by_paper:
-        groups = await svc.read(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, candidates, p.mode)
-        return GroupedSearchResponse(query=p.q, reranked=p.rerank, groups=[paper_group(g) for g in groups])
-    hits = await svc.read(svc.searcher.passages, p.q, p.k, flt, p.rerank, candidates, p.mode)
-    return PassageSearchResponse(query=p.q, reranked=p.rerank, hits=[passage_hit(h) for h in hits])
+        groups = await svc.read(svc.searcher.grouped, p.q, p.k, p.group_size, flt, p.rerank, candidates, mode)
+        return GroupedSearchResponse(query=p.q, mode=mode, reranked=p.rerank, groups=[paper_group(g) for g in groups])
+    hits = await svc.read(svc.searcher.passages, p.q, p.k, flt, p.rerank, candidates, mode)
+    return PassageSearchResponse(query=p.q, mode=mode, reranked=p.rerank, hits=[passage_hit(h) for h in hits])
 
 
 @router.get(
     "/search/papers",
     response_model=PaperSearchResponse,
-    summary="Paper search: the query through SPECTER2's ad-hoc query adapter, against paper embeddings",
+    summary="Paper search: the query through SPECTER2's ad-hoc query adapter against paper embeddings, BM25 of "
+            "titles and abstracts, or both (mode)",
     responses={k: v for k, v in ERRORS.items() if k != 400},
 )
 async def search_papers(svc: ServiceDep, params: Annotated[PaperSearchRequest, Query()]) -> PaperSearchResponse:
     p = params
     check_bounds(svc.settings, q=p.q, k=p.k, year_from=p.year_from, year_to=p.year_to)
+    mode = p.mode or svc.searcher.mode
     await svc.collections()
-    hits = await svc.read(svc.searcher.papers, p.q, p.k, SearchFilter(p.year_from, p.year_to), p.mode)
-    return PaperSearchResponse(query=p.q, hits=[paper_hit(h) for h in hits])
+    hits = await svc.read(svc.searcher.papers, p.q, p.k, SearchFilter(p.year_from, p.year_to), mode)
+    return PaperSearchResponse(query=p.q, mode=mode, hits=[paper_hit(h) for h in hits])

@@ -113,8 +113,7 @@ function formParams(view) {
   const params = new URLSearchParams();
   if (view !== "passages") params.set("view", view);
   params.set("q", data.get("q").trim());
-  const fields = view === "passages" ? ["k", "year_from", "year_to", "mode"] : ["k", "year_from", "year_to"];
-  for (const name of fields) {
+  for (const name of ["k", "year_from", "year_to", "mode"]) {
     const value = (data.get(name) || "").trim();
     if (value) params.set(name, value);
   }
@@ -127,10 +126,11 @@ function formParams(view) {
 function fillForm(params) {
   if (params.has("q")) form.q.value = params.get("q");
   for (const name of ["k", "year_from", "year_to"]) form[name].value = params.get(name) || (name === "k" ? "10" : "");
-  if (params.has("view")) return;  // the passage options stay as they were for the next passage search
+  if (params.get("view") === "similar") return;  // the search options stay as they were for the next search
+  form.mode.value = params.get("mode") || "";
+  if (params.has("view")) return;
   form.group_by_paper.checked = params.get("group_by_paper") === "true";
   form.rerank.checked = params.get("rerank") === "true";
-  if (params.has("mode")) form.mode.value = params.get("mode");
 }
 
 // --- rendering ---------------------------------------------------------------------------------------
@@ -154,8 +154,11 @@ function finishResults(title) {
   $("results-title").focus();
 }
 
+// Three significant digits: fused scores are small (1/61 + 1/62 …), dot products and BM25 are not.
 function score(label, value, hint) {
-  return value === null || value === undefined ? "" : el("span", { class: "score", title: hint }, `${label} ${value.toFixed(2)}`);
+  if (value === null || value === undefined) return "";
+  const shown = Math.abs(value) >= 100 ? value.toFixed(0) : value.toPrecision(3);
+  return el("span", { class: "score", title: hint }, `${label} ${shown}`);
 }
 
 function paperMeta(year, meta) {
@@ -182,7 +185,7 @@ function passageItem(p, pattern, withTitle) {
     withTitle ? paperMeta(p.metadata.year, p.metadata) : "",
     el("blockquote", {}, highlighted(snippet(p.text, pattern, p.match), pattern)),
     el("div", { class: "actions" }, where,
-      score("score", p.score, "similarity to the query; higher is closer"),
+      score("score", p.score, "match with the query; higher is closer"),
       score("rerank", p.rerank_score, "the cross-encoder's score; higher is better"),
       el("button", { type: "button", class: "context", onclick: () => openContext(p.paper_id, p.chunk_index, pattern, p) },
         "Read in context"),
@@ -203,13 +206,17 @@ function renderPassages(hits, pattern) {
   for (const p of hits) $("list").append(Object.assign(passageItem(p, pattern, true), { tabIndex: 0 }));
 }
 
-function renderPapers(hits, pattern) {
+// Dense paper scores (and every "papers like this") are SPECTER2 distances; lexical and hybrid ones are
+// scores, higher first.
+function renderPapers(hits, pattern, mode) {
+  const [label, hint] = mode === "dense" ? ["distance", "distance between SPECTER2 embeddings; lower is closer"]
+    : ["score", `${mode} score; higher is closer`];
   for (const h of hits) {
     $("list").append(el("li", { class: "paper", tabindex: "0" },
       el("h3", {}, highlighted(h.title || h.paper_id, pattern)), paperMeta(h.year, h.metadata),
       h.abstract ? el("p", { class: "abstract" }, highlighted(snippet(h.abstract, pattern), pattern)) : "",
       el("div", { class: "actions" },
-        score("distance", h.score, "distance between SPECTER2 embeddings; lower is closer"), similarButton(h.paper_id, h.title))));
+        score(label, h.score, hint), similarButton(h.paper_id, h.title))));
   }
 }
 
@@ -231,18 +238,18 @@ async function run(params, push) {
       api.delete("q");
       const path = `/papers/${encodeURIComponent(id)}`;
       const [paper, res] = await Promise.all([call(path), call(`${path}/similar`, api)]);
-      renderPapers(res.hits, null);
+      renderPapers(res.hits, null, "dense");
       finishResults(`${count(res.hits.length, "paper")} like “${paper.title || id}”`);
     } else if (view === "papers") {
       const res = await call("/search/papers", api);
-      renderPapers(res.hits, pattern);
-      finishResults(`${count(res.hits.length, "paper")} for “${q}”`);
+      renderPapers(res.hits, pattern, res.mode);
+      finishResults(`${count(res.hits.length, "paper")} for “${q}” (${res.mode})`);
     } else {
       const res = await call("/search", api);
       if (res.groups) renderGroups(res.groups, pattern);
       else renderPassages(res.hits, pattern);
       const n = res.groups ? count(res.groups.length, "paper") : count(res.hits.length, "passage");
-      finishResults(`${n} for “${q}”${res.reranked ? ", reranked" : ""}`);
+      finishResults(`${n} for “${q}” (${res.mode}${res.reranked ? ", reranked" : ""})`);
     }
   } catch (err) {
     $("results").hidden = true;
@@ -301,6 +308,7 @@ async function loadSummary() {
       `papers: ${shortName(s.models.paper)}`, `reranker: ${s.models.reranker ? shortName(s.models.reranker) : "none"}`,
       `store: ${s.store.kind}`];
     $("summary").textContent = parts.join(" · ");
+    showModes(s.search_modes, s.search_mode);
     $("summary").title = JSON.stringify(s.models, null, 1);
     if (!s.models.reranker) {
       form.rerank.disabled = true;
@@ -313,6 +321,16 @@ async function loadSummary() {
   } catch (err) {
     $("summary").textContent = `Index summary unavailable: ${err.message}`;
   }
+}
+
+// The modes this index can search in; without its default (an index built before BM25), dense is chosen.
+function showModes(modes, fallback) {
+  const options = modes.map((m) => el("option", { value: m }, m));
+  if (modes.includes(fallback)) options.unshift(el("option", { value: "" }, `${fallback} (default)`));
+  form.mode.replaceChildren(...options);
+  const asked = new URLSearchParams(location.search).get("mode");
+  form.mode.value = modes.includes(asked) ? asked : options[0].value;
+  $("mode-field").hidden = false;
 }
 
 // --- wiring ---------------------------------------------------------------------------------------------
