@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +24,10 @@ EXAMPLE = Path(__file__).parent / "data" / "example_papers.jsonl"
 
 class CliError(Exception):
     """A failure to report as one line and a non-zero exit."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the line that says what the run kept."""
 
 
 def _settings(args: argparse.Namespace):
@@ -52,15 +59,61 @@ def _gpu_memory() -> str:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GiB"
 
 
-def _count_records(files: list[Path]) -> int | None:
+def _count_records(files: list[Path], quiet: bool) -> int | None:
+    """Records in the input (None for a JSON array: read whole only once indexing reads it), with a bar
+    over the bytes read where that takes a while."""
+    from tqdm import tqdm
+
     n = 0
-    for f in files:
-        with f.open("rb") as fh:
-            if fh.read(64).lstrip()[:1] == b"[":
-                return None
-            fh.seek(0)
-            n += sum(1 for line in fh if line.strip())
+    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="reading", leave=False,
+              disable=quiet or None, delay=1.0) as bar:
+        for f in files:
+            with f.open("rb") as fh:
+                if fh.read(64).lstrip()[:1] == b"[":
+                    return None
+                fh.seek(0)
+                for line in fh:
+                    n += bool(line.strip())
+                    bar.update(len(line))
     return n
+
+
+@contextlib.contextmanager
+def _ticking(bar) -> Iterator[None]:
+    """The bar redrawn every half second while the block runs: its time and rate move even while no
+    step ends (a slow CPU may take many seconds over one paper; building the index has few steps)."""
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True, name="progress")
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+
+
+@contextlib.contextmanager
+def _spinner(desc: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A bar for a phase without steps of its own to count (building the index), ticking with the time
+    spent; the callable it yields sets (done, total) where the phase reports them."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, total=None, unit="shard", disable=quiet or None, delay=1.0)
+
+    def progress(n: int, total: int) -> None:
+        bar.total = total
+        bar.update(n - bar.n)
+
+    try:
+        with _ticking(bar):
+            yield progress
+    finally:
+        bar.close()
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -90,11 +143,14 @@ def cmd_index(args: argparse.Namespace) -> int:
             raise CliError(f"{len(bad)} bad record(s); nothing indexed (--strict)")
     s = _settings(args)
     address = args.ray or s.ray_address
+    t0 = time.perf_counter()
+    total = _count_records(files, args.quiet)
     rt = None if address else build(s, reranker=False)
-    total = _count_records(files)
-    bar = tqdm(total=total, unit="paper", disable=args.quiet, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="paper", desc="indexing", disable=args.quiet, dynamic_ncols=True)
+    last: list = []  # the stats as last reported: what an interrupted run kept
 
     def progress(st) -> None:
+        last[:] = [st]
         bar.update(st.papers_indexed + st.papers_unchanged + len(st.bad) - bar.n)
         secs = max(st.seconds, 1e-9)
         post = {"chunks/s": f"{st.chunks / secs:,.0f}", "tok/s": f"{st.tokens / secs:,.0f}", "skipped": st.papers_unchanged, "bad": len(st.bad)}
@@ -108,23 +164,33 @@ def cmd_index(args: argparse.Namespace) -> int:
         else:
             # The embedded store writes its chunk shards from processes of their own meanwhile (on a new
             # index they create them, while the run starts).
-            with frozen_heap(), rt.store.parallel_writes():
+            with frozen_heap(), rt.store.parallel_writes(), _ticking(bar):
                 stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
-            rt.store.finish_bulk()
+            bar.close()
+            with _spinner("building the index", args.quiet):
+                rt.store.finish_bulk()
+    except KeyboardInterrupt as exc:
+        st = last[0] if last else None
+        kept = f"{st.papers_indexed} paper(s) indexed and kept" if st else "nothing indexed"
+        there = f", {st.papers_unchanged} already there" if st and st.papers_unchanged else ""
+        raise Interrupted(f"interrupted after {time.perf_counter() - t0:.0f}s: {kept}{there}; rerun to resume") from exc
     finally:
         bar.close()
         if rt is not None:
             rt.close()
+    searchable = time.perf_counter() - t0
     for r in stats.bad:
         print(f"bad record {r}", file=sys.stderr)
     secs = max(stats.seconds, 1e-9)
-    summary = stats.as_dict() | {"papers_per_s": round(stats.papers_indexed / secs, 2), "tokens_per_s": round(stats.tokens / secs)}
+    summary = stats.as_dict() | {"papers_per_s": round(stats.papers_indexed / secs, 2), "tokens_per_s": round(stats.tokens / secs),
+                                 "searchable_s": round(searchable, 2)}
     if args.json:
         print(json.dumps(summary))
     else:
         print(
             f"indexed {stats.papers_indexed} papers ({stats.chunks} chunks, {stats.windows} windows, {stats.tokens:,} passage tokens "
-            f"+ {stats.head_tokens:,} head tokens) in {stats.seconds:.1f}s; {stats.papers_unchanged} unchanged, "
+            f"+ {stats.head_tokens:,} head tokens) in {stats.seconds:.1f}s, searchable after {searchable:.1f}s; "
+            f"{stats.papers_unchanged} already indexed, "
             f"{len(stats.bad)} bad record(s) skipped"
             + (f"; {stats.papers_capped} paper(s) cut to {s.max_chunks_per_paper} chunks (--max-chunks-per-paper)" if stats.papers_capped else "")
         )
@@ -484,12 +550,25 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ModelLoadError, StoreError, NotFound, NoReranker, FileNotFoundError, ValueError) as exc:
         print(f"paperindex {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"paperindex {args.command}: interrupted after {time.perf_counter() - t0:.0f}s; rerun to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        what = str(exc) if isinstance(exc, Interrupted) else f"interrupted after {time.perf_counter() - t0:.0f}s"
+        print(f"paperindex {args.command}: {what}", file=sys.stderr)
+        _exit_now_if_encoding(130)
         return 130
     except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or flushing at exit fails again
         return 141  # 128 + SIGPIPE, what a shell reports for a command stopped by it
+
+
+def _exit_now_if_encoding(code: int) -> None:
+    """After Ctrl-C the index run does not wait for encoder threads still in a forward pass (a CPU may
+    take minutes over one batch); what they would give is dropped, and everything else is written and
+    closed by now. The interpreter's own exit would wait on them, or abort in the C++ runtime while
+    they run (`terminate called without an active exception`): end the process here instead."""
+    if any(t.is_alive() and t.name.startswith("encode") for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
      ├── ModelLoadError    a model or adapter could not be loaded, or the device asked for is not there
      └── StoreError        the store cannot do what was asked (layout mismatch, bad request)
           └── StoreUnavailable   Qdrant cannot be reached (server down, timeout, shard cannot be opened)
+    Exception
+     └── Cancelled         encoding stopped part way, as asked (Ctrl-C): not a failure
 """
 
 from __future__ import annotations
@@ -19,3 +21,7 @@ class StoreError(RuntimeError):
 
 class StoreUnavailable(StoreError):
     """Qdrant cannot be reached (server down, timeout, shard cannot be opened)."""
+
+
+class Cancelled(Exception):
+    """Encoding stopped part way because the caller asked it to (the run is stopping): not a failure."""

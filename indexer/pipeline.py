@@ -17,8 +17,9 @@ crash skips papers whose marker matches and redoes the rest, ending with exactly
 until its chunk writes are done, and the run's progress counts the group only then.)
 
 Ctrl-C (KeyboardInterrupt in the calling thread): no new group is selected, prepared or encoded; the
-groups already encoded are written and flushed, then the interrupt goes on to the caller. A second
-Ctrl-C gives up the waiting.
+groups encoded by then, or within IN_FLIGHT_GRACE_S, are written and flushed, and the interrupt goes on
+to the caller. Encoder threads still in a forward pass are not waited for (a CPU may take minutes over
+one batch); they end on their own.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 from .chunking import WINDOWING, Chunk
 from .encode import PaperEncoder, PassageEncoder
 from .encode.kernels import one_device
-from .errors import StoreUnavailable
+from .errors import Cancelled, StoreUnavailable
 from .papers import BadRecord, PaperIn
 from .plan import Tuning
 from .store import ChunkText, Layout, PaperChunks, PaperRef, Point, Store, paper_payload, paper_point_id
@@ -59,6 +60,8 @@ SWITCH_INTERVAL_S = 0.0005
 # FIRST_PAPERS: the run ends with a short encode and a short write, not a whole group's (`groups`).
 FIRST_PAPERS = 32
 GROWTH = 1.5
+# After Ctrl-C, groups whose encoding ends within this long are still written.
+IN_FLIGHT_GRACE_S = 2.0
 
 
 def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1, limit: Callable[[], int] | None = None) -> Iterator[list[T]]:
@@ -387,6 +390,7 @@ class IndexRun:
         self.stats = IndexStats()
         self.t0 = time.perf_counter()
         self.stop = threading.Event()  # no new work: an error, or Ctrl-C
+        self.give_up_at = float("inf")  # after Ctrl-C: when the writer stops waiting for groups in encoding
         self.errors: list[BaseException] = []  # the first is raised; a failed run writes nothing more
         ix = indexer
         self.n_enc = len(ix.workers)
@@ -471,7 +475,11 @@ class IndexRun:
                 if self.speed and item[1].papers:
                     self.speed.record(len(item[1].papers), time.perf_counter() - t)
                 self.prepared.done(gpu)
-                self.encoded.put(item)  # the writer always takes, so this never blocks for long
+                # Never blocks for long: the writer takes while it runs, and once it has ended the queue
+                # has room for each encoder thread's last group and its None.
+                self.encoded.put(item)
+        except Cancelled:  # the run is stopping: the group is dropped, not written
+            pass
         except BaseException as exc:
             self._fail(exc)
         finally:
@@ -481,12 +489,16 @@ class IndexRun:
     def write_stage(self) -> None:
         """Write each group as soon as it is encoded, unless an earlier one still to be written has
         one of its papers: then after it (a paper listed twice ends with its last version). Once the
-        encoders have ended (every one sends None), what still waits is written in input order: the
-        earlier groups it waited for will not come (the run was stopped before they were encoded)."""
+        encoders have ended (every one sends None), or after Ctrl-C once the grace for the groups in
+        encoding is over, what still waits is written in input order: the earlier groups it waited for
+        will not come (the run was stopped before they were encoded)."""
         waiting: dict[int, CommitGroup] = {}
         running = self.n_enc
-        while running:
-            item = self.encoded.get()
+        while running and time.monotonic() < self.give_up_at:
+            try:
+                item = self.encoded.get(timeout=0.05)
+            except queue.Empty:
+                continue
             if item is None:
                 running -= 1
                 continue
@@ -494,6 +506,13 @@ class IndexRun:
             while ready := [seq for seq in sorted(waiting) if self._free(seq)]:
                 for seq in ready:
                     self._write(seq, waiting.pop(seq))
+        while running:  # given up: the groups encoded meanwhile are written too
+            try:
+                item = self.encoded.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                waiting[item[0]] = item[1]
         for seq in sorted(waiting):
             self._write(seq, waiting.pop(seq))
 
@@ -542,8 +561,8 @@ class IndexRun:
             try:
                 writer.join()
             except KeyboardInterrupt:
-                # Ctrl-C: nothing new starts; the groups encoded (or being encoded) are still written.
-                log.info("interrupted: writing the papers already encoded")
+                # Ctrl-C: nothing new starts; the groups encoded (or encoded within the grace) are written.
+                self.give_up_at = time.monotonic() + IN_FLIGHT_GRACE_S
                 self.stop.set()
                 writer.join()
                 raise
@@ -551,8 +570,10 @@ class IndexRun:
             self.errors.insert(0, exc)
         finally:
             self.stop.set()
+            interrupted = bool(self.errors) and isinstance(self.errors[0], KeyboardInterrupt)
             for t in threads:
-                t.join()
+                if not (interrupted and t.name.startswith("encode")):  # see the module's docstring
+                    t.join()
             sys.setswitchinterval(interval)
             self.ix.store.flush()
         self.stats.seconds = time.perf_counter() - self.t0

@@ -1,6 +1,8 @@
 """The `paperindex` command as a user runs it: exit codes and messages."""
 
 import json
+import os
+import re
 
 import pytest
 
@@ -183,3 +185,79 @@ def test_index_leaves_the_loaded_models_out_of_full_garbage_collections(env, pap
     assert code == 0, err
     assert len(frozen) == 1 and frozen[0] > 10_000  # the models, at least
     assert gc.get_freeze_count() == 0
+
+
+# Ctrl-C -----------------------------------------------------------------------------------------
+
+# `paperindex index` in a subprocess whose passage encoder is fast for its first `FAST` groups, then
+# takes a minute over each (a slow device): Ctrl-C must not wait for a group in encoding.
+SLOW_INDEX = (
+    "import sys, time\n"
+    "from indexer.encode import PassageEncoder\n"
+    "from indexer.cli import main\n"
+    "inner, calls = PassageEncoder.encode_windows, []\n"
+    "def encode_windows(self, *a, **kw):\n"
+    "    calls.append(1)\n"
+    "    if len(calls) > int(sys.argv[1]):\n"
+    "        time.sleep(60)\n"
+    "    return inner(self, *a, **kw)\n"
+    "PassageEncoder.encode_windows = encode_windows\n"
+    "sys.exit(main(['index', *sys.argv[2:]]))\n"
+)
+
+
+def interrupted_run(env: dict, path, fast: int, device: str) -> tuple[int, str, float]:
+    """Run SLOW_INDEX until its bar shows `fast` papers, Ctrl-C it (SIGINT to its process group, as a
+    terminal does); (exit code, stderr, seconds from the signal to the exit)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from reliability_support import EVERY_BATCH, ROOT
+
+    env = env | EVERY_BATCH | {"PAPERINDEX_DEVICE": device}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_INDEX, str(fast), str(path)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    err, t_end = b"", time.monotonic() + 300
+    while time.monotonic() < t_end:
+        err += proc.stderr.read1(4096)
+        done = [int(n) for n in re.findall(rb"indexing:.*?(\d+)/\d+", err[-300:])]
+        if done and done[-1] >= fast:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    t = time.monotonic()
+    _, rest = proc.communicate(timeout=120)
+    return proc.returncode, (err + rest).decode(errors="replace"), time.monotonic() - t
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_ctrl_c_answers_at_once_keeps_what_is_encoded_and_the_rerun_says_so(settings, tmp_path, device):
+    """Ctrl-C while a group is in a (slow) encode: the run ends within seconds with 130 and one line
+    saying how many papers it kept; no traceback from any process, no abort; the index holds exactly
+    those papers, and the rerun reports them as already indexed."""
+    import subprocess
+    import sys
+
+    from reliability_support import ROOT, settings_env
+
+    from indexer.store import EdgeStore
+
+    path = write_jsonl(tmp_path / "in.jsonl", [make_paper(i, words=200) for i in range(12)])
+    # groups sized as a CPU's default: by measured speed, one paper each until measured
+    env = settings_env(settings.model_copy(update={"papers_per_batch": None}))
+    code, err, seconds = interrupted_run(env, path, fast=3, device=device)
+    lines = [line for line in err.splitlines() if "paperindex index:" in line]
+    assert code == 130 and seconds < 15, (code, seconds, err[-2000:])
+    assert "Traceback" not in err and "terminate called" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert len(lines) == 1 and "interrupted after" in lines[0] and "rerun to resume" in lines[0], lines
+    kept = int(re.search(r"(\d+) paper\(s\) indexed and kept", lines[0]).group(1))
+    store = EdgeStore(settings.qdrant_path)
+    try:
+        assert 3 <= kept == store.count(store.papers) < 12
+    finally:
+        store.close()
+    done = subprocess.run([sys.executable, "-m", "indexer.cli", "index", str(path)], env=env | {"PAPERINDEX_DEVICE": device},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"{kept} already indexed" in done.stdout, done.stdout + done.stderr[-2000:]
