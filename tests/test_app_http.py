@@ -234,9 +234,30 @@ def test_context_with_slashes_in_the_id(client):
     assert client.delete(f"/papers/{pid}").status_code == 200
 
 
+def test_a_papers_title_and_abstract_in_context(tiny_models):
+    """With PAPERINDEX_HEAD_PASSAGE a paper's title and abstract are a passage too, chunk_index -1, before its text."""
+    s = Settings(**tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=120,
+                 chunk_overlap=20, token_budget=4096, head_passage=True)
+    rt = build(s, store=ClientStore(location=":memory:"))
+    src = CORPUS[2]
+    try:
+        with TestClient(create_app(runtime=rt)) as c:
+            assert c.post("/index", params={"wait": True}, json=src).status_code == 200
+            head = {"paper_id": src["paper_id"], "chunk_index": -1, "radius": 1}
+            ctx = c.get("/passages/context", params=head).json()
+            assert [p["chunk_index"] for p in ctx["passages"]] == [-1, 0]
+            assert ctx["passages"][0]["text"] == f"{src['title']}\n{src['abstract']}"
+            assert (ctx["more_before"], ctx["more_after"]) == (False, True)
+            first = c.get("/passages/context", params=head | {"chunk_index": 0}).json()
+            assert [p["chunk_index"] for p in first["passages"]] == [-1, 0, 1] and first["more_before"] is False
+    finally:
+        rt.close()
+
+
 @pytest.mark.parametrize(("params", "status", "fragment"), [
     ({"paper_id": "no-such-paper", "chunk_index": 0}, 404, "no-such-paper"),
     ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 999}, 404, "chunk_index 999"),
+    ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": -1}, 404, "chunk_index -1"),  # no head passage here
     ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": -2}, 422, "chunk_index"),
     ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 0, "radius": 11}, 422, "radius"),
     ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": "two"}, 422, "chunk_index"),
