@@ -2,12 +2,16 @@
 # paperindex: CUDA PyTorch runtime + the package; `paperindex serve` by default.
 #   docker build -t paperindex .
 #   docker build --build-arg BAKE_MODELS=1 -t paperindex:baked .   # models inside the image
+#   docker build --build-arg EXTRAS=ray -t paperindex:ray .        # also a Ray worker (index --ray)
 # The base image brings torch with CUDA; the build stage installs paperindex into a virtual
 # environment that sees that torch, and the final stage copies only that environment.
 
 ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS build
+# Extras of the package to install: `--build-arg EXTRAS=ray` makes an image that also runs as a Ray
+# worker (`paperindex index --ray`; docs/deployment.md).
+ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 # Dependencies first, against empty packages (a layer that survives source edits); then the code.
@@ -15,7 +19,7 @@ COPY pyproject.toml README.md ./
 RUN mkdir -p indexer app/routes \
     && touch indexer/__init__.py app/__init__.py app/routes/__init__.py \
     && python -m venv --system-site-packages /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir .
+    && /opt/venv/bin/pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"
 COPY indexer ./indexer
 COPY app ./app
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --force-reinstall . \
