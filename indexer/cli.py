@@ -211,58 +211,126 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
+# What a score means, by the kind of search and its mode (what Qdrant returns for each collection's metric:
+# the passages' dot product, the paper heads' Euclidean distance, BM25, or a fused rank score).
+PASSAGE_SCORES = {
+    "dense": "dot product of the passage vectors (MaxSim over windows), higher is better",
+    "lexical": "BM25, higher is better",
+    "hybrid": "dense and BM25 lists fused by rank, higher is better",
+}
+PAPER_SCORES = {
+    "dense": "Euclidean distance between SPECTER2 vectors, lower is closer",
+    "lexical": "BM25 of title and abstract, higher is better",
+    "hybrid": "dense and BM25 lists fused by rank, higher is better",
+}
+
+
+def _open_index(s):
+    """The store, once it is known to hold papers: an empty index answers before any model is loaded."""
+    from .store import open_store
+
+    store = open_store(s)
+    try:
+        if store.layout() is None or store.count(store.papers) == 0:
+            where = s.qdrant_url or Path(s.qdrant_path).resolve()
+            raise CliError(f"the index at {where} holds no papers yet: index some papers first (paperindex index)")
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _passage_json(p) -> dict:
+    return asdict(p)
+
+
+def _group_json(g) -> dict:
+    paper = g.paper or {}
+    return {"paper_id": g.paper_id, "title": g.title, "score": g.score, "year": paper.get("year"),
+            "abstract": paper.get("abstract"), "metadata": paper.get("metadata") or {},
+            "passages": [_passage_json(p) for p in g.passages]}
+
+
+def _papers_out(res, header: str) -> None:
+    print(header)
+    for i, r in enumerate(res, 1):
+        print(f"{i:>2}. [{r.score:.3f}] {r.paper_id}  {r.title} ({r.year or 'n.d.'})")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    from .runtime import build
+    """Passage, grouped or paper search; `--json` prints what GET /search (or /search/papers) answers."""
+    from .runtime import query_searcher
 
     s = _settings(args)
-    rt = build(s, reranker=args.rerank, indexing=False)
+    store = _open_index(s)
     try:
+        searcher = query_searcher(s, store, passages=not args.papers, papers=args.papers, reranker=args.rerank)
         flt = _filter(args)
+        mode = args.mode or s.search_mode
         if args.papers:
-            res = [asdict(r) for r in rt.searcher.papers(args.query, args.k, flt, mode=args.mode)]
+            res = searcher.papers(args.query, args.k, flt, mode=mode)
             if args.json:
-                _print_json(res)
-            for i, r in enumerate(res, 1):
-                if not args.json:
-                    print(f"{i:>2}. [{r['score']:.3f}] {r['paper_id']}  {r['title']} ({r['year'] or 'n.d.'})")
-            return 0
+                _print_json({"query": args.query, "mode": mode, "hits": [asdict(r) for r in res]})
+            elif res:
+                _papers_out(res, f"papers; score: {PAPER_SCORES[mode]} ({mode})")
+            return _no_results(args, res)
+        reranked = "; reranked: by the cross-encoder's score, higher is better" if args.rerank else ""
         if args.group:
-            groups = rt.searcher.grouped(args.query, args.k, args.group_size, flt, rerank=args.rerank,
-                                         candidates=args.candidates, mode=args.mode)
+            groups = searcher.grouped(args.query, args.k, args.group_size, flt, rerank=args.rerank,
+                                      candidates=args.candidates, mode=mode)
             if args.json:
-                _print_json([asdict(g) for g in groups])
-                return 0
-            for i, g in enumerate(groups, 1):
-                print(f"{i:>2}. [{g.score:.3f}] {g.paper_id}  {g.title}")
-                for p in g.passages:
-                    print(f"      #{p.chunk_index} [{p.score:.3f}] {p.snippet(160)}")
-            return 0
-        hits = rt.searcher.passages(args.query, args.k, flt, rerank=args.rerank, candidates=args.candidates, mode=args.mode)
+                _print_json({"query": args.query, "mode": mode, "reranked": args.rerank,
+                             "groups": [_group_json(g) for g in groups]})
+            elif groups:
+                print(f"papers by their best passages; score: {PASSAGE_SCORES[mode]} ({mode}){reranked}")
+                for i, g in enumerate(groups, 1):
+                    print(f"{i:>2}. [{g.score:.3f}] {g.paper_id}  {g.title}")
+                    for p in g.passages:
+                        print(f"      #{p.chunk_index} [{p.score:.3f}] {p.snippet(160)}")
+            return _no_results(args, groups)
+        hits = searcher.passages(args.query, args.k, flt, rerank=args.rerank, candidates=args.candidates, mode=mode)
         if args.json:
-            _print_json([asdict(h) for h in hits])
-            return 0
-        for i, h in enumerate(hits, 1):
-            rr = f" rerank {h.rerank_score:.3f}" if h.rerank_score is not None else ""
-            print(f"{i:>2}. [{h.score:.3f}{rr}] {h.paper_id} #{h.chunk_index}  {h.title}\n      {h.snippet(200)}")
-        return 0
+            _print_json({"query": args.query, "mode": mode, "reranked": args.rerank,
+                         "hits": [_passage_json(h) for h in hits]})
+        elif hits:
+            print(f"passages; score: {PASSAGE_SCORES[mode]} ({mode}){reranked}")
+            for i, h in enumerate(hits, 1):
+                rr = f" rerank {h.rerank_score:.3f}" if h.rerank_score is not None else ""
+                print(f"{i:>2}. [{h.score:.3f}{rr}] {h.paper_id} #{h.chunk_index}  {h.title}\n      {h.snippet(200)}")
+        return _no_results(args, hits)
     finally:
-        rt.close()
+        store.close()
+
+
+def _no_results(args: argparse.Namespace, found: list) -> int:
+    if not found and not args.json:
+        print("no results")
+    return 0
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from .runtime import build
+    """Papers nearest to an indexed one, from its stored vector (no model is loaded); `--json` prints what
+    GET /papers/{id}/similar answers."""
+    from .search import Searcher
 
-    rt = build(_settings(args), reranker=False, indexing=False)
+    store = _open_index(_settings(args))
     try:
-        res = rt.searcher.similar(args.paper_id, args.k, _filter(args))
-        if args.json:
-            _print_json([asdict(r) for r in res])
-        for i, r in enumerate(res, 1):
-            if not args.json:
-                print(f"{i:>2}. [{r.score:.3f}] {r.paper_id}  {r.title} ({r.year or 'n.d.'})")
-        return 0
+        res = Searcher(store, None, None).similar(args.paper_id, args.k, _filter(args))
     finally:
-        rt.close()
+        store.close()
+    if args.json:
+        _print_json({"paper_id": args.paper_id, "hits": [asdict(r) for r in res]})
+    elif res:
+        _papers_out(res, f"papers nearest to {args.paper_id}; score: {PAPER_SCORES['dense']}")
+    return _no_results(args, res)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -285,9 +353,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
         store.close()
     if args.json:
         _print_json(out)
+        return 0
+    kind = "Qdrant server" if s.qdrant_url else "embedded Qdrant Edge"
+    print(f"index   {out['store']} ({kind})")
+    print(f"papers  {out['papers']:,}")
+    print(f"chunks  {out['chunks']:,}")
+    if layout:
+        passages = "multivectors (a vector per window, MaxSim)" if layout.multivector else "one vector per chunk"
+        print(f"vectors paper heads {layout.paper_dim}-d (Euclidean); passages {layout.chunk_dim}-d {passages}, dot product")
     else:
-        for k, v in out.items():
-            print(f"{k:>10}: {v}")
+        print("vectors none yet: index some papers first")
+    if "disk_bytes" in out:
+        print(f"disk    {_size(out['disk_bytes'])}")
     return 0
 
 
@@ -429,102 +506,145 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paperindex", description="Two-level RAG index for scientific papers (settings: PAPERINDEX_* env vars)")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--qdrant-path", help="embedded index folder (PAPERINDEX_QDRANT_PATH)")
-    common.add_argument("--qdrant-url", help="Qdrant server URL (PAPERINDEX_QDRANT_URL)")
-    common.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("-q", "--quiet", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, where it has one of its own (an option left unset takes
+    its setting's, which the help names)."""
 
-    ix = sub.add_parser("index", parents=[common], help="index JSONL/JSON files or folders (default: the bundled example corpus)")
-    ix.add_argument("paths", nargs="*")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"takes a number of at least 1, got {n}")
+    return n
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("paperindex")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paperindex", formatter_class=_Help,
+                                description="Two-level RAG index for scientific papers (settings: PAPERINDEX_* env vars)")
+    p.add_argument("--version", action="version", version=f"paperindex {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--qdrant-path", help="embedded index folder (PAPERINDEX_QDRANT_PATH; default paperindex_data)")
+    common.add_argument("--qdrant-url", help="Qdrant server URL (PAPERINDEX_QDRANT_URL; default: none, the embedded index)")
+    common.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE; default auto)")
+    common.add_argument("--json", action="store_true", help="machine-readable output (searches: the HTTP API's JSON)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, parents: list[argparse.ArgumentParser], help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=parents, help=help, description=help, formatter_class=_Help)
+
+    ix = command("index", [common], "index JSONL/JSON files or folders (default: the bundled example corpus)")
+    ix.add_argument("paths", nargs="*", help="JSONL or JSON files, or folders of them (default: the bundled example corpus)")
     ix.add_argument("--strict", action="store_true", help="refuse the whole input if any record is bad")
     ix.add_argument("--force", action="store_true", help="re-embed papers even if unchanged")
     ix.add_argument("--shard", help="i/n: index only the papers of shard i of n (split work across GPUs or hosts)")
-    ix.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"], help="how windows of a long chunk are combined")
-    ix.add_argument("--max-chunks-per-paper", type=int, dest="max_chunks_per_paper")
-    ix.add_argument("--bulk-load", action="store_true", default=None, dest="bulk_load", help="defer HNSW building to the end")
+    ix.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"],
+                    help="how windows of a long chunk are combined (PAPERINDEX_LONG_CHUNK; default multivector)")
+    ix.add_argument("--max-chunks-per-paper", type=_positive, dest="max_chunks_per_paper",
+                    help="cut longer papers to this many chunks (PAPERINDEX_MAX_CHUNKS_PER_PAPER; default: no cap)")
+    ix.add_argument("--bulk-load", action="store_true", default=None, dest="bulk_load",
+                    help="defer HNSW building to the end (PAPERINDEX_BULK_LOAD)")
     ix.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                     help="run on a Ray cluster: ADDRESS, `auto` (the one this host is in), none: a new one here (PAPERINDEX_RAY_ADDRESS)")
     ix.set_defaults(func=cmd_index)
 
     filters = argparse.ArgumentParser(add_help=False)
-    filters.add_argument("-k", type=int, default=10)
-    filters.add_argument("--year-from", type=int)
-    filters.add_argument("--year-to", type=int)
+    filters.add_argument("-k", type=_positive, default=10, help="results to show (papers with --group or --papers)")
+    filters.add_argument("--year-from", type=int, help="only papers of this year or later")
+    filters.add_argument("--year-to", type=int, help="only papers of this year or earlier")
     filters.add_argument("--paper-id", action="append", dest="filter_paper_ids", help="restrict to this paper (repeatable)")
 
-    se = sub.add_parser("search", parents=[common, filters], help="search passages (or papers with --papers)")
-    se.add_argument("query")
+    se = command("search", [common, filters], "search passages (or papers with --papers)")
+    se.add_argument("query", help="what to look for, in words")
     se.add_argument("--papers", action="store_true", help="paper search with SPECTER2's ad-hoc query adapter")
     se.add_argument("--group", action="store_true", help="group passages by paper")
-    se.add_argument("--group-size", type=int, default=3)
+    se.add_argument("--group-size", type=_positive, default=3, help="passages shown per paper with --group")
     se.add_argument("--rerank", action="store_true", help="rescore with the cross-encoder")
-    se.add_argument("--candidates", type=int, default=50)
+    se.add_argument("--candidates", type=_positive, default=50, help="passages the cross-encoder rescores with --rerank")
     se.add_argument("--mode", choices=["hybrid", "dense", "lexical"],
-                    help="dense (the models' vectors), lexical (BM25) or hybrid (both, fused); default: PAPERINDEX_SEARCH_MODE")
+                    help="dense (the models' vectors), lexical (BM25) or hybrid (both, fused) "
+                         "(PAPERINDEX_SEARCH_MODE; default hybrid)")
     se.set_defaults(func=cmd_search)
 
-    si = sub.add_parser("similar", parents=[common, filters], help="papers nearest to an indexed paper (SPECTER2)")
-    si.add_argument("paper_id")
+    si = command("similar", [common, filters], "papers nearest to an indexed paper (SPECTER2)")
+    si.add_argument("paper_id", help="an indexed paper's id")
     si.set_defaults(func=cmd_similar)
 
-    st = sub.add_parser("stats", parents=[common], help="what the index holds")
+    st = command("stats", [common], "what the index holds")
     st.set_defaults(func=cmd_stats)
 
-    de = sub.add_parser("delete", parents=[common], help="remove papers and all their chunks")
-    de.add_argument("paper_ids", nargs="+")
+    de = command("delete", [common], "remove papers and all their chunks")
+    de.add_argument("paper_ids", nargs="+", help="ids of the papers to remove")
     de.set_defaults(func=cmd_delete)
 
-    mi = sub.add_parser("migrate", parents=[common], help="copy the embedded index into a Qdrant server or cluster")
+    mi = command("migrate", [common], "copy the embedded index into a Qdrant server or cluster")
     mi.add_argument("--to", required=True, help="target Qdrant URL")
-    mi.add_argument("--api-key")
-    mi.add_argument("--batch", type=int, default=256)
+    mi.add_argument("--api-key", help="the target's API key (PAPERINDEX_QDRANT_API_KEY; default: none)")
+    mi.add_argument("--batch", type=_positive, default=256, help="points copied per request")
     mi.set_defaults(func=cmd_migrate)
 
-    sv = sub.add_parser("serve", parents=[common], help="run the HTTP service (uvicorn)")
+    sv = command("serve", [common], "run the HTTP service (uvicorn)")
     sv.add_argument("--host", help="address to bind (PAPERINDEX_HOST; default 127.0.0.1, this host only: 0.0.0.0 for all)")
     sv.add_argument("--port", type=int, help="port (PAPERINDEX_PORT; default 8000)")
     sv.set_defaults(func=cmd_serve)
 
     quality = argparse.ArgumentParser(add_help=False)
-    quality.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE)")
-    quality.add_argument("--window-tokens", type=int, dest="window_tokens")
-    quality.add_argument("--window-overlap", type=int, dest="window_overlap")
-    quality.add_argument("--chunk-words", type=int, dest="chunk_words")
-    quality.add_argument("--chunk-overlap", type=int, dest="chunk_overlap")
+    quality.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE; default auto)")
+    quality.add_argument("--window-tokens", type=_positive, dest="window_tokens",
+                         help="tokens per window (PAPERINDEX_WINDOW_TOKENS; default 254)")
+    quality.add_argument("--window-overlap", type=int, dest="window_overlap",
+                         help="tokens consecutive windows share at least (PAPERINDEX_WINDOW_OVERLAP; default 16)")
+    quality.add_argument("--chunk-words", type=_positive, dest="chunk_words",
+                         help="words per chunk (PAPERINDEX_CHUNK_WORDS; default 512)")
+    quality.add_argument("--chunk-overlap", type=int, dest="chunk_overlap",
+                         help="words consecutive chunks share (PAPERINDEX_CHUNK_OVERLAP; default 50)")
     quality.add_argument("--json", action="store_true", help="print the report as JSON")
-    quality.add_argument("-q", "--quiet", action="store_true")
+    quality.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
 
-    ev = sub.add_parser("eval", parents=[quality], help="retrieval quality on a BEIR-format dataset (nDCG@10, Recall@10/100, MRR@10, latency)")
+    ev = command("eval", [quality], "retrieval quality on a BEIR-format dataset (nDCG@10, Recall@10/100, MRR@10, latency)")
     ev.add_argument("dataset", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"])
+    ev.add_argument("--split", default="test", help="the qrels file to score against")
+    ev.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"],
+                    help="how windows of a long chunk are combined (PAPERINDEX_LONG_CHUNK; default multivector)")
     ev.add_argument("--mode", choices=["hybrid", "dense", "lexical", "all"], default="all",
-                    help="search modes to report (default: all)")
-    ev.add_argument("--prefetch", type=int, dest="search_prefetch",
-                    help="chunks found by the pooled vector for MaxSim (PAPERINDEX_SEARCH_PREFETCH)")
+                    help="search modes to report")
+    ev.add_argument("--prefetch", type=_positive, dest="search_prefetch",
+                    help="chunks found by the pooled vector for MaxSim (PAPERINDEX_SEARCH_PREFETCH; default 200)")
     ev.add_argument("--fusion", choices=["rrf", "dbsf"], dest="search_fusion",
-                    help="how hybrid fuses the lists (PAPERINDEX_SEARCH_FUSION)")
+                    help="how hybrid fuses the lists (PAPERINDEX_SEARCH_FUSION; default rrf)")
     ev.add_argument("--rerank", action="store_true", help="also report metrics after cross-encoder reranking")
-    ev.add_argument("--candidates", type=int, default=100, help="passages the cross-encoder rescores per query")
+    ev.add_argument("--candidates", type=_positive, default=100, help="passages the cross-encoder rescores per query")
     ev.add_argument("--no-title", action="store_true", help="embed the text alone (BEIR and MTEB embed title + text)")
-    ev.add_argument("--max-queries", type=int)
+    ev.add_argument("--max-queries", type=_positive, help="score only the first this many queries (default: all)")
     ev.add_argument("--index-dir", help="keep the index here (reused when rerun); default: a temporary folder")
     ev.add_argument("--reference", action="store_true", help="also run plain sentence-transformers (exact dot-product search) on the same data")
-    ev.add_argument("--reference-max-seq-length", type=int, help="the reference's truncation length (default: the model's)")
+    ev.add_argument("--reference-max-seq-length", type=_positive, help="the reference's truncation length (default: the model's)")
     ev.add_argument("--out", help="JSON report path (default: eval-<dataset>-<long_chunk>.json)")
     ev.set_defaults(func=cmd_eval)
 
-    co = sub.add_parser("coverage", parents=[quality], help="known-item coverage: find chunks by sentences from anywhere inside them")
+    co = command("coverage", [quality], "known-item coverage: find chunks by sentences from anywhere inside them")
     co.add_argument("paths", nargs="+", help="papers (JSONL/JSON files or folders) with long texts")
     co.add_argument("--strategies", default="truncate,mean:256,multivector:256", help="comma-separated: truncate, mean:N, multivector:N[:overlap]")
     co.add_argument("--buckets", default="0,300,400,512", help="word offsets inside a chunk that bound the position buckets")
-    co.add_argument("--per-bucket", type=int, default=100, help="probe sentences per bucket")
-    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--per-bucket", type=_positive, default=100, help="probe sentences per bucket")
+    co.add_argument("--seed", type=int, default=0, help="of the probe sentences' sampling")
     co.add_argument("--out", default="coverage.json", help="JSON report path")
     co.set_defaults(func=cmd_coverage)
     return p

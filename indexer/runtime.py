@@ -51,15 +51,33 @@ def load_encoders(s: Settings, indexing: bool = True, plan: Plan | None = None) 
     CUDA graphs and nothing compiled for them, and passages tokenized in this process."""
     plan = plan or make_plan(s, indexing=indexing)
     log.info("device plan: %s", plan.device.describe())
-    paper = PaperEncoder(
-        s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, graphs=indexing, plan=plan.device
+    return paper_encoder(s, plan), passage_encoder(s, plan)
+
+
+def paper_encoder(s: Settings, plan: Plan) -> PaperEncoder:
+    return PaperEncoder(
+        s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, graphs=plan.indexing, plan=plan.device
     )
-    passage = PassageEncoder(
+
+
+def passage_encoder(s: Settings, plan: Plan) -> PassageEncoder:
+    return PassageEncoder(
         s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
-        window_overlap=s.window_overlap, compile=s.compile, tokenizer_workers=plan.tokenizer_workers, graphs=indexing,
-        tokenizer_lanes=plan.tokenizer_lanes, plan=plan.device,
+        window_overlap=s.window_overlap, compile=s.compile, tokenizer_workers=plan.tokenizer_workers,
+        graphs=plan.indexing, tokenizer_lanes=plan.tokenizer_lanes, plan=plan.device,
     )
-    return paper, passage
+
+
+def query_searcher(s: Settings, store: Store, passages: bool, papers: bool, reranker: bool) -> Searcher:
+    """A Searcher with only the models a query command needs (`paperindex search`, `similar`): the
+    passage encoder for passage search, the paper encoder for paper search, the reranker if asked for;
+    `similar` needs none (it reads the stored vectors)."""
+    plan = make_plan(s, indexing=False)
+    return Searcher(
+        store, passage_encoder(s, plan) if passages else None, paper_encoder(s, plan) if papers else None,
+        Reranker(s.reranker_model, device=s.device, plan=plan.device) if reranker and s.reranker_model else None,
+        s.search_mode, s.search_prefetch, s.search_fusion,
+    )
 
 
 def gpu_replicas(plan: Plan, paper: PaperEncoder, passage: PassageEncoder) -> list[tuple[PaperEncoder, PassageEncoder]]:

@@ -92,8 +92,8 @@ class Searcher:
     def __init__(
         self,
         store: Store,
-        passage_encoder: PassageEncoder,
-        paper_encoder: PaperEncoder,
+        passage_encoder: PassageEncoder | None,
+        paper_encoder: PaperEncoder | None,
         reranker: Reranker | None = None,
         mode: SearchMode = "hybrid",
         prefetch: int = DEFAULT_PREFETCH,
@@ -104,7 +104,9 @@ class Searcher:
         self.paper_encoder = paper_encoder
         self.reranker = reranker
         self.mode, self.prefetch, self.fusion = mode, prefetch, fusion
-        self.matcher = WindowMatcher(passage_encoder.tokenizer.backend_tokenizer.to_str(), passage_encoder.windows.spec)
+        # None where a process searches no passages (the CLI loads only the models a command needs)
+        self.matcher = (WindowMatcher(passage_encoder.tokenizer.backend_tokenizer.to_str(), passage_encoder.windows.spec)
+                        if passage_encoder is not None else None)
 
     def passages(
         self,

@@ -30,15 +30,16 @@ def test_index_search_similar_stats_delete(env, papers_file, capsys):
     summary = json.loads(out)
     assert summary["papers_indexed"] == 12 and summary["bad_records"] == 0 and summary["tokens"] > 0
     code, out, _ = run(capsys, "search", "protein folding", "-k", "3", "--json")
-    hits = json.loads(out)
+    hits = json.loads(out)["hits"]
     assert code == 0 and len(hits) == 3 and {"paper_id", "title", "chunk_index", "text", "score"} <= set(hits[0])
     code, out, _ = run(capsys, "search", "protein", "--group", "-k", "4", "--json")
-    groups = json.loads(out)
+    groups = json.loads(out)["groups"]
     assert len({g["paper_id"] for g in groups}) == len(groups) == 4
     code, out, _ = run(capsys, "search", "protein", "--papers", "-k", "2", "--year-from", "2000", "--json")
-    assert code == 0 and all(r["year"] >= 2000 for r in json.loads(out))
+    assert code == 0 and all(r["year"] >= 2000 for r in json.loads(out)["hits"])
     code, out, _ = run(capsys, "similar", "p0003", "-k", "5", "--json")
-    assert code == 0 and "p0003" not in {r["paper_id"] for r in json.loads(out)} and len(json.loads(out)) == 5
+    similar = json.loads(out)["hits"]
+    assert code == 0 and "p0003" not in {r["paper_id"] for r in similar} and len(similar) == 5
     code, out, _ = run(capsys, "stats", "--json")
     assert json.loads(out)["papers"] == 12
     code, out, err = run(capsys, "delete", "p0001", "ghost")
@@ -68,7 +69,7 @@ def test_chunk_cap_is_visible(env, tmp_path, capsys):
     [
         (["index", "/no/such/file.jsonl"], "no such file or folder"),
         (["index", "x.jsonl", "--shard", "3/2"], "--shard"),
-        (["similar", "ghost"], "not in the index"),
+        (["similar", "ghost"], "index some papers first"),  # the index is empty: said before anything else
         (["search", "q"], "index some papers first"),
     ],
 )
@@ -261,3 +262,125 @@ def test_ctrl_c_answers_at_once_keeps_what_is_encoded_and_the_rerun_says_so(sett
     done = subprocess.run([sys.executable, "-m", "indexer.cli", "index", str(path)], env=env | {"PAPERINDEX_DEVICE": device},
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and f"{kept} already indexed" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+# the command line's edges ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["search", "q", "-k", "-3"], "-k"),
+        (["search", "q", "-k", "0"], "-k"),
+        (["search", "q", "--group", "--group-size", "0"], "--group-size"),
+        (["search", "q", "--group", "-k", "-1"], "-k"),
+        (["search", "q", "--papers", "-k", "0"], "-k"),
+        (["search", "q", "--rerank", "--candidates", "0"], "--candidates"),
+        (["similar", "p0001", "-k", "0"], "-k"),
+        (["index", "--max-chunks-per-paper", "0"], "--max-chunks-per-paper"),
+        (["search", "q", "-k", "ten"], "-k"),
+    ],
+)
+def test_counts_below_one_are_argument_errors(env, capsys, argv, option):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {option}" in err and "Traceback" not in err, err
+
+
+def test_version_and_every_option_with_help_and_its_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("paperindex ")
+    from indexer.cli import parser
+
+    commands = next(a for a in parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+            if action.default not in (None, False) and action.default != "==SUPPRESS==" and action.option_strings:
+                assert f"(default: {action.default})" in " ".join(text.split()), f"{name} {action.option_strings}"
+    assert "(default: 10)" in commands["search"].format_help() and "(default: 3)" in commands["search"].format_help()
+
+
+def test_no_results_say_so(env, papers_file, capsys):
+    assert run(capsys, "index", str(papers_file), "-q")[0] == 0
+    code, out, _ = run(capsys, "search", "protein", "--year-from", "2030")
+    assert code == 0 and out.strip() == "no results"
+    code, out, _ = run(capsys, "search", "protein", "--year-from", "2030", "--json")
+    assert code == 0 and json.loads(out)["hits"] == []
+
+
+def test_json_is_the_http_apis_shape(env, papers_file, capsys):
+    """`--json` prints what the service answers for the same search (app.schemas validates it, every field)."""
+    from app.schemas import GroupedSearchResponse, PaperSearchResponse, PassageSearchResponse, SimilarResponse
+
+    assert run(capsys, "index", str(papers_file), "-q")[0] == 0
+    for argv, model in [
+        (["search", "protein", "-k", "3"], PassageSearchResponse),
+        (["search", "protein", "--group", "-k", "2"], GroupedSearchResponse),
+        (["search", "protein", "--papers", "-k", "2"], PaperSearchResponse),
+        (["similar", "p0001", "-k", "2"], SimilarResponse),
+    ]:
+        code, out, err = run(capsys, *argv, "--json")
+        assert code == 0, err
+        got = json.loads(out)
+        assert json.loads(model.model_validate(got).model_dump_json()) == got, argv
+
+
+def test_scores_are_labelled_and_paper_scores_are_distances(env, papers_file, capsys):
+    """Passage scores (higher is better) and paper scores (SPECTER2's Euclidean distance, lower is
+    closer: what Qdrant returns for the papers' metric) each say what they are."""
+    import numpy as np
+
+    from indexer.store import EdgeStore
+
+    assert run(capsys, "index", str(papers_file), "-q")[0] == 0
+    code, out, _ = run(capsys, "search", "protein", "--mode", "dense", "-k", "2")
+    assert code == 0 and out.startswith("passages; score: dot product") and "higher is better" in out.splitlines()[0]
+    code, out, _ = run(capsys, "similar", "p0001", "-k", "3")
+    assert code == 0 and "Euclidean distance between SPECTER2 vectors, lower is closer" in out.splitlines()[0]
+    code, out, _ = run(capsys, "similar", "p0001", "-k", "3", "--json")
+    hits = json.loads(out)["hits"]
+    store = EdgeStore(env.qdrant_path)
+    try:
+        vecs = {k: v.vector for k, v in store.get_papers(["p0001", *(h["paper_id"] for h in hits)], with_vectors=True).items()}
+    finally:
+        store.close()
+    distances = [float(np.linalg.norm(vecs["p0001"] - vecs[h["paper_id"]])) for h in hits]
+    assert [h["score"] for h in hits] == pytest.approx(distances, rel=1e-3) and distances == sorted(distances)
+
+
+def test_stats_reads_as_text(env, papers_file, capsys):
+    assert run(capsys, "index", str(papers_file), "-q")[0] == 0
+    code, out, _ = run(capsys, "stats")
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert code == 0 and lines["papers"] == "12" and "embedded Qdrant Edge" in lines["index"]
+    assert "{" not in out and lines["disk"].endswith(("KB", "MB")) and "dot product" in lines["vectors"]
+
+
+def test_search_loads_only_the_models_it_needs_and_checks_the_index_first(env, papers_file, capsys, monkeypatch):
+    """An empty index answers before any model is loaded; `similar` loads none; passage search loads no
+    paper model; paper search no passage model."""
+    from indexer.encode import PaperEncoder, PassageEncoder
+
+    loaded = []
+    for cls in (PaperEncoder, PassageEncoder):
+        inner = cls.__init__
+
+        def init(self, *a, cls=cls, inner=inner, **kw):
+            loaded.append(cls.__name__)
+            inner(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "__init__", init)
+    code, _, err = run(capsys, "search", "protein")
+    assert code == 1 and "index some papers first" in err and loaded == []
+    assert run(capsys, "index", str(papers_file), "-q")[0] == 0
+    loaded.clear()
+    assert run(capsys, "similar", "p0001")[0] == 0 and loaded == []
+    code, _, err = run(capsys, "similar", "ghost")
+    assert code == 1 and "not in the index" in err
+    assert run(capsys, "search", "protein")[0] == 0 and loaded == ["PassageEncoder"]
+    loaded.clear()
+    assert run(capsys, "search", "protein", "--papers")[0] == 0 and loaded == ["PaperEncoder"]
