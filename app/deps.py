@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from indexer.config import Settings
 from indexer.runtime import Runtime
-from indexer.store import StoreUnavailable
+from indexer.store import OldIndex, StoreUnavailable
 
 from .errors import Overloaded, Unauthorized
 from .jobs import JobQueue
@@ -33,6 +33,7 @@ class Service:
         self.store = runtime.store
         self._collections_lock = threading.Lock()
         self._collections_ready = False
+        self._readable = False
         self._reads_in_flight = 0  # touched on the event loop only
         self.jobs = JobQueue(runtime.indexer, settings.index_queue_size, metrics, before_job=self.ensure_collections)
 
@@ -49,9 +50,18 @@ class Service:
             self._reads_in_flight -= 1
 
     async def collections(self) -> None:
-        """ensure_collections for a request, off the event loop (and without a thread hop once done)."""
-        if not self._collections_ready:
-            await run_in_threadpool(self.ensure_collections)
+        """ensure_readable for a request, off the event loop (and without a thread hop once done)."""
+        if not self._readable:
+            await run_in_threadpool(self.ensure_readable)
+
+    def ensure_readable(self) -> None:
+        """ensure_collections for a read. An index built before BM25 is read as it is: dense searches
+        answer, lexical and hybrid ones get 409, and writes stay refused (ensure_collections raises)."""
+        try:
+            self.ensure_collections()
+        except OldIndex as exc:
+            log.warning("%s", exc)
+        self._readable = True
 
     def ensure_collections(self) -> None:
         """Create the collections if missing (once; retried on later calls while Qdrant is unreachable)."""
@@ -65,14 +75,14 @@ class Service:
     def prepare(self) -> None:
         """At startup: collections now if Qdrant answers; otherwise later, and /ready says why meanwhile."""
         try:
-            self.ensure_collections()
+            self.ensure_readable()
         except StoreUnavailable as exc:
             log.warning("Qdrant is not reachable yet (%s); the service will retry on each request", exc)
 
     def check(self) -> None:
         """Raises unless Qdrant answers and the collections exist."""
         self.store.ping()
-        self.ensure_collections()
+        self.ensure_readable()
 
 
 def get_service(request: Request) -> Service:

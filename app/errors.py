@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 
 from indexer.errors import ModelLoadError
 from indexer.search import NoReranker, NotFound
-from indexer.store import StoreError, StoreUnavailable
+from indexer.store import OldIndex, StoreError, StoreUnavailable
 
 from .schemas import ErrorResponse
 
@@ -71,6 +71,7 @@ _TABLE: list[tuple[type[BaseException], int, str]] = [
     (Overloaded, 429, "overloaded"),
     (QueueFull, 429, "queue_full"),
     (StoreUnavailable, 503, "store_unavailable"),
+    (OldIndex, 409, "old_index"),
     (ShuttingDown, 503, "shutting_down"),
     (StoreError, 500, "store_error"),
 ]

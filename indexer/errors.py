@@ -3,7 +3,8 @@
     RuntimeError
      ├── ModelLoadError    a model or adapter could not be loaded, or the device asked for is not there
      └── StoreError        the store cannot do what was asked (layout mismatch, bad request)
-          └── StoreUnavailable   Qdrant cannot be reached (server down, timeout, shard cannot be opened)
+          ├── StoreUnavailable   Qdrant cannot be reached (server down, timeout, shard cannot be opened)
+          └── OldIndex           an index built before BM25: dense search only, no writes
     Exception
      └── Cancelled         encoding stopped part way, as asked (Ctrl-C): not a failure
 """
@@ -21,6 +22,11 @@ class StoreError(RuntimeError):
 
 class StoreUnavailable(StoreError):
     """Qdrant cannot be reached (server down, timeout, shard cannot be opened)."""
+
+
+class OldIndex(StoreError):
+    """The index was built before lexical and hybrid search (schema 1): it is searched densely, and
+    takes no writes (its points would lack BM25)."""
 
 
 class Cancelled(Exception):

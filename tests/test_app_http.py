@@ -8,6 +8,7 @@ import re
 from html.parser import HTMLParser
 from importlib.resources import files
 
+import numpy as np
 import pytest
 from conftest import make_paper
 from fastapi.testclient import TestClient
@@ -191,6 +192,64 @@ def test_stats_and_context_on_the_embedded_store(tiny_models, tmp_path):
         assert [p["chunk_index"] for p in ctx["passages"]] == [0, 1, 2] and ctx["title"] == src["title"]
         words = src["text"].split()
         assert all(p["text"] == " ".join(words[p["word_start"]:p["word_end"]]) for p in ctx["passages"])
+
+
+def old_index(store: ClientStore, paper_dim: int, chunk_dim: int, n: int = 3) -> None:
+    """Collections as an index built before BM25 (schema 1): one dense vector a paper, the windows a chunk."""
+    from qdrant_client import models as m
+
+    from indexer.store import ChunkText, PaperRef, chunk_payload, chunk_point_id, paper_point_id
+    from indexer.store.schema import paper_payload
+
+    rng = np.random.default_rng(0)
+    multi = m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM)
+    store.client.create_collection(
+        "papers", vectors_config={"specter2": m.VectorParams(size=paper_dim, distance=m.Distance.EUCLID)})
+    store.client.create_collection("chunks", vectors_config={
+        "passage": m.VectorParams(size=chunk_dim, distance=m.Distance.DOT, multivector_config=multi)})
+    papers, chunks = [], []
+    for i, src in enumerate(CORPUS[:n]):
+        payload = paper_payload(src["paper_id"], src["title"], src["abstract"], src["year"], 2, f"h{i}", {})
+        vector = {"specter2": rng.standard_normal(paper_dim).tolist()}
+        papers.append(m.PointStruct(id=paper_point_id(src["paper_id"]), vector=vector, payload=payload))
+        ref = PaperRef(src["paper_id"], src["title"], src["year"], {})
+        words = src["text"].split()
+        for c in range(2):
+            text = ChunkText(c, 100 * c, 100 * c + 100, " ".join(words[100 * c:100 * c + 100]))
+            windows = rng.standard_normal((2, chunk_dim)).tolist()
+            chunks.append(m.PointStruct(id=chunk_point_id(src["paper_id"], c), vector={"passage": windows},
+                                        payload=chunk_payload(ref, text)))
+    store.client.upsert("papers", papers)
+    store.client.upsert("chunks", chunks)
+
+
+def test_an_index_built_before_bm25_is_searched_densely_and_says_so(tiny_models):
+    s = Settings(**tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=120,
+                 chunk_overlap=20, token_budget=4096)
+    store = ClientStore(location=":memory:")
+    rt = build(s, store=store)
+    old_index(store, rt.indexer.layout.paper_dim, rt.indexer.layout.chunk_dim)
+    try:
+        with TestClient(create_app(runtime=rt)) as c:
+            assert c.get("/ready").json()["ready"] is True
+            stats = c.get("/stats").json()
+            assert (stats["papers"], stats["passages"], stats["search_modes"]) == (3, 6, ["dense"])
+            dense = {"q": "protein", "mode": "dense"}
+            for params in (dense, dense | {"group_by_paper": True}):
+                r = c.get("/search", params=params)
+                assert r.status_code == 200 and r.json()["mode"] == "dense", r.text
+            assert c.get("/search/papers", params={"q": "protein", "mode": "dense"}).json()["hits"]
+            ctx = c.get("/passages/context", params={"paper_id": CORPUS[0]["paper_id"], "chunk_index": 0}).json()
+            assert [p["chunk_index"] for p in ctx["passages"]] == [0, 1]
+            for path, params in [("/search", {"q": "protein"}), ("/search", {"q": "protein", "mode": "lexical"}),
+                                 ("/search/papers", {"q": "protein", "mode": "hybrid"})]:
+                r = c.get(path, params=params)
+                assert r.status_code == 409 and r.json()["code"] == "old_index" and "mode=dense" in r.json()["detail"]
+            r = c.post("/index", params={"wait": True}, json=make_paper(900))
+            assert r.status_code == 409 and "index the papers again" in r.json()["error"]
+            assert c.get("/stats").json()["papers"] == 3
+    finally:
+        rt.close()
 
 
 # GET /passages/context --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ base.py holds the interface (`Store`) and its values, schema.py what the points 
 from __future__ import annotations
 
 from ..chunking import HEAD_CHUNK
-from ..errors import StoreError, StoreUnavailable
+from ..errors import OldIndex, StoreError, StoreUnavailable
 from ..plan import make_plan
 from .base import (
     DEFAULT_PREFETCH,
@@ -72,6 +72,7 @@ __all__ = [
     "StoreError",
     "StoreOptions",
     "StoreUnavailable",
+    "OldIndex",
     "WritesReport",
     "chunk_payload",
     "chunk_point_id",

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError, StoreUnavailable
+from ..errors import OldIndex, StoreError, StoreUnavailable
 from .base import SCHEMA, Group, Hit, Layout, PaperChunks, Point, SearchFilter, SearchQuery, Store, StoreOptions
 from .schema import (
     CHUNK_INDEXES,
@@ -132,7 +132,7 @@ class ClientStore(Store):
         existing = self.layout()
         if existing is not None:
             if existing.schema < SCHEMA:
-                raise StoreError(f"{OLD_INDEX} (collections {self.papers!r}/{self.chunks!r})")
+                raise OldIndex(f"{OLD_INDEX} (collections {self.papers!r}/{self.chunks!r})")
             if existing != layout:
                 raise StoreError(
                     f"collections {self.papers!r}/{self.chunks!r} were built with {existing}, "

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError, StoreUnavailable
+from ..errors import OldIndex, StoreError, StoreUnavailable
 from .base import (
     SCHEMA,
     Group,
@@ -175,7 +175,7 @@ class EdgeStore(Store):
         existing = self.layout()
         if existing is not None:
             if existing.schema < SCHEMA:
-                raise StoreError(f"{OLD_INDEX} ({self.path})")
+                raise OldIndex(f"{OLD_INDEX} ({self.path})")
             if existing != layout:
                 raise StoreError(
                     f"the index at {self.path} was built with {existing}, the models/settings now give {layout}; "

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import OldIndex, StoreError
 from .base import ChunkText, FusionMethod, Hit, Layout, PaperChunks, PaperRef, Point, SearchFilter, SearchQuery
 
 NAMESPACE = uuid.UUID("6f1b3c2e-8d4a-5e7f-9a0b-1c2d3e4f5a6b")
@@ -258,4 +258,4 @@ def check_query(q: SearchQuery, names: VectorNames) -> None:
         if not q.text:
             raise StoreError(f"{q.mode} search needs the query text")
         if names.sparse is None:
-            raise StoreError(OLD_INDEX)
+            raise OldIndex(OLD_INDEX)
