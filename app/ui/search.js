@@ -89,7 +89,7 @@ function explain(status, body, retryAfter) {
   }
   if (status === 429) return `The service is busy with other searches; try again in ${retryAfter || "a few"} s.`;
   if (status === 503) return "The index is not available right now (its store does not answer); try again shortly.";
-  if (status === 404 || status === 400) return detail || `Not found (HTTP ${status}).`;
+  if ([400, 404, 409].includes(status) && detail) return detail;
   return `The service could not answer (HTTP ${status}${detail ? `: ${detail}` : ""}).`;
 }
 
