@@ -15,9 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_paper, write_jsonl
-from reliability_support import audit, corpus_versions, final_state, index_cmd, index_until_killed, kill_margin, settings_env
+from reliability_support import (
+    audit,
+    corpus_versions,
+    final_state,
+    index_cmd,
+    index_until_killed,
+    kill_margin,
+    settings_env,
+)
+
 from indexer.papers import read_papers
 from indexer.runtime import build
 from indexer.store import EdgeStore, Store, open_store
@@ -61,8 +69,10 @@ def test_ray_index_matches_the_single_process_indexer(cluster, settings, tmp_pat
 
     first = [make_paper(i, words=[0, 90, 260, 430, 700][i % 5]) for i in range(14)]
     second = [make_paper(i, words=150 + 37 * i) for i in range(14, 24)]
-    files = [write_jsonl(tmp_path / "a.jsonl", [*first, "{not json", {"title": "no id"}]),
-             write_jsonl(tmp_path / "b.jsonl", [*second, make_paper(3, words=50)])]  # p0003 again: a bad record
+    files = [
+        write_jsonl(tmp_path / "a.jsonl", [*first, "{not json", {"title": "no id"}]),
+        write_jsonl(tmp_path / "b.jsonl", [*second, make_paper(3, words=50)]),
+    ]  # p0003 again: a bad record
     native = build(settings.model_copy(update={"qdrant_path": tmp_path / "native"}), reranker=False)
     try:
         want = native.indexer.index(read_papers(files))
@@ -116,7 +126,11 @@ def test_an_encode_actor_killed_mid_run_ends_exact(cluster, settings, tmp_path):
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
-    stats = index_on_ray(settings.model_copy(update={"papers_per_batch": 3}), [write_jsonl(tmp_path / "v2.jsonl", v2)], on_batch=kill_once)
+    stats = index_on_ray(
+        settings.model_copy(update={"papers_per_batch": 3}),
+        [write_jsonl(tmp_path / "v2.jsonl", v2)],
+        on_batch=kill_once,
+    )
     assert killed and stats.papers_seen == len(v2)
     from ray._private.state import actors
 
@@ -137,7 +151,9 @@ def test_driver_killed_mid_run_then_rerun_resumes_exact(cluster, settings, tmp_p
     env = settings_env(settings, papers_per_batch=2, ray_address=cluster)
     # Killed as the first group is reported: the groups encoded by then are still written by their tasks
     # (the driver hears of a group after its write), the encode actor ends with the driver's job.
-    killed_at = index_until_killed(index_cmd(path), env, at_papers=1, jitter_s=0, last_papers=n - kill_margin(n), timeout=240)
+    killed_at = index_until_killed(
+        index_cmd(path), env, at_papers=1, jitter_s=0, last_papers=n - kill_margin(n), timeout=240
+    )
     assert killed_at is not None, "the run finished before it was killed; nothing was resumed"
 
     # Ray ends the dead driver's actors, which let go of the shards: the count is final once they opened here.
@@ -165,8 +181,13 @@ def test_ray_writes_to_a_qdrant_server(cluster, settings, tmp_path):
     from indexer.distributed import index_on_ray
 
     name = f"ray_{uuid.uuid4().hex[:8]}"
-    s = settings.model_copy(update={"qdrant_url": os.environ["QDRANT_URL"], "papers_collection": f"{name}_papers",
-                                    "chunks_collection": f"{name}_chunks"})
+    s = settings.model_copy(
+        update={
+            "qdrant_url": os.environ["QDRANT_URL"],
+            "papers_collection": f"{name}_papers",
+            "chunks_collection": f"{name}_chunks",
+        }
+    )
     corpus = [make_paper(i, words=80 + 40 * i) for i in range(12)]
     stats = index_on_ray(s, [write_jsonl(tmp_path / "c.jsonl", corpus)])
     store = open_store(s)
@@ -181,10 +202,17 @@ def test_ray_writes_to_a_qdrant_server(cluster, settings, tmp_path):
 
 
 def test_without_ray_the_cli_says_how_to_install_it(tmp_path):
-    code = ("import sys; sys.modules['ray'] = None\n"
-            "from indexer.cli import main\n"
-            "sys.exit(main(['index', sys.argv[1], '--ray']))")
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from indexer.cli import main\n"
+        "sys.exit(main(['index', sys.argv[1], '--ray']))"
+    )
     path = write_jsonl(tmp_path / "c.jsonl", [make_paper(0)])
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode != 0 and 'pip install "paperindex[ray]"' in done.stderr, done.stderr[-2000:]

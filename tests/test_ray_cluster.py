@@ -5,9 +5,9 @@ still ends with exactly the right points."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import make_paper, write_jsonl
 from reliability_support import audit
+
 from indexer.store import open_store
 
 pytestmark = pytest.mark.ray
@@ -22,8 +22,10 @@ def cluster():
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": NODE_OBJECT_STORE_BYTES,
-                                                      "include_dashboard": False})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": NODE_OBJECT_STORE_BYTES, "include_dashboard": False},
+    )
     c.add_node(num_cpus=2, object_store_memory=NODE_OBJECT_STORE_BYTES)
     ray.init(address=c.address, log_to_driver=False)
     yield c
@@ -44,8 +46,11 @@ def test_a_node_lost_mid_run_ends_exact(cluster, settings, tmp_path):
             cluster.remove_node(first)
             lost.append(st.papers_indexed)
 
-    stats = index_on_ray(settings.model_copy(update={"papers_per_batch": 3}), [write_jsonl(tmp_path / "c.jsonl", corpus)],
-                         on_batch=replace_the_worker)
+    stats = index_on_ray(
+        settings.model_copy(update={"papers_per_batch": 3}),
+        [write_jsonl(tmp_path / "c.jsonl", corpus)],
+        on_batch=replace_the_worker,
+    )
     assert lost and lost[0] < len(corpus)
     assert stats.papers_indexed + stats.papers_unchanged >= len(corpus)
     store = open_store(settings)
