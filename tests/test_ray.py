@@ -37,11 +37,20 @@ OBJECT_STORE_BYTES = 200 * 2**20
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster for this module's tests; its GCS address for drivers in other processes."""
+    """A local Ray cluster for this module's tests, without GPUs (the GPU case: test_ray_cluster.py); its
+    GCS address for drivers in other processes."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture
+def settings(settings):
+    """On the CPU, as the cluster's encode actors are: the single-process runs compared with them too."""
+    return settings.model_copy(update={"device": "cpu"})
 
 
 def points(store: Store, collection: str) -> dict[str, tuple[np.ndarray, dict]]:
