@@ -170,6 +170,12 @@ def test_search_read_in_context_follow_similar_and_see_errors(base_url, browser)
     expect(error).to_contain_text("Please check the search. k: must be between 1 and 20 (got 500)")
     assert "{" not in error.inner_text() and page.locator("#results").is_hidden()
 
+    # the other refusals, as the page words them
+    assert page.evaluate("explain(429, {detail: 'x', code: 'overloaded'}, '2')") == (
+        "The service is busy with other searches; try again in 2 s.")
+    assert "not available right now" in page.evaluate("explain(503, {detail: 'Qdrant is unreachable'}, '5')")
+    assert page.evaluate("explain(409, {detail: 'search it with mode=dense'}, null)") == "search it with mode=dense"
+
     elsewhere = [u for u in requested if not u.startswith(base_url + "/")]
     assert requested and not elsewhere, elsewhere
     page.close()
