@@ -319,10 +319,13 @@ class Indexer:
             g.hashes, g.chunks, g.capped, g.windows = prepared.hashes, prepared.chunks, prepared.capped, prepared.windows
 
     # stage 3: encode (GPU) -----------------------------------------------------------------------
-    def encode(self, g: CommitGroup, paper_encoder: PaperEncoder | None = None, passage_encoder: PassageEncoder | None = None) -> None:
+    def encode(self, g: CommitGroup, paper_encoder: PaperEncoder | None = None, passage_encoder: PassageEncoder | None = None,
+               cancel: threading.Event | None = None) -> None:
+        """Heads' and windows' vectors; once `cancel` is set no further batch starts (errors.Cancelled)."""
         if g.papers:
-            g.paper_vecs = (paper_encoder or self.paper_encoder).encode_ids(g.head_ids)
-        g.chunk_vecs = (passage_encoder or self.passage_encoder).encode_windows(g.windows) if g.windows is not None else []
+            g.paper_vecs = (paper_encoder or self.paper_encoder).encode_ids(g.head_ids, cancel=cancel)
+        passage = passage_encoder or self.passage_encoder
+        g.chunk_vecs = passage.encode_windows(g.windows, cancel=cancel) if g.windows is not None else []
 
     # stage 4: write (store) ----------------------------------------------------------------------
     def write(self, g: CommitGroup, written: Callable[[], None] = lambda: None) -> None:
@@ -471,7 +474,7 @@ class IndexRun:
         try:
             while (item := self.prepared.get(gpu)) is not None and not self.errors:
                 t = time.perf_counter()
-                self.ix.encode(item[1], paper_enc, passage_enc)
+                self.ix.encode(item[1], paper_enc, passage_enc, cancel=self.stop)
                 if self.speed and item[1].papers:
                     self.speed.record(len(item[1].papers), time.perf_counter() - t)
                 self.prepared.done(gpu)
@@ -494,7 +497,7 @@ class IndexRun:
         will not come (the run was stopped before they were encoded)."""
         waiting: dict[int, CommitGroup] = {}
         running = self.n_enc
-        while running and time.monotonic() < self.give_up_at:
+        while running and time.perf_counter() < self.give_up_at:
             try:
                 item = self.encoded.get(timeout=0.05)
             except queue.Empty:
@@ -562,7 +565,7 @@ class IndexRun:
                 writer.join()
             except KeyboardInterrupt:
                 # Ctrl-C: nothing new starts; the groups encoded (or encoded within the grace) are written.
-                self.give_up_at = time.monotonic() + IN_FLIGHT_GRACE_S
+                self.give_up_at = time.perf_counter() + IN_FLIGHT_GRACE_S
                 self.stop.set()
                 writer.join()
                 raise

@@ -350,7 +350,8 @@ class FaultPlan:
     times per thread until `reset_after` calls in a row have passed (a store operation may make
     several client calls; this way every retried operation gets through within max_in_a_row + 1
     attempts); and how: before the call (nothing applied), after applying part of the points, or
-    after the whole call (the answer lost). Decisions are per thread, so reproducible for a seed."""
+    after the whole call (the answer lost), in turn from a random start, so that any three failures
+    of a thread cover every way. Decisions are per thread, so reproducible for a seed."""
 
     MODES = ("before", "partial", "after")
 
@@ -367,7 +368,7 @@ class FaultPlan:
         st = self._local
         if not hasattr(st, "rng"):
             st.rng = random.Random(f"{self.seed}:{threading.current_thread().name}")
-            st.failed, st.passed = 0, 0
+            st.failed, st.passed, st.turn = 0, 0, st.rng.randrange(len(self.MODES))
         return st
 
     def decide(self) -> str | None:
@@ -375,8 +376,8 @@ class FaultPlan:
             return "before"
         st = self._state()
         if st.failed < self.max_in_a_row and st.rng.random() < self.rate:
-            st.failed, st.passed = st.failed + 1, 0
-            return st.rng.choice(self.MODES)
+            st.failed, st.passed, st.turn = st.failed + 1, 0, st.turn + 1
+            return self.MODES[st.turn % len(self.MODES)]
         st.passed += 1
         if st.passed >= self.reset_after:
             st.failed = 0
