@@ -157,6 +157,19 @@ def test_search_read_in_context_follow_similar_and_see_errors(base_url, browser)
     quotes = page.locator("#list blockquote")
     assert quotes.count() >= 5 and all(q.locator("mark").count() for q in quotes.all())
 
+    # reranked, from 2020 on: the cross-encoder's scores shown, every paper of those years
+    page.select_option("select[name=mode]", "")
+    page.check("input[name=rerank]")
+    page.fill("input[name=year_from]", "2020")
+    page.press("#q", "Enter")
+    expect(page.locator("#results-title")).to_contain_text("reranked")
+    assert "rerank=true" in page.url and "year_from=2020" in page.url and "mode=" not in page.url
+    expect(page.locator("#list .score", has_text="rerank").first).to_be_visible()
+    years = [int(m.split(" · ")[0]) for m in page.locator("#list > li.paper > .meta").all_inner_texts()]
+    assert years and all(y >= 2020 for y in years), years
+    page.uncheck("input[name=rerank]")
+    page.fill("input[name=year_from]", "")
+
     # find papers
     page.click("#find-papers")
     expect(page.locator("#results-title")).to_contain_text(f"papers for “{QUERY}”")
