@@ -42,6 +42,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 import statistics
@@ -676,11 +677,71 @@ def table(d: dict[str, Any]) -> str:
 # -----------------------------------------------------------------------------------------------------
 
 
+# a run longer than one command ---------------------------------------------------------------------
+
+
+def start_background(argv: list[str], work: Path) -> None:
+    """This command without --background/--follow, in a session of its own (it outlives the command
+    that started it, on a machine that stays up), its output in work/run.log and its exit status in
+    work/run.rc when it ends."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("run.log", "run.rc"):
+        (work / name).unlink(missing_ok=True)
+    keep, skip = [], False
+    for arg in argv:  # its figures go to the work folder (--follow copies them out), not to this command's $OUT
+        if skip:
+            skip = False
+        elif arg in ("--background", "--follow", "--out", "--work"):
+            skip = arg != "--background"
+        elif not arg.startswith(("--follow=", "--out=", "--work=")):
+            keep.append(arg)
+    child = [sys.executable, "-u", str(Path(__file__).resolve()), *keep, "--feed-s", "0", "--work", str(work),
+             "--out", str(work)]
+    cmd = " ".join(shlex.quote(x) for x in child)
+    rc = shlex.quote(str(work / "run.rc"))
+    with (work / "run.log").open("w") as log:
+        subprocess.Popen(["sh", "-c", f"{cmd}; echo $? > {rc}"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                         start_new_session=True)
+    say(f"started in the background: {cmd}")
+
+
+def follow(work: Path, out: Path, seconds: float) -> int:
+    """Print what the background run writes for up to `seconds`, or until it ends; then copy its
+    figures and log to `out`. 0: it ended well; 3: it still runs (follow again); else its exit status."""
+    log, rc = work / "run.log", work / "run.rc"
+    if not log.is_file():
+        raise SystemExit(f"no background run in {work}: start one with --background (a fresh machine has lost it)")
+    end, at = time.monotonic() + seconds, 0
+    while True:
+        with log.open("rb") as f:
+            f.seek(at)
+            new = f.read()
+        at += len(new)
+        if new:
+            sys.stdout.write(new.decode(errors="replace"))
+            sys.stdout.flush()
+        if rc.is_file() or time.monotonic() > end:
+            break
+        time.sleep(5)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("scale.json", "scale.md", "run.log", "server.log"):
+        if (work / name).is_file() and (work / name).resolve() != (out / name).resolve():
+            shutil.copyfile(work / name, out / name)
+    if not rc.is_file():
+        say("\nstill running: follow again at once (python bench/scale.py --follow 540 --out $OUT)")
+        return 3
+    return int(rc.read_text().strip() or 1)
+
+
 def main() -> None:
     started = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", nargs="+", choices=[*PHASES, "report", "all"], required=True,
+    ap.add_argument("--phase", nargs="+", choices=[*PHASES, "report", "all"],
                     help="one or more, run in the order prepare, index, search, recall")
+    ap.add_argument("--background", action="store_true",
+                    help="run the phases in a process of their own that outlives this command (no --feed-s limit)")
+    ap.add_argument("--follow", type=float, metavar="S",
+                    help="print the background run's output for up to S seconds, then copy its figures to --out")
     ap.add_argument("--work", type=Path, default=ROOT / "paperindex_data" / "scale", help="the phases' shared folder")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "paperindex_data" / "scale"),
                     help="where scale.md and scale.json go ($OUT by default)")
@@ -712,6 +773,14 @@ def main() -> None:
     g.add_argument("--exact-batch", type=int, default=32, help="queries per brute-force pass")
     a = ap.parse_args()
     a.work = a.work.resolve()
+    if a.background:
+        if not a.phase:
+            ap.error("--background needs --phase")
+        start_background(sys.argv[1:], a.work)
+    if a.background or a.follow is not None:
+        sys.exit(follow(a.work, a.out, a.follow or 0))
+    if not a.phase:
+        ap.error("--phase, or --follow")
     import transformers
 
     transformers.logging.set_verbosity_error()  # random-weight models: no warnings about untrained heads

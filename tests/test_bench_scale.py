@@ -66,7 +66,7 @@ def test_query_is_a_first_sentence(scale):
 def test_every_phase_on_a_cpu(tmp_path):
     """prepare + index (three commands: the first takes no part, its time is up; the second one part;
     the third the rest, and builds), search, recall (the tiny passage model standing in for real
-    weights), report."""
+    weights; in the background, followed), report."""
     work, out = tmp_path / "work", tmp_path / "out"
 
     def run(*args: str) -> str:
@@ -82,7 +82,9 @@ def test_every_phase_on_a_cpu(tmp_path):
     assert "every part is written" in run("--phase", "index", "--feed-s", "0")
     run("--phase", "search", "--queries", "5", "--requests", "5", "--warm-up", "1")
     model = json.loads((work / "scale.json").read_text())["prepare"]["models"]["passage_model"]
-    run("--phase", "recall", "--recall-model", model, "--recall-queries", "8", "--prefetch", "2", "100")
+    # in a process of its own (as a GPU host's run longer than one command), followed to its end
+    run("--phase", "recall", "--recall-model", model, "--recall-queries", "8", "--prefetch", "2", "100",
+        "--background", "--follow", "600")
     table = run("--phase", "report")
     figures = json.loads((out / "scale.json").read_text())
     assert figures["index"]["chunks"] == 24 and figures["index"]["build_s"] >= 0
