@@ -52,9 +52,9 @@ def main() -> None:
 
     from indexer.encode import kernels
     from indexer.config import Settings
-    from indexer.encode import PassageEncoder
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
+    from indexer.plan import Tuning, make_plan
     from indexer.runtime import gpu_replicas, load_encoders
 
     work = Path(tempfile.mkdtemp(prefix="pi-cold-"))
@@ -75,15 +75,15 @@ def main() -> None:
 
     kernels.GraphedForward._capture = timed_capture
     kernels.gpu_gate.per_device = args.gate == "gpu"
-    PassageEncoder.SHARE_GRAPHS = args.share_graphs == "on"
     if args.capture_warm_ups is not None:
         kernels.GraphedForward.WARM_UPS = args.capture_warm_ups
     s = Settings(device=args.device, gpus=args.gpus, passage_model=str(st_dir), paper_model=str(paper_dirs[0]), paper_adapter=str(paper_dirs[1]),
                  query_adapter=str(paper_dirs[2]))
     t = time.perf_counter()
-    paper, passage = load_encoders(s)
-    idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers(),
-                  replicas=gpu_replicas(s, paper, passage))
+    plan = make_plan(s, tuning=Tuning(share_graphs=args.share_graphs == "on"))
+    paper, passage = load_encoders(s, plan=plan)
+    idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, plan.group_papers,
+                  replicas=gpu_replicas(plan, paper, passage), group_seconds=plan.group_seconds, tuning=plan.tuning)
     load_s = time.perf_counter() - t
     plan_windows([p for _, p in idx.workers], args.batches)
     plan_heads(list({id(p): p for p, _ in idx.workers}.values()), args.heads_plan)

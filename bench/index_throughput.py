@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from indexer.config import Settings  # noqa: E402
+from indexer.encode.device import ENCODERS_PER_GPU  # noqa: E402
 from indexer.plan import Tuning  # noqa: E402
 from indexer.store import Store  # noqa: E402
 from store_writes import PointsMadeHere  # noqa: E402
@@ -666,7 +667,7 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true", help="also a run with one chunk shard written in this process (no writer process)")
     ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPUs (each a run, beside one GPU's; the tokenizer workers are those of the most)")
-    ap.add_argument("--per-gpu", type=int, nargs="+", default=[Settings.model_fields["encoders_per_gpu"].default],
+    ap.add_argument("--per-gpu", type=int, nargs="+", default=[ENCODERS_PER_GPU],
                     help="encoder threads per GPU (each a run; default: PAPERINDEX_ENCODERS_PER_GPU's)")
     ap.add_argument("--workers", type=int, help="tokenizer worker processes (default: PAPERINDEX_TOKENIZER_WORKERS's for --device)")
     ap.add_argument("--lanes", type=int, nargs="+", help="lanes of the tokenizer workers in the several-GPU runs (each a run; default: as `paperindex index` has them "
@@ -793,10 +794,10 @@ def main() -> None:
         # by that GPU's threads, and a passage replica per thread.
         if device.type != "cuda":
             args.per_gpu = [1]  # replicas are per GPU
-        PassageEncoder.SHARE_GRAPHS = args.share_graphs == "on"
         if args.capture_warm_ups is not None:
             kernels.GraphedForward.WARM_UPS = args.capture_warm_ups
-        grid = encoder_grid([f"cuda:{i}" for i in range(args.gpus)], max(args.per_gpu), paper_enc, passage_enc) if device.type == "cuda" else {}
+        grid = encoder_grid([f"cuda:{i}" for i in range(args.gpus)], max(args.per_gpu), paper_enc, passage_enc,
+                            args.share_graphs == "on") if device.type == "cuda" else {}
 
         def replicas_for(n_gpus: int, per_gpu: int) -> list:
             return [pair for (i, j), pair in grid.items() if i < n_gpus and j < per_gpu]

@@ -180,7 +180,7 @@ def main() -> None:
         plans["unpadded" if not args.pieces else f"unpadded, pieces of {p}"] = dict(window_plans()["unpadded"], pieces=p)
     chosen = [name for name in plans if name.split(",")[0] in args.windows]
     for gpus in args.gpus:
-        most = 128 if gpus > 2 else 256  # as Settings.group_papers has it
+        most = 128 if gpus > 2 else 256  # as plan.group_papers has it
         for share, plan, after, rows in [(sh, pl, a, r) for sh in args.share for pl in chosen for a in (args.capture_after or [CAPTURE_AFTER])
                                          for r in args.heads_rows]:
             r = simulate(heads, windows, gpus, args.threads, most, args.budget, args.window, rows if rows == "pow2" else int(rows), after, share == "on",

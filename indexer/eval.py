@@ -183,6 +183,7 @@ def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = Fal
     `index_dir` (a temporary folder when None) and the `Indexer` / `Searcher` the service uses."""
     from .encode import PassageEncoder, Reranker
     from .pipeline import Indexer
+    from .plan import make_plan
     from .search import Searcher
     from .store import EdgeStore
 
@@ -196,7 +197,9 @@ def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = Fal
     path = Path(tmp.name if tmp else index_dir)  # type: ignore[arg-type]
     store = EdgeStore(path, s.papers_collection, s.chunks_collection)
     heads = NoPaperHeads()
-    indexer = Indexer(store, heads, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, s.group_papers())  # type: ignore[arg-type]
+    plan = make_plan(s)
+    indexer = Indexer(store, heads, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, plan.group_papers,  # type: ignore[arg-type]
+                      group_seconds=plan.group_seconds)
     searcher = Searcher(
         store, passage, heads, reranker, s.search_mode, s.search_prefetch, s.search_fusion  # type: ignore[arg-type]
     )

@@ -85,22 +85,23 @@ def gpu_replicas(plan: Plan, paper: PaperEncoder, passage: PassageEncoder) -> li
     the plan's GPUs (cuda:0 first), each GPU's threads sharing one paper encoder; none off a GPU."""
     if passage.device.type != "cuda":
         return []
-    return list(encoder_grid(plan.devices, plan.encoders_per_gpu, paper, passage).values())
+    return list(encoder_grid(plan.devices, plan.encoders_per_gpu, paper, passage, plan.tuning.share_graphs).values())
 
 
 def encoder_grid(
-    devices: Sequence[str], per_gpu: int, paper: PaperEncoder, passage: PassageEncoder
+    devices: Sequence[str], per_gpu: int, paper: PaperEncoder, passage: PassageEncoder, share_graphs: bool = True
 ) -> dict[tuple[int, int], tuple[PaperEncoder, PassageEncoder]]:
     """{(GPU index, thread index): (paper, passage) encoders} beside (paper, passage), which sit on
     devices[0] and are (0, 0): `per_gpu` passage replicas per device (one model per device, its CUDA
     graphs shared by the device's threads: PassageEncoder.replicate), each device's threads sharing
-    one paper encoder (heads of a device's groups are encoded on that device)."""
+    one paper encoder (heads of a device's groups are encoded on that device). Without `share_graphs` each
+    thread has a model and graphs of its own."""
     grid = {}
     for i, device in enumerate(devices):
         heads = paper if i == 0 else paper.replicate(device)
         first = passage if i == 0 else passage.replicate(device)  # the others on this GPU share its graphs
         threads = [j for j in range(per_gpu) if (i, j) != (0, 0)]
-        grid.update({(i, j): (heads, first if j == 0 else first.replicate(device)) for j in threads})
+        grid.update({(i, j): (heads, first if j == 0 else first.replicate(device, share_graphs)) for j in threads})
     return grid
 
 

@@ -49,7 +49,7 @@ def with_settings(rt: Runtime, **changes) -> Runtime:
 def with_store(rt: Runtime, store) -> Runtime:
     """The same models over another store."""
     idx = Indexer(store, rt.paper_encoder, rt.passage_encoder, rt.settings.chunk_words, rt.settings.chunk_overlap,
-                  papers_per_batch=rt.settings.group_papers())
+                  papers_per_batch=rt.indexer.papers_per_batch)
     return dataclasses.replace(rt, store=store, indexer=idx, searcher=Searcher(store, rt.passage_encoder, rt.paper_encoder, rt.reranker))
 
 

@@ -394,9 +394,9 @@ def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, 
         replica = OnDevice(enc.replicate("cpu"), device)
         inner = replica._enc.encode_windows
 
-        def encode_windows(w):
+        def encode_windows(w, cancel=None):
             time.sleep(0.5)  # a busy GPU: the next groups are ready before it is done
-            return inner(w)
+            return inner(w, cancel=cancel)
 
         replica.encode_windows = encode_windows
         return replica

@@ -15,7 +15,7 @@ class FakeEncoder:
         self.device = torch.device(device)
         self.made = []
 
-    def replicate(self, device):
+    def replicate(self, device, share_graphs=True):
         self.made.append(device)
         other = FakeEncoder(device)
         other.origin = self

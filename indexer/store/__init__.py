@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..chunking import HEAD_CHUNK
 from ..errors import OldIndex, StoreError, StoreUnavailable
-from ..plan import make_plan
+from ..plan import Hardware, make_plan
 from .base import (
     DEFAULT_PREFETCH,
     SCHEMA,
@@ -96,7 +96,8 @@ def store_options(settings) -> StoreOptions:
         shard_number=settings.shard_number,
         replication_factor=settings.replication_factor,
         upload_parallel=settings.upload_parallel,
-        chunk_shards=make_plan(settings).chunk_shards,
+        # the host counted, its GPUs not read (that would start CUDA on each to open a store)
+        chunk_shards=make_plan(settings, Hardware.detect(settings.device)).chunk_shards,
     )
 
 
