@@ -40,14 +40,17 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return build_all(tmp_path_factory.mktemp("models"))
 
 
+def tiny_settings(tiny_models: dict[str, str], **changes) -> Settings:
+    """Settings on the tiny models; small windows and chunks, so that short test texts already span several."""
+    small = dict(window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20, papers_per_batch=8,
+                 token_budget=4096)
+    return Settings(**{**tiny_models, **small, **changes})
+
+
 @pytest.fixture
 def settings(tiny_models, tmp_path) -> Settings:
-    """Settings on tiny models and an embedded (Qdrant Edge) index in a temp dir; small windows so
-    short test texts already span several of them."""
-    return Settings(
-        **tiny_models, qdrant_path=tmp_path / "index", window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20,
-        papers_per_batch=8, token_budget=4096,
-    )
+    """tiny_settings and an embedded (Qdrant Edge) index in a temp dir."""
+    return tiny_settings(tiny_models, qdrant_path=tmp_path / "index")
 
 
 @pytest.fixture(scope="session")

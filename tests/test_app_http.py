@@ -10,11 +10,10 @@ from importlib.resources import files
 
 import numpy as np
 import pytest
-from conftest import make_paper
+from conftest import make_paper, tiny_settings
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from indexer.config import Settings
 from indexer.runtime import build
 from indexer.store import ClientStore
 
@@ -24,9 +23,7 @@ CORPUS = [make_paper(i, words=150 + 120 * (i % 5)) for i in range(8)]
 
 @pytest.fixture(scope="module")
 def runtime(tiny_models):
-    s = Settings(**tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=120,
-                 chunk_overlap=20, papers_per_batch=8, token_budget=4096, max_k=20)
-    rt = build(s, store=ClientStore(location=":memory:"))
+    rt = build(tiny_settings(tiny_models, qdrant_url=":memory:", max_k=20), store=ClientStore(location=":memory:"))
     yield rt
     rt.close()
 
@@ -178,8 +175,7 @@ def test_stats_reports_what_the_index_holds_and_what_searches_it(client, runtime
 
 
 def test_stats_and_context_on_the_embedded_store(tiny_models, tmp_path):
-    s = Settings(**{**tiny_models, "reranker_model": None}, qdrant_path=tmp_path / "index", window_tokens=48,
-                 window_overlap=8, chunk_words=120, chunk_overlap=20, token_budget=4096, edge_chunk_shards=3)
+    s = tiny_settings(tiny_models, reranker_model=None, qdrant_path=tmp_path / "index", edge_chunk_shards=3)
     with TestClient(create_app(s)) as c:
         got = c.get("/stats").json()
         assert (got["papers"], got["passages"], got["models"]["reranker"]) == (0, 0, None)
@@ -224,10 +220,8 @@ def old_index(store: ClientStore, paper_dim: int, chunk_dim: int, n: int = 3) ->
 
 
 def test_an_index_built_before_bm25_is_searched_densely_and_says_so(tiny_models):
-    s = Settings(**tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=120,
-                 chunk_overlap=20, token_budget=4096)
     store = ClientStore(location=":memory:")
-    rt = build(s, store=store)
+    rt = build(tiny_settings(tiny_models, qdrant_url=":memory:"), store=store)
     old_index(store, rt.indexer.layout.paper_dim, rt.indexer.layout.chunk_dim)
     try:
         with TestClient(create_app(runtime=rt)) as c:
@@ -241,6 +235,8 @@ def test_an_index_built_before_bm25_is_searched_densely_and_says_so(tiny_models)
             assert c.get("/search/papers", params={"q": "protein", "mode": "dense"}).json()["hits"]
             ctx = c.get("/passages/context", params={"paper_id": CORPUS[0]["paper_id"], "chunk_index": 0}).json()
             assert [p["chunk_index"] for p in ctx["passages"]] == [0, 1]
+            r = c.get("/passages/context", params={"paper_id": CORPUS[0]["paper_id"], "chunk_index": -1})
+            assert r.status_code == 404 and "chunk_index -1" in r.json()["detail"]  # no title-and-abstract passage
             for path, params in [("/search", {"q": "protein"}), ("/search", {"q": "protein", "mode": "lexical"}),
                                  ("/search/papers", {"q": "protein", "mode": "hybrid"})]:
                 r = c.get(path, params=params)
@@ -295,8 +291,7 @@ def test_context_with_slashes_in_the_id(client):
 
 def test_a_papers_title_and_abstract_in_context(tiny_models):
     """With PAPERINDEX_HEAD_PASSAGE a paper's title and abstract are a passage too, chunk_index -1, before its text."""
-    s = Settings(**tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=120,
-                 chunk_overlap=20, token_budget=4096, head_passage=True)
+    s = tiny_settings(tiny_models, qdrant_url=":memory:", head_passage=True)
     rt = build(s, store=ClientStore(location=":memory:"))
     src = CORPUS[2]
     try:
@@ -316,7 +311,6 @@ def test_a_papers_title_and_abstract_in_context(tiny_models):
 @pytest.mark.parametrize(("params", "status", "fragment"), [
     ({"paper_id": "no-such-paper", "chunk_index": 0}, 404, "no-such-paper"),
     ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 999}, 404, "chunk_index 999"),
-    ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": -1}, 404, "chunk_index -1"),  # no head passage here
     ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": -2}, 422, "chunk_index"),
     ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 0, "radius": 11}, 422, "radius"),
     ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": "two"}, 422, "chunk_index"),

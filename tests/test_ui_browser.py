@@ -20,9 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import tiny_settings
 
 from app.main import create_app
-from indexer.config import Settings
 from indexer.runtime import build
 from indexer.store import ClientStore
 
@@ -48,9 +48,7 @@ def base_url(tiny_models) -> Iterator[str]:
     """The service on a local port (uvicorn in a thread) with the example corpus indexed through POST /index."""
     import uvicorn
 
-    s = Settings(**tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=120,
-                 chunk_overlap=20, papers_per_batch=8, token_budget=4096, max_k=20)
-    rt = build(s, store=ClientStore(location=":memory:"))
+    rt = build(tiny_settings(tiny_models, qdrant_url=":memory:", max_k=20), store=ClientStore(location=":memory:"))
     config = uvicorn.Config(create_app(runtime=rt), host="127.0.0.1", port=free_port(), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
