@@ -4,7 +4,7 @@ Each document is one page of the Python 3.11 documentation (tutorial, how-tos, l
 Python", "Extending and Embedding", and the library pages with at least 1,000 words of prose): 99 pages,
 274k words, 100 to 9,000 words each, so most span several 512-word chunks and a question is answered by
 a passage somewhere inside a long page. The prose is extracted as for the FAQ set
-(`indexer/data/eval/pydocs.py`: code blocks and API directives dropped, inline markup unwrapped).
+(`bench/datasets/pydocs.py`: code blocks and API directives dropped, inline markup unwrapped).
 
 The questions were written by hand for this set: questions a reader of the documentation would ask, in
 their own words rather than the page's, each judged against the extracted pages. A page that answers the
@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 # The FAQ set's extractor, so that both sets read the documentation the same way.
-_spec = importlib.util.spec_from_file_location("pydocs", Path(__file__).parents[1] / "indexer/data/eval/pydocs.py")
+_spec = importlib.util.spec_from_file_location("pydocs", Path(__file__).parent / "datasets" / "pydocs.py")
 assert _spec and _spec.loader
 pydocs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pydocs)

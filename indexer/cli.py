@@ -438,7 +438,7 @@ def _quality_settings(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .eval import BeirData, evaluate, format_report, load_beir, open_setup, reference_run
+    from .quality.eval import BeirData, evaluate, format_report, load_beir, open_setup, reference_run
 
     data = load_beir(args.dataset, args.split)
     if args.max_queries:
@@ -474,7 +474,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from .coverage import markdown_table, parse_strategy, run_strategy, sample_probes
+    from .quality.coverage import markdown_table, parse_strategy, run_strategy, sample_probes
     from .papers import PaperIn, input_files, read_papers
 
     s = _quality_settings(args)

@@ -6,7 +6,7 @@ from tiny_models import WORDS
 
 from conftest import write_jsonl
 from indexer.chunking import chunk_words
-from indexer.coverage import (
+from indexer.quality.coverage import (
     Probe,
     Strategy,
     bucket_of,

@@ -5,7 +5,7 @@ import random
 import pytest
 from tiny_models import WORDS
 
-from indexer.eval import (
+from indexer.quality.eval import (
     BeirData,
     evaluate,
     latency_summary,

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chunking import chunk_words
+from ..chunking import chunk_words
+from ..papers import PaperIn
 from .eval import disk_bytes, latency_summary, open_setup
-from .papers import PaperIn
 
 SENTENCE_END = re.compile(r"[.?!][\"')\]]*$")
 

@@ -12,8 +12,8 @@ The sources ship in Debian's ``python3.11-doc`` package (``/usr/share/doc/python
 Only prose is kept: code blocks, doctests, tables and directives are dropped and inline markup is
 unwrapped, so that sentences sampled from chunks read as text.
 
-    python indexer/data/eval/pydocs.py faq    SRC OUT_DIR [--distractors 800]
-    python indexer/data/eval/pydocs.py papers SRC OUT.jsonl [--max-words 120000] [--min-words 1500]
+    python bench/datasets/pydocs.py faq    SRC OUT_DIR [--distractors 800]
+    python bench/datasets/pydocs.py papers SRC OUT.jsonl [--max-words 120000] [--min-words 1500]
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .papers import PaperIn
+from ..papers import PaperIn
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class NoPaperHeads:
     def tokenize_heads(self, titles: Sequence[str], abstracts: Sequence[str | None]) -> list[list[int]]:
         return [[] for _ in titles]
 
-    def encode_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+    def encode_ids(self, ids: Sequence[Sequence[int]], cancel: object = None) -> np.ndarray:
         return np.zeros((len(ids), self.dim), dtype=np.float32)
 
 
@@ -181,11 +181,11 @@ class EvalSetup:
 def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = False) -> EvalSetup:
     """Encoders from the settings (passage model, long-chunk handling, windows), an embedded index in
     `index_dir` (a temporary folder when None) and the `Indexer` / `Searcher` the service uses."""
-    from .encode import PassageEncoder, Reranker
-    from .pipeline import Indexer
-    from .plan import make_plan
-    from .search import Searcher
-    from .store import EdgeStore
+    from ..encode import PassageEncoder, Reranker
+    from ..pipeline import Indexer
+    from ..plan import make_plan
+    from ..search import Searcher
+    from ..store import EdgeStore
 
     s = settings
     passage = PassageEncoder(
