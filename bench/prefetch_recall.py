@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from indexer.chunking import chunk_words
-from indexer.coverage import sample_probes
 from indexer.encode import PassageEncoder
 from indexer.papers import PaperIn, read_papers
+from indexer.quality.coverage import sample_probes
+from indexer.quality.eval import Qrels, load_beir, ndcg_at_k
 
 
 def encode_corpus(
@@ -84,13 +85,40 @@ def needed_k(exact: np.ndarray, prefetch: np.ndarray, targets: list[float], top:
     return {t: int(ranks[max(0, int(np.ceil(t * len(ranks))) - 1)]) + 1 for t in targets}
 
 
-def subset(windows: np.ndarray, offsets: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A random `fraction` of the chunks (all their windows), as (windows, offsets)."""
+def paper_ndcg(
+    scores: np.ndarray, chunk_paper: np.ndarray, paper_ids: list[str], qids: list[str], qrels: Qrels
+) -> float:
+    """Mean nDCG@10 of papers ranked by their best chunk (as grouped search ranks them); `scores`
+    (n_queries, n_chunks) is -inf where a chunk was not retrieved."""
+    out = []
+    for row, qid in zip(scores, qids):
+        ranked: list[str] = []
+        for c in np.argsort(-row, kind="stable"):
+            if not np.isfinite(row[c]) or len(ranked) == 10:
+                break
+            if paper_ids[chunk_paper[c]] not in ranked:
+                ranked.append(paper_ids[chunk_paper[c]])
+        out.append(ndcg_at_k(ranked, qrels[qid], 10))
+    return float(np.mean(out))
+
+
+def two_stage(exact: np.ndarray, prefetch: np.ndarray, k: int) -> np.ndarray:
+    """MaxSim scores of the top-k chunks by the pooled vector, -inf elsewhere."""
+    out = np.full_like(exact, -np.inf)
+    top = np.argsort(-prefetch, axis=1, kind="stable")[:, :k]
+    np.put_along_axis(out, top, np.take_along_axis(exact, top, axis=1), axis=1)
+    return out
+
+
+def subset(
+    windows: np.ndarray, offsets: np.ndarray, fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random `fraction` of the chunks (all their windows), as (windows, offsets, the chunks kept)."""
     n = len(offsets) - 1
     keep = np.sort(np.random.default_rng(seed).choice(n, max(1, round(n * fraction)), replace=False))
     counts = np.diff(offsets)[keep]
     rows = np.concatenate([np.arange(offsets[c], offsets[c + 1]) for c in keep])
-    return windows[rows], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return windows[rows], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), keep
 
 
 def encoded(
@@ -116,6 +144,8 @@ def main() -> None:
     ap.add_argument("papers", nargs="+", help="papers JSONL files (paperindex's input format), each cached apart")
     ap.add_argument("--model", required=True, help="sentence-transformers model folder or hub id")
     ap.add_argument("--queries", action="append", default=[], help="a BEIR queries.jsonl (repeatable)")
+    ap.add_argument("--beir", action="append", default=[],
+                    help="a BEIR folder whose corpus ids are paper ids here: its queries, and nDCG@10 (repeatable)")
     ap.add_argument("--probes", type=int, default=500, help="sentences sampled from the chunks as known-item queries")
     ap.add_argument("--k", default="50,100,200,400", help="prefetch depths")
     ap.add_argument("--pooling", default="mean,unit", help="mean: the windows' mean; unit: it normalised")
@@ -137,7 +167,16 @@ def main() -> None:
     windows = np.concatenate([w for w, _ in parts])
     offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(o) for _, o in parts]))]).astype(np.int64)
 
+    chunk_paper = np.repeat(np.arange(len(papers)), [len(chunk_words(p.text or "", a.chunk_words, a.chunk_overlap))
+                                                     for p in papers])
+    assert len(chunk_paper) == len(offsets) - 1
+    paper_ids = [p.paper_id for p in papers]
     sets: dict[str, list[str]] = {}
+    judged: dict[str, tuple[list[str], Qrels]] = {}
+    for folder in a.beir:
+        data = load_beir(folder)
+        sets[data.name] = list(data.queries.values())
+        judged[data.name] = (list(data.queries), data.qrels)
     for path in a.queries:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
         sets[Path(path).parent.name] = [json.loads(line)["text"] for line in lines if line.strip()]
@@ -152,10 +191,12 @@ def main() -> None:
     print("| queries | n | chunks | pooled vector | " + " | ".join(f"K={k}" for k in ks) + " | "
           + " | ".join(f"K for {t}" for t in targets) + " | exact top 1 kept, K=" + str(ks[0]) + " |")
     print("|---|---|---|---|" + "---|" * (len(ks) + len(targets) + 1))
+    ndcg_rows = []
     for name, texts in sets.items():
         q = enc.encode_queries(texts)
         for fraction in [float(f) for f in a.fractions.split(",")]:
-            w, o = (windows, offsets) if fraction == 1 else subset(windows, offsets, fraction)
+            whole = (windows, offsets, np.arange(len(offsets) - 1))
+            w, o, keep = whole if fraction == 1 else subset(windows, offsets, fraction)
             exact = maxsim(q, w, o)
             for how in a.pooling.split(","):
                 pre = q @ pooled(w, o, how).T
@@ -165,6 +206,22 @@ def main() -> None:
                     "recall@10": rec, "k_needed": need, f"top1_kept@{ks[0]}": top1}
                 print(f"| {name} | {len(texts)} | {len(o) - 1} | {how} | " + " | ".join(f"{rec[k]:.3f}" for k in ks)
                       + " | " + " | ".join(str(need[t]) for t in targets) + f" | {top1:.3f} |")
+                if name in judged:
+                    qids, qrels = judged[name]
+                    cp = chunk_paper[keep]
+                    nd = {k: paper_ndcg(two_stage(exact, pre, k), cp, paper_ids, qids, qrels) for k in ks}
+                    nd_exact = paper_ndcg(exact, cp, paper_ids, qids, qrels)
+                    nd_pooled = paper_ndcg(pre, cp, paper_ids, qids, qrels)
+                    results.setdefault("ndcg@10", {}).setdefault(name, {}).setdefault(str(len(o) - 1), {})[how] = {
+                        "exact": nd_exact, "pooled": nd_pooled, **{str(k): v for k, v in nd.items()}}
+                    ndcg_rows.append(f"| {name} | {len(o) - 1} | {how} | {nd_pooled:.4f} | {nd_exact:.4f} | "
+                                     + " | ".join(f"{nd[k]:.4f}" for k in ks) + " |")
+    if ndcg_rows:
+        print("\nnDCG@10 by paper (best chunk), exact MaxSim against two-stage:\n")
+        head = "| queries | chunks | pooled vector | pooled alone | exact MaxSim | "
+        print(head + " | ".join(f"K={k}" for k in ks) + " |")
+        print("|---|---|---|---|---|" + "---|" * len(ks))
+        print("\n".join(ndcg_rows))
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
 
