@@ -222,7 +222,10 @@ function renderPapers(hits, pattern, mode) {
 
 const count = (n, what) => `${n} ${what}${n === 1 ? "" : "s"}`;
 
+let latest = 0;  // the search the page shows: an earlier one that answers late is dropped
+
 async function run(params, push) {
+  const mine = ++latest;
   if (push) history.pushState(null, "", `/?${params}`);
   fillForm(params);
   const view = params.get("view") || "passages";
@@ -238,20 +241,24 @@ async function run(params, push) {
       api.delete("q");
       const path = `/papers/${encodeURIComponent(id)}`;
       const [paper, res] = await Promise.all([call(path), call(`${path}/similar`, api)]);
+      if (mine !== latest) return;
       renderPapers(res.hits, null, "dense");
       finishResults(`${count(res.hits.length, "paper")} like “${paper.title || id}”`);
     } else if (view === "papers") {
       const res = await call("/search/papers", api);
+      if (mine !== latest) return;
       renderPapers(res.hits, pattern, res.mode);
       finishResults(`${count(res.hits.length, "paper")} for “${q}” (${res.mode})`);
     } else {
       const res = await call("/search", api);
+      if (mine !== latest) return;
       if (res.groups) renderGroups(res.groups, pattern);
       else renderPassages(res.hits, pattern);
       const n = res.groups ? count(res.groups.length, "paper") : count(res.hits.length, "passage");
       finishResults(`${n} for “${q}” (${res.mode}${res.reranked ? ", reranked" : ""})`);
     }
   } catch (err) {
+    if (mine !== latest) return;
     $("results").hidden = true;
     showError(err.message);
   }
