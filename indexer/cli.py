@@ -17,17 +17,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .errors import CliError, Interrupted
+
 log = logging.getLogger("paperindex")
 
 EXAMPLE = Path(__file__).parent / "data" / "example_papers.jsonl"
-
-
-class CliError(Exception):
-    """A failure to report as one line and a non-zero exit."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, with the line that says what the run kept."""
 
 
 def _settings(args: argparse.Namespace):
@@ -474,8 +468,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from .quality.coverage import markdown_table, parse_strategy, run_strategy, sample_probes
     from .papers import PaperIn, input_files, read_papers
+    from .quality.coverage import markdown_table, parse_strategy, run_strategy, sample_probes
 
     s = _quality_settings(args)
     strategies = [parse_strategy(x, s.window_overlap) for x in args.strategies.split(",")]
@@ -660,14 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from .errors import ModelLoadError
-    from .search import NoReranker, NotFound
-    from .store import StoreError
+    from .errors import PaperIndexError
 
     t0 = time.perf_counter()
     try:
         return args.func(args)
-    except (CliError, ModelLoadError, StoreError, NotFound, NoReranker, FileNotFoundError, ValueError) as exc:
+    except (PaperIndexError, FileNotFoundError, ValueError) as exc:
         print(f"paperindex {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

@@ -9,16 +9,9 @@ from typing import Any
 import numpy as np
 
 from .encode import PaperEncoder, PassageEncoder, Reranker
+from .errors import NoReranker, NotFound
 from .spans import Match, WindowMatcher
 from .store import DEFAULT_PREFETCH, FusionMethod, Group, Hit, SearchFilter, SearchMode, SearchQuery, Store
-
-
-class NotFound(LookupError):
-    """A paper id that is not in the index."""
-
-
-class NoReranker(RuntimeError):
-    """Reranking was asked for, but no reranker model is configured."""
 
 
 @dataclass
@@ -105,8 +98,11 @@ class Searcher:
         self.reranker = reranker
         self.mode, self.prefetch, self.fusion = mode, prefetch, fusion
         # None where a process searches no passages (the CLI loads only the models a command needs)
-        self.matcher = (WindowMatcher(passage_encoder.tokenizer.backend_tokenizer.to_str(), passage_encoder.windows.spec)
-                        if passage_encoder is not None else None)
+        self.matcher = (
+            WindowMatcher(passage_encoder.tokenizer.backend_tokenizer.to_str(), passage_encoder.windows.spec)
+            if passage_encoder is not None
+            else None
+        )
 
     def passages(
         self,
