@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .errors import CliError, Interrupted
+from .hub import check_models, model_refs
 
 log = logging.getLogger("paperindex")
 
@@ -139,6 +140,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     address = args.ray or s.ray_address
     t0 = time.perf_counter()
     total = _count_records(files, args.quiet)
+    if not address:
+        check_models(model_refs(s, paper=True, passage=True))
     rt = None if address else build(s, reranker=False)
     bar = tqdm(total=total, unit="paper", desc="indexing", disable=args.quiet, dynamic_ncols=True)
     last: list = []  # the stats as last reported: what an interrupted run kept
@@ -258,6 +261,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     s = _settings(args)
     store = _open_index(s)
     try:
+        check_models(model_refs(s, paper=args.papers, passage=not args.papers, reranker=args.rerank))
         searcher = query_searcher(s, store, passages=not args.papers, papers=args.papers, reranker=args.rerank)
         flt = _filter(args)
         mode = args.mode or s.search_mode
@@ -409,6 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     s = _settings(args)
+    check_models(model_refs(s, paper=True, passage=True, reranker=True))
     from app.main import create_app
 
     # uvicorn closes idle connections after 5 s by default, as long as httpx keeps them for reuse: a
@@ -439,6 +444,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         keep = list(data.queries)[: args.max_queries]
         data = BeirData(data.name, data.corpus, {q: data.queries[q] for q in keep}, {q: data.qrels[q] for q in keep})
     s = _quality_settings(args)
+    check_models(model_refs(s, passage=True, reranker=args.rerank))
     setup = open_setup(s, args.index_dir, rerank=args.rerank)
     if args.rerank and setup.searcher.reranker is None:
         setup.cleanup()
@@ -472,6 +478,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     from .quality.coverage import markdown_table, parse_strategy, run_strategy, sample_probes
 
     s = _quality_settings(args)
+    check_models(model_refs(s, passage=True))
     strategies = [parse_strategy(x, s.window_overlap) for x in args.strategies.split(",")]
     edges = [int(x) for x in args.buckets.split(",")]
     if edges != sorted(edges) or len(edges) < 2:

@@ -384,3 +384,49 @@ def test_search_loads_only_the_models_it_needs_and_checks_the_index_first(env, p
     assert run(capsys, "search", "protein")[0] == 0 and loaded == ["PassageEncoder"]
     loaded.clear()
     assert run(capsys, "search", "protein", "--papers")[0] == 0 and loaded == ["PaperEncoder"]
+
+
+# models missing ---------------------------------------------------------------------------------
+
+
+def test_every_missing_model_is_named_with_its_setting_at_once(env, monkeypatch, papers_file, capsys):
+    """Offline, with one model a directory that is not there and two hub ids not in the cache: one error
+    lists all three with the variables that set them, before any model is loaded, in a moment."""
+    import time
+
+    from indexer.encode import PaperEncoder, PassageEncoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PAPERINDEX_PASSAGE_MODEL", "/no/such/model")
+    monkeypatch.setenv("PAPERINDEX_PAPER_MODEL", "nobody/not-cached-base")
+    monkeypatch.setenv("PAPERINDEX_PAPER_ADAPTER", "nobody/not-cached-adapter")
+    loads = []
+    monkeypatch.setattr(PaperEncoder, "__init__", lambda *a, **kw: loads.append(1))
+    monkeypatch.setattr(PassageEncoder, "__init__", lambda *a, **kw: loads.append(1))
+    t = time.perf_counter()
+    code, _, err = run(capsys, "index", str(papers_file), "-q")
+    assert code == 1 and time.perf_counter() - t < 5 and loads == []
+    assert "3 model(s) cannot be loaded" in err and "Traceback" not in err
+    for setting, name in [("PASSAGE_MODEL", "/no/such/model"), ("PAPER_MODEL", "nobody/not-cached-base"),
+                          ("PAPER_ADAPTER", "nobody/not-cached-adapter")]:
+        assert f"{name!r} (PAPERINDEX_{setting})" in err
+    assert "HF_HUB_OFFLINE is set" in err
+
+
+def test_an_unreachable_hub_fails_fast_and_turns_loading_offline(monkeypatch, tiny_models):
+    """Not offline by setting, the hub unreachable (nothing listens there): a model not cached is
+    reported within the probe's timeout, the process then offline; models in local directories need no hub."""
+    import time
+
+    from indexer import hub
+    from indexer.config import Settings
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    s = Settings(**tiny_models)
+    t = time.perf_counter()
+    with pytest.raises(hub.ModelsMissing, match=r"nobody/x' \(PAPERINDEX_PASSAGE_MODEL\).*unreachable"):
+        hub.check_models(hub.model_refs(s.model_copy(update={"passage_model": "nobody/x"}), passage=True))
+    assert time.perf_counter() - t < hub.HUB_TIMEOUT_S + 1 and os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    hub.check_models(hub.model_refs(s, paper=True, passage=True, reranker=True))  # all local directories: fine
