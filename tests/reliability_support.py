@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import psutil
 
-from indexer.chunking import chunk_words
+from indexer.chunking import chunk_words, head_chunk
+from indexer.config import Settings
 from indexer.store import Store, StoreUnavailable, chunk_point_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,11 +100,14 @@ class Audit:
         return not self.problems
 
 
-def audit(store: Store, expected: dict[str, dict], chunk_size: int, overlap: int) -> Audit:
+def audit(store: Store, expected: dict[str, dict], chunk_size: int, overlap: int,
+          head: bool = Settings.model_fields["head_passage"].default) -> Audit:
     """Compare an index with the papers it must hold, point by point: exactly one paper point per paper
     (its title and n_chunks current), no duplicate (paper_id, chunk_index), every chunk of every paper
-    present with the current text, no chunk of an old version or of a paper not in the index."""
-    want = {pid: [c.text for c in chunk_words(p.get("text") or "", chunk_size, overlap)] for pid, p in expected.items()}
+    present with the current text (with `head`, as PAPERINDEX_HEAD_PASSAGE by default: the title +
+    abstract as chunk -1 too), no chunk of an old version or of a paper not in the index."""
+    want = {pid: {c.chunk_index: c.text for c in ([head_chunk(p["title"], p.get("abstract"))] if head else [])
+                  + chunk_words(p.get("text") or "", chunk_size, overlap)} for pid, p in expected.items()}
     a = Audit(store.count(store.papers), store.count(store.chunks))
     problems = a.problems
     papers = {}
@@ -132,10 +136,10 @@ def audit(store: Store, expected: dict[str, dict], chunk_size: int, overlap: int
             problems.append(f"paper {pid}: title {got.get('title')!r}, want {expected[pid]['title']!r}")
         if got.get("n_chunks") != len(texts):
             problems.append(f"paper {pid}: n_chunks {got.get('n_chunks')}, want {len(texts)}")
-        for i, text in enumerate(texts):
+        for i, text in texts.items():
             if seen.get((pid, i)) != text:
                 problems.append(f"chunk ({pid}, {i}) " + ("missing" if (pid, i) not in seen else "holds text of another version"))
-    extra = sorted(k for k in seen if k[0] not in want or k[1] >= len(want[k[0]]))
+    extra = sorted(k for k in seen if k[0] not in want or k[1] not in want[k[0]])
     if extra:
         problems.append(f"{len(extra)} chunk(s) beyond their paper's current chunks, e.g. {extra[:5]}")
     if a.papers != len(expected) or a.chunks != sum(map(len, want.values())):

@@ -222,3 +222,35 @@ def test_without_ray_the_cli_says_how_to_install_it(tmp_path):
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.returncode != 0 and 'pip install "paperindex[ray]"' in done.stderr, done.stderr[-2000:]
+
+
+def test_write_tasks_write_through_a_server_store_what_the_indexer_writes(settings, tmp_path):
+    """The write stage's commit protocol through ServerStore (a write task's client; here qdrant-client's
+    own in-memory mode, one process) leaves the points Indexer.write leaves; a second version of a paper
+    replaces the first exactly. Without a server: the `server` test above runs it against a real one."""
+    pytest.importorskip("ray")
+    from indexer.distributed.stages import write_group
+    from indexer.distributed.stores import ServerStore
+    from indexer.papers import PaperIn
+
+    s = settings.model_copy(update={"qdrant_url": ":memory:"})
+    rt = build(s, reranker=False)
+    sink = ServerStore(s)
+    try:
+        rt.indexer.ensure_collections()
+        sink.store.create(rt.indexer.layout)  # as the run's driver does before any write task
+        for version in (1, 2):
+            papers = [PaperIn(**make_paper(i, words=90 * i + 40 * version, seed=version)) for i in range(5)]
+            g = rt.indexer.select(papers, force=False)
+            rt.indexer.prepare(g)
+            rt.indexer.encode(g)
+            replace = sink.committed([p.paper_id for p in papers])
+            assert set(replace) == ({p.paper_id for p in papers} if version == 2 else set())
+            rt.indexer.write(g)
+            write_group(sink, g)
+        assert_same_index(rt.store, sink.store)
+        result = audit(sink.store, {p.paper_id: p.model_dump() for p in papers}, s.chunk_words, s.chunk_overlap)
+        assert result.exact, result.problems
+    finally:
+        rt.close()
+        sink.store.close()
