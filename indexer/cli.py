@@ -164,8 +164,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             with frozen_heap(), rt.store.parallel_writes(), _ticking(bar):
                 stats = rt.indexer.index(read_papers(files, shard), force=args.force, on_batch=progress)
             bar.close()
-            with _spinner("building the index", args.quiet):
-                rt.store.finish_bulk()
+            with _spinner("building the index", args.quiet) as built:
+                rt.store.finish_bulk(built)
     except KeyboardInterrupt as exc:
         st = last[0] if last else None
         kept = f"{st.papers_indexed} paper(s) indexed and kept" if st else "nothing indexed"
@@ -284,7 +284,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 for i, g in enumerate(groups, 1):
                     print(f"{i:>2}. [{g.score:.3f}] {g.paper_id}  {g.title}")
                     for p in g.passages:
-                        print(f"      #{p.chunk_index} [{p.score:.3f}] {p.snippet(160)}")
+                        print(f"      {_where(p)} [{p.score:.3f}] {p.snippet(160)}")
             return _no_results(args, groups)
         hits = searcher.passages(args.query, args.k, flt, rerank=args.rerank, candidates=args.candidates, mode=mode)
         if args.json:
@@ -294,10 +294,17 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"passages; score: {PASSAGE_SCORES[mode]} ({mode}){reranked}")
             for i, h in enumerate(hits, 1):
                 rr = f" rerank {h.rerank_score:.3f}" if h.rerank_score is not None else ""
-                print(f"{i:>2}. [{h.score:.3f}{rr}] {h.paper_id} #{h.chunk_index}  {h.title}\n      {h.snippet(200)}")
+                print(f"{i:>2}. [{h.score:.3f}{rr}] {h.paper_id} {_where(h)}  {h.title}\n      {h.snippet(200)}")
         return _no_results(args, hits)
     finally:
         store.close()
+
+
+def _where(p) -> str:
+    """A passage's place in its paper: its chunk, or the title and abstract (the head's passage)."""
+    from .chunking import HEAD_CHUNK
+
+    return "#abstract" if p.chunk_index == HEAD_CHUNK else f"#{p.chunk_index}"
 
 
 def _no_results(args: argparse.Namespace, found: list) -> int:

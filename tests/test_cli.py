@@ -430,3 +430,25 @@ def test_an_unreachable_hub_fails_fast_and_turns_loading_offline(monkeypatch, ti
     assert time.perf_counter() - t < hub.HUB_TIMEOUT_S + 1 and os.environ["HF_HUB_OFFLINE"] == "1"
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     hub.check_models(hub.model_refs(s, paper=True, passage=True, reranker=True))  # all local directories: fine
+
+
+def test_building_the_index_reports_its_progress_and_the_summary_gives_time_to_searchable(env, papers_file, capsys,
+                                                                                         monkeypatch):
+    """`index` shows the build (finish_bulk) as a phase of its own, a shard at a time, and its summary says
+    when the index became searchable (the build included)."""
+    from indexer.store.edge import EdgeStore
+
+    seen = []
+    inner = EdgeStore.finish_bulk
+
+    def finish_bulk(self, progress=None):
+        return inner(self, lambda done, parts: (seen.append((done, parts)), progress(done, parts)))
+
+    monkeypatch.setattr(EdgeStore, "finish_bulk", finish_bulk)
+    code, out, err = run(capsys, "index", str(papers_file))
+    assert code == 0, err
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]  # the papers' shard and two chunk shards
+    indexed, searchable = map(float, re.search(r"in ([\d.]+)s, searchable after ([\d.]+)s", out).groups())
+    assert searchable >= indexed
+    code, out, _ = run(capsys, "index", str(papers_file), "-q", "--json")
+    assert json.loads(out)["searchable_s"] > 0

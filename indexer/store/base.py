@@ -221,8 +221,9 @@ class Store(Protocol):
         """The HNSW m the collection is configured with now (0 while a bulk load defers the graph)."""
         ...
 
-    def finish_bulk(self) -> None:
-        """Build what writes deferred (HNSW graphs after a bulk load)."""
+    def finish_bulk(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Build what writes deferred (HNSW graphs after a bulk load); `progress` is told (parts done,
+        parts) before the first part and after each (a part: a shard, or a collection on a server)."""
         ...
 
     def flush(self) -> None: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -196,15 +196,20 @@ class ClientStore(Store):
             return None
         return self._call(self.client.get_collection, collection).config.hnsw_config.m
 
-    def finish_bulk(self) -> None:
+    def finish_bulk(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Restore HNSW m after a bulk load (also one an earlier run left unfinished); the server then
         builds the graphs in the background (collection status yellow until done, searches keep working)."""
-        for name in (self.papers, self.chunks):
+        names = (self.papers, self.chunks)
+        for done, name in enumerate(names):
+            if progress:
+                progress(done, len(names))
             current = self.hnsw_m(name)
             if current is not None and current != self.options.hnsw_m:
                 self._call(
                     self.client.update_collection, name, hnsw_config=self.m.HnswConfigDiff(m=self.options.hnsw_m)
                 )
+        if progress:
+            progress(len(names), len(names))
         self.options = replace(self.options, bulk_load=False)
 
     def _sparse(self, vector):
