@@ -229,7 +229,7 @@ class EdgeStore(Store):
         cfg = self.path / collection / "edge_config.json"
         return int(json.loads(cfg.read_text())["hnsw_config"]["m"]) if cfg.exists() else None
 
-    def finish_bulk(self) -> None:
+    def finish_bulk(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Build what writes deferred: restore HNSW m after a bulk load (also one left unfinished by an
         earlier run), then run the optimizers, which build the graphs and quantized copies.
 
@@ -242,7 +242,9 @@ class EdgeStore(Store):
             raise StoreError(
                 "finish_bulk runs after parallel_writes: the chunk shards are being written by their own processes"
             )
-        for name, spec in self._specs(layout).items():
+        specs = self._specs(layout)
+        parts, done = sum(len(self._shard_list(name)) for name in specs), 0
+        for name, spec in specs.items():
             if self.hnsw_m(name) != self.options.hnsw_m:
                 # only m changes: the vectors keep the quantization and placement they were created with
                 stored = json.loads((self.path / name / "edge_config.json").read_text())["vectors"][spec.names.dense]
@@ -254,7 +256,12 @@ class EdgeStore(Store):
                 )
                 self._open(name, edge_config(self.qe, spec))
             for shard in self._shard_list(name):
+                if progress:
+                    progress(done, parts)
                 shard.optimize()
+                done += 1
+        if progress:
+            progress(done, parts)
         self.options = replace(self.options, bulk_load=False)
 
     # writes ------------------------------------------------------------------------------------
