@@ -13,21 +13,17 @@ carries an evidence phrase that must occur in its grade-2 page's extracted text,
 answer was lost in extraction fails the build instead of scoring as a miss.
 
     apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb /tmp/pydoc
-    python bench/pydocs_long.py /tmp/pydoc/usr/share/doc/python3.11/html/_sources .eval-cache/pydocs-long
+    python bench/datasets/pydocs_long.py /tmp/pydoc/usr/share/doc/python3.11/html/_sources .eval-cache/pydocs-long
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
-# The FAQ set's extractor, so that both sets read the documentation the same way.
-_spec = importlib.util.spec_from_file_location("pydocs", Path(__file__).parent / "datasets" / "pydocs.py")
-assert _spec and _spec.loader
-pydocs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pydocs)
+# The FAQ set's extractor (beside this script), so that both sets read the documentation the same way.
+import pydocs
 
 # (part, least prose words): the pages kept as documents.
 PARTS = (("tutorial", 400), ("howto", 400), ("reference", 400), ("using", 400), ("extending", 400), ("library", 1000))
