@@ -13,6 +13,7 @@ from conftest import make_paper
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from indexer.chunking import HEAD_CHUNK, head_chunk
 from indexer.config import Settings
 from indexer.pipeline import Indexer
 from indexer.runtime import Runtime, build
@@ -144,7 +145,9 @@ def test_index_single_paper_wait_is_searchable_and_replaces_exactly(client, runt
     assert runtime.store.count(runtime.store.chunks, SearchFilter(paper_ids=[pid])) == paper["n_chunks"]
     hits = search(client, q="anything", k=20, paper_id=pid)["hits"]
     assert len(hits) == paper["n_chunks"]
-    assert all(h["title"] == "second version" and h["text"] in second["text"] for h in hits)
+    head = head_chunk(second["title"], second["abstract"]).text  # the title and abstract, a passage too
+    assert all(h["title"] == "second version" for h in hits)
+    assert all(h["text"] == head if h["chunk_index"] == HEAD_CHUNK else h["text"] in second["text"] for h in hits)
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,8 @@ def test_index_survives_a_restart(edge_settings, tmp_path):
     with TestClient(create_app(s)) as c:  # the lifespan closed the shards; a new process opens them again
         assert c.get("/ready").json()["ready"] is True
         assert c.get(f"/papers/{docs[0]['paper_id']}").json()["title"] == docs[0]["title"]
-        assert len(c.get("/search", params={"q": "protein", "k": 10}).json()["hits"]) == len(docs)  # one chunk each
+        hits = c.get("/search", params={"q": "protein", "k": 10}).json()["hits"]
+        assert len(hits) == 2 * len(docs)  # one chunk each, and each one's title and abstract
 
 
 def test_index_jobs_are_optimized_once_the_queue_is_idle(client, monkeypatch):
