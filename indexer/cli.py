@@ -28,9 +28,15 @@ EXAMPLE = Path(__file__).parent / "data" / "example_papers.jsonl"
 def _settings(args: argparse.Namespace):
     from .config import Settings
 
-    overrides = {k: v for k, v in {
-        "qdrant_path": args.qdrant_path, "qdrant_url": args.qdrant_url, "device": args.device,
-    }.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "qdrant_path": args.qdrant_path,
+            "qdrant_url": args.qdrant_url,
+            "device": args.device,
+        }.items()
+        if v is not None
+    }
     for name in ("long_chunk", "max_chunks_per_paper", "bulk_load"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
@@ -60,8 +66,15 @@ def _count_records(files: list[Path], quiet: bool) -> int | None:
     from tqdm import tqdm
 
     n = 0
-    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="reading", leave=False,
-              disable=quiet or None, delay=1.0) as bar:
+    with tqdm(
+        total=sum(f.stat().st_size for f in files),
+        unit="B",
+        unit_scale=True,
+        desc="reading",
+        leave=False,
+        disable=quiet or None,
+        delay=1.0,
+    ) as bar:
         for f in files:
             with f.open("rb") as fh:
                 if fh.read(64).lstrip()[:1] == b"[":
@@ -150,7 +163,12 @@ def cmd_index(args: argparse.Namespace) -> int:
         last[:] = [st]
         bar.update(st.papers_indexed + st.papers_unchanged + len(st.bad) - bar.n)
         secs = max(st.seconds, 1e-9)
-        post = {"chunks/s": f"{st.chunks / secs:,.0f}", "tok/s": f"{st.tokens / secs:,.0f}", "skipped": st.papers_unchanged, "bad": len(st.bad)}
+        post = {
+            "chunks/s": f"{st.chunks / secs:,.0f}",
+            "tok/s": f"{st.tokens / secs:,.0f}",
+            "skipped": st.papers_unchanged,
+            "bad": len(st.bad),
+        }
         if mem := _gpu_memory():
             post["gpu"] = mem
         bar.set_postfix(post, refresh=False)
@@ -179,17 +197,25 @@ def cmd_index(args: argparse.Namespace) -> int:
     for r in stats.bad:
         print(f"bad record {r}", file=sys.stderr)
     secs = max(stats.seconds, 1e-9)
-    summary = stats.as_dict() | {"papers_per_s": round(stats.papers_indexed / secs, 2), "tokens_per_s": round(stats.tokens / secs),
-                                 "searchable_s": round(searchable, 2)}
+    summary = stats.as_dict() | {
+        "papers_per_s": round(stats.papers_indexed / secs, 2),
+        "tokens_per_s": round(stats.tokens / secs),
+        "searchable_s": round(searchable, 2),
+    }
     if args.json:
         print(json.dumps(summary))
     else:
         print(
-            f"indexed {stats.papers_indexed} papers ({stats.chunks} chunks, {stats.windows} windows, {stats.tokens:,} passage tokens "
+            f"indexed {stats.papers_indexed} papers ({stats.chunks} chunks, {stats.windows} windows, "
+            f"{stats.tokens:,} passage tokens "
             f"+ {stats.head_tokens:,} head tokens) in {stats.seconds:.1f}s, searchable after {searchable:.1f}s; "
             f"{stats.papers_unchanged} already indexed, "
             f"{len(stats.bad)} bad record(s) skipped"
-            + (f"; {stats.papers_capped} paper(s) cut to {s.max_chunks_per_paper} chunks (--max-chunks-per-paper)" if stats.papers_capped else "")
+            + (
+                f"; {stats.papers_capped} paper(s) cut to {s.max_chunks_per_paper} chunks (--max-chunks-per-paper)"
+                if stats.papers_capped
+                else ""
+            )
         )
     return 0
 
@@ -243,9 +269,15 @@ def _passage_json(p) -> dict:
 
 def _group_json(g) -> dict:
     paper = g.paper or {}
-    return {"paper_id": g.paper_id, "title": g.title, "score": g.score, "year": paper.get("year"),
-            "abstract": paper.get("abstract"), "metadata": paper.get("metadata") or {},
-            "passages": [_passage_json(p) for p in g.passages]}
+    return {
+        "paper_id": g.paper_id,
+        "title": g.title,
+        "score": g.score,
+        "year": paper.get("year"),
+        "abstract": paper.get("abstract"),
+        "metadata": paper.get("metadata") or {},
+        "passages": [_passage_json(p) for p in g.passages],
+    }
 
 
 def _papers_out(res, header: str) -> None:
@@ -274,11 +306,18 @@ def cmd_search(args: argparse.Namespace) -> int:
             return _no_results(args, res)
         reranked = "; reranked: by the cross-encoder's score, higher is better" if args.rerank else ""
         if args.group:
-            groups = searcher.grouped(args.query, args.k, args.group_size, flt, rerank=args.rerank,
-                                      candidates=args.candidates, mode=mode)
+            groups = searcher.grouped(
+                args.query, args.k, args.group_size, flt, rerank=args.rerank, candidates=args.candidates, mode=mode
+            )
             if args.json:
-                _print_json({"query": args.query, "mode": mode, "reranked": args.rerank,
-                             "groups": [_group_json(g) for g in groups]})
+                _print_json(
+                    {
+                        "query": args.query,
+                        "mode": mode,
+                        "reranked": args.rerank,
+                        "groups": [_group_json(g) for g in groups],
+                    }
+                )
             elif groups:
                 print(f"papers by their best passages; score: {PASSAGE_SCORES[mode]} ({mode}){reranked}")
                 for i, g in enumerate(groups, 1):
@@ -288,8 +327,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             return _no_results(args, groups)
         hits = searcher.passages(args.query, args.k, flt, rerank=args.rerank, candidates=args.candidates, mode=mode)
         if args.json:
-            _print_json({"query": args.query, "mode": mode, "reranked": args.rerank,
-                         "hits": [_passage_json(h) for h in hits]})
+            _print_json(
+                {"query": args.query, "mode": mode, "reranked": args.rerank, "hits": [_passage_json(h) for h in hits]}
+            )
         elif hits:
             print(f"passages; score: {PASSAGE_SCORES[mode]} ({mode}){reranked}")
             for i, h in enumerate(hits, 1):
@@ -365,7 +405,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"chunks  {out['chunks']:,}")
     if layout:
         passages = "multivectors (a vector per window, MaxSim)" if layout.multivector else "one vector per chunk"
-        print(f"vectors paper heads {layout.paper_dim}-d (Euclidean); passages {layout.chunk_dim}-d {passages}, dot product")
+        print(
+            f"vectors paper heads {layout.paper_dim}-d (Euclidean); "
+            f"passages {layout.chunk_dim}-d {passages}, dot product"
+        )
     else:
         print("vectors none yet: index some papers first")
     if "disk_bytes" in out:
@@ -398,10 +441,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     if s.qdrant_url:
-        raise CliError("migrate copies the embedded index (PAPERINDEX_QDRANT_PATH); unset PAPERINDEX_QDRANT_URL and pass --to URL")
+        raise CliError(
+            "migrate copies the embedded index (PAPERINDEX_QDRANT_PATH); unset PAPERINDEX_QDRANT_URL and pass --to URL"
+        )
     options = store_options(s)
     source = EdgeStore(s.qdrant_path, s.papers_collection, s.chunks_collection)
-    target = ClientStore(args.to, args.api_key or s.qdrant_api_key, s.qdrant_prefer_grpc, s.qdrant_timeout, s.papers_collection, s.chunks_collection, options)
+    target = ClientStore(
+        args.to,
+        args.api_key or s.qdrant_api_key,
+        s.qdrant_prefer_grpc,
+        s.qdrant_timeout,
+        s.papers_collection,
+        s.chunks_collection,
+        options,
+    )
     # str hash() changes between processes; the checkpoint name must not, or a rerun starts over
     checkpoint = Path(s.qdrant_path) / f".migrate-{hashlib.sha256(args.to.encode()).hexdigest()[:12]}.json"
     bar = tqdm(total=source.count(source.papers) + source.count(source.chunks), unit="pt", disable=args.quiet)
@@ -412,7 +465,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         bar.close()
         source.close()
         target.close()
-    print(f"copied {copied.get(s.chunks_collection, 0)} chunks and {copied.get(s.papers_collection, 0)} papers to {args.to}")
+    print(
+        f"copied {copied.get(s.chunks_collection, 0)} chunks and {copied.get(s.papers_collection, 0)} papers "
+        f"to {args.to}"
+    )
     return 0
 
 
@@ -425,7 +481,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # uvicorn closes idle connections after 5 s by default, as long as httpx keeps them for reuse: a
     # request sent just as the server closes is reset. The server must hold them longer than clients.
-    uvicorn.run(create_app(s), host=args.host or s.host, port=args.port or s.port, log_level="info", timeout_keep_alive=s.keep_alive_s)
+    uvicorn.run(
+        create_app(s),
+        host=args.host or s.host,
+        port=args.port or s.port,
+        log_level="info",
+        timeout_keep_alive=s.keep_alive_s,
+    )
     return 0
 
 
@@ -433,8 +495,16 @@ def _quality_settings(args: argparse.Namespace):
     """Settings for eval / coverage: the environment's, with the command line's model-side overrides."""
     from .config import Settings
 
-    names = ("device", "long_chunk", "window_tokens", "window_overlap", "chunk_words", "chunk_overlap",
-             "search_prefetch", "search_fusion")
+    names = (
+        "device",
+        "long_chunk",
+        "window_tokens",
+        "window_overlap",
+        "chunk_words",
+        "chunk_overlap",
+        "search_prefetch",
+        "search_fusion",
+    )
     try:
         return Settings(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
     except ValidationError as exc:
@@ -458,19 +528,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CliError("--rerank needs a reranker model (PAPERINDEX_RERANKER_MODEL)")
     docs = tqdm(total=len(data.corpus), unit="doc", disable=args.quiet, dynamic_ncols=True)
     modes = ["hybrid", "dense", "lexical"] if args.mode == "all" else [args.mode]
-    queries = tqdm(total=len(data.queries) * (len(modes) + args.rerank), unit="query", disable=args.quiet,
-                   dynamic_ncols=True)
+    queries = tqdm(
+        total=len(data.queries) * (len(modes) + args.rerank), unit="query", disable=args.quiet, dynamic_ncols=True
+    )
     try:
         report = evaluate(
-            setup, data, modes=modes, rerank=args.rerank, candidates=args.candidates, with_title=not args.no_title,
-            on_batch=lambda st: docs.update(st.papers_indexed + st.papers_unchanged - docs.n), on_query=lambda _n: queries.update(1),
+            setup,
+            data,
+            modes=modes,
+            rerank=args.rerank,
+            candidates=args.candidates,
+            with_title=not args.no_title,
+            on_batch=lambda st: docs.update(st.papers_indexed + st.papers_unchanged - docs.n),
+            on_query=lambda _n: queries.update(1),
         )
     finally:
         docs.close()
         queries.close()
         setup.cleanup()
     if args.reference:
-        report["reference"] = reference_run(s.passage_model, data, with_title=not args.no_title, device=report["device"], max_seq_length=args.reference_max_seq_length)
+        report["reference"] = reference_run(
+            s.passage_model,
+            data,
+            with_title=not args.no_title,
+            device=report["device"],
+            max_seq_length=args.reference_max_seq_length,
+        )
     out = Path(args.out or f"eval-{data.name}-{s.long_chunk}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
@@ -494,17 +577,30 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     probes = sample_probes(papers, s.chunk_words, s.chunk_overlap, edges, args.per_bucket, args.seed)
     if not probes:
         raise CliError("no sentence to sample: the papers need text with sentences inside their chunks")
-    log.info("%d papers, %d probe sentences; strategies: %s", len(papers), len(probes), ", ".join(x.label for x in strategies))
+    log.info(
+        "%d papers, %d probe sentences; strategies: %s",
+        len(papers),
+        len(probes),
+        ", ".join(x.label for x in strategies),
+    )
     results = []
     for st in strategies:
         r = run_strategy(s, st, papers, probes, edges)
-        log.info("%s: R@1 %s, R@10 all %.3f", st.label, {b: v["r@1"] for b, v in r.recall.items()}, r.recall["all"]["r@10"])
+        log.info(
+            "%s: R@1 %s, R@10 all %.3f", st.label, {b: v["r@1"] for b, v in r.recall.items()}, r.recall["all"]["r@10"]
+        )
         results.append(r)
     table = markdown_table(results, edges)
     report = {
-        "papers": len(papers), "probes": len(probes), "buckets": edges, "passage_model": s.passage_model,
-        "chunk_words": s.chunk_words, "chunk_overlap": s.chunk_overlap, "seed": args.seed,
-        "results": [r.as_dict() for r in results], "table": table,
+        "papers": len(papers),
+        "probes": len(probes),
+        "buckets": edges,
+        "passage_model": s.passage_model,
+        "chunk_words": s.chunk_words,
+        "chunk_overlap": s.chunk_overlap,
+        "seed": args.seed,
+        "results": [r.as_dict() for r in results],
+        "table": table,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
@@ -544,12 +640,17 @@ def _version() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paperindex", formatter_class=_Help,
-                                description="Two-level RAG index for scientific papers (settings: PAPERINDEX_* env vars)")
+    p = argparse.ArgumentParser(
+        prog="paperindex",
+        formatter_class=_Help,
+        description="Two-level RAG index for scientific papers (settings: PAPERINDEX_* env vars)",
+    )
     p.add_argument("--version", action="version", version=f"paperindex {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--qdrant-path", help="embedded index folder (PAPERINDEX_QDRANT_PATH; default paperindex_data)")
-    common.add_argument("--qdrant-url", help="Qdrant server URL (PAPERINDEX_QDRANT_URL; default: none, the embedded index)")
+    common.add_argument(
+        "--qdrant-url", help="Qdrant server URL (PAPERINDEX_QDRANT_URL; default: none, the embedded index)"
+    )
     common.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE; default auto)")
     common.add_argument("--json", action="store_true", help="machine-readable output (searches: the HTTP API's JSON)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
@@ -559,25 +660,47 @@ def parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=parents, help=help, description=help, formatter_class=_Help)
 
     ix = command("index", [common], "index JSONL/JSON files or folders (default: the bundled example corpus)")
-    ix.add_argument("paths", nargs="*", help="JSONL or JSON files, or folders of them (default: the bundled example corpus)")
+    ix.add_argument(
+        "paths", nargs="*", help="JSONL or JSON files, or folders of them (default: the bundled example corpus)"
+    )
     ix.add_argument("--strict", action="store_true", help="refuse the whole input if any record is bad")
     ix.add_argument("--force", action="store_true", help="re-embed papers even if unchanged")
     ix.add_argument("--shard", help="i/n: index only the papers of shard i of n (split work across GPUs or hosts)")
-    ix.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"],
-                    help="how windows of a long chunk are combined (PAPERINDEX_LONG_CHUNK; default multivector)")
-    ix.add_argument("--max-chunks-per-paper", type=_positive, dest="max_chunks_per_paper",
-                    help="cut longer papers to this many chunks (PAPERINDEX_MAX_CHUNKS_PER_PAPER; default: no cap)")
-    ix.add_argument("--bulk-load", action="store_true", default=None, dest="bulk_load",
-                    help="defer HNSW building to the end (PAPERINDEX_BULK_LOAD)")
-    ix.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                    help="run on a Ray cluster: ADDRESS, `auto` (the one this host is in), none: a new one here (PAPERINDEX_RAY_ADDRESS)")
+    ix.add_argument(
+        "--long-chunk",
+        choices=["multivector", "mean", "truncate"],
+        help="how windows of a long chunk are combined (PAPERINDEX_LONG_CHUNK; default multivector)",
+    )
+    ix.add_argument(
+        "--max-chunks-per-paper",
+        type=_positive,
+        dest="max_chunks_per_paper",
+        help="cut longer papers to this many chunks (PAPERINDEX_MAX_CHUNKS_PER_PAPER; default: no cap)",
+    )
+    ix.add_argument(
+        "--bulk-load",
+        action="store_true",
+        default=None,
+        dest="bulk_load",
+        help="defer HNSW building to the end (PAPERINDEX_BULK_LOAD)",
+    )
+    ix.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on a Ray cluster: ADDRESS, `auto` (the one this host is in), none: a new one here "
+        "(PAPERINDEX_RAY_ADDRESS)",
+    )
     ix.set_defaults(func=cmd_index)
 
     filters = argparse.ArgumentParser(add_help=False)
     filters.add_argument("-k", type=_positive, default=10, help="results to show (papers with --group or --papers)")
     filters.add_argument("--year-from", type=int, help="only papers of this year or later")
     filters.add_argument("--year-to", type=int, help="only papers of this year or earlier")
-    filters.add_argument("--paper-id", action="append", dest="filter_paper_ids", help="restrict to this paper (repeatable)")
+    filters.add_argument(
+        "--paper-id", action="append", dest="filter_paper_ids", help="restrict to this paper (repeatable)"
+    )
 
     se = command("search", [common, filters], "search passages (or papers with --papers)")
     se.add_argument("query", help="what to look for, in words")
@@ -585,10 +708,15 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--group", action="store_true", help="group passages by paper")
     se.add_argument("--group-size", type=_positive, default=3, help="passages shown per paper with --group")
     se.add_argument("--rerank", action="store_true", help="rescore with the cross-encoder")
-    se.add_argument("--candidates", type=_positive, default=50, help="passages the cross-encoder rescores with --rerank")
-    se.add_argument("--mode", choices=["hybrid", "dense", "lexical"],
-                    help="dense (the models' vectors), lexical (BM25) or hybrid (both, fused) "
-                         "(PAPERINDEX_SEARCH_MODE; default hybrid)")
+    se.add_argument(
+        "--candidates", type=_positive, default=50, help="passages the cross-encoder rescores with --rerank"
+    )
+    se.add_argument(
+        "--mode",
+        choices=["hybrid", "dense", "lexical"],
+        help="dense (the models' vectors), lexical (BM25) or hybrid (both, fused) "
+        "(PAPERINDEX_SEARCH_MODE; default hybrid)",
+    )
     se.set_defaults(func=cmd_search)
 
     si = command("similar", [common, filters], "papers nearest to an indexed paper (SPECTER2)")
@@ -609,48 +737,92 @@ def parser() -> argparse.ArgumentParser:
     mi.set_defaults(func=cmd_migrate)
 
     sv = command("serve", [common], "run the HTTP service (uvicorn)")
-    sv.add_argument("--host", help="address to bind (PAPERINDEX_HOST; default 127.0.0.1, this host only: 0.0.0.0 for all)")
+    sv.add_argument(
+        "--host", help="address to bind (PAPERINDEX_HOST; default 127.0.0.1, this host only: 0.0.0.0 for all)"
+    )
     sv.add_argument("--port", type=int, help="port (PAPERINDEX_PORT; default 8000)")
     sv.set_defaults(func=cmd_serve)
 
     quality = argparse.ArgumentParser(add_help=False)
     quality.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE; default auto)")
-    quality.add_argument("--window-tokens", type=_positive, dest="window_tokens",
-                         help="tokens per window (PAPERINDEX_WINDOW_TOKENS; default 254)")
-    quality.add_argument("--window-overlap", type=int, dest="window_overlap",
-                         help="tokens consecutive windows share at least (PAPERINDEX_WINDOW_OVERLAP; default 16)")
-    quality.add_argument("--chunk-words", type=_positive, dest="chunk_words",
-                         help="words per chunk (PAPERINDEX_CHUNK_WORDS; default 512)")
-    quality.add_argument("--chunk-overlap", type=int, dest="chunk_overlap",
-                         help="words consecutive chunks share (PAPERINDEX_CHUNK_OVERLAP; default 50)")
+    quality.add_argument(
+        "--window-tokens",
+        type=_positive,
+        dest="window_tokens",
+        help="tokens per window (PAPERINDEX_WINDOW_TOKENS; default 254)",
+    )
+    quality.add_argument(
+        "--window-overlap",
+        type=int,
+        dest="window_overlap",
+        help="tokens consecutive windows share at least (PAPERINDEX_WINDOW_OVERLAP; default 16)",
+    )
+    quality.add_argument(
+        "--chunk-words",
+        type=_positive,
+        dest="chunk_words",
+        help="words per chunk (PAPERINDEX_CHUNK_WORDS; default 512)",
+    )
+    quality.add_argument(
+        "--chunk-overlap",
+        type=int,
+        dest="chunk_overlap",
+        help="words consecutive chunks share (PAPERINDEX_CHUNK_OVERLAP; default 50)",
+    )
     quality.add_argument("--json", action="store_true", help="print the report as JSON")
     quality.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
 
-    ev = command("eval", [quality], "retrieval quality on a BEIR-format dataset (nDCG@10, Recall@10/100, MRR@10, latency)")
+    ev = command(
+        "eval", [quality], "retrieval quality on a BEIR-format dataset (nDCG@10, Recall@10/100, MRR@10, latency)"
+    )
     ev.add_argument("dataset", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     ev.add_argument("--split", default="test", help="the qrels file to score against")
-    ev.add_argument("--long-chunk", choices=["multivector", "mean", "truncate"],
-                    help="how windows of a long chunk are combined (PAPERINDEX_LONG_CHUNK; default multivector)")
-    ev.add_argument("--mode", choices=["hybrid", "dense", "lexical", "all"], default="all",
-                    help="search modes to report")
-    ev.add_argument("--prefetch", type=_positive, dest="search_prefetch",
-                    help="chunks found by the pooled vector for MaxSim (PAPERINDEX_SEARCH_PREFETCH; default 200)")
-    ev.add_argument("--fusion", choices=["rrf", "dbsf"], dest="search_fusion",
-                    help="how hybrid fuses the lists (PAPERINDEX_SEARCH_FUSION; default rrf)")
+    ev.add_argument(
+        "--long-chunk",
+        choices=["multivector", "mean", "truncate"],
+        help="how windows of a long chunk are combined (PAPERINDEX_LONG_CHUNK; default multivector)",
+    )
+    ev.add_argument(
+        "--mode", choices=["hybrid", "dense", "lexical", "all"], default="all", help="search modes to report"
+    )
+    ev.add_argument(
+        "--prefetch",
+        type=_positive,
+        dest="search_prefetch",
+        help="chunks found by the pooled vector for MaxSim (PAPERINDEX_SEARCH_PREFETCH; default 200)",
+    )
+    ev.add_argument(
+        "--fusion",
+        choices=["rrf", "dbsf"],
+        dest="search_fusion",
+        help="how hybrid fuses the lists (PAPERINDEX_SEARCH_FUSION; default rrf)",
+    )
     ev.add_argument("--rerank", action="store_true", help="also report metrics after cross-encoder reranking")
     ev.add_argument("--candidates", type=_positive, default=100, help="passages the cross-encoder rescores per query")
     ev.add_argument("--no-title", action="store_true", help="embed the text alone (BEIR and MTEB embed title + text)")
     ev.add_argument("--max-queries", type=_positive, help="score only the first this many queries (default: all)")
     ev.add_argument("--index-dir", help="keep the index here (reused when rerun); default: a temporary folder")
-    ev.add_argument("--reference", action="store_true", help="also run plain sentence-transformers (exact dot-product search) on the same data")
-    ev.add_argument("--reference-max-seq-length", type=_positive, help="the reference's truncation length (default: the model's)")
+    ev.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run plain sentence-transformers (exact dot-product search) on the same data",
+    )
+    ev.add_argument(
+        "--reference-max-seq-length", type=_positive, help="the reference's truncation length (default: the model's)"
+    )
     ev.add_argument("--out", help="JSON report path (default: eval-<dataset>-<long_chunk>.json)")
     ev.set_defaults(func=cmd_eval)
 
     co = command("coverage", [quality], "known-item coverage: find chunks by sentences from anywhere inside them")
     co.add_argument("paths", nargs="+", help="papers (JSONL/JSON files or folders) with long texts")
-    co.add_argument("--strategies", default="truncate,mean:256,multivector:256", help="comma-separated: truncate, mean:N, multivector:N[:overlap]")
-    co.add_argument("--buckets", default="0,300,400,512", help="word offsets inside a chunk that bound the position buckets")
+    co.add_argument(
+        "--strategies",
+        default="truncate,mean:256,multivector:256",
+        help="comma-separated: truncate, mean:N, multivector:N[:overlap]",
+    )
+    co.add_argument(
+        "--buckets", default="0,300,400,512", help="word offsets inside a chunk that bound the position buckets"
+    )
     co.add_argument("--per-bucket", type=_positive, default=100, help="probe sentences per bucket")
     co.add_argument("--seed", type=int, default=0, help="of the probe sentences' sampling")
     co.add_argument("--out", default="coverage.json", help="JSON report path")

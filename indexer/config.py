@@ -45,11 +45,21 @@ class Settings(BaseSettings):
     token_budget: int | None = Field(
         None, ge=512, description="tokens per forward batch; None: the device plan's (by free GPU memory; CPU 16384)"
     )
-    papers_per_batch: int | None = Field(None, ge=1, description=(
-        "papers per commit group; None: on a GPU 256 (128 where more than two GPUs index), without one as many "
-        "as take a few seconds to encode, by measured speed (indexer/plan.py)"))
+    papers_per_batch: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "papers per commit group; None: on a GPU 256 (128 where more than two GPUs index), without one as many "
+            "as take a few seconds to encode, by measured speed (indexer/plan.py)"
+        ),
+    )
     compile: bool = False
-    tokenizer_workers: int | None = Field(None, ge=1, description="processes that tokenize chunks; None: on a GPU host all cores but 4, at most 12 per GPU that indexes, else 2")
+    tokenizer_workers: int | None = Field(
+        None,
+        ge=1,
+        description="processes that tokenize chunks; None: on a GPU host all cores but 4, at most 12 per GPU that "
+        "indexes, else 2",
+    )
     gpus: int = Field(1, ge=0, description="GPUs that encode while indexing (one model replica each); 0: all visible")
     # While one encoder thread collects a group's vectors and starts the next, another keeps the GPU busy.
     encoders_per_gpu: int | None = Field(
@@ -63,15 +73,23 @@ class Settings(BaseSettings):
         None, description="the models' dtype; None: float16 on a GPU, else float32"
     )
     cuda_graphs: bool | None = Field(None, description="replay batches from CUDA graphs; None: on sm_80 and newer")
-    ray_address: str | None = Field(None, description="`paperindex index` runs on this Ray cluster (`auto`: the one this host is in; `local`: a new one here)")
+    ray_address: str | None = Field(
+        None,
+        description="`paperindex index` runs on this Ray cluster (`auto`: the one this host is in; `local`: a new "
+        "one here)",
+    )
 
     # Search: dense (the models' vectors), lexical (BM25 in the engine) or hybrid (both, fused).
     search_mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
-    search_prefetch: int = Field(200, ge=1, le=10000, description="chunks the pooled vector finds for MaxSim to rescore")
+    search_prefetch: int = Field(
+        200, ge=1, le=10000, description="chunks the pooled vector finds for MaxSim to rescore"
+    )
     search_fusion: Literal["rrf", "dbsf"] = "rrf"
     # On by default: grouped search then finds a paper by its abstract too, and a paper without a body at all
     # (nDCG@10 0.903 against 0.890 for the body's windows alone, dense; #28).
-    head_passage: bool = Field(True, description="index each paper's title + abstract as a passage too (chunk_index -1)")
+    head_passage: bool = Field(
+        True, description="index each paper's title + abstract as a passage too (chunk_index -1)"
+    )
 
     # Store layout (defaults fit 1M+ chunks on one machine).
     hnsw_m: int = 16
@@ -84,14 +102,20 @@ class Settings(BaseSettings):
     upload_parallel: int = Field(2, ge=1)
     # Embedded store: chunk shards of a new index (an existing one keeps its own); `paperindex index`
     # writes each from a process of its own (Qdrant Edge inserts under the interpreter lock).
-    edge_chunk_shards: int | None = Field(None, ge=1, le=64, description="None: 2 for each GPU that indexes (`gpus`), at least 2")
+    edge_chunk_shards: int | None = Field(
+        None, ge=1, le=64, description="None: 2 for each GPU that indexes (`gpus`), at least 2"
+    )
 
     # Service.
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     index_queue_size: int = Field(16, ge=1)
     max_concurrent_searches: int = Field(32, ge=1, description="searches in flight before new ones get 429")
-    keep_alive_s: int = Field(75, ge=1, description="idle keep-alive connections are closed after this; keep it above clients' and proxies' own")
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="idle keep-alive connections are closed after this; keep it above clients' and proxies' own",
+    )
     max_query_chars: int = 2000
     max_k: int = 100
     max_candidates: int = 200
@@ -105,5 +129,7 @@ class Settings(BaseSettings):
     def _overlaps_below_sizes(self) -> Settings:
         for overlap, size in (("chunk_overlap", "chunk_words"), ("window_overlap", "window_tokens")):
             if getattr(self, overlap) >= getattr(self, size):
-                raise ValueError(f"{overlap} ({getattr(self, overlap)}) must be smaller than {size} ({getattr(self, size)})")
+                raise ValueError(
+                    f"{overlap} ({getattr(self, overlap)}) must be smaller than {size} ({getattr(self, size)})"
+                )
         return self

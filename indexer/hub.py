@@ -37,8 +37,10 @@ def model_refs(s: Settings, paper: bool = False, passage: bool = False, reranker
     """The models a command needs: the paper model with its adapters, the passage model, the reranker."""
     refs = []
     if paper:
-        refs += [ModelRef("paper model", "PAPERINDEX_PAPER_MODEL", s.paper_model),
-                 ModelRef("paper adapter", "PAPERINDEX_PAPER_ADAPTER", s.paper_adapter)]
+        refs += [
+            ModelRef("paper model", "PAPERINDEX_PAPER_MODEL", s.paper_model),
+            ModelRef("paper adapter", "PAPERINDEX_PAPER_ADAPTER", s.paper_adapter),
+        ]
         if s.query_adapter:
             refs.append(ModelRef("query adapter", "PAPERINDEX_QUERY_ADAPTER", s.query_adapter))
     if passage:
@@ -67,7 +69,9 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     """Whether a connection to the hub (HF_ENDPOINT, default huggingface.co) opens within `timeout`."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        socket.create_connection(
+            (url.hostname or "", url.port or (443 if url.scheme == "https" else 80)), timeout
+        ).close()
         return True
     except OSError:
         return False
@@ -86,8 +90,11 @@ def check_models(refs: list[ModelRef], timeout: float = HUB_TIMEOUT_S) -> None:
     """Raise ModelsMissing naming every model of `refs` that cannot be had: a directory that is not there,
     or a hub id not in the cache while the hub is unreachable. The hub is asked (one connection, at most
     `timeout` seconds) only when some model is not here."""
-    missing = [f"cannot load {r.role} {r.name!r} ({r.setting}): no such directory"
-               for r in refs if _local(r.name) and not Path(r.name).expanduser().is_dir()]
+    missing = [
+        f"cannot load {r.role} {r.name!r} ({r.setting}): no such directory"
+        for r in refs
+        if _local(r.name) and not Path(r.name).expanduser().is_dir()
+    ]
     remote = [r for r in refs if not _local(r.name) and not _cached(r.name)]
     if remote:
         offline, why = _offline_set(), "HF_HUB_OFFLINE is set"
@@ -95,8 +102,10 @@ def check_models(refs: list[ModelRef], timeout: float = HUB_TIMEOUT_S) -> None:
             offline, why = True, f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable"
             go_offline()
         if offline:
-            missing += [f"cannot load {r.role} {r.name!r} ({r.setting}): not in the Hugging Face cache and {why}"
-                        for r in remote]
+            missing += [
+                f"cannot load {r.role} {r.name!r} ({r.setting}): not in the Hugging Face cache and {why}"
+                for r in remote
+            ]
     elif not _offline_set() and any(not _local(r.name) for r in refs) and not hub_reachable(timeout):
         go_offline()  # every model is cached: loading need not wait on the network
     if missing:

@@ -64,7 +64,9 @@ GROWTH = 1.5
 IN_FLIGHT_GRACE_S = 2.0
 
 
-def groups(papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1, limit: Callable[[], int] | None = None) -> Iterator[list[T]]:
+def groups(
+    papers: Iterable[T], most: int, gpus: int = 1, hold: int = 1, limit: Callable[[], int] | None = None
+) -> Iterator[list[T]]:
     """`papers` in groups for the encoder threads: each size of the ramp (FIRST_PAPERS, then GROWTH
     times the last) once per GPU, so that every GPU starts on a small group; then groups of `most`.
 
@@ -245,16 +247,36 @@ def retry(fn: Callable, *args, attempts: int = 6, base_delay: float = 0.5, **kwa
             if attempt == attempts - 1:
                 raise
             delay = base_delay * 2**attempt
-        log.warning("store call %s failed (attempt %d/%d), retrying in %.1fs", getattr(fn, "__name__", fn), attempt + 1,
-                    attempts, delay)
+        log.warning(
+            "store call %s failed (attempt %d/%d), retrying in %.1fs",
+            getattr(fn, "__name__", fn),
+            attempt + 1,
+            attempts,
+            delay,
+        )
         time.sleep(delay)
 
 
-def settings_fingerprint(passage: PassageEncoder, paper: PaperEncoder, chunk_size: int, overlap: int, max_chunks: int | None,
-                         head_passage: bool = False) -> str:
+def settings_fingerprint(
+    passage: PassageEncoder,
+    paper: PaperEncoder,
+    chunk_size: int,
+    overlap: int,
+    max_chunks: int | None,
+    head_passage: bool = False,
+) -> str:
     """Everything besides the paper itself that shapes its points: a change re-indexes the paper."""
-    parts = [passage.name, passage.long_chunk, passage.window_tokens, passage.window_overlap, WINDOWING, paper.name, chunk_size,
-             overlap, max_chunks] + (["head passage"] if head_passage else [])
+    parts = [
+        passage.name,
+        passage.long_chunk,
+        passage.window_tokens,
+        passage.window_overlap,
+        WINDOWING,
+        paper.name,
+        chunk_size,
+        overlap,
+        max_chunks,
+    ] + (["head passage"] if head_passage else [])
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -290,7 +312,9 @@ class Indexer:
         self.gpus = max(self.gpu_of) + 1
         self.chunk_size, self.chunk_overlap, self.max_chunks = chunk_size, chunk_overlap, max_chunks
         self.papers_per_batch, self.group_seconds, self.tuning = papers_per_batch, group_seconds, tuning
-        self.fingerprint = settings_fingerprint(passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks, head_passage)
+        self.fingerprint = settings_fingerprint(
+            passage_encoder, paper_encoder, chunk_size, chunk_overlap, max_chunks, head_passage
+        )
         self.chunking = ChunkSpec(chunk_size, chunk_overlap, max_chunks, self.fingerprint, head_passage)
         self.layout = Layout(paper_encoder.dim, passage_encoder.dim, passage_encoder.multivector)
         self._write_lock = threading.Lock()
@@ -304,10 +328,14 @@ class Indexer:
         done = retry(self.store.committed, [p.paper_id for p in papers])
         # Only a paper indexed before needs its content hash here, to see whether it changed; the
         # tokenizer workers hash the others while they chunk them.
-        todo = [p for p in papers if force or p.paper_id not in done or done[p.paper_id] != p.content_hash(self.fingerprint)]
+        todo = [
+            p for p in papers if force or p.paper_id not in done or done[p.paper_id] != p.content_hash(self.fingerprint)
+        ]
         replace = [p.paper_id for p in todo if p.paper_id in done]
-        heads = [(p.title, p.abstract or " ".join((p.text or "").split(maxsplit=HEAD_FALLBACK_WORDS)[:HEAD_FALLBACK_WORDS]))
-                 for p in todo]
+        heads = [
+            (p.title, p.abstract or " ".join((p.text or "").split(maxsplit=HEAD_FALLBACK_WORDS)[:HEAD_FALLBACK_WORDS]))
+            for p in todo
+        ]
         head_ids = self.paper_encoder.tokenize_heads([t for t, _ in heads], [a for _, a in heads]) if todo else []
         return CommitGroup(todo, replace, head_ids)
 
@@ -316,11 +344,21 @@ class Indexer:
         """Content hashes, chunks and the chunks' token windows."""
         if g.papers:
             prepared = self.passage_encoder.windows.papers([p.model_dump() for p in g.papers], self.chunking)
-            g.hashes, g.chunks, g.capped, g.windows = prepared.hashes, prepared.chunks, prepared.capped, prepared.windows
+            g.hashes, g.chunks, g.capped, g.windows = (
+                prepared.hashes,
+                prepared.chunks,
+                prepared.capped,
+                prepared.windows,
+            )
 
     # stage 3: encode (GPU) -----------------------------------------------------------------------
-    def encode(self, g: CommitGroup, paper_encoder: PaperEncoder | None = None, passage_encoder: PassageEncoder | None = None,
-               cancel: threading.Event | None = None) -> None:
+    def encode(
+        self,
+        g: CommitGroup,
+        paper_encoder: PaperEncoder | None = None,
+        passage_encoder: PassageEncoder | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
         """Heads' and windows' vectors; once `cancel` is set no further batch starts (errors.Cancelled)."""
         if g.papers:
             g.paper_vecs = (paper_encoder or self.paper_encoder).encode_ids(g.head_ids, cancel=cancel)
@@ -341,9 +379,13 @@ class Indexer:
             entries, at = [], 0
             for p, cs in zip(g.papers, g.chunks):
                 if cs:
-                    entries.append(PaperChunks(PaperRef(p.paper_id, p.title, p.year, p.metadata()),
-                                               [ChunkText(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
-                                               g.chunk_vecs[at : at + len(cs)]))
+                    entries.append(
+                        PaperChunks(
+                            PaperRef(p.paper_id, p.title, p.year, p.metadata()),
+                            [ChunkText(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
+                            g.chunk_vecs[at : at + len(cs)],
+                        )
+                    )
                     at += len(cs)
             retry(self.store.upsert_chunks, entries)  # the store makes the points (see PaperChunks)
             paper_points = [
@@ -387,8 +429,13 @@ class IndexRun:
     tokenizer workers each), and the writer writes each once no earlier group it shares a paper with
     is left to write (`free`)."""
 
-    def __init__(self, indexer: Indexer, records: Iterable[PaperIn | BadRecord], force: bool,
-                 on_batch: Callable[[IndexStats], None] | None) -> None:
+    def __init__(
+        self,
+        indexer: Indexer,
+        records: Iterable[PaperIn | BadRecord],
+        force: bool,
+        on_batch: Callable[[IndexStats], None] | None,
+    ) -> None:
         self.ix, self.records, self.force, self.on_batch = indexer, records, force, on_batch
         self.stats = IndexStats()
         self.t0 = time.perf_counter()
@@ -400,8 +447,13 @@ class IndexRun:
         spread = ix.tuning.spread and ix.gpus > 1
         self.gpu_of = ix.gpu_of if spread else [0] * self.n_enc
         self.speed = GroupSpeed(ix.group_seconds, ix.papers_per_batch) if ix.group_seconds else None
-        self.groups = groups(self._good(), ix.papers_per_batch, ix.gpus if spread else 1, self.n_enc if spread else 1,
-                             self.speed.limit if self.speed else None)
+        self.groups = groups(
+            self._good(),
+            ix.papers_per_batch,
+            ix.gpus if spread else 1,
+            self.n_enc if spread else 1,
+            self.speed.limit if self.speed else None,
+        )
         self.n_prep = ix.passage_encoder.tokenize_lanes
         self.selected: queue.Queue = queue.Queue(maxsize=2)
         self.prepared = Handout(self.gpu_of, 2 * self.n_enc, self.stop, producers=self.n_prep)
@@ -553,9 +605,13 @@ class IndexRun:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
         threads = [threading.Thread(target=self.select_stage, daemon=True, name="select")]
-        threads += [threading.Thread(target=self.prepare_stage, daemon=True, name=f"prepare-{i}") for i in range(self.n_prep)]
-        threads += [threading.Thread(target=self.encode_stage, args=(self.gpu_of[i], *w), daemon=True, name=f"encode-{i}")
-                    for i, w in enumerate(self.ix.workers)]
+        threads += [
+            threading.Thread(target=self.prepare_stage, daemon=True, name=f"prepare-{i}") for i in range(self.n_prep)
+        ]
+        threads += [
+            threading.Thread(target=self.encode_stage, args=(self.gpu_of[i], *w), daemon=True, name=f"encode-{i}")
+            for i, w in enumerate(self.ix.workers)
+        ]
         writer = threading.Thread(target=self.write_stage, daemon=True, name="write")
         threads.append(writer)
         try:

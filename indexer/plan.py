@@ -52,7 +52,9 @@ class Hardware:
             kind = "cuda" if visible else "mps" if torch.backends.mps.is_available() else "cpu"
         else:
             kind = device.split(":")[0]
-        return cls(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, visible, kind)
+        return cls(
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, visible, kind
+        )
 
 
 @dataclass(frozen=True)

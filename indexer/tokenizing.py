@@ -147,8 +147,12 @@ class PreparedPapers:
     @classmethod
     def concat(cls, parts: Sequence[PreparedPapers], pad_id: int) -> PreparedPapers:
         windows = [p.windows for p in parts if p.windows is not None]
-        return cls([h for p in parts for h in p.hashes], [cs for p in parts for cs in p.chunks], sum(p.capped for p in parts),
-                   Windows.concat(windows, pad_id) if windows else None)
+        return cls(
+            [h for p in parts for h in p.hashes],
+            [cs for p in parts for cs in p.chunks],
+            sum(p.capped for p in parts),
+            Windows.concat(windows, pad_id) if windows else None,
+        )
 
 
 def _prepare(tok, papers: list[dict], chunking: ChunkSpec, spec: WindowSpec) -> PreparedPapers:
@@ -210,7 +214,9 @@ class _Workers:
 
     def __init__(self, n: int, tokenizer_json: str, spec: WindowSpec) -> None:
         # One process per core already: the tokenizer's own thread pool would only oversubscribe.
-        self.procs = [spawn("from indexer.tokenizing import _serve; _serve()", TOKENIZERS_PARALLELISM="false") for _ in range(n)]
+        self.procs = [
+            spawn("from indexer.tokenizing import _serve; _serve()", TOKENIZERS_PARALLELISM="false") for _ in range(n)
+        ]
         self._finalizer = weakref.finalize(self, stop, self.procs)
         for p in self.procs:
             send(p, (tokenizer_json, spec))
@@ -247,8 +253,15 @@ class WindowTokenizer:
     with one lane per GPU that indexes, each GPU's groups are prepared as fast as on one GPU.
     """
 
-    def __init__(self, tokenizer, spec: WindowSpec, workers: int = 0, min_texts_per_task: int = 32, min_chars_per_task: int = 20_000,
-                 lanes: int = 1) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        spec: WindowSpec,
+        workers: int = 0,
+        min_texts_per_task: int = 32,
+        min_chars_per_task: int = 20_000,
+        lanes: int = 1,
+    ) -> None:
         """`tokenizer`: a transformers fast tokenizer (its backend is copied, never shared).
         Requests are split over fewer workers than a lane has when a part would get fewer than
         `min_texts_per_task` texts, or papers with fewer than `min_chars_per_task` characters of body."""
@@ -343,4 +356,3 @@ class WindowTokenizer:
                 self._pool.close()
                 self._pool = None
                 self._free = queue.Queue()
-

@@ -26,8 +26,12 @@ def spawn(call: str, **env: str) -> subprocess.Popen:
     package importable and pipes on its stdin and stdout."""
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen([sys.executable, "-c", call], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": path, **env})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", call],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": path, **env},
+    )
     for pipe in (proc.stdin, proc.stdout):
         try:
             fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
