@@ -5,8 +5,8 @@ import os
 import re
 
 import pytest
-
 from conftest import make_paper, write_jsonl
+
 from indexer.cli import main
 
 
@@ -118,7 +118,11 @@ def test_migrate_to_server_is_resumable(env, papers_file, tmp_path, capsys, monk
     assert copied == {source.chunks: n_chunks, source.papers: 12}
     assert target.count(target.chunks) == n_chunks and target.count(target.papers) == 12
     assert target.layout() == source.layout()
-    hit = target.search(target.chunks, source.get_papers(["p0002"], with_vectors=True)["p0002"].vector[:1].repeat(target.layout().chunk_dim), 1)
+    hit = target.search(
+        target.chunks,
+        source.get_papers(["p0002"], with_vectors=True)["p0002"].vector[:1].repeat(target.layout().chunk_dim),
+        1,
+    )
     assert hit and hit[0].payload["text"]
     source.close()
 
@@ -138,7 +142,11 @@ def test_index_writes_the_chunk_shards_from_processes_of_their_own(env, papers_f
     assert code == 0, err
     assert made == [(2, True)]  # PAPERINDEX_EDGE_CHUNK_SHARDS' default, created by the writers
     code, out, _ = run(capsys, "stats", "--json")
-    assert code == 0 and json.loads(out)["chunks"] == json.loads(run(capsys, "index", str(papers_file), "-q", "--json", "--force")[1])["chunks"]
+    assert (
+        code == 0
+        and json.loads(out)["chunks"]
+        == json.loads(run(capsys, "index", str(papers_file), "-q", "--json", "--force")[1])["chunks"]
+    )
     assert made == [(2, True), (2, False)]  # the second run's writers open them
 
 
@@ -158,8 +166,13 @@ def test_output_cut_short_by_the_reader_ends_quietly(tmp_path):
         "cli.cmd_stats = flood\n"
         "sys.exit(cli.main(['stats']))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     assert proc.stdout.readline() == b"hit 0\n"
     proc.stdout.close()  # as `head -1` does
     err = proc.stderr.read().decode()
@@ -219,8 +232,14 @@ def interrupted_run(env: dict, path, fast: int, device: str) -> tuple[int, str, 
     from reliability_support import EVERY_BATCH, ROOT
 
     env = env | EVERY_BATCH | {"PAPERINDEX_DEVICE": device}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_INDEX, str(fast), str(path)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_INDEX, str(fast), str(path)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     err, t_end = b"", time.monotonic() + 300
     while time.monotonic() < t_end:
         err += proc.stderr.read1(4096)
@@ -259,8 +278,14 @@ def test_ctrl_c_answers_at_once_keeps_what_is_encoded_and_the_rerun_says_so(sett
         assert 3 <= kept == store.count(store.papers) < 12
     finally:
         store.close()
-    done = subprocess.run([sys.executable, "-m", "indexer.cli", "index", str(path)], env=env | {"PAPERINDEX_DEVICE": device},
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "indexer.cli", "index", str(path)],
+        env=env | {"PAPERINDEX_DEVICE": device},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and f"{kept} already indexed" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
@@ -345,7 +370,10 @@ def test_scores_are_labelled_and_paper_scores_are_distances(env, papers_file, ca
     hits = json.loads(out)["hits"]
     store = EdgeStore(env.qdrant_path)
     try:
-        vecs = {k: v.vector for k, v in store.get_papers(["p0001", *(h["paper_id"] for h in hits)], with_vectors=True).items()}
+        vecs = {
+            k: v.vector
+            for k, v in store.get_papers(["p0001", *(h["paper_id"] for h in hits)], with_vectors=True).items()
+        }
     finally:
         store.close()
     distances = [float(np.linalg.norm(vecs["p0001"] - vecs[h["paper_id"]])) for h in hits]
@@ -407,8 +435,11 @@ def test_every_missing_model_is_named_with_its_setting_at_once(env, monkeypatch,
     code, _, err = run(capsys, "index", str(papers_file), "-q")
     assert code == 1 and time.perf_counter() - t < 5 and loads == []
     assert "3 model(s) cannot be loaded" in err and "Traceback" not in err
-    for setting, name in [("PASSAGE_MODEL", "/no/such/model"), ("PAPER_MODEL", "nobody/not-cached-base"),
-                          ("PAPER_ADAPTER", "nobody/not-cached-adapter")]:
+    for setting, name in [
+        ("PASSAGE_MODEL", "/no/such/model"),
+        ("PAPER_MODEL", "nobody/not-cached-base"),
+        ("PAPER_ADAPTER", "nobody/not-cached-adapter"),
+    ]:
         assert f"{name!r} (PAPERINDEX_{setting})" in err
     assert "HF_HUB_OFFLINE is set" in err
 
@@ -432,8 +463,9 @@ def test_an_unreachable_hub_fails_fast_and_turns_loading_offline(monkeypatch, ti
     hub.check_models(hub.model_refs(s, paper=True, passage=True, reranker=True))  # all local directories: fine
 
 
-def test_building_the_index_reports_its_progress_and_the_summary_gives_time_to_searchable(env, papers_file, capsys,
-                                                                                         monkeypatch):
+def test_building_the_index_reports_its_progress_and_the_summary_gives_time_to_searchable(
+    env, papers_file, capsys, monkeypatch
+):
     """`index` shows the build (finish_bulk) as a phase of its own, a shard at a time, and its summary says
     when the index became searchable (the build included)."""
     from indexer.store.edge import EdgeStore

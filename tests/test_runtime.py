@@ -35,8 +35,15 @@ class FakeEncoder:
     ],
 )
 def test_replicas_follow_the_gpu_settings(monkeypatch, device, gpus, per_gpu, visible, papers, passages):
-    paper, passage = FakeEncoder(device if device.startswith("cuda:") else "cuda:0"), FakeEncoder(device if device.startswith("cuda:") else "cuda:0")
-    pairs = gpu_replicas(make_plan(Settings(device=device, gpus=gpus, encoders_per_gpu=per_gpu), hardware(device, visible=visible)), paper, passage)
+    paper, passage = (
+        FakeEncoder(device if device.startswith("cuda:") else "cuda:0"),
+        FakeEncoder(device if device.startswith("cuda:") else "cuda:0"),
+    )
+    pairs = gpu_replicas(
+        make_plan(Settings(device=device, gpus=gpus, encoders_per_gpu=per_gpu), hardware(device, visible=visible)),
+        paper,
+        passage,
+    )
     assert paper.made == papers
     assert [str(q.device) for _, q in pairs] == passages
     assert all(p.device == q.device for p, q in pairs)
@@ -116,7 +123,12 @@ def test_tokenizer_lanes_follow_the_gpus_that_index(device, cores, gpus, visible
     ],
 )
 def test_papers_per_group_follow_the_gpus_that_index(device, gpus, visible, setting, papers):
-    assert make_plan(Settings(device=device, gpus=gpus, papers_per_batch=setting), hardware(device, visible=visible)).group_papers == papers
+    assert (
+        make_plan(
+            Settings(device=device, gpus=gpus, papers_per_batch=setting), hardware(device, visible=visible)
+        ).group_papers
+        == papers
+    )
 
 
 @pytest.mark.parametrize(
