@@ -288,11 +288,11 @@ def _papers_out(res, header: str) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Passage, grouped or paper search; `--json` prints what GET /search (or /search/papers) answers."""
-    from .runtime import query_searcher
-
     s = _settings(args)
     store = _open_index(s)
     try:
+        from .runtime import query_searcher  # torch and the models' code: only once the index holds papers
+
         check_models(model_refs(s, paper=args.papers, passage=not args.papers, reranker=args.rerank))
         searcher = query_searcher(s, store, passages=not args.papers, papers=args.papers, reranker=args.rerank)
         flt = _filter(args)
@@ -837,9 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
     logging.getLogger("adapters").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    # read by transformers when a command imports it: commands that load no model never do
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from .errors import PaperIndexError
 
     t0 = time.perf_counter()
