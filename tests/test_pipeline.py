@@ -26,7 +26,12 @@ def papers(*specs):
 
 
 def chunk_ids(store, pid):
-    return sorted(int(h.payload["chunk_index"]) for h in store.search(store.chunks, np.ones(store_dim(store), dtype=np.float32), 1000, SearchFilter(paper_ids=[pid])))
+    return sorted(
+        int(h.payload["chunk_index"])
+        for h in store.search(
+            store.chunks, np.ones(store_dim(store), dtype=np.float32), 1000, SearchFilter(paper_ids=[pid])
+        )
+    )
 
 
 def store_dim(store):
@@ -35,12 +40,16 @@ def store_dim(store):
 
 def test_chunk_points_match_the_chunking(rt):
     stats = rt.indexer.index(papers((0, 300), (1, 0), (2, 120)))
-    # chunk_words=120, overlap 20: 300 words -> 3 chunks; no body -> 0; 120 -> 1
-    assert stats.papers_indexed == 3 and stats.chunks == 4
-    assert chunk_ids(rt.store, "p0000") == [0, 1, 2] and chunk_ids(rt.store, "p0001") == [] and chunk_ids(rt.store, "p0002") == [0]
-    hit = rt.store.search(rt.store.chunks, np.ones(store_dim(rt.store), dtype=np.float32), 1, SearchFilter(paper_ids=["p0000"]))[0]
+    # chunk_words=120, overlap 20: 300 words -> 3 chunks; no body -> 0; 120 -> 1; and each paper's head (-1)
+    assert stats.papers_indexed == 3 and stats.chunks == 4 + 3
+    assert chunk_ids(rt.store, "p0000") == [-1, 0, 1, 2] and chunk_ids(rt.store, "p0002") == [-1, 0]
+    assert chunk_ids(rt.store, "p0001") == [-1]  # a paper without a body is found by its title and abstract
+    hit = rt.store.search(
+        rt.store.chunks, np.ones(store_dim(rt.store), dtype=np.float32), 1, SearchFilter(paper_ids=["p0000"])
+    )[0]
     meta = hit.payload["metadata"]
-    assert (meta["word_start"], meta["word_end"]) == {0: (0, 120), 1: (100, 220), 2: (200, 300)}[meta["chunk_index"]]
+    spans = {-1: (0, 0), 0: (0, 120), 1: (100, 220), 2: (200, 300)}
+    assert (meta["word_start"], meta["word_end"]) == spans[meta["chunk_index"]]
     assert meta["authors"] == ["Author 0"] and meta["title"].endswith("study 0") and hit.payload["year"] == 1990
 
 
@@ -50,16 +59,27 @@ def test_papers_prepared_in_worker_processes_give_the_same_points(settings):
     specs = [(i, w) for i, w in enumerate([300, 0, 520, 120, 90, 700, 260, 410, 30, 350, 220, 600])]
     runs = []
     for workers in (0, 3):
-        r = build(settings.model_copy(update={"tokenizer_workers": workers, "qdrant_path": settings.qdrant_path / str(workers)}), reranker=False)
+        r = build(
+            settings.model_copy(
+                update={"tokenizer_workers": workers, "qdrant_path": settings.qdrant_path / str(workers)}
+            ),
+            reranker=False,
+        )
         try:
             r.indexer.passage_encoder.windows.min_chars_per_task = 1
             stats = r.indexer.index(papers(*specs))
             assert r.indexer.index(papers(*specs)).papers_unchanged == len(specs)
             got = r.store.get_papers([f"p{i:04d}" for i, _ in specs], with_vectors=True)
             hits = r.store.search(r.store.chunks, np.ones(store_dim(r.store), dtype=np.float32), 1000)
-            runs.append((stats.chunks, stats.windows, {k: (v.payload["content_hash"], v.payload["n_chunks"]) for k, v in got.items()},
-                         {(h.payload["paper_id"], h.payload["chunk_index"]): (h.payload["text"], h.score) for h in hits},
-                         r.indexer.passage_encoder.windows._pool is not None))
+            runs.append(
+                (
+                    stats.chunks,
+                    stats.windows,
+                    {k: (v.payload["content_hash"], v.payload["n_chunks"]) for k, v in got.items()},
+                    {(h.payload["paper_id"], h.payload["chunk_index"]): (h.payload["text"], h.score) for h in hits},
+                    r.indexer.passage_encoder.windows._pool is not None,
+                )
+            )
         finally:
             r.close()
     (chunks0, windows0, papers0, hits0, pool0), (chunks3, windows3, papers3, hits3, pool3) = runs
@@ -72,15 +92,15 @@ def test_papers_prepared_in_worker_processes_give_the_same_points(settings):
 
 def test_reindex_replaces_exactly_no_orphans_no_duplicates(rt):
     rt.indexer.index(papers((0, 500), (1, 200)))
-    assert chunk_ids(rt.store, "p0000") == [0, 1, 2, 3, 4]
+    assert chunk_ids(rt.store, "p0000") == [-1, 0, 1, 2, 3, 4]
     before = rt.store.count(rt.store.chunks)
     again = rt.indexer.index(papers((0, 500), (1, 200)))
     assert again.papers_unchanged == 2 and again.papers_indexed == 0 and rt.store.count(rt.store.chunks) == before
     shorter = rt.indexer.index(papers((0, 150)))  # the paper got shorter: its tail chunks must go
     assert shorter.papers_indexed == 1
-    assert chunk_ids(rt.store, "p0000") == [0, 1]
-    assert rt.store.count(rt.store.papers) == 2 and rt.store.get_papers(["p0000"])["p0000"].payload["n_chunks"] == 2
-    assert chunk_ids(rt.store, "p0001") == [0, 1]  # the other paper untouched
+    assert chunk_ids(rt.store, "p0000") == [-1, 0, 1]
+    assert rt.store.count(rt.store.papers) == 2 and rt.store.get_papers(["p0000"])["p0000"].payload["n_chunks"] == 3
+    assert chunk_ids(rt.store, "p0001") == [-1, 0, 1]  # the other paper untouched
 
 
 def test_paper_without_abstract_uses_the_first_words_of_its_body(rt):
@@ -101,7 +121,7 @@ def test_max_chunks_cap_is_counted(settings):
     r = build(settings.model_copy(update={"max_chunks_per_paper": 2}), reranker=False)
     try:
         stats = r.indexer.index(papers((0, 1000), (1, 100)))
-        assert stats.papers_capped == 1 and chunk_ids(r.store, "p0000") == [0, 1]
+        assert stats.papers_capped == 1 and chunk_ids(r.store, "p0000") == [-1, 0, 1]  # the head besides the cap
     finally:
         r.close()
 
@@ -113,7 +133,7 @@ def test_settings_change_reindexes(settings, tmp_path):
     r2 = build(settings.model_copy(update={"chunk_words": 200, "chunk_overlap": 10}), reranker=False)
     try:
         stats = r2.indexer.index(papers((0, 300)))
-        assert stats.papers_indexed == 1 and chunk_ids(r2.store, "p0000") == [0, 1]
+        assert stats.papers_indexed == 1 and chunk_ids(r2.store, "p0000") == [-1, 0, 1]
     finally:
         r2.close()
 
@@ -123,11 +143,11 @@ def test_bad_records_are_reported_with_file_and_line_and_skipped(tmp_path):
     path.write_bytes(
         b'{"paper_id": "ok1", "title": "fine"}\n'
         b'{"title": "no id"}\n'
-        b'\n'
+        b"\n"
         b'{"paper_id": "x", "title": "t", "year": "soon"}\n'
         b'{"paper_id": "ok1", "title": "again"}\n'
         b'{"paper_id": "bin", "title": "caf\xe9"}\n'
-        b'[1, 2]\n'
+        b"[1, 2]\n"
         b'{"paper_id": "ok2", "title": "fine too", "authors": "not a list"}\n'
         b'{"paper_id": "ok3", "title": "fine", "doi": "10.1/x"}\n'
     )
@@ -213,7 +233,8 @@ def test_resume_after_kill_9_ends_with_exactly_the_right_points(settings, tmp_pa
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["papers_unchanged"] == interrupted_at and summary["papers_indexed"] == n - interrupted_at
 
-    expected = {f"p{i:04d}": len(chunk_words(make_paper(i, words=words(i))["text"], 120, 20)) for i in range(n)}
+    # each paper's chunks and its head (chunk -1)
+    expected = {f"p{i:04d}": 1 + len(chunk_words(make_paper(i, words=words(i))["text"], 120, 20)) for i in range(n)}
     s = EdgeStore(settings.qdrant_path)
     try:
         assert s.count(s.papers) == n and s.count(s.chunks) == sum(expected.values())
@@ -223,7 +244,7 @@ def test_resume_after_kill_9_ends_with_exactly_the_right_points(settings, tmp_pa
                 key = (p.payload["paper_id"], p.payload["chunk_index"])
                 assert key not in seen and p.id == chunk_point_id(*key)
                 seen.add(key)
-        assert seen == {(pid, c) for pid, k in expected.items() for c in range(k)}
+        assert seen == {(pid, c) for pid, k in expected.items() for c in range(-1, k - 1)}
         assert {pid: p.payload["n_chunks"] for pid, p in s.get_papers(list(expected)).items()} == expected
     finally:
         s.close()
@@ -260,17 +281,28 @@ def test_first_and_last_groups_are_small_so_the_gpu_starts_early_and_the_run_end
     import indexer.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
-    r = build(settings.model_copy(update={"papers_per_batch": 8}), reranker=False, store=ClientStore(location=":memory:"))
+    r = build(
+        settings.model_copy(update={"papers_per_batch": 8}), reranker=False, store=ClientStore(location=":memory:")
+    )
     try:
         groups = {}
         for n in (21, 14, 15):
             done = []
-            stats = r.indexer.index(papers(*[(i, 30) for i in range(n)]), force=True, on_batch=lambda s: done.append(s.papers_indexed))
+            stats = r.indexer.index(
+                papers(*[(i, 30) for i in range(n)]), force=True, on_batch=lambda s: done.append(s.papers_indexed)
+            )
             assert stats.papers_indexed == n
             groups[n] = np.diff([0, *done]).tolist()
     finally:
         r.close()
-    assert groups[21] == [2, 3, 4, 6, 3, 3]  # 2, then 1.5 times the last, then the 6 left in halves down to 2 × FIRST_PAPERS
+    assert groups[21] == [
+        2,
+        3,
+        4,
+        6,
+        3,
+        3,
+    ]  # 2, then 1.5 times the last, then the 6 left in halves down to 2 × FIRST_PAPERS
     assert groups[14] == [2, 3, 4, 2, 3]  # the input ends within a group: what is left is cut in halves too
     assert groups[15] == [2, 3, 4, 3, 3]  # it ends with a full group: that one is cut in halves too
 
@@ -282,7 +314,9 @@ def test_each_group_is_flushed_once_written(settings):
     r.store.flush = lambda: (flushed.append(True), flush())[1]
     try:
         at_batch = []
-        r.indexer.index(papers(*[(i, 30) for i in range(5)]), on_batch=lambda s: at_batch.append((s.papers_indexed, len(flushed))))
+        r.indexer.index(
+            papers(*[(i, 30) for i in range(5)]), on_batch=lambda s: at_batch.append((s.papers_indexed, len(flushed)))
+        )
     finally:
         r.close()
     # groups of 2, 2, 1 (FIRST_PAPERS is more than 2): every group flushed before it is reported
@@ -319,13 +353,15 @@ def test_a_group_waits_only_for_earlier_groups_with_one_of_its_papers(settings, 
         r.indexer.prepare, r.indexer.write = prepare, write
         second = PaperIn(**{**make_paper(0 if twice else 3, words=60), "title": "the newer version"})
         done = []
-        stats = r.indexer.index([*papers((0, 200), (1, 150)), second, *papers((2, 90))], on_batch=lambda s: done.append(s.papers_indexed))
+        stats = r.indexer.index(
+            [*papers((0, 200), (1, 150)), second, *papers((2, 90))], on_batch=lambda s: done.append(s.papers_indexed)
+        )
         first_id, second_ids = ["p0000", "p0001"], [second.paper_id, "p0002"]
         assert written == ([first_id, second_ids] if twice else [second_ids, first_id])
         assert stats.papers_indexed == 4 and done == [2, 4]
         got = r.store.get_papers(["p0000", "p0001", "p0002", "p0003"])
         assert got[second.paper_id].payload["title"] == "the newer version" and len(got) == (3 if twice else 4)
-        assert chunk_ids(r.store, second.paper_id) == [0] and chunk_ids(r.store, "p0001") == [0, 1]
+        assert chunk_ids(r.store, second.paper_id) == [-1, 0] and chunk_ids(r.store, "p0001") == [-1, 0, 1]
     finally:
         r.close()
 
@@ -417,7 +453,15 @@ def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     pairs = [(paper_enc, on(d, passage_enc)) for d in ("cuda", "cuda:0", "cuda:1", "cuda:1", "cuda:2", "cuda:2")]
     docs = [PaperIn(**make_paper(i, words=60 + 37 * (i % 7))) for i in range(40)]
-    idx = Indexer(EdgeStore(tmp_path / "three"), pairs[0][0], pairs[0][1], chunk_size=120, chunk_overlap=20, papers_per_batch=8, replicas=pairs[1:])
+    idx = Indexer(
+        EdgeStore(tmp_path / "three"),
+        pairs[0][0],
+        pairs[0][1],
+        chunk_size=120,
+        chunk_overlap=20,
+        papers_per_batch=8,
+        replicas=pairs[1:],
+    )
     assert idx.gpus == 3 and idx.gpu_of == [0, 0, 1, 1, 2, 2]
     stats = idx.index(docs)
     assert sorted(taken[:3]) == sorted(taken[3:6]) == [0, 1, 2]  # one group per GPU, then one more each
