@@ -79,12 +79,13 @@ class Settings(BaseSettings):
         "one here)",
     )
 
-    # Search: dense (the models' vectors), lexical (BM25 in the engine) or hybrid (both, fused).
-    search_mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
+    # Search: dense (the models' vectors), lexical (BM25 in the engine) or hybrid (both, fused). Dense and
+    # DBSF: the best nDCG@10 of `paperindex eval` on both sets (docs/retrieval-quality.md, "Search modes").
+    search_mode: Literal["hybrid", "dense", "lexical"] = "dense"
     search_prefetch: int = Field(
         200, ge=1, le=10000, description="chunks the pooled vector finds for MaxSim to rescore"
     )
-    search_fusion: Literal["rrf", "dbsf"] = "rrf"
+    search_fusion: Literal["rrf", "dbsf"] = "dbsf"
     # On by default: grouped search then finds a paper by its abstract too, and a paper without a body at all
     # (nDCG@10 0.903 against 0.890 for the body's windows alone, dense; #28).
     head_passage: bool = Field(

@@ -88,9 +88,9 @@ class Searcher:
         passage_encoder: PassageEncoder | None,
         paper_encoder: PaperEncoder | None,
         reranker: Reranker | None = None,
-        mode: SearchMode = "hybrid",
+        mode: SearchMode = "dense",
         prefetch: int = DEFAULT_PREFETCH,
-        fusion: FusionMethod = "rrf",
+        fusion: FusionMethod = "dbsf",
     ) -> None:
         self.store = store
         self.passage_encoder = passage_encoder

@@ -89,7 +89,7 @@ def test_search_read_in_context_follow_similar_and_see_errors(base_url, browser)
     expect(page.locator("#summary")).to_contain_text("12 papers")
     expect(page.locator("#summary")).to_contain_text("store: server")
     modes = page.locator("select[name=mode] option").all_inner_texts()
-    assert modes == ["hybrid (default)", "hybrid", "dense", "lexical"]
+    assert modes == ["dense (default)", "hybrid", "dense", "lexical"]
 
     # a grouped search, submitted with Enter; its options land in the URL
     page.fill("#q", QUERY)
@@ -147,7 +147,7 @@ def test_search_read_in_context_follow_similar_and_see_errors(base_url, browser)
 
     # back to the passages
     page.go_back()
-    expect(page.locator("#results-title")).to_contain_text(f"5 papers for “{QUERY}” (hybrid)")
+    expect(page.locator("#results-title")).to_contain_text(f"5 papers for “{QUERY}” (dense)")
 
     # lexical mode: every passage shown holds a query word, marked
     page.select_option("select[name=mode]", "lexical")
