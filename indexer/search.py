@@ -112,8 +112,10 @@ class Searcher:
         rerank: bool = False,
         candidates: int = 50,
         mode: SearchMode | None = None,
+        match: bool = True,
     ) -> list[Passage]:
-        """Top-k passages; with rerank, the top `candidates` are rescored by the cross-encoder, then cut to k."""
+        """Top-k passages; with rerank, the top `candidates` are rescored by the cross-encoder, then cut to k.
+        `match`: find each hit's best window (`Passage.match`), about a millisecond a hit."""
         q = self._query(self.passage_encoder, query, mode)
         hits = [
             Passage.from_hit(h)
@@ -121,7 +123,8 @@ class Searcher:
         ]
         if rerank:
             hits = self._rerank(query, hits)
-        self._match(query, q.vector, hits[:k])
+        if match:
+            self._match(query, q.vector, hits[:k])
         return hits[:k]
 
     def grouped(
@@ -133,8 +136,10 @@ class Searcher:
         rerank: bool = False,
         candidates: int = 50,
         mode: SearchMode | None = None,
+        match: bool = True,
     ) -> list[PaperGroup]:
-        """Top-k papers by their best passages, each paper once with up to `group_size` passages."""
+        """Top-k papers by their best passages, each paper once with up to `group_size` passages (`match`:
+        as for `passages`)."""
         q = self._query(self.passage_encoder, query, mode)
         groups: list[Group] = self.store.search_groups(
             q, max(k, candidates // group_size) if rerank else k, group_size, flt
@@ -153,7 +158,8 @@ class Searcher:
                 g.passages.sort(key=lambda p: -(p.rerank_score or 0.0))
                 g.score = best[g.paper_id]
             out.sort(key=lambda g: -g.score)
-        self._match(query, q.vector, [p for g in out[:k] for p in g.passages])
+        if match:
+            self._match(query, q.vector, [p for g in out[:k] for p in g.passages])
         return out[:k]
 
     def _query(self, encoder: PassageEncoder | PaperEncoder, text: str, mode: SearchMode | None) -> SearchQuery:

@@ -134,3 +134,27 @@ def test_snippet_shows_the_matched_words():
     assert p.snippet(8) == "…w40 w41…"
     p.match = Match(2, 90, 100)
     assert p.snippet(1000).endswith("w99") and p.snippet(1000).startswith("…w90")
+
+
+def test_match_false_leaves_hits_without_a_match(tmp_path, encoders):
+    """Ranking-only callers (`paperindex eval`) skip the best-window work."""
+    from conftest import make_paper
+
+    from indexer.papers import validate
+    from indexer.pipeline import Indexer
+    from indexer.search import Searcher
+    from indexer.store import EdgeStore
+
+    paper_enc, passage = encoders
+    store = EdgeStore(tmp_path / "index")
+    try:
+        Indexer(store, paper_enc, passage, chunk_size=120, chunk_overlap=20).index(
+            [validate(make_paper(i, words=300), "test", i + 1) for i in range(3)]
+        )
+        searcher = Searcher(store, passage, paper_enc)
+        assert all(h.match is None for h in searcher.passages("galaxy star", k=4, match=False))
+        groups = searcher.grouped("galaxy star", k=2, match=False)
+        assert groups and all(p.match is None for g in groups for p in g.passages)
+        assert all(h.match is not None for h in searcher.passages("galaxy star", k=4))
+    finally:
+        store.close()

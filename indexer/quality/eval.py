@@ -247,14 +247,16 @@ def evaluate(
 
     for mode in modes:
         def search(q: str, mode: str = mode) -> list[tuple[str, float]]:
-            return [(g.paper_id, g.score) for g in setup.searcher.grouped(q, k=k, group_size=1, mode=mode)]
+            groups = setup.searcher.grouped(q, k=k, group_size=1, mode=mode, match=False)  # ranking only
+            return [(g.paper_id, g.score) for g in groups]
 
         run, secs = run_queries(search, data.queries, on_query)
         report[mode] = score_run(run, data.qrels) | {"latency_ms": latency_summary(secs)}
     report["best_mode"] = max(modes, key=lambda m: report[m]["ndcg@10"])
     if rerank:
         def reranked(q: str) -> list[tuple[str, float]]:
-            return [(g.paper_id, g.score) for g in setup.searcher.grouped(q, k=k, group_size=1, rerank=True, candidates=candidates)]
+            groups = setup.searcher.grouped(q, k=k, group_size=1, rerank=True, candidates=candidates, match=False)
+            return [(g.paper_id, g.score) for g in groups]
 
         run, secs = run_queries(reranked, data.queries, on_query)
         report["rerank"] = score_run(run, data.qrels) | {"candidates": candidates, "latency_ms": latency_summary(secs)}
