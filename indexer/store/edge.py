@@ -243,7 +243,7 @@ class EdgeStore(Store):
                 "finish_bulk runs after parallel_writes: the chunk shards are being written by their own processes"
             )
         specs = self._specs(layout)
-        parts, done = sum(len(self._shard_list(name)) for name in specs), 0
+        parts, done = len(specs) - 1 + self.chunk_shards, 0  # counted, not opened: a shard opens once, as restored
         for name, spec in specs.items():
             if self.hnsw_m(name) != self.options.hnsw_m:
                 # only m changes: the vectors keep the quantization and placement they were created with
