@@ -335,9 +335,10 @@ def old_index(store):
             )
         return store
     from indexer.store.schema import vector_names
-    from indexer.store.shard import create_shard, edge_points
+    from indexer.store.shard import create_shard, edge_points, shard_specs
 
-    for (name, spec), names, points in zip(store._specs(old).items(), reversed(vector_names(old)), (chunks, papers)):
+    specs = shard_specs(old, store.options, store.papers, store.chunks)
+    for (name, spec), names, points in zip(specs.items(), reversed(vector_names(old)), (chunks, papers)):
         for i, d in enumerate(store._dirs(name, store.options.chunk_shards if name == store.chunks else 1)):
             shard = create_shard(store.qe, d, spec)
             mine = [

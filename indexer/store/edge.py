@@ -30,12 +30,9 @@ from .base import (
     group_hits,
 )
 from .schema import (
-    CHUNK_INDEXES,
     OLD_INDEX,
-    PAPER_INDEXES,
     PAPER_VECTOR,
     PASSAGE_VECTOR,
-    SPARSE_VECTOR,
     VectorNames,
     check_query,
     chunk_point_id,
@@ -55,7 +52,10 @@ from .shard import (
     edge_points,
     load_shard,
     paper_filter,
+    read_layout,
+    scroll_shards,
     search_shards,
+    shard_specs,
 )
 from .writers import ShardWriters
 
@@ -119,16 +119,7 @@ class EdgeStore(Store):
             return None
         if self._writers is not None and self._writers.creates:
             self._writers.wait(self._writers.opened)  # the shards' configs are on disk once their creators answered
-        paper_cfg = json.loads((self.path / self.papers / "edge_config.json").read_text())
-        chunk_cfg = json.loads((self.path / self.chunks / "edge_config.json").read_text())
-        passage = chunk_cfg["vectors"][PASSAGE_VECTOR]
-        schema = SCHEMA if SPARSE_VECTOR in (chunk_cfg.get("sparse_vectors") or {}) else 1
-        self._layout = Layout(
-            int(paper_cfg["vectors"][PAPER_VECTOR]["size"]),
-            int(passage["size"]),
-            passage.get("multivector_config") is not None,
-            schema,
-        )
+        self._layout = read_layout(self.path / self.papers, self.path / self.chunks)
         return self._layout
 
     def _names(self) -> tuple[VectorNames, VectorNames]:
@@ -137,36 +128,6 @@ class EdgeStore(Store):
         if layout is None:
             raise StoreError(f"no index at {self.path} yet: index some papers first")
         return vector_names(layout)
-
-    def _specs(self, layout: Layout) -> dict[str, ShardSpec]:
-        """What each collection's new shards are created with, chunks first."""
-        o = self.options
-        m = 0 if o.bulk_load else o.hnsw_m
-        paper_names, chunk_names = vector_names(layout)
-        return {
-            self.chunks: ShardSpec(
-                chunk_names,
-                layout.chunk_dim,
-                "Dot",
-                layout.multivector,
-                m,
-                o.hnsw_ef_construct,
-                o.quantization,
-                o.vectors_on_disk,
-                CHUNK_INDEXES,
-            ),
-            self.papers: ShardSpec(
-                paper_names,
-                layout.paper_dim,
-                "Euclid",
-                False,
-                m,
-                o.hnsw_ef_construct,
-                o.quantization,
-                o.vectors_on_disk,
-                PAPER_INDEXES,
-            ),
-        }
 
     def create(self, layout: Layout) -> None:
         """Create the collections that do not exist. Inside `parallel_writes`, a new chunks
@@ -184,7 +145,7 @@ class EdgeStore(Store):
             return
         if layout.schema != SCHEMA:
             raise StoreError(f"new collections are made as index schema {SCHEMA}, not {layout.schema}")
-        for name, spec in self._specs(layout).items():
+        for name, spec in shard_specs(layout, self.options, self.papers, self.chunks).items():
             if self._exists(name):
                 continue
             dirs = self._dirs(name, self.options.chunk_shards if name == self.chunks else 1)
@@ -242,7 +203,7 @@ class EdgeStore(Store):
             raise StoreError(
                 "finish_bulk runs after parallel_writes: the chunk shards are being written by their own processes"
             )
-        specs = self._specs(layout)
+        specs = shard_specs(layout, self.options, self.papers, self.chunks)
         parts, done = len(specs) - 1 + self.chunk_shards, 0  # counted, not opened: a shard opens once, as restored
         for name, spec in specs.items():
             if self.hnsw_m(name) != self.options.hnsw_m:
@@ -491,32 +452,9 @@ class EdgeStore(Store):
     ) -> Iterator[tuple[list[Point], str | None]]:
         if not self._exists(collection):
             return
-        shards = self._shard_list(collection)
         vname = PAPER_VECTOR if collection == self.papers else PASSAGE_VECTOR
-        # One shard: its own offsets. Several: "<shard>:<offset within it>".
-        at, inner = 0, offset
-        if len(shards) > 1 and offset is not None:
-            head, _, rest = offset.partition(":")
-            at, inner = int(head), rest or None
-        while at < len(shards):
-            recs: list = []
-            while at < len(shards) and len(recs) < batch:  # a page runs on into the next shard
-                got, nxt = shards[at].scroll(
-                    self.qe.ScrollRequest(
-                        offset=inner,
-                        limit=batch - len(recs),
-                        with_payload=True,
-                        with_vector=[vname] if with_vectors else False,
-                    )
-                )
-                recs += got
-                inner = None if nxt is None else str(nxt)
-                if inner is None:
-                    at += 1
-            out = None if at == len(shards) else inner if len(shards) == 1 else f"{at}:{inner or ''}"
+        for recs, out in scroll_shards(self.qe, self._shard_list(collection), vname, batch, with_vectors, offset):
             yield record_points(recs, vname, with_vectors), out
-            if out is None:
-                return
 
     def ping(self) -> None:
         for shards in self._shards.values():

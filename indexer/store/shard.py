@@ -1,20 +1,27 @@
-"""One Qdrant Edge shard: what it is created with, creating and opening it. Used by the embedded
-store (edge.py) and by its chunk shards' writer processes (writers.py)."""
+"""Qdrant Edge shards: what one is created with (and what an index's layout is, read back from its
+config), creating and opening it, and queries and paging over a collection's shards. Used by the
+embedded store (edge.py) and by its chunk shards' writer processes (writers.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .base import Hit, Point, SearchQuery
+from .base import SCHEMA, Hit, Layout, Point, SearchQuery, StoreOptions
 from .schema import (
+    CHUNK_INDEXES,
     INTEGER_KEYS,
+    PAPER_INDEXES,
+    PAPER_VECTOR,
+    PASSAGE_VECTOR,
     RRF_K,
+    SPARSE_VECTOR,
     FilterModels,
     SearchFilter,
     VectorNames,
@@ -24,6 +31,7 @@ from .schema import (
     make_filter,
     named_vectors,
     query_value,
+    vector_names,
 )
 
 # How long a process opening a shard waits for another to let go of it (see load_shard).
@@ -44,6 +52,32 @@ class ShardSpec:
     quantization: str  # "none" | "int8"
     on_disk: bool
     indexes: tuple[str, ...]  # payload keys indexed; INTEGER_KEYS as integers
+
+
+def shard_specs(layout: Layout, o: StoreOptions, papers: str, chunks: str) -> dict[str, ShardSpec]:
+    """What each collection's new shards are created with, chunks first."""
+    m = 0 if o.bulk_load else o.hnsw_m
+    paper_names, chunk_names = vector_names(layout)
+    common = dict(ef_construct=o.hnsw_ef_construct, quantization=o.quantization, on_disk=o.vectors_on_disk, m=m)
+    return {
+        chunks: ShardSpec(chunk_names, layout.chunk_dim, "Dot", layout.multivector, indexes=CHUNK_INDEXES, **common),
+        papers: ShardSpec(paper_names, layout.paper_dim, "Euclid", False, indexes=PAPER_INDEXES, **common),
+    }
+
+
+def read_layout(papers: Path, chunks: Path) -> Layout:
+    """The layout of an index from its collections' (first shards') configs; schema 1 where the
+    chunks have no BM25 vector (made before lexical search)."""
+    paper_cfg = json.loads((papers / "edge_config.json").read_text())
+    chunk_cfg = json.loads((chunks / "edge_config.json").read_text())
+    passage = chunk_cfg["vectors"][PASSAGE_VECTOR]
+    schema = SCHEMA if SPARSE_VECTOR in (chunk_cfg.get("sparse_vectors") or {}) else 1
+    return Layout(
+        int(paper_cfg["vectors"][PAPER_VECTOR]["size"]),
+        int(passage["size"]),
+        passage.get("multivector_config") is not None,
+        schema,
+    )
 
 
 def edge_filters(qe) -> FilterModels:
@@ -171,3 +205,34 @@ def _query(shards: list, request, limit: int) -> list[Hit]:
     """A request on each shard, merged (several shards: chunks, whose scores are higher-better)."""
     hits = [Hit(str(p.id), float(p.score), dict(p.payload or {})) for shard in shards for p in shard.query(request)]
     return sorted(hits, key=lambda h: -h.score)[:limit] if len(shards) > 1 else hits
+
+
+def scroll_shards(
+    qe, shards: list, vname: str, batch: int, with_vectors: bool, offset: str | None
+) -> Iterator[tuple[list, str | None]]:
+    """Pages of records over a collection's shards, each with the offset of the next page (None: the
+    last). One shard: its own offsets; several: "<shard>:<offset within it>", a page running on into
+    the next shard."""
+    at, inner = 0, offset
+    if len(shards) > 1 and offset is not None:
+        head, _, rest = offset.partition(":")
+        at, inner = int(head), rest or None
+    while at < len(shards):
+        recs: list = []
+        while at < len(shards) and len(recs) < batch:
+            got, nxt = shards[at].scroll(
+                qe.ScrollRequest(
+                    offset=inner,
+                    limit=batch - len(recs),
+                    with_payload=True,
+                    with_vector=[vname] if with_vectors else False,
+                )
+            )
+            recs += got
+            inner = None if nxt is None else str(nxt)
+            if inner is None:
+                at += 1
+        out = None if at == len(shards) else inner if len(shards) == 1 else f"{at}:{inner or ''}"
+        yield recs, out
+        if out is None:
+            return
