@@ -66,8 +66,9 @@ SEARCHABLE_TARGET_S = 600
 P50_TARGET_MS, P50_RERANK_TARGET_MS = 10.0, 40.0
 RECALL_TARGET = 0.98
 PHASES = ["prepare", "index", "search", "recall"]
-# Docstrings with more code than this leave out: site-packages' all kept make ~980 word pieces a
-# 512-word chunk, these ~750 (as the stdlib's, and bench/corpus.py's 747), so chunks get real window counts.
+# A docstring is kept where this share of its words are letters: with site-packages' code-heavy ones
+# too, a 512-word chunk made ~980 word pieces; with these ~750, as bench/corpus.py's (747), so chunks
+# get the window counts of real prose.
 WORDY = 0.85
 TIE_MARGIN = 0.01  # "close" chunks: exact MaxSim within this of a query's 10th best (how ambiguous its top 10 is)
 
@@ -407,7 +408,7 @@ def timed_gets(client: Any, params: Sequence[dict], warm_up: int) -> dict[str, A
 
 def search_runs(modes: bool) -> list[tuple[str, dict[str, Any]]]:
     """(row name, extra GET /search params) of each latency row."""
-    flat = [(f"{m}", {"mode": m}) for m in ("dense", "hybrid", "lexical")] if modes else [("dense", {})]
+    flat = [(m, {"mode": m}) for m in ("dense", "hybrid", "lexical")] if modes else [("dense", {})]
     return flat + [("grouped, 10 papers x 3", {"group_by_paper": "true", "k": 10, "group_size": 3}),
                    ("reranked, 50 candidates", {"rerank": "true", "candidates": 50})]
 

@@ -106,3 +106,22 @@ def test_every_phase_on_a_cpu(tmp_path):
     assert figures["recall"]["chunks"] == figures["index"]["chunks"]  # every chunk written was seen
     assert figures["recall"]["brute_force"]["mean K=100"] == 1.0  # K above the chunks: exact
     assert "| **JSONL → searchable** |" in table and (out / "scale.md").read_text().strip() in table
+
+
+@pytest.mark.gpu
+def test_every_phase_on_a_gpu(tmp_path):
+    """The GPU run's code paths (CUDA graphs, the service on the GPU, brute force in GPU memory) at toy
+    size, a minute or two before the 1.2 M-chunk run: `python -m pytest tests/test_bench_scale.py -m gpu`."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "bench" / "scale.py"), "--work", str(work), "--out", str(tmp_path / "out"),
+           "--device", "cuda", "--phase", "prepare", "index", "search", "--papers", "24", "--chunks-per-paper", "4",
+           "--part-papers", "8", "--tiny", "--prose", "stdlib", "--queries", "10", "--requests", "10"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    model = json.loads((work / "scale.json").read_text())["prepare"]["models"]["passage_model"]
+    cmd = [*cmd[:8], "--phase", "recall", "--recall-model", model, "--recall-queries", "20", "--prefetch", "5", "200"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads((work / "scale.json").read_text())
+    assert all(r["errors"] == 0 for r in figures["search"]["rows"].values())
+    assert figures["recall"]["device"].startswith("cuda") and figures["recall"]["brute_force"]["mean K=200"] == 1.0
