@@ -21,6 +21,7 @@ from reliability_support import FaultPlan, FaultyClient, FaultyStore, audit, cor
 
 from app.main import create_app
 from indexer import pipeline
+from indexer.config import Settings
 from indexer.papers import PaperIn, validate
 from indexer.pipeline import Indexer
 from indexer.runtime import build
@@ -52,8 +53,12 @@ def faulty(kind: str, plan: FaultPlan, tmp_path):
     return ClientStore(client=FaultyClient(client, plan)), ClientStore(client=client)
 
 
+# as `paperindex index` runs by default (the audit expects each paper's head passage where it does)
+HEAD_PASSAGE = Settings.model_fields["head_passage"].default
+
 def indexer(store, encoders, per_batch: int = 3) -> Indexer:
-    return Indexer(store, *encoders, chunk_size=CHUNK, chunk_overlap=OVERLAP, papers_per_batch=per_batch)
+    return Indexer(store, *encoders, chunk_size=CHUNK, chunk_overlap=OVERLAP, papers_per_batch=per_batch,
+                   head_passage=HEAD_PASSAGE)
 
 
 @pytest.mark.parametrize("kind", ["edge", "client"])
@@ -193,7 +198,8 @@ def service(tiny_models):
     plan = FaultPlan(0, rate=0.0, errors=wire_errors())
     client = QdrantClient(location=":memory:")
     store = ClientStore(client=FaultyClient(client, plan))
-    idx = Indexer(store, base.paper_encoder, base.passage_encoder, CHUNK, OVERLAP, papers_per_batch=4)
+    idx = Indexer(store, base.paper_encoder, base.passage_encoder, CHUNK, OVERLAP, papers_per_batch=4,
+                  head_passage=HEAD_PASSAGE)
     rt = dataclasses.replace(base, store=store, indexer=idx, searcher=Searcher(store, base.passage_encoder, base.paper_encoder, base.reranker))
     yield rt, plan, ClientStore(client=client)
     base.close()
