@@ -34,9 +34,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from reliability_support import (  # noqa: E402
-    BodyPool, PaperSource, RssSampler, ServerProcess, audit, corpus_versions, final_state, load, settings_env, summarize,
-)
+from load_support import BodyPool, PaperSource, RssSampler, load, summarize  # noqa: E402
+from reliability_support import ServerProcess, audit, corpus_versions, final_state, settings_env  # noqa: E402
 
 from indexer.config import Settings  # noqa: E402
 from indexer.store import EdgeStore  # noqa: E402

@@ -17,10 +17,8 @@ import time
 
 import httpx
 import pytest
-from reliability_support import (
-    ROOT, BodyPool, PaperSource, RssSampler, ServerProcess, ThreadServer, audit, corpus_versions, final_state, load,
-    settings_env, summarize,
-)
+from load_support import BodyPool, PaperSource, RssSampler, load, summarize
+from reliability_support import ROOT, ServerProcess, ThreadServer, audit, corpus_versions, final_state, settings_env
 
 from app.main import create_app
 from indexer.config import Settings
