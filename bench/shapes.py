@@ -9,7 +9,7 @@ Each (rows, width, padded) batch shape an encoder meets is captured as a CUDA gr
 it comes (`runner.CAPTURE_AFTER`), and a capture holds its GPU's work back for ~0.2-0.35 s. This
 replays the batch plans of a run on the throughput corpus (bench/corpus.py, the benchmark's own
 WordPiece vocabularies, as bench/index_throughput.py builds them) without running a model: the groups
-of papers as the pipeline cuts them (`pipeline.groups`), dealt to the GPUs in turn, each group's paper
+of papers as the pipeline cuts them (`grouping.groups`), dealt to the GPUs in turn, each group's paper
 heads (`PaperEncoder`, one per GPU) and passage windows (`PassageEncoder`: one set of graphs per GPU,
 shared by its encoder threads) cut into batches as the encoders cut them. It counts, per encoder, the
 shapes met, the captures, and the captures in the second half of the run (where a long run should
@@ -102,7 +102,7 @@ def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, wi
     """`share`: a GPU's encoder threads share one set of passage graphs (else each has its own);
     `window_plan`: one of window_plans()."""
     from indexer.chunking import WIDTH_STEP
-    from indexer.pipeline import groups
+    from indexer.grouping import groups
 
     n = len(heads)
     full = window + 2

@@ -278,9 +278,9 @@ def test_retry_backs_off_on_transient_failures_only(monkeypatch):
 
 
 def test_first_and_last_groups_are_small_so_the_gpu_starts_early_and_the_run_ends_soon(settings, monkeypatch):
-    import indexer.pipeline as pipeline
+    import indexer.grouping as grouping
 
-    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    monkeypatch.setattr(grouping, "FIRST_PAPERS", 2)
     r = build(
         settings.model_copy(update={"papers_per_batch": 8}), reranker=False, store=ClientStore(location=":memory:")
     )
@@ -289,7 +289,9 @@ def test_first_and_last_groups_are_small_so_the_gpu_starts_early_and_the_run_end
         for n in (21, 14, 15):
             done = []
             stats = r.indexer.index(
-                papers(*[(i, 30) for i in range(n)]), force=True, on_batch=lambda s: done.append(s.papers_indexed)
+                papers(*[(i, 30) for i in range(n)]),
+                force=True,
+                on_batch=lambda s, done=done: done.append(s.papers_indexed),
             )
             assert stats.papers_indexed == n
             groups[n] = np.diff([0, *done]).tolist()
@@ -330,9 +332,9 @@ def test_a_group_waits_only_for_earlier_groups_with_one_of_its_papers(settings, 
     the paper ends with its last version); either way every group is reported once."""
     import threading
 
-    import indexer.pipeline as pipeline
+    import indexer.grouping as grouping
 
-    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    monkeypatch.setattr(grouping, "FIRST_PAPERS", 2)
     r = build(settings.model_copy(update={"papers_per_batch": 2, "tokenizer_workers": 2}), reranker=False)
     try:
         r.indexer.passage_encoder.windows.set_lanes(2)
@@ -369,26 +371,26 @@ def test_a_group_waits_only_for_earlier_groups_with_one_of_its_papers(settings, 
 def test_groups_ramp_once_per_gpu_and_cut_the_tail_finer_on_several(monkeypatch):
     """Each ramp size once per GPU (every GPU starts on a small group), then groups of `most`; where
     the input ends, the held groups and the last one are cut into a 2 × gpus-th of what is left each."""
-    import indexer.pipeline as pipeline
+    import indexer.grouping as grouping
 
-    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
-    got = list(pipeline.groups(range(100), most=8, gpus=3, hold=6))
+    monkeypatch.setattr(grouping, "FIRST_PAPERS", 2)
+    got = list(grouping.groups(range(100), most=8, gpus=3, hold=6))
     assert [p for g in got for p in g] == list(range(100))  # every paper once, in input order
     ramp = [2, 2, 2, 3, 3, 3, 4, 4, 4, 6, 6, 6]
     # 55 papers after the ramp: three groups of 8 handed on (each held one longer than the last), three
     # held and 7 more when the input ends: 31 left, cut 31 // 6 = 5, 26 // 6 = 4, ... at least 2, the last 4 whole
     assert [len(g) for g in got] == [*ramp, 8, 8, 8, 5, 4, 3, 3, 2, 2, 2, 2, 2, 2, 4]
     # one GPU: the ramp once, one group held, the rest in halves (as the run's test above sees it)
-    assert [len(g) for g in pipeline.groups(range(21), most=8)] == [2, 3, 4, 6, 3, 3]
+    assert [len(g) for g in grouping.groups(range(21), most=8)] == [2, 3, 4, 6, 3, 3]
 
 
 def test_groups_hand_on_ramp_groups_at_once_and_hold_full_ones_back(monkeypatch):
     """A ramp group goes on as soon as the next paper shows the input goes on (the GPUs start
     early); groups of `most` wait longer, one more each time one goes on, up to hold - 1 (the tail
     can be cut finer, and the reading ahead does not come in one go)."""
-    import indexer.pipeline as pipeline
+    import indexer.grouping as grouping
 
-    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    monkeypatch.setattr(grouping, "FIRST_PAPERS", 2)
     read = []
 
     def papers():
@@ -396,7 +398,7 @@ def test_groups_hand_on_ramp_groups_at_once_and_hold_full_ones_back(monkeypatch)
             read.append(i)
             yield i
 
-    seen = [(len(g), len(read)) for g in pipeline.groups(papers(), most=4, gpus=2, hold=3)]
+    seen = [(len(g), len(read)) for g in grouping.groups(papers(), most=4, gpus=2, hold=3)]
     # ramp 2, 2, 3, 3 (10 papers): each handed on when the paper after it is read
     assert seen[:4] == [(2, 3), (2, 5), (3, 8), (3, 11)]
     # groups of 4 from paper 10: the first goes on when paper 14 is read, the second when 22 is
@@ -412,11 +414,12 @@ def test_each_group_goes_to_the_gpu_with_the_fewest_in_work(settings, encoders, 
 
     import torch
 
-    import indexer.pipeline as pipeline
-    from indexer.pipeline import Handout, Indexer
+    import indexer.grouping as grouping
+    from indexer.grouping import Handout
+    from indexer.pipeline import Indexer
     from indexer.store import EdgeStore
 
-    monkeypatch.setattr(pipeline, "FIRST_PAPERS", 2)
+    monkeypatch.setattr(grouping, "FIRST_PAPERS", 2)
     paper_enc, passage_enc = encoders
 
     class OnDevice:  # a replica that says it sits on `device`
@@ -480,7 +483,7 @@ def test_handout_gives_each_group_to_the_least_busy_gpu_then_ends():
     even while only GPU 0's second thread asks; once GPU 1 has one too, GPU 0 takes the next."""
     import threading
 
-    from indexer.pipeline import Handout
+    from indexer.grouping import Handout
 
     stop = threading.Event()
     h = Handout([0, 0, 1], size=4, stop=stop)

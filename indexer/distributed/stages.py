@@ -16,8 +16,9 @@ import numpy as np
 import ray
 
 from ..config import Settings
+from ..grouping import groups
 from ..papers import BadRecord, PaperIn, _records, shard_of, validate
-from ..pipeline import HEAD_FALLBACK_WORDS, SWITCH_INTERVAL_S, CommitGroup, Indexer, groups, retry
+from ..pipeline import HEAD_FALLBACK_WORDS, SWITCH_INTERVAL_S, CommitGroup, Indexer, retry
 from ..store import ChunkText, Layout, PaperChunks, PaperRef, Point, paper_point_id
 from ..tokenizing import ChunkSpec, WindowSpec, _load, _prepare
 from .stores import Sink
@@ -82,7 +83,7 @@ def item(batch: dict[str, np.ndarray]) -> Any:
 def read_stage(
     batch: dict[str, np.ndarray], recipe: Recipe, sink: Sink, claims: Any, gpus: int, most: int
 ) -> Iterator[dict]:
-    """A file's papers in groups (a ramp of small ones first, see `pipeline.groups`), with the file's
+    """A file's papers in groups (a ramp of small ones first, see `grouping.groups`), with the file's
     bad records; papers whose commit marker matches are counted and dropped here."""
     for path, file_no in zip(batch["path"].tolist(), batch["file"].tolist()):
         bad: list[BadRecord] = []
