@@ -158,3 +158,26 @@ def test_match_false_leaves_hits_without_a_match(tmp_path, encoders):
         assert all(h.match is not None for h in searcher.passages("galaxy star", k=4))
     finally:
         store.close()
+
+
+def test_cli_search_prints_what_each_hit_matched(settings, papers_file, monkeypatch, capsys):
+    """`paperindex search` shows the start of each hit's best window, not of its chunk."""
+    import json
+
+    from indexer.cli import main
+
+    for k, v in settings.model_dump().items():
+        if v is not None and not isinstance(v, list):
+            monkeypatch.setenv(f"PAPERINDEX_{k.upper()}", str(v))
+    assert main(["index", str(papers_file), "-q", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["search", "protein folding", "-k", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    hits = out["hits"] if isinstance(out, dict) else out
+    assert main(["search", "protein folding", "-k", "5"]) == 0
+    printed = capsys.readouterr().out
+    later = [h for h in hits if h["match"] and h["match"]["word_start"] > 0]
+    assert later, "no hit matched past its chunk's first window"
+    for h in later:
+        words = h["text"].split()[h["match"]["word_start"] :]
+        assert "…" + " ".join(words[:5]) in printed
