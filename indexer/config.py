@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(50, ge=0)
     max_chunks_per_paper: int | None = Field(None, ge=1)
     # multivector over windows of 254 tokens (+ <s> and </s>: 256 positions, two tiles of the attention
-    # kernel; 258 would take three): measured with `paperindex coverage` and `eval` (README, Retrieval quality)
+    # kernel; 258 would take three): measured with `paperindex coverage` and `eval` (docs/retrieval-quality.md)
     long_chunk: LongChunk = "multivector"
     window_tokens: int = Field(254, ge=16, le=510)
     window_overlap: int = Field(16, ge=0)

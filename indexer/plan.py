@@ -114,9 +114,8 @@ def tokenizer_workers(s: Settings, hw: Hardware, gpus: int) -> int:
 
 
 def group_papers(s: Settings, gpus: int) -> int:
-    """PAPERINDEX_PAPERS_PER_BATCH, or 256, and 128 where more than two GPUs index: each encoder thread
-    takes a group at a time, and with eight threads groups of 256 left some idle at the run's start and
-    end (16,000 papers on four H100s: 7,738 -> 8,630 chunks/s with 128); on one GPU 256 did better."""
+    """PAPERINDEX_PAPERS_PER_BATCH, or 256, and 128 where more than two GPUs index: with eight encoder
+    threads, groups of 256 left some idle at the run's start and end (docs/performance.md)."""
     if s.papers_per_batch is not None:
         return s.papers_per_batch
     return 128 if gpus > 2 else 256

@@ -1,6 +1,6 @@
 """RAG frameworks read the `chunks` collection directly: LangChain's `QdrantVectorStore` (langchain-qdrant).
 
-The settings that make it work, as documented in the README:
+The settings that make it work, as documented in docs/langchain.md:
   vector_name="passage", content_payload_key="text", metadata_payload_key="metadata", distance=DOT,
   and an `Embeddings` whose `embed_query` is paperindex's passage query encoder. A multivector chunks
   collection (long_chunk=multivector, the default) takes a one-row multivector query on qdrant-client's
