@@ -36,9 +36,8 @@ class Runtime:
 def frozen_heap() -> Iterator[None]:
     """For a long run once the models are loaded: the objects that exist now (models, compiled
     kernels, CUDA graphs: ~800,000 on a GPU host) are left out of the cyclic garbage collector's
-    full passes until the block ends (gc.freeze). A full pass holds the interpreter lock, and every
-    GPU's threads wait: over them it took ~0.38 s, twice in 20 s of indexing on four GPUs; without
-    them ~0.02-0.05 s. Refcounting still frees what they drop."""
+    full passes until the block ends (gc.freeze). A full pass holds the interpreter lock while every
+    GPU's threads wait, ~10× longer over them (docs/performance.md). Refcounting still frees what they drop."""
     gc.freeze()
     try:
         yield

@@ -193,13 +193,10 @@ def fill_packed(
 
 
 # Paper heads run packed where the model allows (PooledForward.packable: SPECTER2's BERT): no padding.
-# Otherwise: one group's heads (~256, 100-512 tokens) fit one batch, which would pad them all to the
-# longest (1.8 tokens run per token on the bench corpus): batches end where the width drops below
-# 80% of theirs, graph rows in steps of 16 (1.4; bench/padding.py --heads).
+# Otherwise one group's heads would fit one batch padded to the longest: batches end where the width
+# drops below 80% of theirs (docs/performance.md, "Where the time goes").
 HEAD_BATCHES = dict(min_fill=0.8, row_step=16)
 # A group's windows: those of the grid's widths first, width by width, in batches that need no
-# padding mask: full ones, then pieces of 128 × 2^k rows; what is left of each width runs with the
-# windows off the grid, at the end. Against one length-sorted run with rows in powers of two, on the
-# bench corpus (bench/padding.py), groups of 128 and 256 papers: 2.6% and 0.8% fewer positions run,
-# 6% and 4% of them in padded batches, not 46% and 24%. On one H100, 2.9% less GPU time.
+# padding mask (full ones, then pieces of 128 × 2^k rows); the rest with the windows off the grid, at
+# the end. Fewer positions run, and few of them padded (docs/performance.md, "What makes it fast").
 WINDOW_BATCHES = dict(unpadded=True, pieces=128, row_step=32)

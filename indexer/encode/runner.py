@@ -269,6 +269,6 @@ class BatchRunner:
                 torch.cuda.empty_cache()
 
 
-# The encoders capture a batch shape the second time it comes: a capture costs ~0.3 s, and on 500
-# papers 30 shapes were captured in a fresh process, 4 more in a second run over the same papers.
+# The encoders capture a batch shape the second time it comes: a capture costs ~0.3 s, and many shapes
+# come only once (docs/performance.md, "A new process").
 CAPTURE_AFTER = 2

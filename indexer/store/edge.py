@@ -441,8 +441,8 @@ class EdgeStore(Store):
     def count(self, collection: str, flt: SearchFilter | None = None) -> int:
         if not self._exists(collection):
             return 0
-        # Without a filter the segments' own count is exact (deletes and re-upserts included): 0.04 ms on a
-        # shard of 1.2 M points, where an exact count, visiting every point, took 0.31 s (GET /stats).
+        # Without a filter the segments' own count is exact (deletes and re-upserts included), where an exact
+        # count visits every point: GET /stats stays fast on a large index (docs/performance.md).
         unfiltered = flt is None or flt.empty()
         request = self.qe.CountRequest(filter=make_filter(flt, self._filters), exact=not unfiltered)
         return sum(int(shard.count(request)) for shard in self._shard_list(collection))

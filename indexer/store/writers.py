@@ -133,13 +133,10 @@ class ShardWriters:
     answers. `ticket` marks the writes sent so far, for `reached` and `wait`. A failed write is
     raised by a later call, and its process refuses every write after it.
 
-    message_points (~14 KB a point, so ~0.7 MB a message at 48; ~12-25 ms for the process to
-    insert): each message and its answer cost the sending thread the interpreter lock twice, so not
-    ~8 (6,098 -> 8,890 chunks/s into 4 shards, bench/store_writes.py). in_flight: a pipe holds about
-    one message, the rest wait in the process's outbox, so a shard that is behind does not hold up
-    the caller while the others could take writes; 48 holds a whole group's chunks (a group of 256
-    papers: ~4,600 chunks, ~100 messages over the shards), at most ~34 MB a shard
-    (docs/performance.md)."""
+    message_points: each message and its answer cost the sending thread the interpreter lock twice, so
+    messages are large. in_flight: a pipe holds about one message, the rest wait in the process's
+    outbox, so a shard that is behind does not hold up the caller while the others could take writes;
+    48 holds a whole group's chunks (docs/performance.md, "Where the time goes")."""
 
     def __init__(
         self,

@@ -95,7 +95,7 @@ def fuse_qkv(base: torch.nn.Module) -> None:
 
 @dataclass(frozen=True)
 class Fusions:
-    """How an MPNet layer's kernels are fused (measured in bench/kernel_levers.py).
+    """How an MPNet layer's kernels are fused (bench/kernel_levers.py; docs/performance.md).
 
     - `gelu_epilogue`: the FFN's first matrix product, its bias and the GELU in one cuBLASLt call (on
       CUDA; the tanh form of GELU, within fp16 rounding of the exact one). Saves a write and a read of
