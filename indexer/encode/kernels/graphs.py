@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -217,6 +218,7 @@ class GraphedForward:
         self.lock = threading.Lock()
         self.eager_batches = 0  # batches run without a graph (graphs off, or past max_graphs)
         self.failed_shapes = 0
+        self.capture_seconds: list[float] = []  # each capture's time, warm-up included (bench/cold_start.py)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -281,6 +283,7 @@ class GraphedForward:
         return s_out
 
     def _capture(self, key: tuple, inputs: tuple[torch.Tensor | None, ...]):
+        t = time.perf_counter()
         static = tuple(None if t is None else t.to(self.device) for t in inputs)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -300,5 +303,6 @@ class GraphedForward:
                 s_out = self.forward(*static)
         entry = (graph, static, s_out)
         self._graphs[key] = entry
+        self.capture_seconds.append(time.perf_counter() - t)
         log.debug("captured a CUDA graph for %s; %d graphs", key, len(self._graphs))
         return entry
