@@ -2,8 +2,8 @@
 
     python bench/cold_start.py [--papers 500]      # on a CUDA machine
     python bench/cold_start.py --gpus 4 --gate all    # four GPUs, each capture holding back all four
-    python bench/cold_start.py --papers 500 --batches sorted   # passage batches as before "Batches that need no padding"
-    python bench/cold_start.py --papers 500 --heads-plan padded   # paper heads in padded batches, as before they were packed
+    python bench/cold_start.py --papers 500 --batches sorted   # passage batches as before unpadded ones
+    python bench/cold_start.py --papers 500 --heads-plan padded   # paper heads padded, as before packed
     python bench/cold_start.py --tiny --device cpu --papers 20   # a smoke run of this script
 
 Indexes the same papers twice in one process, into no store, with the defaults (two encoder threads
@@ -34,15 +34,38 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs that index (PAPERINDEX_GPUS; 0: all visible)")
-    ap.add_argument("--gate", choices=["gpu", "all"], default="gpu",
-                    help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before)")
-    ap.add_argument("--share-graphs", choices=["on", "off"], default="on",
-                    help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own (off: as before)")
-    ap.add_argument("--capture-warm-ups", type=int, default=None, help="runs of a new shape before its capture (GraphedForward.WARM_UPS)")
-    ap.add_argument("--batches", choices=["sorted", "unpadded"], default="unpadded",
-                    help="passage batches as batching.WINDOW_BATCHES cuts them (unpadded: as now), or from one length-sorted run (sorted: as before)")
-    ap.add_argument("--heads-plan", choices=["padded", "packed"], default="packed",
-                    help="paper heads packed end to end (packed: as now), or in padded batches (batching.HEAD_BATCHES: as before)")
+    ap.add_argument(
+        "--gate",
+        choices=["gpu", "all"],
+        default="gpu",
+        help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before)",
+    )
+    ap.add_argument(
+        "--share-graphs",
+        choices=["on", "off"],
+        default="on",
+        help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own "
+        "(off: as before)",
+    )
+    ap.add_argument(
+        "--capture-warm-ups",
+        type=int,
+        default=None,
+        help="runs of a new shape before its capture (GraphedForward.WARM_UPS)",
+    )
+    ap.add_argument(
+        "--batches",
+        choices=["sorted", "unpadded"],
+        default="unpadded",
+        help="passage batches as batching.WINDOW_BATCHES cuts them (unpadded: as now), or from one length-sorted run "
+        "(sorted: as before)",
+    )
+    ap.add_argument(
+        "--heads-plan",
+        choices=["padded", "packed"],
+        default="packed",
+        help="paper heads packed end to end (packed: as now), or in padded batches (batching.HEAD_BATCHES: as before)",
+    )
     args = ap.parse_args()
 
     import corpus as corpus_mod
@@ -50,8 +73,8 @@ def main() -> None:
     from index_throughput import NullStore
     from shapes import plan_heads, plan_windows
 
-    from indexer.encode import kernels
     from indexer.config import Settings
+    from indexer.encode import kernels
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.plan import Tuning, make_plan
@@ -66,33 +89,66 @@ def main() -> None:
     kernels.gpu_gate.per_device = args.gate == "gpu"
     if args.capture_warm_ups is not None:
         kernels.GraphedForward.WARM_UPS = args.capture_warm_ups
-    s = Settings(device=args.device, gpus=args.gpus, passage_model=str(st_dir), paper_model=str(paper_dirs[0]), paper_adapter=str(paper_dirs[1]),
-                 query_adapter=str(paper_dirs[2]))
+    s = Settings(
+        device=args.device,
+        gpus=args.gpus,
+        passage_model=str(st_dir),
+        paper_model=str(paper_dirs[0]),
+        paper_adapter=str(paper_dirs[1]),
+        query_adapter=str(paper_dirs[2]),
+    )
     t = time.perf_counter()
     plan = make_plan(s, tuning=Tuning(share_graphs=args.share_graphs == "on"))
     paper, passage = load_encoders(s, plan=plan)
-    idx = Indexer(NullStore(), paper, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, plan.group_papers,
-                  replicas=gpu_replicas(plan, paper, passage), group_seconds=plan.group_seconds, tuning=plan.tuning)
+    idx = Indexer(
+        NullStore(),
+        paper,
+        passage,
+        s.chunk_words,
+        s.chunk_overlap,
+        s.max_chunks_per_paper,
+        plan.group_papers,
+        replicas=gpu_replicas(plan, paper, passage),
+        group_seconds=plan.group_seconds,
+        tuning=plan.tuning,
+    )
     load_s = time.perf_counter() - t
     plan_windows([p for _, p in idx.workers], args.batches)
     heads = plan_heads(list({id(p): p for p, _ in idx.workers}.values()), args.heads_plan)
     runners = [p.run for _, p in idx.workers] + heads
     graphed = list({id(r._graphed): r._graphed for r in runners if r._graphed is not None}.values())
-    out = {"papers": args.papers, "gpus": idx.gpus, "gate": args.gate, "share_graphs": args.share_graphs, "capture_warm_ups": kernels.GraphedForward.WARM_UPS, "batches": args.batches,
-           "heads_plan": args.heads_plan, "models_loaded_s": round(load_s, 2), "cpus": os.cpu_count()}
+    out = {
+        "papers": args.papers,
+        "gpus": idx.gpus,
+        "gate": args.gate,
+        "share_graphs": args.share_graphs,
+        "capture_warm_ups": kernels.GraphedForward.WARM_UPS,
+        "batches": args.batches,
+        "heads_plan": args.heads_plan,
+        "models_loaded_s": round(load_s, 2),
+        "cpus": os.cpu_count(),
+    }
     for run in ("cold", "warm"):
         before = [len(g.capture_seconds) for g in graphed]
         t = time.perf_counter()
         stats = idx.index(read_papers([path]), force=True)
         dt = time.perf_counter() - t
         captures = sorted(c for g, n in zip(graphed, before) for c in g.capture_seconds[n:])
-        out[run] = {"seconds": round(dt, 2), "chunks": stats.chunks, "chunks_s": round(stats.chunks / dt),
-                    "captures": len(captures), "capturing_s": round(sum(captures), 2),
-                    "longest_capture_s": round(captures[-1], 2) if captures else None}
+        out[run] = {
+            "seconds": round(dt, 2),
+            "chunks": stats.chunks,
+            "chunks_s": round(stats.chunks / dt),
+            "captures": len(captures),
+            "capturing_s": round(sum(captures), 2),
+            "longest_capture_s": round(captures[-1], 2) if captures else None,
+        }
         print(run, json.dumps(out[run]), flush=True)
     passage.close()
     print(json.dumps(out))
-    name = f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}_warm_ups_{kernels.GraphedForward.WARM_UPS}_batches_{args.batches}_heads_{args.heads_plan}.json"
+    name = (
+        f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}_warm_ups_"
+        f"{kernels.GraphedForward.WARM_UPS}_batches_{args.batches}_heads_{args.heads_plan}.json"
+    )
     (Path(os.environ.get("OUT", tempfile.gettempdir())) / name).write_text(json.dumps(out, indent=1))
 
 

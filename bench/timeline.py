@@ -52,7 +52,10 @@ def report(row: dict, per_gpu: int, step: float = 0.01) -> str:
         lines.append(f"  {a:5d}    " + "  ".join(f"{c[m].mean():8.1f}" for c in counts.values()))
     first = sorted(min(s[2] for s in enc if s[1] == n) for n in threads)
     last = sorted(max(s[3] for s in enc if s[1] == n) for n in threads)
-    lines.append(f"  encoder threads' first group from {first[0]:.2f} to {first[-1]:.2f} s; last group ended from {last[0]:.2f} to {last[-1]:.2f} s")
+    lines.append(
+        f"  encoder threads' first group from {first[0]:.2f} to {first[-1]:.2f} s; "
+        f"last group ended from {last[0]:.2f} to {last[-1]:.2f} s"
+    )
     return "\n".join(lines)
 
 

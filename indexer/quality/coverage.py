@@ -123,7 +123,11 @@ def sample_probes(
 
 
 def is_hit(hit_paper: str, meta: dict[str, Any], probe: Probe) -> bool:
-    return hit_paper == probe.paper_id and meta.get("word_start", -1) <= probe.word_start and probe.word_end <= meta.get("word_end", -1)
+    return (
+        hit_paper == probe.paper_id
+        and meta.get("word_start", -1) <= probe.word_start
+        and probe.word_end <= meta.get("word_end", -1)
+    )
 
 
 @dataclass
@@ -142,10 +146,20 @@ class StrategyResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "strategy": self.strategy.label, "long_chunk": self.strategy.long_chunk, "window_tokens": self.strategy.window_tokens,
-            "window_overlap": self.strategy.window_overlap, "recall": self.recall, "chunks": self.chunks, "vectors": self.vectors,
-            "vector_bytes": self.vector_bytes, "disk_bytes": self.disk_bytes, "tokens": self.tokens, "index_seconds": self.index_seconds,
-            "latency_ms": self.latency_ms, "store_latency_ms": self.store_latency_ms, **self.extra,
+            "strategy": self.strategy.label,
+            "long_chunk": self.strategy.long_chunk,
+            "window_tokens": self.strategy.window_tokens,
+            "window_overlap": self.strategy.window_overlap,
+            "recall": self.recall,
+            "chunks": self.chunks,
+            "vectors": self.vectors,
+            "vector_bytes": self.vector_bytes,
+            "disk_bytes": self.disk_bytes,
+            "tokens": self.tokens,
+            "index_seconds": self.index_seconds,
+            "latency_ms": self.latency_ms,
+            "store_latency_ms": self.store_latency_ms,
+            **self.extra,
         }
 
 
@@ -153,7 +167,9 @@ def bucket_labels(edges: Sequence[int]) -> list[str]:
     return [f"{edges[b]}-{edges[b + 1]}" for b in range(len(edges) - 1)]
 
 
-def score_probes(probes: Sequence[Probe], hits: Sequence[Sequence[tuple[str, dict]]], edges: Sequence[int]) -> dict[str, dict[str, float]]:
+def score_probes(
+    probes: Sequence[Probe], hits: Sequence[Sequence[tuple[str, dict]]], edges: Sequence[int]
+) -> dict[str, dict[str, float]]:
     """Recall@1 and Recall@10 per position bucket and over all probes."""
     labels = bucket_labels(edges)
     groups: dict[str, list[tuple[bool, bool]]] = {label: [] for label in labels} | {"all": []}
@@ -165,8 +181,11 @@ def score_probes(probes: Sequence[Probe], hits: Sequence[Sequence[tuple[str, dic
             groups[labels[b]].append(row)
         groups["all"].append(row)
     return {
-        label: {"r@1": round(sum(r[0] for r in rows) / len(rows), 4) if rows else float("nan"),
-                "r@10": round(sum(r[1] for r in rows) / len(rows), 4) if rows else float("nan"), "n": len(rows)}
+        label: {
+            "r@1": round(sum(r[0] for r in rows) / len(rows), 4) if rows else float("nan"),
+            "r@10": round(sum(r[1] for r in rows) / len(rows), 4) if rows else float("nan"),
+            "n": len(rows),
+        }
         for label, rows in groups.items()
     }
 
@@ -204,19 +223,45 @@ def run_strategy(
         setup.cleanup()
     vectors = stats.windows if passage.multivector else stats.chunks
     return StrategyResult(
-        strategy, score_probes(probes, hits, edges), stats.chunks, vectors, vectors * passage.dim * 4, size, stats.tokens,
-        round(stats.seconds, 1), latency_summary(secs), latency_summary(store_secs), {"passage_model": settings.passage_model},
+        strategy,
+        score_probes(probes, hits, edges),
+        stats.chunks,
+        vectors,
+        vectors * passage.dim * 4,
+        size,
+        stats.tokens,
+        round(stats.seconds, 1),
+        latency_summary(secs),
+        latency_summary(store_secs),
+        {"passage_model": settings.passage_model},
     )
 
 
 def markdown_table(results: Sequence[StrategyResult], edges: Sequence[int]) -> str:
     labels = bucket_labels(edges)
-    head = ["strategy", *[f"R@1 {b}" for b in labels], "R@1 all", "R@10 all", "vectors", "disk MiB", "tokens", "search ms p50", "store ms p50"]
+    head = [
+        "strategy",
+        *[f"R@1 {b}" for b in labels],
+        "R@1 all",
+        "R@10 all",
+        "vectors",
+        "disk MiB",
+        "tokens",
+        "search ms p50",
+        "store ms p50",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r.strategy.label]
         cells += [f"{r.recall[b]['r@1']:.3f}" for b in labels]
-        cells += [f"{r.recall['all']['r@1']:.3f}", f"{r.recall['all']['r@10']:.3f}", f"{r.vectors:,}", f"{r.disk_bytes / 2**20:.1f}",
-                  f"{r.tokens:,}", f"{r.latency_ms.get('p50', 0):.0f}", f"{r.store_latency_ms.get('p50', 0):.2f}"]
+        cells += [
+            f"{r.recall['all']['r@1']:.3f}",
+            f"{r.recall['all']['r@10']:.3f}",
+            f"{r.vectors:,}",
+            f"{r.disk_bytes / 2**20:.1f}",
+            f"{r.tokens:,}",
+            f"{r.latency_ms.get('p50', 0):.0f}",
+            f"{r.store_latency_ms.get('p50', 0):.2f}",
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

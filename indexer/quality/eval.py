@@ -52,11 +52,15 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
 
 
 def load_beir(folder: str | Path, split: str = "test") -> BeirData:
-    """corpus.jsonl ({_id, title, text}), queries.jsonl ({_id, text}), qrels/<split>.tsv (query-id, corpus-id, score)."""
+    """corpus.jsonl ({_id, title, text}), queries.jsonl ({_id, text}), qrels/<split>.tsv (query-id, corpus-id,
+    score)."""
     folder = Path(folder)
     for need in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
         if not (folder / need).is_file():
-            raise FileNotFoundError(f"{folder / need} not found (a BEIR dataset folder holds corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
+            raise FileNotFoundError(
+                f"{folder / need} not found (a BEIR dataset folder holds corpus.jsonl, queries.jsonl, "
+                f"qrels/{split}.tsv)"
+            )
     corpus = {str(d["_id"]): (d.get("title") or "", d.get("text") or "") for d in _read_jsonl(folder / "corpus.jsonl")}
     qrels: Qrels = {}
     with (folder / "qrels" / f"{split}.tsv").open(encoding="utf-8", newline="") as fh:
@@ -100,7 +104,12 @@ def score_run(run: Run, qrels: Qrels) -> dict[str, float]:
     if not judged:
         raise ValueError("no query has a relevant document in the qrels")
     out = {}
-    for name, fn, k in (("ndcg@10", ndcg_at_k, 10), ("recall@10", recall_at_k, 10), ("recall@100", recall_at_k, 100), ("mrr@10", mrr_at_k, 10)):
+    for name, fn, k in (
+        ("ndcg@10", ndcg_at_k, 10),
+        ("recall@10", recall_at_k, 10),
+        ("recall@100", recall_at_k, 100),
+        ("mrr@10", mrr_at_k, 10),
+    ):
         out[name] = round(sum(fn(run.get(q, []), qrels[q], k) for q in judged) / len(judged), 5)
     return out
 
@@ -113,7 +122,12 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     def pct(p: float) -> float:
         return ms[min(len(ms) - 1, math.ceil(p * len(ms)) - 1)]
 
-    return {"mean": round(statistics.fmean(ms), 2), "p50": round(pct(0.5), 2), "p95": round(pct(0.95), 2), "max": round(ms[-1], 2)}
+    return {
+        "mean": round(statistics.fmean(ms), 2),
+        "p50": round(pct(0.5), 2),
+        "p95": round(pct(0.95), 2),
+        "max": round(ms[-1], 2),
+    }
 
 
 def disk_bytes(path: str | Path) -> int:
@@ -152,7 +166,9 @@ def corpus_papers(data: BeirData, with_title: bool = True) -> Iterator[PaperIn]:
 
 
 def run_queries(
-    search: Callable[[str], list[tuple[str, float]]], queries: Mapping[str, str], on_query: Callable[[int], None] | None = None
+    search: Callable[[str], list[tuple[str, float]]],
+    queries: Mapping[str, str],
+    on_query: Callable[[int], None] | None = None,
 ) -> tuple[Run, list[float]]:
     """Ranked document ids per query (the query's own id dropped) and each query's wall time."""
     run: Run = {}
@@ -189,8 +205,13 @@ def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = Fal
 
     s = settings
     passage = PassageEncoder(
-        s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
-        window_overlap=s.window_overlap, token_budget=s.token_budget, compile=s.compile,
+        s.passage_model,
+        device=s.device,
+        long_chunk=s.long_chunk,
+        window_tokens=s.window_tokens,
+        window_overlap=s.window_overlap,
+        token_budget=s.token_budget,
+        compile=s.compile,
     )
     reranker = Reranker(s.reranker_model, device=s.device) if rerank and s.reranker_model else None
     tmp = tempfile.TemporaryDirectory(prefix="paperindex-eval-") if index_dir is None else None
@@ -198,10 +219,24 @@ def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = Fal
     store = EdgeStore(path, s.papers_collection, s.chunks_collection)
     heads = NoPaperHeads()
     plan = make_plan(s)
-    indexer = Indexer(store, heads, passage, s.chunk_words, s.chunk_overlap, s.max_chunks_per_paper, plan.group_papers,  # type: ignore[arg-type]
-                      group_seconds=plan.group_seconds)
+    indexer = Indexer(
+        store,
+        heads,
+        passage,
+        s.chunk_words,
+        s.chunk_overlap,
+        s.max_chunks_per_paper,
+        plan.group_papers,  # type: ignore[arg-type]
+        group_seconds=plan.group_seconds,
+    )
     searcher = Searcher(
-        store, passage, heads, reranker, s.search_mode, s.search_prefetch, s.search_fusion  # type: ignore[arg-type]
+        store,
+        passage,
+        heads,
+        reranker,
+        s.search_mode,
+        s.search_prefetch,
+        s.search_fusion,  # type: ignore[arg-type]
     )
 
     def cleanup() -> None:
@@ -210,10 +245,16 @@ def open_setup(settings, index_dir: str | Path | None = None, rerank: bool = Fal
             tmp.cleanup()
 
     describe = {
-        "passage_model": s.passage_model, "long_chunk": s.long_chunk, "window_tokens": s.window_tokens,
-        "window_overlap": s.window_overlap, "chunk_words": s.chunk_words, "chunk_overlap": s.chunk_overlap,
-        "device": str(passage.device), "reranker_model": reranker.name if reranker else None,
-        "prefetch": s.search_prefetch, "fusion": s.search_fusion,
+        "passage_model": s.passage_model,
+        "long_chunk": s.long_chunk,
+        "window_tokens": s.window_tokens,
+        "window_overlap": s.window_overlap,
+        "chunk_words": s.chunk_words,
+        "chunk_overlap": s.chunk_overlap,
+        "device": str(passage.device),
+        "reranker_model": reranker.name if reranker else None,
+        "prefetch": s.search_prefetch,
+        "fusion": s.search_fusion,
     }
     return EvalSetup(indexer, searcher, path, describe, cleanup)
 
@@ -240,12 +281,16 @@ def evaluate(
         **setup.describe,
         "with_title": with_title,
         "index": {
-            "chunks": store.count(store.chunks), "windows": stats.windows, "tokens": stats.tokens,
-            "seconds": round(stats.seconds, 2), "disk_bytes": disk_bytes(setup.index_dir),
+            "chunks": store.count(store.chunks),
+            "windows": stats.windows,
+            "tokens": stats.tokens,
+            "seconds": round(stats.seconds, 2),
+            "disk_bytes": disk_bytes(setup.index_dir),
         },
     }
 
     for mode in modes:
+
         def search(q: str, mode: str = mode) -> list[tuple[str, float]]:
             groups = setup.searcher.grouped(q, k=k, group_size=1, mode=mode, match=False)  # ranking only
             return [(g.paper_id, g.score) for g in groups]
@@ -254,6 +299,7 @@ def evaluate(
         report[mode] = score_run(run, data.qrels) | {"latency_ms": latency_summary(secs)}
     report["best_mode"] = max(modes, key=lambda m: report[m]["ndcg@10"])
     if rerank:
+
         def reranked(q: str) -> list[tuple[str, float]]:
             groups = setup.searcher.grouped(q, k=k, group_size=1, rerank=True, candidates=candidates, match=False)
             return [(g.paper_id, g.score) for g in groups]
@@ -264,8 +310,13 @@ def evaluate(
 
 
 def reference_run(
-    model: str, data: BeirData, k: int = 100, with_title: bool = True, device: str | None = None,
-    max_seq_length: int | None = None, batch_size: int = 32,
+    model: str,
+    data: BeirData,
+    k: int = 100,
+    with_title: bool = True,
+    device: str | None = None,
+    max_seq_length: int | None = None,
+    batch_size: int = 32,
 ) -> dict[str, Any]:
     """Plain sentence-transformers: encode documents and queries, exact dot-product top-k, same metrics.
 
@@ -277,7 +328,9 @@ def reference_run(
     if max_seq_length:
         st.max_seq_length = max_seq_length
     ids = list(data.corpus)
-    docs = st.encode([document_text(*data.corpus[d], with_title) for d in ids], batch_size=batch_size, convert_to_numpy=True)
+    docs = st.encode(
+        [document_text(*data.corpus[d], with_title) for d in ids], batch_size=batch_size, convert_to_numpy=True
+    )
     qids = list(data.queries)
     qs = st.encode([data.queries[q] for q in qids], batch_size=batch_size, convert_to_numpy=True)
     scores = qs @ docs.T
@@ -293,9 +346,14 @@ def format_report(report: dict[str, Any]) -> str:
     reference); the best mode is starred."""
     ix = report["index"]
     lines = [
-        f"{report['dataset']}: {report['documents']} documents ({ix['chunks']} chunks, {ix['windows']} windows, indexed in {ix['seconds']}s), "
+        f"{report['dataset']}: {report['documents']} documents ({ix['chunks']} chunks, {ix['windows']} windows, "
+        f"indexed in {ix['seconds']}s), "
         f"{report['queries']} queries; {report['passage_model']} long_chunk={report['long_chunk']}"
-        + (f" window={report['window_tokens']}/{report['window_overlap']}" if report["long_chunk"] != "truncate" else "")
+        + (
+            f" window={report['window_tokens']}/{report['window_overlap']}"
+            if report["long_chunk"] != "truncate"
+            else ""
+        )
         + f" prefetch={report['prefetch']} fusion={report['fusion']}"
     ]
     for name in ("hybrid", "dense", "lexical", "rerank", "reference"):
@@ -305,7 +363,8 @@ def format_report(report: dict[str, Any]) -> str:
         lat = m.get("latency_ms")
         star = "*" if name == report.get("best_mode") else " "
         lines.append(
-            f" {star}{name:<9} nDCG@10 {m['ndcg@10']:.4f}  Recall@10 {m['recall@10']:.4f}  Recall@100 {m['recall@100']:.4f}  MRR@10 {m['mrr@10']:.4f}"
+            f" {star}{name:<9} nDCG@10 {m['ndcg@10']:.4f}  Recall@10 {m['recall@10']:.4f}  "
+            f"Recall@100 {m['recall@100']:.4f}  MRR@10 {m['mrr@10']:.4f}"
             + (f"  latency ms p50 {lat['p50']:.1f} p95 {lat['p95']:.1f}" if lat else "")
         )
     return "\n".join(lines)
