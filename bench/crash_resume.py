@@ -4,7 +4,7 @@ must end exactly right every time.
 Per seed, two phases on one embedded index: the first index of a corpus, then a re-index of a changed
 version of it (papers longer, shorter, retitled, new). Each phase is killed 1-3 times at random
 progress (a kill may land while an earlier kill is being resumed), then run to the end and audited
-point by point (tests/reliability_support.py `audit`: counts, no duplicate (paper_id, chunk_index),
+point by point (tests/support/reliability.py `audit`: counts, no duplicate (paper_id, chunk_index),
 every paper's chunks all present with their current text, nothing stale).
 
     python bench/crash_resume.py --tiny                 # tiny random models built on the fly (CPU, offline)
@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from reliability_support import audit, corpus_versions, crash_and_resume, final_state, settings_env, write_jsonl  # noqa: E402
+from support.papers import write_jsonl  # noqa: E402
+from support.reliability import audit, corpus_versions, crash_and_resume, final_state, settings_env  # noqa: E402
 
 from indexer.config import Settings  # noqa: E402
 from indexer.store import EdgeStore  # noqa: E402
@@ -36,7 +37,7 @@ TINY = dict(window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=2
 
 def tiny_settings(root: Path) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tiny_models import build_all
+    from support.tiny_models import build_all
 
     return build_all(root / "models") | TINY
 

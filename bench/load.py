@@ -34,8 +34,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from load_support import BodyPool, PaperSource, RssSampler, load, summarize  # noqa: E402
-from reliability_support import ServerProcess, audit, corpus_versions, final_state, settings_env  # noqa: E402
+from support.load import BodyPool, PaperSource, RssSampler, load, summarize  # noqa: E402
+from support.reliability import ServerProcess, audit, corpus_versions, final_state, settings_env  # noqa: E402
 
 from indexer.config import Settings  # noqa: E402
 from indexer.store import EdgeStore  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> int:
         overrides = {}
         if args.tiny:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from tiny_models import build_all
+            from support.tiny_models import build_all
 
             overrides = build_all(root / "models") | TINY
         s = Settings(**overrides, qdrant_path=root / "index", index_queue_size=args.queue)

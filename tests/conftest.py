@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import WORDS, build_all  # noqa: E402
+from support.papers import make_paper, write_jsonl  # noqa: E402
+from support.tiny_models import build_all, tiny_settings  # noqa: E402
 
 from indexer.config import Settings  # noqa: E402
 
@@ -40,13 +39,6 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return build_all(tmp_path_factory.mktemp("models"))
 
 
-def tiny_settings(tiny_models: dict[str, str], **changes) -> Settings:
-    """Settings on the tiny models; small windows and chunks, so that short test texts already span several."""
-    small = dict(window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20, papers_per_batch=8,
-                 token_budget=4096)
-    return Settings(**{**tiny_models, **small, **changes})
-
-
 @pytest.fixture
 def settings(tiny_models, tmp_path) -> Settings:
     """tiny_settings and an embedded (Qdrant Edge) index in a temp dir."""
@@ -60,27 +52,6 @@ def encoders(tiny_models):
 
     s = Settings(**tiny_models, window_tokens=48, window_overlap=8, token_budget=4096)
     return load_encoders(s)
-
-
-def make_paper(i: int, words: int = 400, seed: int = 0, **extra) -> dict:
-    rng = random.Random(seed * 100003 + i)
-    body = " ".join(rng.choice(WORDS) for _ in range(words))
-    return {
-        "paper_id": f"p{i:04d}",
-        "title": f"{rng.choice(WORDS)} {rng.choice(WORDS)} study {i}",
-        "abstract": " ".join(rng.choice(WORDS) for _ in range(60)),
-        "text": body,
-        "year": 1990 + i % 30,
-        "authors": [f"Author {i}"],
-        **extra,
-    }
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return path
 
 
 @pytest.fixture
