@@ -228,26 +228,7 @@ class Indexer:
             written()
             return
         with self._write_lock:
-            if g.replace:
-                retry(self.store.delete_papers, g.replace)
-            retry(self.store.delete_chunks, [p.paper_id for p in g.papers if p.paper_id not in set(g.replace)])
-            entries, at = [], 0
-            for p, cs in zip(g.papers, g.chunks):
-                if cs:
-                    entries.append(
-                        PaperChunks(
-                            PaperRef(p.paper_id, p.title, p.year, p.metadata()),
-                            [ChunkText(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
-                            g.chunk_vecs[at : at + len(cs)],
-                        )
-                    )
-                    at += len(cs)
-            retry(self.store.upsert_chunks, entries)  # the store makes the points (see PaperChunks)
-            paper_points = [
-                Point(paper_point_id(p.paper_id), g.paper_vecs[i], self.paper_payload(p, h, len(cs)))
-                for i, (p, h, cs) in enumerate(zip(g.papers, g.hashes, g.chunks))
-            ]
-            retry(self.store.upsert, self.store.papers, paper_points)
+            commit_group(self.store, g)
             # Each group is flushed while the next ones encode (an embedded store writes its segments
             # without the interpreter lock), so the run ends with one group to flush, not all of them
             # (~1 s for 90,000 chunks). A store whose chunk writes run elsewhere takes the flush and
@@ -494,6 +475,32 @@ class IndexRun:
         if self.errors:
             raise self.errors[0]
         return self.stats
+
+
+def commit_group(store: Store, g: CommitGroup) -> None:
+    """The commit protocol for an encoded group: what a previous version of each paper left goes (its
+    marker first), then the chunks, then the paper points, the commit markers. Every store call is
+    idempotent and retried; the caller flushes."""
+    if g.replace:
+        retry(store.delete_papers, g.replace)
+    retry(store.delete_chunks, [p.paper_id for p in g.papers if p.paper_id not in set(g.replace)])
+    entries, at = [], 0
+    for p, cs in zip(g.papers, g.chunks):
+        if cs:
+            entries.append(
+                PaperChunks(
+                    PaperRef(p.paper_id, p.title, p.year, p.metadata()),
+                    [ChunkText(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
+                    g.chunk_vecs[at : at + len(cs)],
+                )
+            )
+            at += len(cs)
+    retry(store.upsert_chunks, entries)  # the store makes the points (see PaperChunks)
+    paper_points = [
+        Point(paper_point_id(p.paper_id), g.paper_vecs[i], Indexer.paper_payload(p, h, len(cs)))
+        for i, (p, h, cs) in enumerate(zip(g.papers, g.hashes, g.chunks))
+    ]
+    retry(store.upsert, store.papers, paper_points)
 
 
 def delete_papers(store: Store, paper_ids: Sequence[str]) -> set[str]:

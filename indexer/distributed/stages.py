@@ -18,8 +18,8 @@ import ray
 from ..config import Settings
 from ..grouping import groups
 from ..papers import BadRecord, PaperIn, _records, shard_of, validate
-from ..pipeline import HEAD_FALLBACK_WORDS, SWITCH_INTERVAL_S, CommitGroup, Indexer, retry
-from ..store import ChunkText, Layout, PaperChunks, PaperRef, Point, paper_point_id
+from ..pipeline import HEAD_FALLBACK_WORDS, SWITCH_INTERVAL_S, CommitGroup, commit_group, retry
+from ..store import Layout
 from ..tokenizing import ChunkSpec, WindowSpec, _load, _prepare
 from .stores import Sink
 
@@ -207,29 +207,9 @@ class EncodeStage:
 
 
 def write_group(store: Sink, g: CommitGroup) -> None:
-    """Indexer.write without its lock (each group is written by one task): what a previous version left
-    goes (its marker first), then the chunks, then the paper points, the commit markers; every store
-    call is idempotent and retried."""
-    if g.replace:
-        retry(store.delete_papers, g.replace)
-    retry(store.delete_chunks, [p.paper_id for p in g.papers if p.paper_id not in set(g.replace)])
-    entries, at = [], 0
-    for p, cs in zip(g.papers, g.chunks):
-        if cs:
-            entries.append(
-                PaperChunks(
-                    PaperRef(p.paper_id, p.title, p.year, p.metadata()),
-                    [ChunkText(c.chunk_index, c.word_start, c.word_end, c.text) for c in cs],
-                    g.chunk_vecs[at : at + len(cs)],
-                )
-            )
-            at += len(cs)
-    retry(store.upsert_chunks, entries)
-    points = [
-        Point(paper_point_id(p.paper_id), g.paper_vecs[i], Indexer.paper_payload(p, h, len(cs)))
-        for i, (p, h, cs) in enumerate(zip(g.papers, g.hashes, g.chunks))
-    ]
-    retry(store.upsert, store.papers, points)
+    """Indexer.write without its lock (each group is written by one task): the commit protocol
+    (pipeline.commit_group), then a flush."""
+    commit_group(store, g)  # type: ignore[arg-type]
     retry(store.flush)
 
 
