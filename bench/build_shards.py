@@ -34,11 +34,16 @@ def write(path: Path, chunks: int, shards: int, dim: int, windows: int) -> None:
     store.create(Layout(768, dim, True))
     papers = max(1, chunks // PER_PAPER)
     for at in range(0, papers, 20):
-        store.upsert_chunks([
-            PaperChunks(PaperRef(f"p{i}", "title", 2000, {}), [ChunkText(c, 0, 1, "text") for c in range(PER_PAPER)],
-                        [rng.standard_normal((windows, dim)).astype(np.float32) for _ in range(PER_PAPER)])
-            for i in range(at, min(at + 20, papers))
-        ])
+        store.upsert_chunks(
+            [
+                PaperChunks(
+                    PaperRef(f"p{i}", "title", 2000, {}),
+                    [ChunkText(c, 0, 1, "text") for c in range(PER_PAPER)],
+                    [rng.standard_normal((windows, dim)).astype(np.float32) for _ in range(PER_PAPER)],
+                )
+                for i in range(at, min(at + 20, papers))
+            ]
+        )
     store.flush()
     store.close()
 
@@ -74,8 +79,12 @@ def main() -> None:
         write(work / "a", args.chunks, args.shards, args.dim, args.windows)
         written = time.perf_counter() - t
         shutil.copytree(work / "a", work / "b")
-        row = {**vars(args), "write_s": round(written, 1), "one_after_another_s": round(build(work / "a", False), 2),
-               "in_threads_s": round(build(work / "b", True), 2)}
+        row = {
+            **vars(args),
+            "write_s": round(written, 1),
+            "one_after_another_s": round(build(work / "a", False), 2),
+            "in_threads_s": round(build(work / "b", True), 2),
+        }
         print(json.dumps(row))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,7 @@ realistic payload of ~512 words), bulk-loads them, builds HNSW (and quantized co
 index in a fresh process and runs queries. Per-million figures are the slope between the two sizes,
 so fixed overheads drop out.
 
-    python bench/capacity.py                       # single-vector layouts at 10k and 20k chunks, multivector at 4k and 8k
+    python bench/capacity.py     # single-vector layouts at 10k and 20k chunks, multivector at 4k and 8k
     python bench/capacity.py --sizes 20000 50000 --layouts single int8
 
 Layouts: single (one 768-d vector per chunk: long_chunk=mean/truncate), multivector (--windows
@@ -64,9 +64,22 @@ def build(path: Path, n: int, layout: str, dim: int, windows: int, words: int, s
         for i in range(start, min(n, start + 512)):
             pid, c = f"paper{i // 20}", i % 20
             text = " ".join(rng.choice(VOCAB, words))
-            payload = {"paper_id": pid, "paper_uuid": paper_point_id(pid), "chunk_index": c, "year": 1990 + i % 35, "text": text,
-                       "metadata": {"paper_id": pid, "title": f"title of {pid}", "year": 1990 + i % 35, "chunk_index": c,
-                                    "word_start": c * 462, "word_end": c * 462 + words, "authors": ["A. Author", "B. Author"]}}
+            payload = {
+                "paper_id": pid,
+                "paper_uuid": paper_point_id(pid),
+                "chunk_index": c,
+                "year": 1990 + i % 35,
+                "text": text,
+                "metadata": {
+                    "paper_id": pid,
+                    "title": f"title of {pid}",
+                    "year": 1990 + i % 35,
+                    "chunk_index": c,
+                    "word_start": c * 462,
+                    "word_end": c * 462 + words,
+                    "authors": ["A. Author", "B. Author"],
+                },
+            }
             batch.append(Point(chunk_point_id(pid, c), unit(rng, (windows, dim) if multivector else (dim,)), payload))
         store.upsert(store.chunks, batch)
     store.finish_bulk()
@@ -105,7 +118,9 @@ def disk_bytes(path: Path) -> dict[str, int]:
 
 
 def ram_bytes(parts: dict[str, int], on_disk: bool) -> int:
-    return sum(parts[k] for k in ("quantized", "graph", "payload_index", "id_tracker", "other")) + (0 if on_disk else parts["vectors"])
+    return sum(parts[k] for k in ("quantized", "graph", "payload_index", "id_tracker", "other")) + (
+        0 if on_disk else parts["vectors"]
+    )
 
 
 MEASURE = """
@@ -128,15 +143,27 @@ print(json.dumps({{k: after[k] - before[k] for k in after}}))
 
 
 def memory(path: Path, dim: int, queries: int) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT), path=str(path), dim=dim, queries=queries)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE.format(root=str(ROOT), path=str(path), dim=dim, queries=queries)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs=2, default=[10000, 20000], help="two chunk counts; per-million figures are the slope")
-    ap.add_argument("--mv-sizes", type=int, nargs=2, default=[4000, 8000], help="the same for multivector layouts (each chunk holds --windows vectors)")
+    ap.add_argument(
+        "--sizes", type=int, nargs=2, default=[10000, 20000], help="two chunk counts; per-million figures are the slope"
+    )
+    ap.add_argument(
+        "--mv-sizes",
+        type=int,
+        nargs=2,
+        default=[4000, 8000],
+        help="the same for multivector layouts (each chunk holds --windows vectors)",
+    )
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--windows", type=int, default=3, help="vectors per chunk in multivector layouts")
@@ -154,24 +181,50 @@ def main() -> None:
                 path = Path(tmp) / "index"
                 seconds = build(path, n, layout, args.dim, args.windows, args.words)
                 parts = disk_bytes(path / "chunks")
-                per_size.append({"n": n, "build_s": seconds, "disk": sum(parts.values()), "ram": ram_bytes(parts, LAYOUTS[layout][2]),
-                                 **parts, **memory(path, args.dim, args.queries)})
+                per_size.append(
+                    {
+                        "n": n,
+                        "build_s": seconds,
+                        "disk": sum(parts.values()),
+                        "ram": ram_bytes(parts, LAYOUTS[layout][2]),
+                        **parts,
+                        **memory(path, args.dim, args.queries),
+                    }
+                )
                 shutil.rmtree(path)
         (a, b), scale = per_size, 1e6 / (sizes[1] - sizes[0])
         slope = {k: (b[k] - a[k]) * scale for k in ("disk", "ram", *COMPONENTS, "RssFile")}
-        rows.append({"layout": layout, "vectors_per_chunk": args.windows if LAYOUTS[layout][0] else 1, **slope, "sizes": per_size})
+        rows.append(
+            {
+                "layout": layout,
+                "vectors_per_chunk": args.windows if LAYOUTS[layout][0] else 1,
+                **slope,
+                "sizes": per_size,
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)  # partial results survive an interrupted run
 
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     gib = 2**30
-    print(f"per million chunks ({args.dim}-d, {args.words}-word payloads; slope between two sizes: {args.sizes} chunks, multivector {args.mv_sizes})")
+    print(
+        f"per million chunks ({args.dim}-d, {args.words}-word payloads; slope between two sizes: {args.sizes} chunks, "
+        f"multivector {args.mv_sizes})"
+    )
     cols = ("vectors", "quantized", "graph", "payload_index", "payload", "wal")
-    print(f"{'layout':<22}{'vec/chunk':>10}{'disk':>7}{'RAM':>7}{'resident':>9}" + "".join(f"{c:>14}" for c in cols) + f"{'build s':>9}")
+    print(
+        f"{'layout':<22}{'vec/chunk':>10}{'disk':>7}{'RAM':>7}{'resident':>9}"
+        + "".join(f"{c:>14}" for c in cols)
+        + f"{'build s':>9}"
+    )
     for r in rows:
-        print(f"{r['layout']:<22}{r['vectors_per_chunk']:>10}{r['disk'] / gib:>7.1f}{r['ram'] / gib:>7.2f}{r['RssFile'] / gib:>9.2f}"
-              + "".join(f"{r[c] / gib:>14.2f}" for c in cols) + f"{r['sizes'][-1]['build_s']:>9.0f}")
+        print(
+            f"{r['layout']:<22}{r['vectors_per_chunk']:>10}{r['disk'] / gib:>7.1f}{r['ram'] / gib:>7.2f}"
+            f"{r['RssFile'] / gib:>9.2f}"
+            + "".join(f"{r[c] / gib:>14.2f}" for c in cols)
+            + f"{r['sizes'][-1]['build_s']:>9.0f}"
+        )
     print("GiB per million chunks; build s: load and build at the larger size")
 
 

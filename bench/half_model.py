@@ -79,8 +79,10 @@ def main() -> int:
     halve(a.src, a.dst)
     worst = check(a.src, a.dst, a.texts)
     ok = worst >= a.min_cosine
-    print(f"{a.dst}: {size_mib(a.dst):.1f} MiB (from {size_mib(a.src):.1f}); min cosine against {a.src} "
-          f"over {a.texts} texts: {worst:.6f} ({'ok' if ok else f'below {a.min_cosine}'})")
+    print(
+        f"{a.dst}: {size_mib(a.dst):.1f} MiB (from {size_mib(a.src):.1f}); min cosine against {a.src} "
+        f"over {a.texts} texts: {worst:.6f} ({'ok' if ok else f'below {a.min_cosine}'})"
+    )
     return 0 if ok else 1
 
 

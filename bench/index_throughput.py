@@ -48,11 +48,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from store_writes import PointsMadeHere  # noqa: E402
+
 from indexer.config import Settings  # noqa: E402
 from indexer.encode.device import ENCODERS_PER_GPU  # noqa: E402
 from indexer.plan import Tuning  # noqa: E402
 from indexer.store import Store  # noqa: E402
-from store_writes import PointsMadeHere  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
 RESULTS: dict = {"rows": [], "notes": []}
@@ -223,20 +224,33 @@ class GpuEvents:
             by_mask = {}
             for name, want in (("unpadded", False), ("padded", True)):
                 mine = [(e - s, r * w) for (s, e, r, w), (p, passage) in zip(spans, kinds) if passage and p == want]
-                by_mask[name] = dict(batches=len(mine), busy_share=round(sum(t for t, _ in mine) / busy, 3),
-                                     us_per_ktok=round(float(np.median([t / n * 1e6 for t, n in mine])), 2) if mine else None)
+                by_mask[name] = dict(
+                    batches=len(mine),
+                    busy_share=round(sum(t for t, _ in mine) / busy, 3),
+                    us_per_ktok=round(float(np.median([t / n * 1e6 for t, n in mine])), 2) if mine else None,
+                )
             heads = [e - s for (s, e, _, _), (_, passage) in zip(spans, kinds) if not passage]
-            out[dev] = dict(batches=len(spans), busy_pct=round(100 * busy / window, 1), window_s=round(window / 1e3, 2),
-                            heads_busy_s=round(sum(heads) / 1e3, 3), heads_busy_share=round(sum(heads) / busy, 3),
-                            idle_gaps=len(merged) - 1, idle_s=round(float(gaps.sum()) / 1e3, 2),
-                            idle_in_gaps_over_10ms_s=round(float(gaps[gaps > 10].sum()) / 1e3, 2), longest_gap_ms=round(float(gaps.max()), 1),
-                            full_batches=len(full), us_per_ktok_full=round(float(np.median(full)), 2) if full else None,
-                            passage_batches=by_mask)
+            out[dev] = dict(
+                batches=len(spans),
+                busy_pct=round(100 * busy / window, 1),
+                window_s=round(window / 1e3, 2),
+                heads_busy_s=round(sum(heads) / 1e3, 3),
+                heads_busy_share=round(sum(heads) / busy, 3),
+                idle_gaps=len(merged) - 1,
+                idle_s=round(float(gaps.sum()) / 1e3, 2),
+                idle_in_gaps_over_10ms_s=round(float(gaps[gaps > 10].sum()) / 1e3, 2),
+                longest_gap_ms=round(float(gaps.max()), 1),
+                full_batches=len(full),
+                us_per_ktok_full=round(float(np.median(full)), 2) if full else None,
+                passage_batches=by_mask,
+            )
             if t0 is not None and dev in self.anchors:
                 anchor, at = self.anchors[dev]
                 start = at + anchor.elapsed_time(ref) / 1e3 - t0  # the first mark on the run's clock
                 longest = sorted(zip(merged, merged[1:]), key=lambda ab: ab[0][1] - ab[1][0])[:8]
-                out[dev]["longest_gaps"] = [[round(start + a[1] / 1e3, 3), round(b[0] - a[1], 1)] for a, b in sorted(longest)]
+                out[dev]["longest_gaps"] = [
+                    [round(start + a[1] / 1e3, 3), round(b[0] - a[1], 1)] for a, b in sorted(longest)
+                ]
         return out
 
 
@@ -276,9 +290,15 @@ class GcTimes:
 
     def report(self, t0: float) -> dict:
         by = {g: [s for gg, _, s in self.passes if gg == g] for g in (0, 1, 2)}
-        return dict(tracked_at_start=self.tracked, frozen=self.freeze,
-                    **{f"gen{g}": dict(n=len(v), s=round(sum(v), 3), longest_ms=round(1e3 * max(v, default=0), 1)) for g, v in by.items()},
-                    over_20ms=[[g, round(t - t0, 3), round(1e3 * s, 1)] for g, t, s in self.passes if s > 0.02][:40])
+        return dict(
+            tracked_at_start=self.tracked,
+            frozen=self.freeze,
+            **{
+                f"gen{g}": dict(n=len(v), s=round(sum(v), 3), longest_ms=round(1e3 * max(v, default=0), 1))
+                for g, v in by.items()
+            },
+            over_20ms=[[g, round(t - t0, 3), round(1e3 * s, 1)] for g, t, s in self.passes if s > 0.02][:40],
+        )
 
 
 class LockProbe:
@@ -307,8 +327,13 @@ class LockProbe:
     @property
     def report(self) -> dict:
         late = np.array(self.late or [0.0]) * 1e3
-        return dict(wakeups=len(self.late), mean_ms=round(float(late.mean()), 3), p50_ms=round(float(np.median(late)), 3),
-                    p99_ms=round(float(np.percentile(late, 99)), 3), over_1ms=round(float((late > 1).mean()), 3))
+        return dict(
+            wakeups=len(self.late),
+            mean_ms=round(float(late.mean()), 3),
+            p50_ms=round(float(np.median(late)), 3),
+            p99_ms=round(float(np.percentile(late, 99)), 3),
+            over_1ms=round(float((late > 1).mean()), 3),
+        )
 
 
 class NullStore(Store):
@@ -319,6 +344,7 @@ class NullStore(Store):
     def create(self, layout) -> None: ...
     def committed(self, paper_ids):
         return {}
+
     def upsert(self, collection, points) -> None: ...
     def upsert_chunks(self, entries) -> None: ...
     def delete_chunks(self, paper_ids) -> None: ...
@@ -349,7 +375,9 @@ def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float
     fast = speed_up(model, "cls")  # compiles the fused add + LayerNorm that the graphs run
     graphed = GraphedForward(fast, device)
     variants = {
-        "kernel: HF MPNet eager fp16": lambda model=model: model(input_ids=d_ids.long(), attention_mask=torch.ones_like(d_ids)).last_hidden_state[:, 0],
+        "kernel: HF MPNet eager fp16": lambda model=model: model(
+            input_ids=d_ids.long(), attention_mask=torch.ones_like(d_ids)
+        ).last_hidden_state[:, 0],
         "kernel: SDPA pooled fp16, eager (add + LayerNorm unfused)": lambda fast=fast: fast(d_ids, None),
         "kernel: SDPA pooled fp16 + CUDA graph (fused add + LayerNorm)": lambda graphed=graphed: graphed(h_ids, None),
     }
@@ -362,7 +390,9 @@ def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float
                 compiled(h_ids, None)
             sync(device)
             RESULTS["notes"].append(f"torch.compile + capture took {time.perf_counter() - t:.0f} s")
-            variants["kernel: SDPA pooled fp16, whole forward torch.compile + CUDA graph"] = lambda: compiled(h_ids, None)
+            variants["kernel: SDPA pooled fp16, whole forward torch.compile + CUDA graph"] = lambda: compiled(
+                h_ids, None
+            )
         except Exception as exc:
             RESULTS["notes"].append(f"torch.compile failed after {time.perf_counter() - t:.0f} s: {exc!r}"[:500])
     for name, fn in variants.items():
@@ -382,8 +412,14 @@ def kernel_rows(hf_dir: Path, ids: np.ndarray, device: torch.device, gemm: float
                 dt = s.elapsed_time(e) / 1e3
             cos = torch.nn.functional.cosine_similarity(out[:64].double(), ref, dim=-1).min().item()
             tps = n * rows * width / dt
-            row(name, shape=f"{rows}x{width}", model_tok_s=tps, gemm_pct=100 * tps * flops_per_token(width) / (gemm * 1e12),
-                peak_gib=peak_gib([device]), cos_vs_fp32=cos)
+            row(
+                name,
+                shape=f"{rows}x{width}",
+                model_tok_s=tps,
+                gemm_pct=100 * tps * flops_per_token(width) / (gemm * 1e12),
+                peak_gib=peak_gib([device]),
+                cos_vs_fp32=cos,
+            )
         except Exception as exc:  # keep the other rows
             say(f"{name} failed: {exc!r}")
             RESULTS["notes"].append(f"{name} failed: {exc!r}"[:500])
@@ -410,9 +446,18 @@ def baseline_chunks(st_dir: Path, texts: list[str], device: torch.device) -> tup
     lens = [min(len(x), 512) for x in st.tokenizer(texts, add_special_tokens=True)["input_ids"]]
     cps = len(texts) / dt
     width = 512
-    row("old way: ST .half().encode(bs=256), truncating at 512", chunks=len(texts), seconds=dt, chunks_s=cps,
-        chunk_tok_s=sum(lens) / dt, model_tok_s=sum(lens) / dt, gemm_pct=100 * sum(lens) / dt * flops_per_token(width) / (RESULTS["gemm_tflops"] * 1e12) if device.type == "cuda" else None,
-        peak_gib=peak_gib([device]))
+    row(
+        "old way: ST .half().encode(bs=256), truncating at 512",
+        chunks=len(texts),
+        seconds=dt,
+        chunks_s=cps,
+        chunk_tok_s=sum(lens) / dt,
+        model_tok_s=sum(lens) / dt,
+        gemm_pct=100 * sum(lens) / dt * flops_per_token(width) / (RESULTS["gemm_tflops"] * 1e12)
+        if device.type == "cuda"
+        else None,
+        peak_gib=peak_gib([device]),
+    )
     del st
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -453,8 +498,24 @@ def sampled(name: str | None) -> Iterator[None]:
     out = OUT / ("profile-" + "".join(c if c.isalnum() else "-" for c in name)[:80] + ".txt")
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     mode = ["--gil"] if PROFILE == "gil" else ["--subprocesses", "--idle"]
-    spy = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), *mode, "--threads", "--rate", "200",
-                            "--format", "raw", "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL)
+    spy = subprocess.Popen(
+        [
+            exe,
+            "record",
+            "--pid",
+            str(os.getpid()),
+            *mode,
+            "--threads",
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     time.sleep(1.0)  # attached
     try:
         yield
@@ -490,47 +551,98 @@ def timeline(spans: list, t0: float, t1: float) -> dict:
     for name, v in per_thread.items():
         ends = [enc[0][0], *(b for _, b in v)]  # the run's first encode, then this thread's ends
         between[name] = sum(a - end for (a, _), end in zip(v, ends)) + (at - ends[-1])
-    return dict(before_first_encode_s=round(enc[0][0] - t0, 3), after_last_encode_s=round(t1 - at, 3),
-                no_encoder_s=round(sum(b - a for a, b in idle), 3), no_encoder_waiting_for_tokens_s=round(starved, 3), gaps=len(idle),
-                encoder_threads_between_groups=round(sum(between.values()) / (len(between) * (at - enc[0][0])), 3),
-                # the last writes (start, end) from the last encode's end, and the run's end after the last write
-                last_writes_s=[(round(a - at, 3), round(b - at, 3)) for a, b in writes[-4:]],
-                after_last_write_s=round(t1 - writes[-1][1], 3) if writes else None,
-                # every stage call: (stage, thread, start, end) in seconds from the run's start
-                spans=[(s, name, round(a - t0, 3), round(b - t0, 3)) for s, a, b, name in sorted(spans, key=lambda x: x[1])])
+    return dict(
+        before_first_encode_s=round(enc[0][0] - t0, 3),
+        after_last_encode_s=round(t1 - at, 3),
+        no_encoder_s=round(sum(b - a for a, b in idle), 3),
+        no_encoder_waiting_for_tokens_s=round(starved, 3),
+        gaps=len(idle),
+        encoder_threads_between_groups=round(sum(between.values()) / (len(between) * (at - enc[0][0])), 3),
+        # the last writes (start, end) from the last encode's end, and the run's end after the last write
+        last_writes_s=[(round(a - at, 3), round(b - at, 3)) for a, b in writes[-4:]],
+        after_last_write_s=round(t1 - writes[-1][1], 3) if writes else None,
+        # every stage call: (stage, thread, start, end) in seconds from the run's start
+        spans=[(s, name, round(a - t0, 3), round(b - t0, 3)) for s, a, b, name in sorted(spans, key=lambda x: x[1])],
+    )
 
 
-def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas, store_kind: str, chunk_tokens: dict, base: tuple[float, float] | None,
-              gemm: float, chunk_shards: int = 1, in_process: bool = False, papers_per_batch: int = 256, create_here: bool = False,
-              gc_freeze: bool = False, in_flight: int = 48, writer: str = "new", tuning: Tuning = Tuning()) -> dict:
+def index_run(
+    name: str,
+    corpus: Path,
+    n: int,
+    paper_enc,
+    passage_enc,
+    replicas,
+    store_kind: str,
+    chunk_tokens: dict,
+    base: tuple[float, float] | None,
+    gemm: float,
+    chunk_shards: int = 1,
+    in_process: bool = False,
+    papers_per_batch: int = 256,
+    create_here: bool = False,
+    gc_freeze: bool = False,
+    in_flight: int = 48,
+    writer: str = "new",
+    tuning: Tuning = Tuning(),
+) -> dict:
+
+    from store_writes import timed as store_calls_timed
 
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.store import EdgeStore, StoreOptions
-    from store_writes import timed as store_calls_timed
 
-    devices = list(dict.fromkeys(torch.device("cuda", d.index or 0) if d.type == "cuda" else d for d in [passage_enc.device] + [p.device for _, p in replicas]))
+    devices = list(
+        dict.fromkeys(
+            torch.device("cuda", d.index or 0) if d.type == "cuda" else d
+            for d in [passage_enc.device] + [p.device for _, p in replicas]
+        )
+    )
     tmp = tempfile.mkdtemp(prefix="pi-bench-")
     # in_process: no writer processes, the chunks written in this process
     options = StoreOptions(chunk_shards=chunk_shards, writer_processes=not in_process, writer_in_flight=in_flight)
-    store = (PointsMadeHere if writer == "old" else EdgeStore)(tmp, options=options) if store_kind == "edge" else NullStore()
-    idx = Indexer(store, paper_enc, passage_enc, chunk_size=512, chunk_overlap=50, papers_per_batch=papers_per_batch, replicas=replicas,
-                  tuning=tuning)
+    store = (
+        (PointsMadeHere if writer == "old" else EdgeStore)(tmp, options=options)
+        if store_kind == "edge"
+        else NullStore()
+    )
+    idx = Indexer(
+        store,
+        paper_enc,
+        passage_enc,
+        chunk_size=512,
+        chunk_overlap=50,
+        papers_per_batch=papers_per_batch,
+        replicas=replicas,
+        tuning=tuning,
+    )
     busy = instrument(idx)
     writes: dict[str, float] = defaultdict(float)  # the writer thread's time by store call
     if store_kind == "edge":
         store_calls_timed(store, writes)
-    graphed = list({id(p.run._graphed): p.run._graphed for _, p in idx.workers if p.run._graphed is not None}.values())  # shared on a GPU
+    graphed = list(
+        {id(p.run._graphed): p.run._graphed for _, p in idx.workers if p.run._graphed is not None}.values()
+    )  # shared on a GPU
     before = [(len(g), g.eager_batches) for g in graphed]
     reset_peak(devices)
     marks: list[tuple[float, int]] = []  # (time, chunks written) after each batch
     events = GpuEvents(passage_enc.window_tokens + 2, devices, graphed) if GPU_EVENTS else nullcontext()
-    with GpuMonitor(devices) as mon, LockProbe() as probe, events, GcTimes(gc_freeze) as gcs, sampled(name if store_kind == "edge" and PROFILE else None):
+    with (
+        GpuMonitor(devices) as mon,
+        LockProbe() as probe,
+        events,
+        GcTimes(gc_freeze) as gcs,
+        sampled(name if store_kind == "edge" and PROFILE else None),
+    ):
         t = time.perf_counter()
         if create_here:
             idx.ensure_collections()  # as before: the chunk shards created in this process, then opened by the writers
         with store.parallel_writes() as report:  # as `paperindex index` runs it
-            stats = idx.index((p for i, p in enumerate(read_papers([corpus])) if i < n), on_batch=lambda s: marks.append((time.perf_counter(), s.chunks)))
+            stats = idx.index(
+                (p for i, p in enumerate(read_papers([corpus])) if i < n),
+                on_batch=lambda s: marks.append((time.perf_counter(), s.chunks)),
+            )
         for d in devices:
             sync(d)
         t_end = time.perf_counter()
@@ -541,23 +653,48 @@ def index_run(name: str, corpus: Path, n: int, paper_enc, passage_enc, replicas,
     ctok = chunk_tokens["per_chunk"] * stats.chunks
     width = passage_enc.window_tokens + 2
     res = dict(
-        papers=stats.papers_indexed, chunks=stats.chunks, windows=stats.windows, seconds=dt, chunks_s=stats.chunks / dt,
-        papers_s=stats.papers_indexed / dt, chunk_tok_s=ctok / dt, model_tok_s=stats.tokens / dt,
+        papers=stats.papers_indexed,
+        chunks=stats.chunks,
+        windows=stats.windows,
+        seconds=dt,
+        chunks_s=stats.chunks / dt,
+        papers_s=stats.papers_indexed / dt,
+        chunk_tok_s=ctok / dt,
+        model_tok_s=stats.tokens / dt,
         # without the pipeline's fill and drain: from the first batch written to the last
         steady_chunks_s=(marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) > 2 else None,
-        gemm_pct=100 * (stats.tokens * flops_per_token(width) + stats.head_tokens * flops_per_token(384)) / dt / (gemm * len(devices) * 1e12) if gemm else None,
-        gpu_busy=mon.busy, sm_mhz="/".join(f"{np.mean([c[i] for c in mon.clocks]):.0f}" for i in range(len(mon.handles))) if mon.clocks else None,
-        gpu_events=events.report(t) if GPU_EVENTS else None, peak_gib=peak_gib(devices), ratio_vs_old=(stats.chunks / dt) / base[0] if base else None,
+        gemm_pct=100
+        * (stats.tokens * flops_per_token(width) + stats.head_tokens * flops_per_token(384))
+        / dt
+        / (gemm * len(devices) * 1e12)
+        if gemm
+        else None,
+        gpu_busy=mon.busy,
+        sm_mhz="/".join(f"{np.mean([c[i] for c in mon.clocks]):.0f}" for i in range(len(mon.handles)))
+        if mon.clocks
+        else None,
+        gpu_events=events.report(t) if GPU_EVENTS else None,
+        peak_gib=peak_gib(devices),
+        ratio_vs_old=(stats.chunks / dt) / base[0] if base else None,
         tok_ratio_vs_old=ctok / dt / base[1] if base else None,
         stage_busy_s={k: round(v, 1) for k, v in busy.items() if k != "spans"},
-        writer_split_s={**{k: round(v, 2) for k, v in writes.items()}, "other (payloads, points)": round(busy["write_s"] - sum(writes.values()), 2)} if writes else None,
+        writer_split_s={
+            **{k: round(v, 2) for k, v in writes.items()},
+            "other (payloads, points)": round(busy["write_s"] - sum(writes.values()), 2),
+        }
+        if writes
+        else None,
         # the writer thread's time waiting for a chunk shard's process, and each process's time writing
         shard_writes=asdict(report) if store_kind == "edge" else None,
         timeline=timeline(busy["spans"], t, t_end),
-        lock_wait=probe.report, gc=gcs.report(t),
+        lock_wait=probe.report,
+        gc=gcs.report(t),
         tokenize_lanes=passage_enc.tokenize_lanes,
         # passage graphs after the run, captured during it, and batches run without one
-        graphs=[{"graphs": len(g), "captured": len(g) - n0, "eager_batches": g.eager_batches - e0} for g, (n0, e0) in zip(graphed, before)],
+        graphs=[
+            {"graphs": len(g), "captured": len(g) - n0, "eager_batches": g.eager_batches - e0}
+            for g, (n0, e0) in zip(graphed, before)
+        ],
     )
     row(name, **res)
     return res
@@ -579,7 +716,14 @@ def heads(paper_dirs, corpus: Path, n: int, device: torch.device, paper_enc) -> 
     def old_way(model, batch=256):
         out = []
         for i in range(0, len(texts), batch):
-            inputs = tok(texts[i : i + batch], padding=True, truncation=True, max_length=512, return_tensors="pt", return_token_type_ids=False).to(device)
+            inputs = tok(
+                texts[i : i + batch],
+                padding=True,
+                truncation=True,
+                max_length=512,
+                return_tensors="pt",
+                return_token_type_ids=False,
+            ).to(device)
             with torch.inference_mode():
                 out.append(model(**inputs).last_hidden_state[:, 0].float().cpu())
         return torch.cat(out)
@@ -597,7 +741,13 @@ def heads(paper_dirs, corpus: Path, n: int, device: torch.device, paper_enc) -> 
     old_way(old)
     sync(device)
     dt_old = time.perf_counter() - t
-    row("paper heads, old way: adapter model fp16, tokenizer padding, bs=256", papers=n, seconds=dt_old, papers_s=n / dt_old, peak_gib=peak_gib([device]))
+    row(
+        "paper heads, old way: adapter model fp16, tokenizer padding, bs=256",
+        papers=n,
+        seconds=dt_old,
+        papers_s=n / dt_old,
+        peak_gib=peak_gib([device]),
+    )
     del old
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -612,26 +762,65 @@ def heads(paper_dirs, corpus: Path, n: int, device: torch.device, paper_enc) -> 
         t = time.perf_counter()
         vecs = [encode(*(x[i : i + 256] for x in items)) for i in range(0, n, 256)]
         sync(device)
-        return time.perf_counter() - t, torch.nn.functional.cosine_similarity(torch.from_numpy(vecs[0]).double(), ref, dim=-1).min().item()
+        return time.perf_counter() - t, torch.nn.functional.cosine_similarity(
+            torch.from_numpy(vecs[0]).double(), ref, dim=-1
+        ).min().item()
 
     dt, cos = timed(paper_enc.encode_papers, (titles, abstracts))
-    row("paper heads, paperindex: PaperEncoder.encode_papers", papers=n, seconds=dt, papers_s=n / dt, peak_gib=peak_gib([device]),
-        ratio_vs_old=dt_old / dt, cos_vs_fp32=cos)
+    row(
+        "paper heads, paperindex: PaperEncoder.encode_papers",
+        papers=n,
+        seconds=dt,
+        papers_s=n / dt,
+        peak_gib=peak_gib([device]),
+        ratio_vs_old=dt_old / dt,
+        cos_vs_fp32=cos,
+    )
     # Tokenized beforehand: the encoder's own share, heads packed (now) and padded (before).
     ids = paper_enc.tokenize_heads(titles, abstracts)
     tokens = sum(map(len, ids))
     for name in ("padded", "packed"):
         plan_heads([paper_enc], name)
         dt, cos = timed(paper_enc.encode_ids, (ids,))
-        row(f"paper heads, tokenized beforehand, {name}: PaperEncoder.encode_ids", papers=n, seconds=dt, papers_s=n / dt,
-            head_tok_s=tokens / dt, peak_gib=peak_gib([device]), ratio_vs_old=dt_old / dt, cos_vs_fp32=cos)
+        row(
+            f"paper heads, tokenized beforehand, {name}: PaperEncoder.encode_ids",
+            papers=n,
+            seconds=dt,
+            papers_s=n / dt,
+            head_tok_s=tokens / dt,
+            peak_gib=peak_gib([device]),
+            ratio_vs_old=dt_old / dt,
+            cos_vs_fp32=cos,
+        )
 
 
 def table() -> str:
-    cols = ["chunks_s", "chunk_tok_s", "model_tok_s", "gemm_pct", "gpu_busy", "peak_gib", "ratio_vs_old", "tok_ratio_vs_old", "steady_chunks_s",
-            "papers_s", "cos_vs_fp32"]
-    heads_ = ["chunks/s", "chunk tok/s", "model tok/s", "% GEMM", "GPU busy", "peak GiB", "× old (chunks/s; heads: papers/s)", "× old (tok/s)",
-              "steady chunks/s", "papers/s", "cos vs fp32"]
+    cols = [
+        "chunks_s",
+        "chunk_tok_s",
+        "model_tok_s",
+        "gemm_pct",
+        "gpu_busy",
+        "peak_gib",
+        "ratio_vs_old",
+        "tok_ratio_vs_old",
+        "steady_chunks_s",
+        "papers_s",
+        "cos_vs_fp32",
+    ]
+    heads_ = [
+        "chunks/s",
+        "chunk tok/s",
+        "model tok/s",
+        "% GEMM",
+        "GPU busy",
+        "peak GiB",
+        "× old (chunks/s; heads: papers/s)",
+        "× old (tok/s)",
+        "steady chunks/s",
+        "papers/s",
+        "cos vs fp32",
+    ]
 
     def fmt(k, v):
         if v is None or v == "":
@@ -660,63 +849,199 @@ def main() -> None:
     ap.add_argument("--baseline-chunks", type=int, default=6000)
     ap.add_argument("--heads", type=int, default=2048, help="paper heads in the head rows")
     ap.add_argument("--window", type=int, nargs="+", default=[254], help="window tokens (each a run)")
-    ap.add_argument("--overlap", type=int, nargs="+", default=[Settings.model_fields["window_overlap"].default], help="least window overlap in tokens (each a run)")
-    ap.add_argument("--stores", nargs="+", default=["edge", "null"], choices=["edge", "null"], help="Qdrant Edge, or none")
-    ap.add_argument("--chunk-shards", type=int, nargs="+", default=[2],
-                    help="Qdrant Edge chunk shards, each written by its own process (each a run; default 2, PAPERINDEX_EDGE_CHUNK_SHARDS's on one GPU)")
-    ap.add_argument("--in-process", action="store_true", help="also a run with one chunk shard written in this process (no writer process)")
-    ap.add_argument("--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)")
-    ap.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPUs (each a run, beside one GPU's; the tokenizer workers are those of the most)")
-    ap.add_argument("--per-gpu", type=int, nargs="+", default=[ENCODERS_PER_GPU],
-                    help="encoder threads per GPU (each a run; default: PAPERINDEX_ENCODERS_PER_GPU's)")
-    ap.add_argument("--workers", type=int, help="tokenizer worker processes (default: PAPERINDEX_TOKENIZER_WORKERS's for --device)")
-    ap.add_argument("--lanes", type=int, nargs="+", help="lanes of the tokenizer workers in the several-GPU runs (each a run; default: as `paperindex index` has them "
-                         "for --gpus); one-GPU runs have one, as `paperindex index` on one GPU")
+    ap.add_argument(
+        "--overlap",
+        type=int,
+        nargs="+",
+        default=[Settings.model_fields["window_overlap"].default],
+        help="least window overlap in tokens (each a run)",
+    )
+    ap.add_argument(
+        "--stores", nargs="+", default=["edge", "null"], choices=["edge", "null"], help="Qdrant Edge, or none"
+    )
+    ap.add_argument(
+        "--chunk-shards",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="Qdrant Edge chunk shards, each written by its own process (each a run; default 2, "
+        "PAPERINDEX_EDGE_CHUNK_SHARDS's on one GPU)",
+    )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also a run with one chunk shard written in this process (no writer process)",
+    )
+    ap.add_argument(
+        "--pipeline-compile", action="store_true", help="end-to-end runs with torch.compile (PAPERINDEX_COMPILE)"
+    )
+    ap.add_argument(
+        "--gpus",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="GPUs (each a run, beside one GPU's; the tokenizer workers are those of the most)",
+    )
+    ap.add_argument(
+        "--per-gpu",
+        type=int,
+        nargs="+",
+        default=[ENCODERS_PER_GPU],
+        help="encoder threads per GPU (each a run; default: PAPERINDEX_ENCODERS_PER_GPU's)",
+    )
+    ap.add_argument(
+        "--workers", type=int, help="tokenizer worker processes (default: PAPERINDEX_TOKENIZER_WORKERS's for --device)"
+    )
+    ap.add_argument(
+        "--lanes",
+        type=int,
+        nargs="+",
+        help="lanes of the tokenizer workers in the several-GPU runs (each a run; default: as `paperindex index` has "
+        "them "
+        "for --gpus); one-GPU runs have one, as `paperindex index` on one GPU",
+    )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (a kernel row, last)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a smoke run of this script on CPU)")
-    ap.add_argument("--profile", nargs="?", const="all", choices=["all", "gil"],
-                    help="sample each timed Qdrant Edge run with py-spy: every thread and the worker processes, idle too (all), "
-                         "or only the thread that holds the interpreter lock (gil); collapsed stacks in $OUT/profile-*.txt")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernel", "baseline", "heads", "one-gpu", "e2e"],
-                    help="parts not to run (one-gpu: with --gpus N, only the N-GPU runs; e2e: no indexing runs, e.g. the heads alone)")
-    ap.add_argument("--in-flight", type=int, nargs="+", help="messages sent to a chunk shard's process before the writer waits for it "
-                    "(StoreOptions.writer_in_flight; each a run)")
-    ap.add_argument("--papers-per-batch", type=int, nargs="+",
-                    help="papers per group (each a run; default: as `paperindex index` has them on that many GPUs)")
+    ap.add_argument(
+        "--profile",
+        nargs="?",
+        const="all",
+        choices=["all", "gil"],
+        help="sample each timed Qdrant Edge run with py-spy: every thread and the worker processes, idle too (all), "
+        "or only the thread that holds the interpreter lock (gil); collapsed stacks in $OUT/profile-*.txt",
+    )
+    ap.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["kernel", "baseline", "heads", "one-gpu", "e2e"],
+        help="parts not to run (one-gpu: with --gpus N, only the N-GPU runs; e2e: no indexing runs, e.g. the heads "
+        "alone)",
+    )
+    ap.add_argument(
+        "--in-flight",
+        type=int,
+        nargs="+",
+        help="messages sent to a chunk shard's process before the writer waits for it "
+        "(StoreOptions.writer_in_flight; each a run)",
+    )
+    ap.add_argument(
+        "--papers-per-batch",
+        type=int,
+        nargs="+",
+        help="papers per group (each a run; default: as `paperindex index` has them on that many GPUs)",
+    )
+
     def variant(flag: str, choices: list[str], now: str, text: str) -> None:
         """An option whose values are each a run: with --gpus N, the one-GPU run takes only the last."""
-        ap.add_argument(flag, nargs="+", choices=choices, default=[now], help=f"{text}; each a run (the one-GPU run of --gpus N: the last only)")
+        ap.add_argument(
+            flag,
+            nargs="+",
+            choices=choices,
+            default=[now],
+            help=f"{text}; each a run (the one-GPU run of --gpus N: the last only)",
+        )
 
-    variant("--writer", ["old", "new"], "new", "chunk points (ids, payloads) made by the chunk shards' writer processes as now (new), "
-            "or by the indexing process's writer thread as before (old)")
-    variant("--create", ["here", "writers"], "writers", "a new index's chunk shards created by their writer processes while the run "
-            "starts (writers: as now), or in this process before it (here: as before)")
-    variant("--gc", ["default", "freeze"], "freeze", "what exists at the run's start left out of the garbage collector's passes "
-            "(freeze: as paperindex does now), or the collector as Python sets it (default: as before)")
-    variant("--write-order", ["input", "free"], "free", "groups written as they come unless an earlier one shares a paper (free: as now), "
-            "or in input order (input: as before)")
-    variant("--heads-plan", ["padded", "packed"], "packed", "paper heads packed end to end, no padding (packed: as now), or in "
-            "padded batches (batching.HEAD_BATCHES: as before)")
-    variant("--batches", ["sorted", "unpadded"], "unpadded", "passage batches as batching.WINDOW_BATCHES cuts them (unpadded: the grid's "
-            "widths first, batches that need no padding mask, rows in steps; as now), or cut from one length-sorted run, rows in powers "
-            "of two (sorted: as before)")
-    ap.add_argument("--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)")
-    ap.add_argument("--spread", nargs="+", choices=["on", "off"], default=["on"],
-                    help="several GPUs: the first groups spread over them and the last cut finer (Tuning.spread; each a run), or "
-                         "every GPU's threads taking groups as they come, each ramp size once and the last group halved (off)")
-    ap.add_argument("--gate", nargs="+", choices=["gpu", "all"], default=["gpu"],
-                    help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before); each a run")
-    ap.add_argument("--fresh-graphs", action="store_true",
-                    help="each timed run starts without CUDA graphs (captured as they come, as in a new process), not with the warm-up's")
-    ap.add_argument("--ring", type=int, nargs="+", help="passage batches each encoder thread keeps in flight (BatchRunner.in_flight; each a run)")
-    ap.add_argument("--warm-up-papers", type=int, help="papers the warm-up indexes (each group size a pass; default: 1,000 per encoder thread, "
-                                                        "at least 2,000, at most --papers)")
-    ap.add_argument("--share-graphs", choices=["on", "off"], default="on",
-                    help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own (off: as before)")
-    ap.add_argument("--capture-warm-ups", type=int, default=None, help="runs of a new shape before its capture (GraphedForward.WARM_UPS)")
-    ap.add_argument("--gpu-events", action="store_true",
-                    help="CUDA events around each batch: each GPU's busy share and its time per token on full batches")
+    variant(
+        "--writer",
+        ["old", "new"],
+        "new",
+        "chunk points (ids, payloads) made by the chunk shards' writer processes as now (new), "
+        "or by the indexing process's writer thread as before (old)",
+    )
+    variant(
+        "--create",
+        ["here", "writers"],
+        "writers",
+        "a new index's chunk shards created by their writer processes while the run "
+        "starts (writers: as now), or in this process before it (here: as before)",
+    )
+    variant(
+        "--gc",
+        ["default", "freeze"],
+        "freeze",
+        "what exists at the run's start left out of the garbage collector's passes "
+        "(freeze: as paperindex does now), or the collector as Python sets it (default: as before)",
+    )
+    variant(
+        "--write-order",
+        ["input", "free"],
+        "free",
+        "groups written as they come unless an earlier one shares a paper (free: as now), "
+        "or in input order (input: as before)",
+    )
+    variant(
+        "--heads-plan",
+        ["padded", "packed"],
+        "packed",
+        "paper heads packed end to end, no padding (packed: as now), or in "
+        "padded batches (batching.HEAD_BATCHES: as before)",
+    )
+    variant(
+        "--batches",
+        ["sorted", "unpadded"],
+        "unpadded",
+        "passage batches as batching.WINDOW_BATCHES cuts them (unpadded: the grid's "
+        "widths first, batches that need no padding mask, rows in steps; as now), or cut from one length-sorted run, "
+        "rows in powers "
+        "of two (sorted: as before)",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="run the timed rows this many times over (alternating A/B rows)"
+    )
+    ap.add_argument(
+        "--spread",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="several GPUs: the first groups spread over them and the last cut finer (Tuning.spread; each a run), or "
+        "every GPU's threads taking groups as they come, each ramp size once and the last group halved (off)",
+    )
+    ap.add_argument(
+        "--gate",
+        nargs="+",
+        choices=["gpu", "all"],
+        default=["gpu"],
+        help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before); "
+        "each a run",
+    )
+    ap.add_argument(
+        "--fresh-graphs",
+        action="store_true",
+        help="each timed run starts without CUDA graphs (captured as they come, as in a new process), not with the "
+        "warm-up's",
+    )
+    ap.add_argument(
+        "--ring",
+        type=int,
+        nargs="+",
+        help="passage batches each encoder thread keeps in flight (BatchRunner.in_flight; each a run)",
+    )
+    ap.add_argument(
+        "--warm-up-papers",
+        type=int,
+        help="papers the warm-up indexes (each group size a pass; default: 1,000 per encoder thread, "
+        "at least 2,000, at most --papers)",
+    )
+    ap.add_argument(
+        "--share-graphs",
+        choices=["on", "off"],
+        default="on",
+        help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own "
+        "(off: as before)",
+    )
+    ap.add_argument(
+        "--capture-warm-ups",
+        type=int,
+        default=None,
+        help="runs of a new shape before its capture (GraphedForward.WARM_UPS)",
+    )
+    ap.add_argument(
+        "--gpu-events",
+        action="store_true",
+        help="CUDA events around each batch: each GPU's busy share and its time per token on full batches",
+    )
     args = ap.parse_args()
     gpu_runs, args.gpus = args.gpus, max(args.gpus)
     global PROFILE, GPU_EVENTS
@@ -726,20 +1051,22 @@ def main() -> None:
     import models as bench_models
     from shapes import plan_heads, plan_windows
 
-    from indexer.encode import kernels
     from indexer.chunking import chunk_words
-    from indexer.encode import PaperEncoder, PassageEncoder
+    from indexer.encode import PaperEncoder, PassageEncoder, kernels
     from indexer.encode.runner import CAPTURE_AFTER
-    from indexer.pipeline import Indexer
     from indexer.plan import Hardware, make_plan
     from indexer.runtime import encoder_grid
     from indexer.store import StoreOptions
 
     device = torch.device(args.device)
     hw = Hardware.detect(args.device)  # the counts the runs are sized from, as `paperindex index` sizes its own
-    RESULTS["env"] = dict(torch=torch.__version__, cpus=os.cpu_count(), args={**vars(args), "gpus": gpu_runs},
-                          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                          gpus=torch.cuda.device_count() if device.type == "cuda" else 0)
+    RESULTS["env"] = dict(
+        torch=torch.__version__,
+        cpus=os.cpu_count(),
+        args={**vars(args), "gpus": gpu_runs},
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        gpus=torch.cuda.device_count() if device.type == "cuda" else 0,
+    )
     say(RESULTS["env"])
     work = Path(tempfile.mkdtemp(prefix="pi-bench-"))
     t = time.perf_counter()
@@ -763,7 +1090,9 @@ def main() -> None:
     probe = PassageEncoder(str(st_dir), device="cpu")
     ntok = [len(x) for x in probe.tokenizer(chunk_texts[:3000], add_special_tokens=False)["input_ids"]]
     chunk_tokens = {"per_chunk": float(np.mean(ntok))}
-    RESULTS["chunk_tokens"] = dict(mean=float(np.mean(ntok)), median=float(np.median(ntok)), over_512=float(np.mean(np.array(ntok) > 510)))
+    RESULTS["chunk_tokens"] = dict(
+        mean=float(np.mean(ntok)), median=float(np.median(ntok)), over_512=float(np.mean(np.array(ntok) > 510))
+    )
     say("chunk tokens:", RESULTS["chunk_tokens"])
 
     if "kernel" not in args.skip and device.type == "cuda":
@@ -781,23 +1110,43 @@ def main() -> None:
 
     t = time.perf_counter()
     parsed = sum(1 for _, _ in zip(range(args.papers), read_papers([path])))
-    RESULTS["notes"].append(f"reading + validating {parsed} papers (JSONL -> PaperIn) alone: {time.perf_counter() - t:.1f} s")
+    RESULTS["notes"].append(
+        f"reading + validating {parsed} papers (JSONL -> PaperIn) alone: {time.perf_counter() - t:.1f} s"
+    )
 
     paper_enc = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
     store_names = {"edge": "Qdrant Edge", "null": "no store"}
     for window, overlap in [(w, o) for w in args.window for o in args.overlap if "e2e" not in args.skip]:
-        passage_enc = PassageEncoder(str(st_dir), device=args.device, window_tokens=window, window_overlap=overlap,
-                                     tokenizer_workers=make_plan(Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers), hw).tokenizer_workers,
-                                     tokenizer_lanes=make_plan(Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers), hw).tokenizer_lanes,
-                                     compile=args.pipeline_compile)
+        passage_enc = PassageEncoder(
+            str(st_dir),
+            device=args.device,
+            window_tokens=window,
+            window_overlap=overlap,
+            tokenizer_workers=make_plan(
+                Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers), hw
+            ).tokenizer_workers,
+            tokenizer_lanes=make_plan(
+                Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers), hw
+            ).tokenizer_lanes,
+            compile=args.pipeline_compile,
+        )
         # The encoders `paperindex index` runs (indexer.runtime): each GPU its own paper encoder, shared
         # by that GPU's threads, and a passage replica per thread.
         if device.type != "cuda":
             args.per_gpu = [1]  # replicas are per GPU
         if args.capture_warm_ups is not None:
             kernels.GraphedForward.WARM_UPS = args.capture_warm_ups
-        grid = encoder_grid([f"cuda:{i}" for i in range(args.gpus)], max(args.per_gpu), paper_enc, passage_enc,
-                            args.share_graphs == "on") if device.type == "cuda" else {}
+        grid = (
+            encoder_grid(
+                [f"cuda:{i}" for i in range(args.gpus)],
+                max(args.per_gpu),
+                paper_enc,
+                passage_enc,
+                args.share_graphs == "on",
+            )
+            if device.type == "cuda"
+            else {}
+        )
 
         def replicas_for(n_gpus: int, per_gpu: int) -> list:
             return [pair for (i, j), pair in grid.items() if i < n_gpus and j < per_gpu]
@@ -817,38 +1166,74 @@ def main() -> None:
             # least), in groups of each size the timed runs use (a group's last batches' shapes
             # depend on its size).
             t = time.perf_counter()
-            encoders = {id(e): e for e in (paper_enc, passage_enc, *(e for pair in grid.values() for e in pair))}.values()
+            encoders = {
+                id(e): e for e in (paper_enc, passage_enc, *(e for pair in grid.values() for e in pair))
+            }.values()
             paper_encs = list({id(p): p for p in (paper_enc, *(p for p, _ in replicas_all))}.values())
-            runners = [enc.run for enc in encoders] + [r for name in args.heads_plan for r in plan_heads(paper_encs, name)]
+            runners = [enc.run for enc in encoders] + [
+                r for name in args.heads_plan for r in plan_heads(paper_encs, name)
+            ]
             graphed = list({id(r._graphed): r._graphed for r in runners if r._graphed is not None}.values())
             for g in graphed:
                 g.capture_after = 1
             warm_papers = min(args.papers, args.warm_up_papers or max(2000, 1000 * (1 + len(replicas_all))))
             passage_encs = [passage_enc, *(p for _, p in replicas_all)]
-            for group, batching, heads_plan in [(g, b, h) for g in sorted({g for n in gpu_counts for g in groups_for(n)})
-                                                for b in args.batches for h in args.heads_plan]:
+            for group, batching, heads_plan in [
+                (g, b, h)
+                for g in sorted({g for n in gpu_counts for g in groups_for(n)})
+                for b in args.batches
+                for h in args.heads_plan
+            ]:
                 plan_windows(passage_encs, batching)
                 plan_heads(paper_encs, heads_plan)
-                index_run(f"warm-up (window {window}/{overlap})", path, warm_papers, paper_enc, passage_enc, replicas_all, "null", chunk_tokens,
-                          None, gemm, papers_per_batch=group)
+                index_run(
+                    f"warm-up (window {window}/{overlap})",
+                    path,
+                    warm_papers,
+                    paper_enc,
+                    passage_enc,
+                    replicas_all,
+                    "null",
+                    chunk_tokens,
+                    None,
+                    gemm,
+                    papers_per_batch=group,
+                )
                 RESULTS["rows"].pop()
             for g in graphed:
                 g.capture_after = CAPTURE_AFTER
-            RESULTS["notes"].append(f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: {time.perf_counter() - t:.0f} s "
-                                    f"({warm_papers} papers a pass)")
+            RESULTS["notes"].append(
+                f"warm-up, window {window}/{overlap}{' + compile' if args.pipeline_compile else ''}: "
+                f"{time.perf_counter() - t:.0f} s "
+                f"({warm_papers} papers a pass)"
+            )
 
             def lanes_for(n: int) -> list[int]:  # as `paperindex index` has them on n GPUs, or --lanes
                 if n == 1:
                     return [1]
-                return args.lanes or [make_plan(Settings(device=args.device, gpus=n, tokenizer_workers=passage_enc.windows.workers), hw).tokenizer_lanes]
+                return args.lanes or [
+                    make_plan(
+                        Settings(device=args.device, gpus=n, tokenizer_workers=passage_enc.windows.workers), hw
+                    ).tokenizer_lanes
+                ]
 
-            for n_gpus, per_gpu, n_lanes, group in [(n, k, m, g) for n in gpu_counts for k in args.per_gpu for m in lanes_for(n)
-                                                    for g in groups_for(n)]:
+            for n_gpus, per_gpu, n_lanes, group in [
+                (n, k, m, g) for n in gpu_counts for k in args.per_gpu for m in lanes_for(n) for g in groups_for(n)
+            ]:
                 replicas = replicas_for(n_gpus, per_gpu)
                 passage_enc.windows.set_lanes(n_lanes)
-                tag = (f"window {window}/{overlap}" + (" + compile" if args.pipeline_compile else "") + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
-                       + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else "") + (f", {n_lanes} tokenizing lanes" if args.lanes and len(args.lanes) > 1 else "")
-                       + (f", groups of {group} papers" if args.papers_per_batch and len(args.papers_per_batch) > 1 else ""))
+                tag = (
+                    f"window {window}/{overlap}"
+                    + (" + compile" if args.pipeline_compile else "")
+                    + (f", {n_gpus} GPUs" if args.gpus > 1 else "")
+                    + (f", {per_gpu} threads per GPU" if max(args.per_gpu) > 1 else "")
+                    + (f", {n_lanes} tokenizing lanes" if args.lanes and len(args.lanes) > 1 else "")
+                    + (
+                        f", groups of {group} papers"
+                        if args.papers_per_batch and len(args.papers_per_batch) > 1
+                        else ""
+                    )
+                )
                 runs = [(k, n, False) for k in args.stores for n in (args.chunk_shards if k == "edge" else [1])]
                 runs += [("edge", 1, True)] if args.in_process else []
                 flights = args.in_flight or [StoreOptions().writer_in_flight]
@@ -857,11 +1242,36 @@ def main() -> None:
 
                 def ran(values: list[str], n_gpus=n_gpus) -> list[str]:  # see variant
                     return values if n_gpus > 1 or args.gpus == 1 else values[-1:]
-                for kind, shards, in_process, flight, spread, writer, gate, ring, create, gc_mode, order, batching, heads_plan in [
-                        (*r, f, sp, w, gt, rg, cr, gm, wo, bt, hp) for _ in range(args.repeat) for r in runs for f in (flights if r[0] == "edge" else flights[:1])
-                        for sp in spreads for w in ran(args.writer) for gt in (args.gate if n_gpus > 1 else args.gate[:1])
-                        for rg in rings for cr in ran(args.create) for gm in ran(args.gc) for wo in ran(args.write_order) for bt in ran(args.batches)
-                        for hp in ran(args.heads_plan)]:
+
+                for (
+                    kind,
+                    shards,
+                    in_process,
+                    flight,
+                    spread,
+                    writer,
+                    gate,
+                    ring,
+                    create,
+                    gc_mode,
+                    order,
+                    batching,
+                    heads_plan,
+                ) in [
+                    (*r, f, sp, w, gt, rg, cr, gm, wo, bt, hp)
+                    for _ in range(args.repeat)
+                    for r in runs
+                    for f in (flights if r[0] == "edge" else flights[:1])
+                    for sp in spreads
+                    for w in ran(args.writer)
+                    for gt in (args.gate if n_gpus > 1 else args.gate[:1])
+                    for rg in rings
+                    for cr in ran(args.create)
+                    for gm in ran(args.gc)
+                    for wo in ran(args.write_order)
+                    for bt in ran(args.batches)
+                    for hp in ran(args.heads_plan)
+                ]:
                     plan_windows(passage_encs, batching)
                     plan_heads(paper_encs, heads_plan)
                     for enc in [passage_enc, *(p for _, p in replicas)]:
@@ -871,22 +1281,53 @@ def main() -> None:
                         for g in graphed:
                             g.clear()
                             g._seen.clear()
-                    label = store_names[kind] + (f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else "")
+                    label = store_names[kind] + (
+                        f", {shards} chunk shard{'s' if shards > 1 else ''}" if kind == "edge" else ""
+                    )
                     label += ", written in-process" if in_process else ""
                     label += f", {flight} messages in flight" if len(flights) > 1 and kind == "edge" else ""
                     label += f", spread {spread}" if len(spreads) > 1 else ""
                     label += f", writer {writer}" if len(args.writer) > 1 else ""
-                    label += f", capture holds back {'its GPU' if gate == 'gpu' else 'every GPU'}" if len(args.gate) > 1 and n_gpus > 1 else ""
+                    label += (
+                        f", capture holds back {'its GPU' if gate == 'gpu' else 'every GPU'}"
+                        if len(args.gate) > 1 and n_gpus > 1
+                        else ""
+                    )
                     label += ", fresh graphs" if args.fresh_graphs else ""
-                    label += f", shards created {'in this process' if create == 'here' else 'by the writers'}" if len(args.create) > 1 else ""
+                    label += (
+                        f", shards created {'in this process' if create == 'here' else 'by the writers'}"
+                        if len(args.create) > 1
+                        else ""
+                    )
                     label += f", gc {gc_mode}" if len(args.gc) > 1 else ""
-                    label += f", written {'in input order' if order == 'input' else 'as they come'}" if len(args.write_order) > 1 else ""
+                    label += (
+                        f", written {'in input order' if order == 'input' else 'as they come'}"
+                        if len(args.write_order) > 1
+                        else ""
+                    )
                     label += f", {ring} batches in flight per thread" if len(rings) > 1 else ""
                     label += f", batches {batching}" if len(args.batches) > 1 else ""
                     label += f", heads {heads_plan}" if len(args.heads_plan) > 1 else ""
-                    index_run(f"paperindex e2e → {label} ({tag})", path, args.papers, paper_enc, passage_enc, replicas, kind, chunk_tokens, base, gemm,
-                              shards, in_process, group, create_here=create == "here", gc_freeze=gc_mode == "freeze", in_flight=flight, writer=writer,
-                              tuning=Tuning(spread=spread == "on", in_input_order=order == "input"))
+                    index_run(
+                        f"paperindex e2e → {label} ({tag})",
+                        path,
+                        args.papers,
+                        paper_enc,
+                        passage_enc,
+                        replicas,
+                        kind,
+                        chunk_tokens,
+                        base,
+                        gemm,
+                        shards,
+                        in_process,
+                        group,
+                        create_here=create == "here",
+                        gc_freeze=gc_mode == "freeze",
+                        in_flight=flight,
+                        writer=writer,
+                        tuning=Tuning(spread=spread == "on", in_input_order=order == "input"),
+                    )
         finally:
             passage_enc.close()
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from index_throughput import flops_per_token, gemm_tflops  # noqa: E402
+
 from indexer.encode.kernels import Fusions, GraphedForward, PooledForward, compiled_kernels, warm_up  # noqa: E402
 from indexer.encode.kernels.attention import mpnet_attention_bias, mpnet_position_bias  # noqa: E402
 
@@ -62,7 +63,10 @@ def timed(fn, n: int = 20) -> float:
 
 def row(section: str, name: str, **kv) -> None:
     ROWS.append({"section": section, "name": name, **kv})
-    say(f"[{section}] {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
+    say(
+        f"[{section}] {name}: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items())
+    )
 
 
 def attention_rows(model, rows: int, width: int, flex: bool = True) -> None:
@@ -76,13 +80,16 @@ def attention_rows(model, rows: int, width: int, flex: bool = True) -> None:
     lens[0] = width
     # the biases the indexer builds: (1, h, L, L) shared, (rows, h, L, L) with the padding mask
     shared = mpnet_attention_bias(model.encoder, width, None, torch.float16)
-    padded = mpnet_attention_bias(model.encoder, width, (torch.arange(width, device="cuda")[None, :] < lens[:, None]).long(), torch.float16)
+    padded = mpnet_attention_bias(
+        model.encoder, width, (torch.arange(width, device="cuda")[None, :] < lens[:, None]).long(), torch.float16
+    )
     flops = 4 * rows * h * width * width * d
 
     def sdpa(backend, bias):
         def fn():
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
         return fn
 
     table = mpnet_position_bias(model.encoder, width, torch.float16)[0].contiguous()  # (h, L, L)
@@ -95,7 +102,10 @@ def attention_rows(model, rows: int, width: int, flex: bool = True) -> None:
 
     flexed = torch.compile(flex_attention, dynamic=False)
     block = create_block_mask(not_padding, rows, None, width, width, device="cuda") if flex else None
-    ref = {"shared": sdpa(SDPBackend.EFFICIENT_ATTENTION, shared)(), "padded": sdpa(SDPBackend.EFFICIENT_ATTENTION, padded)()}
+    ref = {
+        "shared": sdpa(SDPBackend.EFFICIENT_ATTENTION, shared)(),
+        "padded": sdpa(SDPBackend.EFFICIENT_ATTENTION, padded)(),
+    }
     cases = {
         ("shared", "efficient"): sdpa(SDPBackend.EFFICIENT_ATTENTION, shared),
         ("shared", "cudnn"): sdpa(SDPBackend.CUDNN_ATTENTION, shared),
@@ -111,7 +121,14 @@ def attention_rows(model, rows: int, width: int, flex: bool = True) -> None:
         try:
             dt = timed(fn)
             err = (fn().float() - ref[bias].float()).abs().max().item() if bias in ref else float("nan")
-            row("attention", f"{backend}, {bias} bias", shape=f"{rows}x{h}x{width}x{d}", ms=dt * 1e3, tflops=flops / dt / 1e12, max_abs_err=err)
+            row(
+                "attention",
+                f"{backend}, {bias} bias",
+                shape=f"{rows}x{h}x{width}x{d}",
+                ms=dt * 1e3,
+                tflops=flops / dt / 1e12,
+                max_abs_err=err,
+            )
         except Exception as exc:
             row("attention", f"{backend}, {bias} bias", error=repr(exc)[:300])
 
@@ -129,7 +146,11 @@ def forward_rows(model, ref32, rows: int, width: int, gemm: float, variants: dic
     h_ids = ids.pin_memory()
     h_mask = None if mask is None else mask.pin_memory()
     with torch.inference_mode():
-        ref = ref32(input_ids=ids[:64].cuda(), attention_mask=None if mask is None else mask[:64].cuda()).last_hidden_state[:, 0].double()
+        ref = (
+            ref32(input_ids=ids[:64].cuda(), attention_mask=None if mask is None else mask[:64].cuda())
+            .last_hidden_state[:, 0]
+            .double()
+        )
     out = {}
     for name, fwd in variants.items():
         try:
@@ -144,15 +165,23 @@ def forward_rows(model, ref32, rows: int, width: int, gemm: float, variants: dic
             cos = F.cosine_similarity(vec, ref, dim=-1).min().item()
             tps = rows * width / dt
             out[name] = tps
-            row(section, name, shape=f"{rows}x{width}{' padded' if padded else ''}", model_tok_s=tps,
-                gemm_pct=100 * tps * flops_per_token(width) / (gemm * 1e12), cos_vs_fp32=cos, first_call_s=first)
+            row(
+                section,
+                name,
+                shape=f"{rows}x{width}{' padded' if padded else ''}",
+                model_tok_s=tps,
+                gemm_pct=100 * tps * flops_per_token(width) / (gemm * 1e12),
+                cos_vs_fp32=cos,
+                first_call_s=first,
+            )
         except Exception as exc:
             row(section, name, error=repr(exc)[:300])
     return out
 
 
 def profile(fwd, rows: int, width: int, name: str, sink) -> None:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     ids = torch.randint(5, 30000, (rows, width), device="cuda")
     with torch.inference_mode(), compiled_kernels():
@@ -197,31 +226,52 @@ def main() -> None:
         "default, cuDNN attention": Fusions(attention="cudnn"),
     }
     variants = {k: PooledForward(model, "cls", fusions=f) for k, f in settings.items()}
-    warm_up(variants["gelu epilogue + compiled add-norm (default)"], torch.device("cuda"))  # compiles the fused add + LayerNorm
+    warm_up(
+        variants["gelu epilogue + compiled add-norm (default)"], torch.device("cuda")
+    )  # compiles the fused add + LayerNorm
     if not args.no_compile:
         whole = PooledForward(model, "cls", fusions=settings["no fusions"])
         whole.forward = torch.compile(whole.forward, dynamic=True)  # type: ignore[method-assign]
         variants["torch.compile, whole forward"] = whole
     full = forward_rows(model, ref32, args.rows, args.width, gemm, variants, False, "forward")
-    forward_rows(model, ref32, args.rows, args.width, gemm, {k: variants[k] for k in list(variants)[:3]}, True, "forward")
+    forward_rows(
+        model, ref32, args.rows, args.width, gemm, {k: variants[k] for k in list(variants)[:3]}, True, "forward"
+    )
     fastest = max((k for k in full if "torch.compile" not in k), key=full.get, default="gelu epilogue")
     say(f"fastest setting: {fastest}")
     for rows in (508, 1016):  # the indexer's batches: a 262,144-token budget
         for padded in (False, True):
             forward_rows(model, ref32, rows, args.width, gemm, {fastest: variants[fastest]}, padded, "batch rows")
     for width in (192, 208, 224, 240, 256, 258, 320, 384, 512):
-        forward_rows(model, ref32, max(1, args.rows * args.width // width), width, gemm, {fastest: variants[fastest]}, False, "width")
+        forward_rows(
+            model,
+            ref32,
+            max(1, args.rows * args.width // width),
+            width,
+            gemm,
+            {fastest: variants[fastest]},
+            False,
+            "width",
+        )
     with open(OUT / "kernel_profile.txt", "w") as sink:
         for name in ("no fusions", fastest):
             profile(variants[name], args.rows, args.width, name, sink)
 
-    (OUT / "kernel_levers.json").write_text(json.dumps({"gemm_tflops": gemm, "device": torch.cuda.get_device_name(),
-                                                         "torch": torch.__version__, "rows": ROWS}, indent=1))
+    (OUT / "kernel_levers.json").write_text(
+        json.dumps(
+            {"gemm_tflops": gemm, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": ROWS},
+            indent=1,
+        )
+    )
     say("\n| section | name | shape | model tok/s | % GEMM | TFLOP/s | ms | cos/err |")
     say("|---|---|---|---|---|---|---|---|")
     for r in ROWS:
-        say(f"| {r['section']} | {r['name']} | {r.get('shape', '')} | {r.get('model_tok_s', 0) / 1e6:.3f} M | {r.get('gemm_pct', 0):.1f} | "
-            f"{r.get('tflops', 0):.0f} | {r.get('ms', 0):.3f} | {r.get('cos_vs_fp32', r.get('max_abs_err', r.get('error', '')))} |")
+        say(
+            f"| {r['section']} | {r['name']} | {r.get('shape', '')} | {r.get('model_tok_s', 0) / 1e6:.3f} M | "
+            f"{r.get('gemm_pct', 0):.1f} | "
+            f"{r.get('tflops', 0):.0f} | {r.get('ms', 0):.3f} | "
+            f"{r.get('cos_vs_fp32', r.get('max_abs_err', r.get('error', '')))} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from support.load import BodyPool, PaperSource, RssSampler, load, summarize  # noqa: E402
-from support.reliability import ServerProcess, audit, corpus_versions, final_state, settings_env  # noqa: E402
-
 from indexer.config import Settings  # noqa: E402
 from indexer.store import EdgeStore  # noqa: E402
+
+from support.load import BodyPool, PaperSource, RssSampler, load, summarize  # noqa: E402
+from support.reliability import ServerProcess, audit, corpus_versions, final_state, settings_env  # noqa: E402
 
 TINY = dict(window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20, token_budget=4096, device="cpu")
 READS = {"search": 50, "grouped": 15, "rerank": 5, "papers": 15}
@@ -75,18 +75,31 @@ def wait_for_jobs(url: str, job_ids: list[str], timeout: float) -> list[str]:
 
 def print_phase(p: dict) -> None:
     m = p["memory"]
-    print(f"\n== {p['phase']} ({p['seconds']}s; server RSS {m['start_mib']} -> peak {m['peak_mib']} -> {m['end_mib']} MiB)")
-    print(f"   {'kind':10s} {'reqs':>6s} {'req/s':>7s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} {'429 p99':>8s}  statuses")
+    print(
+        f"\n== {p['phase']} ({p['seconds']}s; server RSS {m['start_mib']} -> peak {m['peak_mib']} -> {m['end_mib']} "
+        "MiB)"
+    )
+    print(
+        f"   {'kind':10s} {'reqs':>6s} {'req/s':>7s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} "
+        f"{'429 p99':>8s}  statuses"
+    )
     for kind, k in p["by_kind"].items():
         refused = "" if k["refused_p99_ms"] is None else f"{k['refused_p99_ms']:.0f}"
-        print(f"   {kind:10s} {k['requests']:6d} {k['per_s']:7.1f} {k['p50_ms']:8.0f} {k['p95_ms']:8.0f} {k['p99_ms']:8.0f} {k['max_ms']:8.0f} {refused:>8s}  {k['statuses']}")
+        print(
+            f"   {kind:10s} {k['requests']:6d} {k['per_s']:7.1f} {k['p50_ms']:8.0f} {k['p95_ms']:8.0f} "
+            f"{k['p99_ms']:8.0f} {k['max_ms']:8.0f} {refused:>8s}  {k['statuses']}"
+        )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="build tiny random models (offline) instead of PAPERINDEX_* models")
+    ap.add_argument(
+        "--tiny", action="store_true", help="build tiny random models (offline) instead of PAPERINDEX_* models"
+    )
     ap.add_argument("--seconds", type=float, default=15.0, help="length of each phase")
-    ap.add_argument("--users", type=int, default=16, help="concurrent clients in the mixed phase (overload phases use 4x)")
+    ap.add_argument(
+        "--users", type=int, default=16, help="concurrent clients in the mixed phase (overload phases use 4x)"
+    )
     ap.add_argument("--max-requests", type=int, default=20_000, help="cap per phase and stream")
     ap.add_argument("--queue", type=int, default=8, help="PAPERINDEX_INDEX_QUEUE_SIZE of the server")
     ap.add_argument("--seed-papers", type=int, default=200)
@@ -117,11 +130,59 @@ def main() -> int:
             r = httpx.post(srv.url + "/index", params={"wait": True, "timeout": 600}, json=seed, timeout=610)
             r.raise_for_status()
             plan = [
-                ("mixed", [dict(mix=READS | {"index": 15}, users=u, max_requests=cap, seed=1, new_papers=source, index_batch=5, timeout=args.timeout)]),
-                ("index overload", [dict(mix={"index": 1}, users=4 * u, max_requests=cap, seed=2, new_papers=source, index_batch=50, timeout=args.timeout),
-                                    dict(mix=READS, users=u // 2 or 1, max_requests=cap, seed=3, new_papers=source, timeout=args.timeout)]),
-                ("big bodies", [dict(mix={"index": 1}, users=4 * u, max_requests=cap, seed=4, new_papers=big, timeout=args.timeout)]),
-                ("search overload", [dict(mix=READS, users=4 * u, max_requests=cap, seed=5, new_papers=source, timeout=args.timeout)]),
+                (
+                    "mixed",
+                    [
+                        dict(
+                            mix=READS | {"index": 15},
+                            users=u,
+                            max_requests=cap,
+                            seed=1,
+                            new_papers=source,
+                            index_batch=5,
+                            timeout=args.timeout,
+                        )
+                    ],
+                ),
+                (
+                    "index overload",
+                    [
+                        dict(
+                            mix={"index": 1},
+                            users=4 * u,
+                            max_requests=cap,
+                            seed=2,
+                            new_papers=source,
+                            index_batch=50,
+                            timeout=args.timeout,
+                        ),
+                        dict(
+                            mix=READS,
+                            users=u // 2 or 1,
+                            max_requests=cap,
+                            seed=3,
+                            new_papers=source,
+                            timeout=args.timeout,
+                        ),
+                    ],
+                ),
+                (
+                    "big bodies",
+                    [
+                        dict(
+                            mix={"index": 1},
+                            users=4 * u,
+                            max_requests=cap,
+                            seed=4,
+                            new_papers=big,
+                            timeout=args.timeout,
+                        )
+                    ],
+                ),
+                (
+                    "search overload",
+                    [dict(mix=READS, users=4 * u, max_requests=cap, seed=5, new_papers=source, timeout=args.timeout)],
+                ),
             ]
             for name, streams in plan:
                 figures, got = run_phase(name, srv, streams, t)
@@ -149,21 +210,41 @@ def main() -> int:
     server_errors = sum(x.status >= 500 and x.status != 1429 for x in samples)
     no_retry_after = sum(x.status == 1429 for x in samples)
     report = {
-        "startup_s": round(startup, 1), "phases": phases, "requests": len(samples), "timeouts": errors[-1], "connection_errors": errors[0],
+        "startup_s": round(startup, 1),
+        "phases": phases,
+        "requests": len(samples),
+        "timeouts": errors[-1],
+        "connection_errors": errors[0],
         "error_kinds": error_kinds,
-        "server_errors": server_errors, "429_without_retry_after": no_retry_after, "refused_429": sum(x.status == 429 for x in samples),
-        "accepted_jobs": len(jobs), "jobs_done": jobs.count("done"), "healthy_after": healthy, "index_exact": a.exact,
-        "index_problems": a.problems[:10], "papers": a.papers, "chunks": a.chunks,
+        "server_errors": server_errors,
+        "429_without_retry_after": no_retry_after,
+        "refused_429": sum(x.status == 429 for x in samples),
+        "accepted_jobs": len(jobs),
+        "jobs_done": jobs.count("done"),
+        "healthy_after": healthy,
+        "index_exact": a.exact,
+        "index_problems": a.problems[:10],
+        "papers": a.papers,
+        "chunks": a.chunks,
     }
-    ok = (not server_errors and not errors[-1] and not errors[0] and not no_retry_after and healthy and a.exact
-          and report["jobs_done"] == len(jobs))
+    ok = (
+        not server_errors
+        and not errors[-1]
+        and not errors[0]
+        and not no_retry_after
+        and healthy
+        and a.exact
+        and report["jobs_done"] == len(jobs)
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"\n{len(samples)} requests: {server_errors} 5xx, {errors[-1]} timeouts, {errors[0]} connection errors, "
-              f"{report['refused_429']} refused with 429 (all with Retry-After: {no_retry_after == 0}); "
-              f"{report['jobs_done']}/{len(jobs)} accepted jobs done; healthy after: {healthy}; "
-              f"index exact: {a.exact} ({a.papers} papers, {a.chunks} chunks); server start {startup:.0f}s")
+        print(
+            f"\n{len(samples)} requests: {server_errors} 5xx, {errors[-1]} timeouts, {errors[0]} connection errors, "
+            f"{report['refused_429']} refused with 429 (all with Retry-After: {no_retry_after == 0}); "
+            f"{report['jobs_done']}/{len(jobs)} accepted jobs done; healthy after: {healthy}; "
+            f"index exact: {a.exact} ({a.papers} papers, {a.chunks} chunks); server start {startup:.0f}s"
+        )
         for what, n in error_kinds.items():
             print(f"   {n} x {what}")
     return 0 if ok else 1

@@ -50,19 +50,30 @@ def build_passage(path: Path, texts: list[str], tiny: bool = False) -> Path:
 
     tok = passage_wordpiece(texts)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
         special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
     )
     tokenizer = MPNetTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=512,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=512,
     )
     torch.manual_seed(0)
     cfg = _small(MPNetConfig, tiny, vocab_size=30527, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id)
     raw = path / "hf"
     MPNetModel(cfg, add_pooling_layer=False).save_pretrained(raw)
     tokenizer.save_pretrained(raw)
-    st = SentenceTransformer(modules=[stm.Transformer(str(raw), max_seq_length=512), stm.Pooling(cfg.hidden_size, pooling_mode="cls")], device="cpu")
+    st = SentenceTransformer(
+        modules=[stm.Transformer(str(raw), max_seq_length=512), stm.Pooling(cfg.hidden_size, pooling_mode="cls")],
+        device="cpu",
+    )
     st.save(str(path / "st"))
     return path / "st"
 
@@ -78,8 +89,15 @@ def build_paper(path: Path, texts: list[str], tiny: bool = False) -> tuple[Path,
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    tokenizer = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                                  cls_token="[CLS]", mask_token="[MASK]", model_max_length=512)
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
     torch.manual_seed(1)
     base = path / "base"
     BertModel(_small(BertConfig, tiny, vocab_size=31090), add_pooling_layer=False).save_pretrained(base)

@@ -125,8 +125,11 @@ def encoded(
     papers: list[PaperIn], path: Path, enc: PassageEncoder, a: argparse.Namespace
 ) -> tuple[np.ndarray, np.ndarray]:
     """The windows and offsets of one papers file, from the cache when it has them."""
-    key = hashlib.sha256(json.dumps([str(path), path.stat().st_size, a.model, a.chunk_words, a.chunk_overlap,
-                                     a.window_tokens, a.window_overlap]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            [str(path), path.stat().st_size, a.model, a.chunk_words, a.chunk_overlap, a.window_tokens, a.window_overlap]
+        ).encode()
+    ).hexdigest()[:16]
     cache = Path(a.cache) / f"{key}.npz"
     if cache.is_file():
         z = np.load(cache)
@@ -144,8 +147,12 @@ def main() -> None:
     ap.add_argument("papers", nargs="+", help="papers JSONL files (paperindex's input format), each cached apart")
     ap.add_argument("--model", required=True, help="sentence-transformers model folder or hub id")
     ap.add_argument("--queries", action="append", default=[], help="a BEIR queries.jsonl (repeatable)")
-    ap.add_argument("--beir", action="append", default=[],
-                    help="a BEIR folder whose corpus ids are paper ids here: its queries, and nDCG@10 (repeatable)")
+    ap.add_argument(
+        "--beir",
+        action="append",
+        default=[],
+        help="a BEIR folder whose corpus ids are paper ids here: its queries, and nDCG@10 (repeatable)",
+    )
     ap.add_argument("--probes", type=int, default=500, help="sentences sampled from the chunks as known-item queries")
     ap.add_argument("--k", default="50,100,200,400", help="prefetch depths")
     ap.add_argument("--pooling", default="mean,unit", help="mean: the windows' mean; unit: it normalised")
@@ -167,8 +174,9 @@ def main() -> None:
     windows = np.concatenate([w for w, _ in parts])
     offsets = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(o) for _, o in parts]))]).astype(np.int64)
 
-    chunk_paper = np.repeat(np.arange(len(papers)), [len(chunk_words(p.text or "", a.chunk_words, a.chunk_overlap))
-                                                     for p in papers])
+    chunk_paper = np.repeat(
+        np.arange(len(papers)), [len(chunk_words(p.text or "", a.chunk_words, a.chunk_overlap)) for p in papers]
+    )
     assert len(chunk_paper) == len(offsets) - 1
     paper_ids = [p.paper_id for p in papers]
     sets: dict[str, list[str]] = {}
@@ -184,12 +192,24 @@ def main() -> None:
         probes = sample_probes(papers, a.chunk_words, a.chunk_overlap, [0, a.chunk_words], a.probes)
         sets["sentence probes"] = [p.text for p in probes]
     ks = [int(k) for k in a.k.split(",")]
-    results = {"model": a.model, "papers": len(papers), "chunks": len(offsets) - 1, "windows": len(windows),
-               "recall@10": {}}
+    results = {
+        "model": a.model,
+        "papers": len(papers),
+        "chunks": len(offsets) - 1,
+        "windows": len(windows),
+        "recall@10": {},
+    }
     print(f"\n{len(papers)} papers, {len(offsets) - 1} chunks, {len(windows)} windows; {a.model}\n")
     targets = [0.95, 0.98, 0.99]
-    print("| queries | n | chunks | pooled vector | " + " | ".join(f"K={k}" for k in ks) + " | "
-          + " | ".join(f"K for {t}" for t in targets) + " | exact top 1 kept, K=" + str(ks[0]) + " |")
+    print(
+        "| queries | n | chunks | pooled vector | "
+        + " | ".join(f"K={k}" for k in ks)
+        + " | "
+        + " | ".join(f"K for {t}" for t in targets)
+        + " | exact top 1 kept, K="
+        + str(ks[0])
+        + " |"
+    )
     print("|---|---|---|---|" + "---|" * (len(ks) + len(targets) + 1))
     ndcg_rows = []
     for name, texts in sets.items():
@@ -203,9 +223,17 @@ def main() -> None:
                 rec, need = recall_table(exact, pre, ks), needed_k(exact, pre, targets)
                 top1 = recall_table(exact, pre, ks[:1], top=1)[ks[0]]
                 results["recall@10"].setdefault(name, {}).setdefault(str(len(o) - 1), {})[how] = {
-                    "recall@10": rec, "k_needed": need, f"top1_kept@{ks[0]}": top1}
-                print(f"| {name} | {len(texts)} | {len(o) - 1} | {how} | " + " | ".join(f"{rec[k]:.3f}" for k in ks)
-                      + " | " + " | ".join(str(need[t]) for t in targets) + f" | {top1:.3f} |")
+                    "recall@10": rec,
+                    "k_needed": need,
+                    f"top1_kept@{ks[0]}": top1,
+                }
+                print(
+                    f"| {name} | {len(texts)} | {len(o) - 1} | {how} | "
+                    + " | ".join(f"{rec[k]:.3f}" for k in ks)
+                    + " | "
+                    + " | ".join(str(need[t]) for t in targets)
+                    + f" | {top1:.3f} |"
+                )
                 if name in judged:
                     qids, qrels = judged[name]
                     cp = chunk_paper[keep]
@@ -213,9 +241,15 @@ def main() -> None:
                     nd_exact = paper_ndcg(exact, cp, paper_ids, qids, qrels)
                     nd_pooled = paper_ndcg(pre, cp, paper_ids, qids, qrels)
                     results.setdefault("ndcg@10", {}).setdefault(name, {}).setdefault(str(len(o) - 1), {})[how] = {
-                        "exact": nd_exact, "pooled": nd_pooled, **{str(k): v for k, v in nd.items()}}
-                    ndcg_rows.append(f"| {name} | {len(o) - 1} | {how} | {nd_pooled:.4f} | {nd_exact:.4f} | "
-                                     + " | ".join(f"{nd[k]:.4f}" for k in ks) + " |")
+                        "exact": nd_exact,
+                        "pooled": nd_pooled,
+                        **{str(k): v for k, v in nd.items()},
+                    }
+                    ndcg_rows.append(
+                        f"| {name} | {len(o) - 1} | {how} | {nd_pooled:.4f} | {nd_exact:.4f} | "
+                        + " | ".join(f"{nd[k]:.4f}" for k in ks)
+                        + " |"
+                    )
     if ndcg_rows:
         print("\nnDCG@10 by paper (best chunk), exact MaxSim against two-stage:\n")
         head = "| queries | chunks | pooled vector | pooled alone | exact MaxSim | "

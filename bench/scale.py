@@ -106,8 +106,14 @@ def prose(site_packages: bool, workers: int) -> list[str]:
     alone: ~0.2 M)."""
     paths = sysconfig.get_paths()
     roots = [paths["stdlib"]] + ([paths["purelib"], paths["platlib"]] if site_packages else [])
-    files = sorted({str(f) for r in roots for f in Path(r).rglob("*.py")
-                    if not {"test", "tests"} & set(f.parts) and (site_packages or "site-packages" not in f.parts)})
+    files = sorted(
+        {
+            str(f)
+            for r in roots
+            for f in Path(r).rglob("*.py")
+            if not {"test", "tests"} & set(f.parts) and (site_packages or "site-packages" not in f.parts)
+        }
+    )
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
         docs = [d for ds in ex.map(_docstrings, files, chunksize=64) for d in ds]
     return [d for d in dict.fromkeys(docs) if wordy(d)]
@@ -133,24 +139,32 @@ def _write_part(job: tuple[str, int, int, int, int]) -> int:
                 p = rng.choice(_POOL)
                 body.append(p)
                 count += p.count(" ") + 1
-            f.write(json.dumps({
-                "paper_id": f"scale{i:06d}",
-                "title": " ".join(rng.choice(_POOL).split()[:12]),
-                "abstract": " ".join(" ".join(rng.choice(_POOL) for _ in range(3)).split()[:220]),
-                "text": " ".join(" ".join(body).split()[:words]),
-                "year": 1990 + i % 35,
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "paper_id": f"scale{i:06d}",
+                        "title": " ".join(rng.choice(_POOL).split()[:12]),
+                        "abstract": " ".join(" ".join(rng.choice(_POOL) for _ in range(3)).split()[:220]),
+                        "text": " ".join(" ".join(body).split()[:words]),
+                        "year": 1990 + i % 35,
+                    }
+                )
+                + "\n"
+            )
     return n
 
 
-def write_corpus(folder: Path, pool: list[str], papers: int, words: int, part_papers: int, workers: int,
-                 seed: int) -> list[Path]:
+def write_corpus(
+    folder: Path, pool: list[str], papers: int, words: int, part_papers: int, workers: int, seed: int
+) -> list[Path]:
     global _POOL
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("part-*.jsonl"):
         old.unlink()
-    jobs = [(str(folder / f"part-{i // part_papers:04d}.jsonl"), i, min(part_papers, papers - i), words, seed)
-            for i in range(0, papers, part_papers)]
+    jobs = [
+        (str(folder / f"part-{i // part_papers:04d}.jsonl"), i, min(part_papers, papers - i), words, seed)
+        for i in range(0, papers, part_papers)
+    ]
     _POOL = pool
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
         list(ex.map(_write_part, jobs))
@@ -177,11 +191,22 @@ def build_reranker(path: Path, texts: list[str], tiny: bool) -> Path:
     tok = bench_models.paper_wordpiece(texts)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    tokenizer = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                                  cls_token="[CLS]", mask_token="[MASK]", model_max_length=512)
-    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128) if tiny else \
-        dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+    size = (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        if tiny
+        else dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    )
     torch.manual_seed(2)
     BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), num_labels=1, **size)).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -193,9 +218,13 @@ def build_models(folder: Path, texts: list[str], tiny: bool) -> dict[str, str]:
     import models as bench_models
 
     base, proximity, adhoc = bench_models.build_paper(folder / "specter2", texts, tiny=tiny)
-    return {"passage_model": str(bench_models.build_passage(folder / "mpnet", texts, tiny=tiny)),
-            "paper_model": str(base), "paper_adapter": str(proximity), "query_adapter": str(adhoc),
-            "reranker_model": str(build_reranker(folder / "reranker", texts, tiny))}
+    return {
+        "passage_model": str(bench_models.build_passage(folder / "mpnet", texts, tiny=tiny)),
+        "paper_model": str(base),
+        "paper_adapter": str(proximity),
+        "query_adapter": str(adhoc),
+        "reranker_model": str(build_reranker(folder / "reranker", texts, tiny)),
+    }
 
 
 # saved state -----------------------------------------------------------------------------------------
@@ -222,8 +251,13 @@ class Saved:
 
 def settings_for(a: argparse.Namespace, saved: Saved, index: str, **override: Any) -> dict[str, Any]:
     """PAPERINDEX_* field values of a phase: the prepared models, an index folder under the work folder."""
-    return {**saved["prepare"]["models"], "qdrant_path": str(a.work / index), "device": a.device,
-            "bulk_load": a.bulk_load, **override}
+    return {
+        **saved["prepare"]["models"],
+        "qdrant_path": str(a.work / index),
+        "device": a.device,
+        "bulk_load": a.bulk_load,
+        **override,
+    }
 
 
 def env_of(fields: dict[str, Any]) -> dict[str, str]:
@@ -255,16 +289,32 @@ def phase_prepare(a: argparse.Namespace, saved: Saved) -> None:
     # pieces a word as from all of it, in a fifth of the time.
     models = build_models(a.work / "models", pool[:: max(1, len(pool) // 6000)], a.tiny)
     pool_words = sum(p.count(" ") + 1 for p in pool)
-    saved.data = {"prepare": {
-        "papers": a.papers, "words_per_paper": words, "chunks_per_paper": a.chunks_per_paper, "parts": len(files),
-        "corpus_gib": round(sum(f.stat().st_size for f in files) / 2**30, 2), "prose": a.prose,
-        "pool_paragraphs": len(pool), "pool_words": pool_words,
-        "repeats": round(a.papers * words / pool_words, 1), "queries": len(queries),
-        "tiny": a.tiny, "models": models, "seconds": {"prose": round(prose_s, 1), "corpus": round(corpus_s, 1),
-                                                     "models": round(time.perf_counter() - t, 1)}}}
-    say(f"prepared {a.papers} papers of {words} words in {len(files)} parts ({saved['prepare']['corpus_gib']} GiB), "
+    saved.data = {
+        "prepare": {
+            "papers": a.papers,
+            "words_per_paper": words,
+            "chunks_per_paper": a.chunks_per_paper,
+            "parts": len(files),
+            "corpus_gib": round(sum(f.stat().st_size for f in files) / 2**30, 2),
+            "prose": a.prose,
+            "pool_paragraphs": len(pool),
+            "pool_words": pool_words,
+            "repeats": round(a.papers * words / pool_words, 1),
+            "queries": len(queries),
+            "tiny": a.tiny,
+            "models": models,
+            "seconds": {
+                "prose": round(prose_s, 1),
+                "corpus": round(corpus_s, 1),
+                "models": round(time.perf_counter() - t, 1),
+            },
+        }
+    }
+    say(
+        f"prepared {a.papers} papers of {words} words in {len(files)} parts ({saved['prepare']['corpus_gib']} GiB), "
         f"{len(queries)} queries; prose pool {len(pool)} paragraphs, {pool_words:,} words "
-        f"(each ~{saved['prepare']['repeats']}x in the corpus); {saved['prepare']['seconds']}")
+        f"(each ~{saved['prepare']['repeats']}x in the corpus); {saved['prepare']['seconds']}"
+    )
 
 
 # index -----------------------------------------------------------------------------------------------
@@ -284,8 +334,13 @@ class Tapped:
         self._store.upsert_chunks(entries)
 
 
-def index_corpus(fields: dict[str, Any], files: Sequence[Path], feed_until: float | None, last: bool = True,
-                 tap: Callable[[Sequence], None] | None = None) -> dict[str, Any]:
+def index_corpus(
+    fields: dict[str, Any],
+    files: Sequence[Path],
+    feed_until: float | None,
+    last: bool = True,
+    tap: Callable[[Sequence], None] | None = None,
+) -> dict[str, Any]:
     """What `paperindex index` does (indexer/cli.py): load the models, index the parts inside the
     store's parallel writes, then build what the writes deferred, each timed. Parts are taken until
     perf_counter() passes `feed_until` (none if it has passed once the models are loaded); the build
@@ -317,8 +372,10 @@ def index_corpus(fields: dict[str, Any], files: Sequence[Path], feed_until: floa
     def progress(st: Any) -> None:  # a line every 30 s: a command cut at the machine's limit still shows its pace
         if time.perf_counter() - said[0] >= 30:
             said[0] = time.perf_counter()
-            say(f"  {st.papers_indexed:,} papers, {st.chunks:,} chunks in {st.seconds:.0f} s "
-                f"({st.chunks / max(st.seconds, 1e-9):,.0f} chunks/s)")
+            say(
+                f"  {st.papers_indexed:,} papers, {st.chunks:,} chunks in {st.seconds:.0f} s "
+                f"({st.chunks / max(st.seconds, 1e-9):,.0f} chunks/s)"
+            )
 
     try:
         t = time.perf_counter()
@@ -354,13 +411,20 @@ def phase_index(a: argparse.Namespace, saved: Saved, started: float) -> None:
         state["build_s"] = run["build_s"]
     runs = state["runs"]
     totals = {k: sum(r["stats"].get(k, 0) for r in runs) for k in ("papers_indexed", "chunks", "windows", "tokens")}
-    state.update(totals, load_s=runs[0]["load_s"], index_s=sum(r["index_s"] for r in runs), parts_total=len(files),
-                 bulk_load=a.bulk_load)
+    state.update(
+        totals,
+        load_s=runs[0]["load_s"],
+        index_s=sum(r["index_s"] for r in runs),
+        parts_total=len(files),
+        bulk_load=a.bulk_load,
+    )
     saved.save()
     left = len(files) - len(state["parts_done"])
-    say(f"index: {len(run['parts'])} parts ({run['stats']['chunks']:,} chunks) in {run['index_s']:.0f} s"
+    say(
+        f"index: {len(run['parts'])} parts ({run['stats']['chunks']:,} chunks) in {run['index_s']:.0f} s"
         + (f", built in {run['build_s']:.0f} s" if "build_s" in run else "")
-        + (f"; {left} of {len(files)} parts left: run --phase index again" if left else "; every part is written"))
+        + (f"; {left} of {len(files)} parts left: run --phase index again" if left else "; every part is written")
+    )
 
 
 # search ----------------------------------------------------------------------------------------------
@@ -382,8 +446,11 @@ def rss_mib(pid: int) -> dict[str, float]:
 
 def disk_gib(path: Path) -> dict[str, float]:
     """Allocated bytes under each top-level folder of the index, and in all."""
-    out = {d.name: sum(f.stat().st_blocks * 512 for f in d.rglob("*") if f.is_file()) / 2**30
-           for d in sorted(path.iterdir()) if d.is_dir()}
+    out = {
+        d.name: sum(f.stat().st_blocks * 512 for f in d.rglob("*") if f.is_file()) / 2**30
+        for d in sorted(path.iterdir())
+        if d.is_dir()
+    }
     return {k: round(v, 2) for k, v in {**out, "total": sum(out.values())}.items()}
 
 
@@ -401,16 +468,23 @@ def timed_gets(client: Any, params: Sequence[dict], warm_up: int) -> dict[str, A
     if not times:
         return {"errors": len(errors), "first_error": errors[0] if errors else None}
     q = statistics.quantiles(times, n=20) if len(times) > 1 else times * 19
-    return {"n": len(times), "p50_ms": round(statistics.median(times), 2), "p95_ms": round(q[18], 2),
-            "mean_ms": round(statistics.fmean(times), 2), "errors": len(errors),
-            "first_error": errors[0] if errors else None}
+    return {
+        "n": len(times),
+        "p50_ms": round(statistics.median(times), 2),
+        "p95_ms": round(q[18], 2),
+        "mean_ms": round(statistics.fmean(times), 2),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
 
 
 def search_runs(modes: bool) -> list[tuple[str, dict[str, Any]]]:
     """(row name, extra GET /search params) of each latency row."""
     flat = [(m, {"mode": m}) for m in ("dense", "hybrid", "lexical")] if modes else [("dense", {})]
-    return flat + [("grouped, 10 papers x 3", {"group_by_paper": "true", "k": 10, "group_size": 3}),
-                   ("reranked, 50 candidates", {"rerank": "true", "candidates": 50})]
+    return flat + [
+        ("grouped, 10 papers x 3", {"group_by_paper": "true", "k": 10, "group_size": 3}),
+        ("reranked, 50 candidates", {"rerank": "true", "candidates": 50}),
+    ]
 
 
 def phase_search(a: argparse.Namespace, saved: Saved) -> None:
@@ -426,8 +500,13 @@ def phase_search(a: argparse.Namespace, saved: Saved) -> None:
     env = {**os.environ, **env_of(fields), "PYTHONPATH": str(ROOT)}
     log = (a.work / "server.log").open("w")
     t0 = time.perf_counter()
-    srv = subprocess.Popen([sys.executable, "-m", "indexer.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                           env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "indexer.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     out = saved["search"]
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
@@ -500,8 +579,9 @@ def best_of(scores: Any, rows: Any, top: int) -> Any:
     return rows.gather(1, scores.sort(dim=1, descending=True, stable=True).indices[:, :top])
 
 
-def brute_force(q: Any, w: Any, owner: Any, n_chunks: int, ks: Sequence[int], engine: dict[str, np.ndarray],
-                top: int, batch: int) -> dict[str, Any]:
+def brute_force(
+    q: Any, w: Any, owner: Any, n_chunks: int, ks: Sequence[int], engine: dict[str, np.ndarray], top: int, batch: int
+) -> dict[str, Any]:
     """Exact MaxSim over every window of every chunk, and against it: the two-stage top `top` by each
     pooled vector and depth K (the K best chunks by the pooled vector, rescored by MaxSim), and the
     engine's hits (chunk numbers, -1 for none). Also how ambiguous each query's top 10 is: the chunks
@@ -532,15 +612,22 @@ def brute_force(q: Any, w: Any, owner: Any, n_chunks: int, ks: Sequence[int], en
             r = torch.from_numpy(rows[at : at + batch]).to(w.device)
             near[name].append(((best.gather(1, r.clamp(min=0)) >= tenth) & (r >= 0)).float().mean(1).cpu())
     exact = torch.cat(truth).numpy()
-    return {"close_chunks_median": float(torch.cat(close).float().median()),
-            "brute_force": {key: round(recall_at(exact, torch.cat(v).numpy()), 4) for key, v in two_stage.items()},
-            "engine": {name: {"recall@10": round(recall_at(exact, rows), 4),
-                              "within_margin_of_10th": round(float(torch.cat(near[name]).mean()), 4)}
-                       for name, rows in engine.items()}}
+    return {
+        "close_chunks_median": float(torch.cat(close).float().median()),
+        "brute_force": {key: round(recall_at(exact, torch.cat(v).numpy()), 4) for key, v in two_stage.items()},
+        "engine": {
+            name: {
+                "recall@10": round(recall_at(exact, rows), 4),
+                "within_margin_of_10th": round(float(torch.cat(near[name]).mean()), 4),
+            }
+            for name, rows in engine.items()
+        },
+    }
 
 
-def engine_top(fields: dict[str, Any], qv: np.ndarray, ks: Sequence[int], top: int,
-               row_of: dict[str, int]) -> dict[str, tuple[np.ndarray, float]]:
+def engine_top(
+    fields: dict[str, Any], qv: np.ndarray, ks: Sequence[int], top: int, row_of: dict[str, int]
+) -> dict[str, tuple[np.ndarray, float]]:
     """The engine's dense search over the built index (the store alone: no query encoding, no HTTP),
     two-stage at each prefetch depth K: each query's top `top` as chunk numbers (-1: none), and the
     median ms per query."""
@@ -596,10 +683,19 @@ def phase_recall(a: argparse.Namespace, saved: Saved) -> None:
     hits = {k: rows for k, (rows, _) in engine.items()}
     found = brute_force(torch.from_numpy(qv).to(device), w, owner, len(windows.ids), ks, hits, 10, a.exact_batch)
     out = saved["recall"]
-    out.update(found, model=a.recall_model, papers=run["stats"]["papers_indexed"], chunks=len(windows.ids),
-               windows=int(w.shape[0]), dim=int(w.shape[1]), queries=len(queries), device=str(device),
-               exact_s=round(time.perf_counter() - t, 1), close_margin=TIE_MARGIN,
-               index={"load_s": run["load_s"], "index_s": run["index_s"], "build_s": run.get("build_s")})
+    out.update(
+        found,
+        model=a.recall_model,
+        papers=run["stats"]["papers_indexed"],
+        chunks=len(windows.ids),
+        windows=int(w.shape[0]),
+        dim=int(w.shape[1]),
+        queries=len(queries),
+        device=str(device),
+        exact_s=round(time.perf_counter() - t, 1),
+        close_margin=TIE_MARGIN,
+        index={"load_s": run["load_s"], "index_s": run["index_s"], "build_s": run.get("build_s")},
+    )
     for name, (_, ms) in engine.items():
         out["engine"][name]["store_ms_p50"] = round(ms, 2)
     # Each chunk shard prefetches its own top K: the engine rescores up to shards x K chunks.
@@ -630,60 +726,135 @@ def table(d: dict[str, Any]) -> str:
     p, ix, se, rc = (d.get(k, {}) for k in ("prepare", "index", "search", "recall"))
     rows: list[tuple[str, str, str, str, str]] = []
     chunks = ix.get("chunks")
-    corpus = (f"{p['papers']:,} papers x {p['words_per_paper']:,} words, {p['corpus_gib']} GiB JSONL; prose pool "
-              f"{p['pool_words']:,} words ({p['repeats']}x)") if p else "-"
+    corpus = (
+        (
+            f"{p['papers']:,} papers x {p['words_per_paper']:,} words, {p['corpus_gib']} GiB JSONL; prose pool "
+            f"{p['pool_words']:,} words ({p['repeats']}x)"
+        )
+        if p
+        else "-"
+    )
     rows.append(("corpus", corpus, "", "", "pseudo-papers of real prose (`--phase prepare`)"))
     if ix:
         per = f" ({ix['windows'] / chunks:.2f} and {ix['tokens'] / chunks:.0f} a chunk)" if chunks else ""
-        rows.append(("chunks / windows / passage tokens",
-                     f"{_fmt(chunks)} / {_fmt(ix.get('windows'))} / {_fmt(ix.get('tokens'))}{per}", "", "",
-                     f"{ix.get('papers_indexed', 0):,} papers in {len(ix.get('runs', []))} command(s)"))
+        rows.append(
+            (
+                "chunks / windows / passage tokens",
+                f"{_fmt(chunks)} / {_fmt(ix.get('windows'))} / {_fmt(ix.get('tokens'))}{per}",
+                "",
+                "",
+                f"{ix.get('papers_indexed', 0):,} papers in {len(ix.get('runs', []))} command(s)",
+            )
+        )
     index_s, build_s, load_s = ix.get("index_s"), ix.get("build_s"), ix.get("load_s")
     rate = f" ({chunks / index_s:,.0f} chunks/s)" if chunks and index_s else ""
     rows += [
         ("model load", _fmt(load_s, " s"), "", "", "random weights of the real shapes; the first command's"),
-        ("read + encode + write (pipelined)", _fmt(index_s, " s") + rate, "", "",
-         "`Indexer.index` in the store's parallel writes"),
-        ("build (after the last write)", _fmt(build_s, " s"), "", "",
-         f"`finish_bulk`; bulk load {ix.get('bulk_load', '-')}"),
+        (
+            "read + encode + write (pipelined)",
+            _fmt(index_s, " s") + rate,
+            "",
+            "",
+            "`Indexer.index` in the store's parallel writes",
+        ),
+        (
+            "build (after the last write)",
+            _fmt(build_s, " s"),
+            "",
+            "",
+            f"`finish_bulk`; bulk load {ix.get('bulk_load', '-')}",
+        ),
     ]
     total = load_s + index_s + build_s if None not in (load_s, index_s, build_s) else None
-    rows.append(("**JSONL → searchable**", _fmt(total, " s"), f"< {SEARCHABLE_TARGET_S} s",
-                 _met(None if total is None else total < SEARCHABLE_TARGET_S), "model load + the two above"))
-    rows.append(("service start → ready", _fmt(se.get("ready_s"), " s"), "", "",
-                 "`paperindex serve` on the built index"))
+    rows.append(
+        (
+            "**JSONL → searchable**",
+            _fmt(total, " s"),
+            f"< {SEARCHABLE_TARGET_S} s",
+            _met(None if total is None else total < SEARCHABLE_TARGET_S),
+            "model load + the two above",
+        )
+    )
+    rows.append(
+        ("service start → ready", _fmt(se.get("ready_s"), " s"), "", "", "`paperindex serve` on the built index")
+    )
     for name, r in (se.get("rows") or {name: {} for name, _ in search_runs(True)}).items():
         target = P50_RERANK_TARGET_MS if name.startswith("reranked") else P50_TARGET_MS
         p50 = r.get("p50_ms")
         err = f"; {r['errors']} errors: {r['first_error']}" if r.get("errors") else ""
         if name.startswith(("grouped", "reranked")):
             name += f" ({se.get('default_mode', 'default')} mode)"
-        rows.append((f"GET /search {name}: p50 / p95", f"{_fmt(p50)} / {_fmt(r.get('p95_ms'))} ms",
-                     f"p50 < {target:g} ms", _met(None if p50 is None else p50 < target),
-                     f"{r.get('n', '-')} requests, k 10, query encoding in{err}"))
+        rows.append(
+            (
+                f"GET /search {name}: p50 / p95",
+                f"{_fmt(p50)} / {_fmt(r.get('p95_ms'))} ms",
+                f"p50 < {target:g} ms",
+                _met(None if p50 is None else p50 < target),
+                f"{r.get('n', '-')} requests, k 10, query encoding in{err}",
+            )
+        )
     rss, disk = se.get("rss_mib") or {}, se.get("disk_gib") or {}
-    rows.append(("server RSS (anon + file)",
-                 f"{_fmt(rss.get('rss'))} MiB ({_fmt(rss.get('anon'))} + {_fmt(rss.get('file'))})" if rss else "-",
-                 "", "", "after the queries; file: the index's mapped pages touched"))
-    rows.append(("index on disk", _fmt(disk.get("total"), " GiB"), "", "",
-                 ", ".join(f"{k} {v}" for k, v in disk.items() if k != "total") or "-"))
+    rows.append(
+        (
+            "server RSS (anon + file)",
+            f"{_fmt(rss.get('rss'))} MiB ({_fmt(rss.get('anon'))} + {_fmt(rss.get('file'))})" if rss else "-",
+            "",
+            "",
+            "after the queries; file: the index's mapped pages touched",
+        )
+    )
+    rows.append(
+        (
+            "index on disk",
+            _fmt(disk.get("total"), " GiB"),
+            "",
+            "",
+            ", ".join(f"{k} {v}" for k, v in disk.items() if k != "total") or "-",
+        )
+    )
     if rc:
-        rows.append(("recall corpus", f"{rc['chunks']:,} chunks, {rc['windows']:,} windows of {rc['dim']}-d", "", "",
-                     f"{rc['model']} (real weights); {rc['queries']} held-out sentences; median "
-                     f"{rc['close_chunks_median']:.0f} chunks within {rc['close_margin']} of a query's 10th best"))
+        rows.append(
+            (
+                "recall corpus",
+                f"{rc['chunks']:,} chunks, {rc['windows']:,} windows of {rc['dim']}-d",
+                "",
+                "",
+                f"{rc['model']} (real weights); {rc['queries']} held-out sentences; median "
+                f"{rc['close_chunks_median']:.0f} chunks within {rc['close_margin']} of a query's 10th best",
+            )
+        )
         ri = rc["index"]
-        rows.append(("recall index: read + encode + write / build",
-                     f"{_fmt(ri['index_s'], ' s')} / {_fmt(ri['build_s'], ' s')}", "", "",
-                     f"the same corpus through the pipeline with {rc['dim']}-d real weights"))
+        rows.append(
+            (
+                "recall index: read + encode + write / build",
+                f"{_fmt(ri['index_s'], ' s')} / {_fmt(ri['build_s'], ' s')}",
+                "",
+                "",
+                f"the same corpus through the pipeline with {rc['dim']}-d real weights",
+            )
+        )
         for name, e in rc["engine"].items():
-            rows.append((f"recall@10, engine two-stage {name}", _fmt(e["recall@10"]), f">= {RECALL_TARGET}",
-                         _met(e["recall@10"] >= RECALL_TARGET),
-                         f"the store's dense search, K per chunk shard ({rc.get('chunk_shards', '-')}); "
-                         f"{e['within_margin_of_10th']:.3f} of its hits within the margin; "
-                         f"{_fmt(e['store_ms_p50'])} ms p50 (vector search alone)"))
+            rows.append(
+                (
+                    f"recall@10, engine two-stage {name}",
+                    _fmt(e["recall@10"]),
+                    f">= {RECALL_TARGET}",
+                    _met(e["recall@10"] >= RECALL_TARGET),
+                    f"the store's dense search, K per chunk shard ({rc.get('chunk_shards', '-')}); "
+                    f"{e['within_margin_of_10th']:.3f} of its hits within the margin; "
+                    f"{_fmt(e['store_ms_p50'])} ms p50 (vector search alone)",
+                )
+            )
         for key, v in rc["brute_force"].items():
-            rows.append((f"recall@10, brute-force prefetch by {key}", _fmt(v), f">= {RECALL_TARGET}",
-                         _met(v >= RECALL_TARGET), "exact top K by the pooled vector, rescored by MaxSim (no HNSW)"))
+            rows.append(
+                (
+                    f"recall@10, brute-force prefetch by {key}",
+                    _fmt(v),
+                    f">= {RECALL_TARGET}",
+                    _met(v >= RECALL_TARGET),
+                    "exact top K by the pooled vector, rescored by MaxSim (no HNSW)",
+                )
+            )
     else:
         rows.append(("recall@10, two-stage vs exact MaxSim", "-", f">= {RECALL_TARGET}", "-", "`--phase recall`"))
     lines = ["| measurement | value | target | met | how |", "|---|---|---|---|---|"]
@@ -722,13 +893,28 @@ def start_background(argv: list[str], work: Path) -> None:
             skip = arg != "--background"
         elif not arg.startswith(("--follow=", "--out=", "--work=")):
             keep.append(arg)
-    child = [sys.executable, "-u", str(Path(__file__).resolve()), *keep, "--feed-s", "0", "--work", str(work),
-             "--out", str(work)]
+    child = [
+        sys.executable,
+        "-u",
+        str(Path(__file__).resolve()),
+        *keep,
+        "--feed-s",
+        "0",
+        "--work",
+        str(work),
+        "--out",
+        str(work),
+    ]
     cmd = " ".join(shlex.quote(x) for x in child)
     rc = shlex.quote(str(work / "run.rc"))
     with (work / "run.log").open("w") as log:
-        subprocess.Popen(["sh", "-c", f"{cmd}; echo $? > {rc}"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                         start_new_session=True)
+        subprocess.Popen(
+            ["sh", "-c", f"{cmd}; echo $? > {rc}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
     say(f"started in the background: {cmd}")
 
 
@@ -763,31 +949,58 @@ def follow(work: Path, out: Path, seconds: float) -> int:
 def main() -> None:
     started = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", nargs="+", choices=[*PHASES, "report", "all"],
-                    help="one or more, run in the order prepare, index, search, recall")
-    ap.add_argument("--background", action="store_true",
-                    help="run the phases in a process of their own that outlives this command (no --feed-s limit)")
-    ap.add_argument("--follow", type=float, metavar="S",
-                    help="print the background run's output for up to S seconds, then copy its figures to --out")
+    ap.add_argument(
+        "--phase",
+        nargs="+",
+        choices=[*PHASES, "report", "all"],
+        help="one or more, run in the order prepare, index, search, recall",
+    )
+    ap.add_argument(
+        "--background",
+        action="store_true",
+        help="run the phases in a process of their own that outlives this command (no --feed-s limit)",
+    )
+    ap.add_argument(
+        "--follow",
+        type=float,
+        metavar="S",
+        help="print the background run's output for up to S seconds, then copy its figures to --out",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "paperindex_data" / "scale", help="the phases' shared folder")
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "paperindex_data" / "scale"),
-                    help="where scale.md and scale.json go ($OUT by default)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT") or ROOT / "paperindex_data" / "scale"),
+        help="where scale.md and scale.json go ($OUT by default)",
+    )
     ap.add_argument("--device", default="auto", help="PAPERINDEX_DEVICE of every phase")
     g = ap.add_argument_group("prepare")
     g.add_argument("--papers", type=int, default=12_000)
     g.add_argument("--chunks-per-paper", type=int, default=100, help="sets the words per paper (1.2 M chunks in all)")
     g.add_argument("--part-papers", type=int, default=250, help="papers per JSONL part (the unit --feed-s stops at)")
-    g.add_argument("--prose", choices=["all", "stdlib"], default="all",
-                   help="docstrings of site-packages too, or the stdlib's only")
+    g.add_argument(
+        "--prose",
+        choices=["all", "stdlib"],
+        default="all",
+        help="docstrings of site-packages too, or the stdlib's only",
+    )
     g.add_argument("--tiny", action="store_true", help="tiny random models (2 layers of 64) for a smoke run on a CPU")
     g.add_argument("--workers", type=int, help="processes that make the corpus (default: every core)")
     g.add_argument("--seed", type=int, default=0)
     g = ap.add_argument_group("index")
-    g.add_argument("--feed-s", type=float, default=420,
-                   help="take no new part once the command has run this many seconds (0: take all)")
+    g.add_argument(
+        "--feed-s",
+        type=float,
+        default=420,
+        help="take no new part once the command has run this many seconds (0: take all)",
+    )
     g.add_argument("--max-parts", type=int, help="take at most this many parts in one command")
-    g.add_argument("--bulk-load", action=argparse.BooleanOptionalAction, default=True,
-                   help="PAPERINDEX_BULK_LOAD (docs/deployment.md: for a first load of 1M+ chunks)")
+    g.add_argument(
+        "--bulk-load",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="PAPERINDEX_BULK_LOAD (docs/deployment.md: for a first load of 1M+ chunks)",
+    )
     g = ap.add_argument_group("search")
     g.add_argument("--queries", type=int, default=200, help="distinct queries (held-out sentences)")
     g.add_argument("--requests", type=int, default=200, help="timed requests per row")

@@ -44,8 +44,13 @@ def lengths_of(papers: list[dict], window: int, overlap: int) -> tuple[list[np.n
     passage = models.passage_wordpiece(sample)
     paper = models.paper_wordpiece(sample)
     paper.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", paper.token_to_id("[CLS]")), ("[SEP]", paper.token_to_id("[SEP]"))])
-    heads = [min(512, len(e.ids)) for e in paper.encode_batch([p["title"] + "[SEP]" + (p.get("abstract") or "") for p in papers])]
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", paper.token_to_id("[CLS]")), ("[SEP]", paper.token_to_id("[SEP]"))],
+    )
+    heads = [
+        min(512, len(e.ids))
+        for e in paper.encode_batch([p["title"] + "[SEP]" + (p.get("abstract") or "") for p in papers])
+    ]
     windows = []
     for p in papers:
         chunks = [c.text for c in chunk_words(p["text"], 512, 50)]
@@ -85,8 +90,15 @@ def plan_heads(encoders, name: str) -> list:
     return out
 
 
-def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_step, unpadded: bool = False,
-              pieces: int | None = None) -> list[tuple[int, int, bool]]:
+def plan_keys(
+    lengths: np.ndarray,
+    budget: int,
+    preferred,
+    min_fill: float,
+    row_step,
+    unpadded: bool = False,
+    pieces: int | None = None,
+) -> list[tuple[int, int, bool]]:
     """The (rows, width, padded) graph shape of each batch the encoders cut `lengths` into."""
     from indexer.encode.batching import bucket_batches, graph_shape
 
@@ -97,8 +109,19 @@ def plan_keys(lengths: np.ndarray, budget: int, preferred, min_fill: float, row_
     return keys
 
 
-def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, window: int, head_rows, capture_after: int,
-             share: bool, window_plan: dict) -> dict:
+def simulate(
+    heads,
+    windows,
+    gpus: int,
+    threads: int,
+    most: int,
+    budget: int,
+    window: int,
+    head_rows,
+    capture_after: int,
+    share: bool,
+    window_plan: dict,
+) -> dict:
     """`share`: a GPU's encoder threads share one set of passage graphs (else each has its own);
     `window_plan`: one of window_plans()."""
     from indexer.chunking import WIDTH_STEP
@@ -125,7 +148,9 @@ def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, wi
         head_real += int(h.sum())
         w = np.concatenate([windows[i] for i in group])
         window_real += int(w.sum())
-        for key in plan_keys(w, budget, widths, 0.0, window_plan["row_step"] or "pow2", window_plan["unpadded"], window_plan["pieces"]):
+        for key in plan_keys(
+            w, budget, widths, 0.0, window_plan["row_step"] or "pow2", window_plan["unpadded"], window_plan["pieces"]
+        ):
             window_run += key[0] * key[1]
             window_padded += key[0] * key[1] if key[2] else 0
             name = ("passage", gpu, 0 if share else thread, key)
@@ -137,10 +162,18 @@ def simulate(heads, windows, gpus: int, threads: int, most: int, budget: int, wi
     out = {}
     for kind, encoders in (("heads", gpus), ("passage", gpus * (1 if share else threads))):
         caps = [i for c, i in captured if c == kind]
-        out[kind] = dict(encoders=encoders, shapes_met=sum(1 for key in seen if key[0] == kind), captures=len(caps),
-                         captures_in_second_half=sum(1 for i in caps if i >= n // 2), eager_batches=eager[kind])
+        out[kind] = dict(
+            encoders=encoders,
+            shapes_met=sum(1 for key in seen if key[0] == kind),
+            captures=len(caps),
+            captures_in_second_half=sum(1 for i in caps if i >= n // 2),
+            eager_batches=eager[kind],
+        )
     out["heads"]["padded_per_head_token"] = round(head_run / head_real, 3)
-    out["passage"].update(run_per_window_position=round(window_run / window_real, 4), in_padded_batches=round(window_padded / window_run, 3))
+    out["passage"].update(
+        run_per_window_position=round(window_run / window_real, 4),
+        in_padded_batches=round(window_padded / window_run, 3),
+    )
     return out
 
 
@@ -149,15 +182,37 @@ def main() -> None:
     ap.add_argument("--papers", type=int, default=16000)
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--threads", type=int, default=2, help="encoder threads per GPU")
-    ap.add_argument("--heads-rows", nargs="+", default=["16"], help="heads' graph rows: multiples of N (16: as now), or pow2")
-    ap.add_argument("--share", nargs="+", choices=["on", "off"], default=["on"],
-                    help="a GPU's encoder threads share one set of passage graphs (on: as now), or each has its own (off: as before)")
-    ap.add_argument("--windows", nargs="+", choices=["sorted", "unpadded"], default=["unpadded"],
-                    help="passage batches cut from one length-sorted run, rows in powers of two (sorted: as before), or as "
-                         "batching.WINDOW_BATCHES has them (unpadded: as now)")
-    ap.add_argument("--pieces", type=int, nargs="+", help="with --windows unpadded: pieces of N × 2^k rows (each a row; default: "
-                                                            "batching.WINDOW_BATCHES's)")
-    ap.add_argument("--capture-after", type=int, nargs="+", help="a shape is captured the n-th time it comes (default: as the encoders do)")
+    ap.add_argument(
+        "--heads-rows", nargs="+", default=["16"], help="heads' graph rows: multiples of N (16: as now), or pow2"
+    )
+    ap.add_argument(
+        "--share",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="a GPU's encoder threads share one set of passage graphs (on: as now), or each has its own (off: as "
+        "before)",
+    )
+    ap.add_argument(
+        "--windows",
+        nargs="+",
+        choices=["sorted", "unpadded"],
+        default=["unpadded"],
+        help="passage batches cut from one length-sorted run, rows in powers of two (sorted: as before), or as "
+        "batching.WINDOW_BATCHES has them (unpadded: as now)",
+    )
+    ap.add_argument(
+        "--pieces",
+        type=int,
+        nargs="+",
+        help="with --windows unpadded: pieces of N × 2^k rows (each a row; default: batching.WINDOW_BATCHES's)",
+    )
+    ap.add_argument(
+        "--capture-after",
+        type=int,
+        nargs="+",
+        help="a shape is captured the n-th time it comes (default: as the encoders do)",
+    )
     ap.add_argument("--budget", type=int, default=262144)
     ap.add_argument("--window", type=int, default=254)
     ap.add_argument("--overlap", type=int, default=16)
@@ -170,25 +225,54 @@ def main() -> None:
     path = corpus.write(Path(tempfile.mkdtemp()) / "corpus.jsonl", args.papers, 8000)
     papers = [json.loads(line) for line in path.open()]
     heads, windows = lengths_of(papers, args.window, args.overlap)
-    print(f"{args.papers} papers, {sum(len(w) for w in windows)} windows; heads {np.mean([h[0] for h in heads]):.0f} tokens on average")
-    print("| GPUs | passage graphs shared | passage batches | capture at sighting | heads' rows | head captures (2nd half) | head eager batches "
-          "| passage captures (2nd half) | passage eager batches | all captures | head padded / head tokens "
-          "| passage positions run / window positions | in padded batches |")
+    print(
+        f"{args.papers} papers, {sum(len(w) for w in windows)} windows; heads {np.mean([h[0] for h in heads]):.0f} "
+        "tokens on average"
+    )
+    print(
+        "| GPUs | passage graphs shared | passage batches | capture at sighting | heads' rows | head captures (2nd "
+        "half) | head eager batches "
+        "| passage captures (2nd half) | passage eager batches | all captures | head padded / head tokens "
+        "| passage positions run / window positions | in padded batches |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     plans = {name: plan for name, plan in window_plans().items() if name != "unpadded"}
     for p in args.pieces or [window_plans()["unpadded"]["pieces"]]:
-        plans["unpadded" if not args.pieces else f"unpadded, pieces of {p}"] = dict(window_plans()["unpadded"], pieces=p)
+        plans["unpadded" if not args.pieces else f"unpadded, pieces of {p}"] = dict(
+            window_plans()["unpadded"], pieces=p
+        )
     chosen = [name for name in plans if name.split(",")[0] in args.windows]
     for gpus in args.gpus:
         most = 128 if gpus > 2 else 256  # as plan.group_papers has it
-        for share, plan, after, rows in [(sh, pl, a, r) for sh in args.share for pl in chosen for a in (args.capture_after or [CAPTURE_AFTER])
-                                         for r in args.heads_rows]:
-            r = simulate(heads, windows, gpus, args.threads, most, args.budget, args.window, rows if rows == "pow2" else int(rows), after, share == "on",
-                         plans[plan])
+        for share, plan, after, rows in [
+            (sh, pl, a, r)
+            for sh in args.share
+            for pl in chosen
+            for a in (args.capture_after or [CAPTURE_AFTER])
+            for r in args.heads_rows
+        ]:
+            r = simulate(
+                heads,
+                windows,
+                gpus,
+                args.threads,
+                most,
+                args.budget,
+                args.window,
+                rows if rows == "pow2" else int(rows),
+                after,
+                share == "on",
+                plans[plan],
+            )
             h, p = r["heads"], r["passage"]
-            print(f"| {gpus} | {share} | {plan} | {after} | {rows} | {h['captures']} ({h['captures_in_second_half']}) | {h['eager_batches']} | "
-                  f"{p['captures']} ({p['captures_in_second_half']}) | {p['eager_batches']} | {h['captures'] + p['captures']} | "
-                  f"{h['padded_per_head_token']} | {p['run_per_window_position']} | {p['in_padded_batches']:.0%} |", flush=True)
+            print(
+                f"| {gpus} | {share} | {plan} | {after} | {rows} | {h['captures']} ({h['captures_in_second_half']}) | "
+                f"{h['eager_batches']} | "
+                f"{p['captures']} ({p['captures_in_second_half']}) | {p['eager_batches']} | "
+                f"{h['captures'] + p['captures']} | "
+                f"{h['padded_per_head_token']} | {p['run_per_window_position']} | {p['in_padded_batches']:.0%} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

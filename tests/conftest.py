@@ -11,10 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from indexer.config import Settings  # noqa: E402
+
 from support.papers import make_paper, write_jsonl  # noqa: E402
 from support.tiny_models import build_all, tiny_settings  # noqa: E402
-
-from indexer.config import Settings  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -76,4 +76,8 @@ def counting_add_norm():
 
         return run
 
-    return graphs.CompiledKernel(layers._add_norm, "add + LayerNorm", backend=backend, dynamic=True, fullgraph=True), compiles, runs
+    return (
+        graphs.CompiledKernel(layers._add_norm, "add + LayerNorm", backend=backend, dynamic=True, fullgraph=True),
+        compiles,
+        runs,
+    )

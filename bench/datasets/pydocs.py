@@ -76,7 +76,12 @@ def sections(rst: str) -> list[tuple[str, int, list[str]]]:
         if UNDERLINE.match(stripped) and UNDERLINE.match(lines[i + 2].strip() if i + 2 < len(lines) else ""):
             i += 1  # overline: the title follows
             continue
-        if stripped and not UNDERLINE.match(stripped) and UNDERLINE.match(nxt.strip()) and len(nxt.strip()) >= len(stripped) - 2:
+        if (
+            stripped
+            and not UNDERLINE.match(stripped)
+            and UNDERLINE.match(nxt.strip())
+            and len(nxt.strip()) >= len(stripped) - 2
+        ):
             flush()
             style = nxt.strip()[0] + ("o" if i > 0 and UNDERLINE.match(lines[i - 1].strip()) else "")
             if style not in styles:

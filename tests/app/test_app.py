@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-from support.papers import make_paper
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -20,15 +19,32 @@ from indexer.runtime import Runtime, build
 from indexer.search import Searcher
 from indexer.store import ClientStore, StoreUnavailable
 
+from support.papers import make_paper
+
 CORPUS = [make_paper(i, words=150 + 90 * (i % 5)) for i in range(12)]
-QUERIES = ["protein folding enzyme", "galaxy star telescope", "graph neural network attention", "soil crop yield climate"]
+QUERIES = [
+    "protein folding enzyme",
+    "galaxy star telescope",
+    "graph neural network attention",
+    "soil crop yield climate",
+]
 
 
 @pytest.fixture(scope="module")
 def runtime(tiny_models):
     s = Settings(
-        **tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20,
-        papers_per_batch=8, token_budget=4096, max_k=20, max_candidates=40, max_query_chars=200, max_body_bytes=200_000,
+        **tiny_models,
+        qdrant_url=":memory:",
+        window_tokens=48,
+        window_overlap=8,
+        chunk_words=120,
+        chunk_overlap=20,
+        papers_per_batch=8,
+        token_budget=4096,
+        max_k=20,
+        max_candidates=40,
+        max_query_chars=200,
+        max_body_bytes=200_000,
     )
     rt = build(s, store=ClientStore(location=":memory:"))
     yield rt
@@ -49,9 +65,17 @@ def with_settings(rt: Runtime, **changes) -> Runtime:
 
 def with_store(rt: Runtime, store) -> Runtime:
     """The same models over another store."""
-    idx = Indexer(store, rt.paper_encoder, rt.passage_encoder, rt.settings.chunk_words, rt.settings.chunk_overlap,
-                  papers_per_batch=rt.indexer.papers_per_batch)
-    return dataclasses.replace(rt, store=store, indexer=idx, searcher=Searcher(store, rt.passage_encoder, rt.paper_encoder, rt.reranker))
+    idx = Indexer(
+        store,
+        rt.paper_encoder,
+        rt.passage_encoder,
+        rt.settings.chunk_words,
+        rt.settings.chunk_overlap,
+        papers_per_batch=rt.indexer.papers_per_batch,
+    )
+    return dataclasses.replace(
+        rt, store=store, indexer=idx, searcher=Searcher(store, rt.passage_encoder, rt.paper_encoder, rt.reranker)
+    )
 
 
 def search(c: TestClient, **params) -> dict:
@@ -70,8 +94,12 @@ def test_health_ready_and_metrics(client):
     search(client, q="protein", k=2)
     text = client.get("/metrics").text
     assert "paperindex_index_queue_depth 0.0" in text
-    indexed = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("paperindex_papers_indexed_total"))
-    chunks = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("paperindex_chunks_indexed_total"))
+    indexed = next(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("paperindex_papers_indexed_total")
+    )
+    chunks = next(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("paperindex_chunks_indexed_total")
+    )
     assert indexed >= len(CORPUS) and chunks >= len(CORPUS)
     assert 'paperindex_http_request_duration_seconds_count{method="GET",route="/search",status="200"}' in text
 
@@ -91,7 +119,9 @@ def test_openapi_has_examples_for_each_endpoint(client):
             for media in ok["content"].values():
                 schema = media.get("schema", {})
                 refs = [r["$ref"] for r in schema.get("anyOf", [schema]) if "$ref" in r]
-                assert media.get("example") or (refs and all(schemas[r.split("/")[-1]].get("examples") for r in refs)), (method, path)
+                assert media.get("example") or (
+                    refs and all(schemas[r.split("/")[-1]].get("examples") for r in refs)
+                ), (method, path)
 
 
 # POST /index, GET /index/{job_id} ------------------------------------------------------------------
@@ -115,7 +145,15 @@ def test_index_job_reports_counts_and_per_paper_errors(client):
     assert r.headers["location"] == f"/index/{job['job_id']}"
     job = wait_done(client, job["job_id"])
     assert job["status"] == "done" and job["error"] is None
-    assert job["counts"] | {"chunks": 0} == {"received": 4, "accepted": 2, "rejected": 2, "indexed": 2, "unchanged": 0, "chunks": 0, "deleted": 0}
+    assert job["counts"] | {"chunks": 0} == {
+        "received": 4,
+        "accepted": 2,
+        "rejected": 2,
+        "indexed": 2,
+        "unchanged": 0,
+        "chunks": 0,
+        "deleted": 0,
+    }
     assert job["counts"]["chunks"] > 2
     errors = {e["index"]: e for e in job["errors"]}
     assert set(errors) == {1, 3}
@@ -209,7 +247,9 @@ def test_each_search_names_its_mode_and_lexical_hits_hold_the_words(client, runt
 def test_search_filters(client):
     hits = search(client, q="cell tumor", k=20, year_from=1993, year_to=1996)["hits"]
     assert hits and all(1993 <= h["metadata"]["year"] <= 1996 for h in hits)
-    hits = client.get("/search", params=[("q", "cell tumor"), ("k", 20), ("paper_id", "p0002"), ("paper_id", "p0007")]).json()["hits"]
+    hits = client.get(
+        "/search", params=[("q", "cell tumor"), ("k", 20), ("paper_id", "p0002"), ("paper_id", "p0007")]
+    ).json()["hits"]
     assert {h["paper_id"] for h in hits} == {"p0002", "p0007"}
     r = client.get("/search", params={"q": "x", "year_from": 2000, "year_to": 1990})
     assert r.status_code == 422 and "year_to" in r.json()["detail"]
@@ -250,12 +290,16 @@ def test_rerank_orders_by_the_cross_encoders_scores(client, runtime):
         # the k kept are the cross-encoder's best among the candidates
         all_scores = runtime.reranker.score(q, [h["text"] for h in plain])
         assert min(own) >= sorted(all_scores, reverse=True)[4] - 1e-5
-        changed |= [(h["paper_id"], h["chunk_index"]) for h in hits] != [(h["paper_id"], h["chunk_index"]) for h in plain[:5]]
+        changed |= [(h["paper_id"], h["chunk_index"]) for h in hits] != [
+            (h["paper_id"], h["chunk_index"]) for h in plain[:5]
+        ]
     assert changed, "reranking never changed the vector order"
 
 
 def test_grouped_rerank_orders_papers_by_their_best_rerank_score(client):
-    groups = search(client, q="quantum chemistry molecule", k=4, group_by_paper=True, rerank=True, candidates=30)["groups"]
+    groups = search(client, q="quantum chemistry molecule", k=4, group_by_paper=True, rerank=True, candidates=30)[
+        "groups"
+    ]
     assert groups
     for g in groups:
         assert g["score"] == pytest.approx(max(p["rerank_score"] for p in g["passages"]))
@@ -269,7 +313,9 @@ def test_paper_search_without_a_query_adapter_is_400(client, runtime, monkeypatc
 
 
 def test_rerank_without_a_reranker_is_400(runtime):
-    rt = dataclasses.replace(runtime, reranker=None, searcher=Searcher(runtime.store, runtime.passage_encoder, runtime.paper_encoder, None))
+    rt = dataclasses.replace(
+        runtime, reranker=None, searcher=Searcher(runtime.store, runtime.passage_encoder, runtime.paper_encoder, None)
+    )
     with TestClient(create_app(runtime=rt)) as c:
         r = c.get("/search", params={"q": "protein", "rerank": True})
         assert r.status_code == 400 and r.json()["code"] == "no_reranker"
@@ -288,14 +334,21 @@ def test_paper_search(client):
         res = client.get("/search/papers", params={"q": "climate ocean", "k": 5, "mode": mode}).json()
         assert res["mode"] == mode and res["hits"]
         assert [h["score"] for h in res["hits"]] == sorted((h["score"] for h in res["hits"]), reverse=True)
-    hits = client.get("/search/papers", params={"q": "climate ocean", "k": 20, "year_from": 1995, "year_to": 1999}).json()["hits"]
+    hits = client.get(
+        "/search/papers", params={"q": "climate ocean", "k": 20, "year_from": 1995, "year_to": 1999}
+    ).json()["hits"]
     assert hits and all(1995 <= h["year"] <= 1999 for h in hits)
 
 
 def test_get_paper_and_404(client):
     src = CORPUS[3]
     p = client.get(f"/papers/{src['paper_id']}").json()
-    assert (p["title"], p["abstract"], p["year"], p["metadata"]["authors"]) == (src["title"], src["abstract"], src["year"], src["authors"])
+    assert (p["title"], p["abstract"], p["year"], p["metadata"]["authors"]) == (
+        src["title"],
+        src["abstract"],
+        src["year"],
+        src["authors"],
+    )
     r = client.get("/papers/no-such-paper")
     assert r.status_code == 404 and "no-such-paper" in r.json()["detail"]
     assert client.get("/papers/no-such-paper/similar").status_code == 404
@@ -343,7 +396,12 @@ def test_writes_need_the_api_key_when_set(runtime, caplog):
     key = "s3cret-key-value"
     with caplog.at_level(logging.DEBUG), TestClient(create_app(runtime=with_settings(runtime, api_key=key))) as c:
         doc = make_paper(600, words=40)
-        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {key}"}):
+        for headers in (
+            {},
+            {"X-API-Key": "wrong"},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Basic {key}"},
+        ):
             r = c.post("/index", json=doc, headers=headers)
             assert r.status_code == 401 and r.json()["code"] == "unauthorized", headers
             assert c.delete(f"/papers/{doc['paper_id']}", headers=headers).status_code == 401

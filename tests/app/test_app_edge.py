@@ -6,12 +6,13 @@ import gc
 import threading
 
 import pytest
-from support.papers import make_paper
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from indexer.config import Settings
 from indexer.store import SearchFilter
+
+from support.papers import make_paper
 
 CORPUS = [make_paper(i, words=150 + 90 * (i % 5), seed=3) for i in range(10)]
 
@@ -19,8 +20,14 @@ CORPUS = [make_paper(i, words=150 + 90 * (i % 5), seed=3) for i in range(10)]
 @pytest.fixture(scope="module")
 def edge_settings(tiny_models, tmp_path_factory) -> Settings:
     return Settings(
-        **tiny_models, qdrant_path=tmp_path_factory.mktemp("edge") / "index", window_tokens=48, window_overlap=8,
-        chunk_words=120, chunk_overlap=20, papers_per_batch=4, token_budget=4096,
+        **tiny_models,
+        qdrant_path=tmp_path_factory.mktemp("edge") / "index",
+        window_tokens=48,
+        window_overlap=8,
+        chunk_words=120,
+        chunk_overlap=20,
+        papers_per_batch=4,
+        token_budget=4096,
     )
 
 
@@ -48,7 +55,9 @@ def test_search_grouped_similar_on_edge(client):
         assert [p["score"] for p in g["passages"]] == pytest.approx([p["score"] for p in best], rel=1e-5)
         assert {p["paper_id"] for p in g["passages"]} == {g["paper_id"]}
         assert g["abstract"] and g["year"] is not None
-    reranked = client.get("/search", params={"q": "protein folding", "k": 3, "rerank": True, "candidates": 12}).json()["hits"]
+    reranked = client.get("/search", params={"q": "protein folding", "k": 3, "rerank": True, "candidates": 12}).json()[
+        "hits"
+    ]
     assert [h["rerank_score"] for h in reranked] == sorted((h["rerank_score"] for h in reranked), reverse=True)
     pid = CORPUS[2]["paper_id"]
     similar = client.get(f"/papers/{pid}/similar", params={"k": 4}).json()["hits"]

@@ -10,13 +10,14 @@ from importlib.resources import files
 
 import numpy as np
 import pytest
-from support.papers import make_paper
-from support.tiny_models import tiny_settings
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from indexer.runtime import build
 from indexer.store import ClientStore
+
+from support.papers import make_paper
+from support.tiny_models import tiny_settings
 
 EXAMPLE = files("indexer") / "data" / "example_papers.jsonl"
 CORPUS = [make_paper(i, words=150 + 120 * (i % 5)) for i in range(8)]
@@ -121,7 +122,7 @@ def test_index_takes_the_bundled_json_lines_file(runtime):
         r = c.post("/index", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 422 and "application/x-ndjson" in r.json()["detail"]
         # a broken line is named
-        bad = raw.splitlines()[0] + b"\n{\"paper_id\": \"x\", \n"
+        bad = raw.splitlines()[0] + b'\n{"paper_id": "x", \n'
         r = c.post("/index", content=bad, headers={"content-type": "application/x-ndjson"})
         assert r.status_code == 422 and "paper 2" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["body", 1]
         r = c.post("/index", content=b"\n\n", headers={"content-type": "application/x-ndjson"})
@@ -165,12 +166,20 @@ def test_stats_reports_what_the_index_holds_and_what_searches_it(client, runtime
     assert s["papers"] == store.count(store.papers) >= len(CORPUS)
     assert s["passages"] == store.count(store.chunks) > s["papers"]
     settings = runtime.settings
-    assert s["models"] == {"passage": settings.passage_model, "paper": settings.paper_model,
-                           "paper_adapter": settings.paper_adapter, "query_adapter": settings.query_adapter,
-                           "reranker": settings.reranker_model}
+    assert s["models"] == {
+        "passage": settings.passage_model,
+        "paper": settings.paper_model,
+        "paper_adapter": settings.paper_adapter,
+        "query_adapter": settings.query_adapter,
+        "reranker": settings.reranker_model,
+    }
     layout = store.layout()
-    assert s["store"] == {"kind": "server", "multivector": layout.multivector, "passage_dim": layout.chunk_dim,
-                          "paper_dim": layout.paper_dim}
+    assert s["store"] == {
+        "kind": "server",
+        "multivector": layout.multivector,
+        "passage_dim": layout.chunk_dim,
+        "paper_dim": layout.paper_dim,
+    }
     assert (s["search_mode"], s["search_modes"]) == (settings.search_mode, ["hybrid", "dense", "lexical"])
     assert client.get("/stats", params={"x": 1}).status_code == 200  # no parameters to get wrong
 
@@ -188,7 +197,7 @@ def test_stats_and_context_on_the_embedded_store(tiny_models, tmp_path):
         ctx = c.get("/passages/context", params={"paper_id": src["paper_id"], "chunk_index": 1, "radius": 1}).json()
         assert [p["chunk_index"] for p in ctx["passages"]] == [0, 1, 2] and ctx["title"] == src["title"]
         words = src["text"].split()
-        assert all(p["text"] == " ".join(words[p["word_start"]:p["word_end"]]) for p in ctx["passages"])
+        assert all(p["text"] == " ".join(words[p["word_start"] : p["word_end"]]) for p in ctx["passages"])
 
 
 def old_index(store: ClientStore, paper_dim: int, chunk_dim: int, n: int = 3) -> None:
@@ -201,9 +210,12 @@ def old_index(store: ClientStore, paper_dim: int, chunk_dim: int, n: int = 3) ->
     rng = np.random.default_rng(0)
     multi = m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM)
     store.client.create_collection(
-        "papers", vectors_config={"specter2": m.VectorParams(size=paper_dim, distance=m.Distance.EUCLID)})
-    store.client.create_collection("chunks", vectors_config={
-        "passage": m.VectorParams(size=chunk_dim, distance=m.Distance.DOT, multivector_config=multi)})
+        "papers", vectors_config={"specter2": m.VectorParams(size=paper_dim, distance=m.Distance.EUCLID)}
+    )
+    store.client.create_collection(
+        "chunks",
+        vectors_config={"passage": m.VectorParams(size=chunk_dim, distance=m.Distance.DOT, multivector_config=multi)},
+    )
     papers, chunks = [], []
     for i, src in enumerate(CORPUS[:n]):
         payload = paper_payload(src["paper_id"], src["title"], src["abstract"], src["year"], 2, f"h{i}", {})
@@ -212,10 +224,13 @@ def old_index(store: ClientStore, paper_dim: int, chunk_dim: int, n: int = 3) ->
         ref = PaperRef(src["paper_id"], src["title"], src["year"], {})
         words = src["text"].split()
         for c in range(2):
-            text = ChunkText(c, 100 * c, 100 * c + 100, " ".join(words[100 * c:100 * c + 100]))
+            text = ChunkText(c, 100 * c, 100 * c + 100, " ".join(words[100 * c : 100 * c + 100]))
             windows = rng.standard_normal((2, chunk_dim)).tolist()
-            chunks.append(m.PointStruct(id=chunk_point_id(src["paper_id"], c), vector={"passage": windows},
-                                        payload=chunk_payload(ref, text)))
+            chunks.append(
+                m.PointStruct(
+                    id=chunk_point_id(src["paper_id"], c), vector={"passage": windows}, payload=chunk_payload(ref, text)
+                )
+            )
     store.client.upsert("papers", papers)
     store.client.upsert("chunks", chunks)
 
@@ -238,8 +253,11 @@ def test_an_index_built_before_bm25_is_searched_densely_and_says_so(tiny_models)
             assert [p["chunk_index"] for p in ctx["passages"]] == [0, 1]
             r = c.get("/passages/context", params={"paper_id": CORPUS[0]["paper_id"], "chunk_index": -1})
             assert r.status_code == 404 and "chunk_index -1" in r.json()["detail"]  # no title-and-abstract passage
-            for path, params in [("/search", {"q": "protein"}), ("/search", {"q": "protein", "mode": "lexical"}),
-                                 ("/search/papers", {"q": "protein", "mode": "hybrid"})]:
+            for path, params in [
+                ("/search", {"q": "protein"}),
+                ("/search", {"q": "protein", "mode": "lexical"}),
+                ("/search/papers", {"q": "protein", "mode": "hybrid"}),
+            ]:
                 r = c.get(path, params=params)
                 assert r.status_code == 409 and r.json()["code"] == "old_index" and "mode=dense" in r.json()["detail"]
             r = c.post("/index", params={"wait": True}, json=make_paper(900))
@@ -267,7 +285,7 @@ def test_a_passage_in_its_context(client, runtime):
     assert ctx["metadata"]["authors"] == src["authors"]
     assert [p["chunk_index"] for p in ctx["passages"]] == [1, 2, 3]
     words = src["text"].split()
-    assert all(p["text"] == " ".join(words[p["word_start"]:p["word_end"]]) for p in ctx["passages"])
+    assert all(p["text"] == " ".join(words[p["word_start"] : p["word_end"]]) for p in ctx["passages"])
     # clipped at both ends; the default radius is 2
     first = client.get("/passages/context", params={"paper_id": src["paper_id"], "chunk_index": 0}).json()
     assert [p["chunk_index"] for p in first["passages"]] == [i for i in sorted(stored) if i <= 2]
@@ -309,16 +327,19 @@ def test_a_papers_title_and_abstract_in_context(tiny_models):
         rt.close()
 
 
-@pytest.mark.parametrize(("params", "status", "fragment"), [
-    ({"paper_id": "no-such-paper", "chunk_index": 0}, 404, "no-such-paper"),
-    ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 999}, 404, "chunk_index 999"),
-    ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": -2}, 422, "chunk_index"),
-    ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 0, "radius": 11}, 422, "radius"),
-    ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": "two"}, 422, "chunk_index"),
-    ({"chunk_index": 0}, 422, "paper_id"),
-    ({"paper_id": "", "chunk_index": 0}, 422, "paper_id"),
-    ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 0, "around": 3}, 422, "around"),
-])
+@pytest.mark.parametrize(
+    ("params", "status", "fragment"),
+    [
+        ({"paper_id": "no-such-paper", "chunk_index": 0}, 404, "no-such-paper"),
+        ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 999}, 404, "chunk_index 999"),
+        ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": -2}, 422, "chunk_index"),
+        ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 0, "radius": 11}, 422, "radius"),
+        ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": "two"}, 422, "chunk_index"),
+        ({"chunk_index": 0}, 422, "paper_id"),
+        ({"paper_id": "", "chunk_index": 0}, 422, "paper_id"),
+        ({"paper_id": CORPUS[0]["paper_id"], "chunk_index": 0, "around": 3}, 422, "around"),
+    ],
+)
 def test_context_refusals_say_what_is_wrong(client, params, status, fragment):
     r = client.get("/passages/context", params=params)
     assert r.status_code == status, r.text

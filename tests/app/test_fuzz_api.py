@@ -17,8 +17,9 @@ from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-from support.reliability import audit, corpus_versions
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from app.main import create_app
 from indexer.config import Settings
@@ -27,14 +28,28 @@ from indexer.pipeline import IndexStats
 from indexer.runtime import Runtime, build
 from indexer.store import ClientStore
 
+from support.reliability import audit, corpus_versions
+
 FUZZ_EXAMPLES = int(os.environ.get("PAPERINDEX_FUZZ_EXAMPLES", "25"))
 MAX_BODY = 300_000
 CORPUS = corpus_versions(11, n=12)[0]
 
 
 def tiny_settings(tiny_models, **kw) -> Settings:
-    return Settings(**tiny_models, window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20, papers_per_batch=8,
-                    token_budget=4096, max_k=20, max_candidates=40, max_query_chars=300, max_body_bytes=MAX_BODY, **kw)
+    return Settings(
+        **tiny_models,
+        window_tokens=48,
+        window_overlap=8,
+        chunk_words=120,
+        chunk_overlap=20,
+        papers_per_batch=8,
+        token_budget=4096,
+        max_k=20,
+        max_candidates=40,
+        max_query_chars=300,
+        max_body_bytes=MAX_BODY,
+        **kw,
+    )
 
 
 def indexed_runtime(tiny_models) -> Runtime:
@@ -82,7 +97,9 @@ def check_answer(status: int, body: bytes, where: str) -> list[str]:
         if not errors or not all(e.get("msg") and e.get("loc") for e in errors):
             problems.append(f"{where}: 422 without per-field errors: {body[:200]!r}")
         # the message names what is wrong: each offending field (or the body) appears in it
-        elif not all(str(e["loc"][-1]) in detail or e["loc"][-1] == "body" or isinstance(e["loc"][-1], int) for e in errors):
+        elif not all(
+            str(e["loc"][-1]) in detail or e["loc"][-1] == "body" or isinstance(e["loc"][-1], int) for e in errors
+        ):
             problems.append(f"{where}: 422 detail does not name the fields: {detail[:200]!r}")
     return problems
 
@@ -108,7 +125,13 @@ def fuzz_schema(rt: Runtime, examples: int) -> tuple[Counter, list[str], float]:
                 def call(case) -> None:
                     r = case.call()
                     tried[(op.label, r.status_code)] += 1
-                    problems.extend(check_answer(r.status_code, r.content, f"{op.label} {mode.value} {case.path_parameters} {case.query} {str(case.body)[:120]}"))
+                    problems.extend(
+                        check_answer(
+                            r.status_code,
+                            r.content,
+                            f"{op.label} {mode.value} {case.path_parameters} {case.query} {str(case.body)[:120]}",
+                        )
+                    )
 
                 try:
                     call()
@@ -124,7 +147,10 @@ def report(tried: Counter, seconds: float) -> str:
     for (_, status), n in tried.items():
         by_status[status] += n
     ops = len({label for label, _ in tried})
-    return f"schema fuzzing: {sum(tried.values())} inputs over {ops} operations in {seconds:.0f}s; statuses {dict(sorted(by_status.items()))}"
+    return (
+        f"schema fuzzing: {sum(tried.values())} inputs over {ops} operations in {seconds:.0f}s; "
+        f"statuses {dict(sorted(by_status.items()))}"
+    )
 
 
 def test_schema_fuzzing_gives_no_5xx_and_every_4xx_says_what_is_wrong(fuzz_runtime):
@@ -150,12 +176,24 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
     max_leaves=12,
 )
-BODY_TEXT = st.lists(st.sampled_from(["protein", "folding", "graph", "galaxy", "cell", " ", "\n", "\u00e9t\u00e9"]), max_size=300).map(" ".join)
+BODY_TEXT = st.lists(
+    st.sampled_from(["protein", "folding", "graph", "galaxy", "cell", " ", "\n", "\u00e9t\u00e9"]), max_size=300
+).map(" ".join)
 IDS = st.sampled_from(["a", "b", "c", "doi:10.1/x", " padded ", "ünï/cödé"])
 PAPERISH = st.fixed_dictionaries(  # mostly valid papers with odd values around them, some wholly invalid
-    {"paper_id": st.one_of(IDS, IDS, IDS, TEXT, JSON), "title": st.one_of(st.just("a title"), st.just(" x "), TEXT, JSON)},
-    optional={"abstract": TEXT | JSON, "text": BODY_TEXT | JSON, "year": st.integers(-5, 3005) | JSON, "authors": st.lists(TEXT, max_size=3) | JSON,
-              "venue": TEXT | JSON, "extra": JSON, "more": JSON},
+    {
+        "paper_id": st.one_of(IDS, IDS, IDS, TEXT, JSON),
+        "title": st.one_of(st.just("a title"), st.just(" x "), TEXT, JSON),
+    },
+    optional={
+        "abstract": TEXT | JSON,
+        "text": BODY_TEXT | JSON,
+        "year": st.integers(-5, 3005) | JSON,
+        "authors": st.lists(TEXT, max_size=3) | JSON,
+        "venue": TEXT | JSON,
+        "extra": JSON,
+        "more": JSON,
+    },
 )
 
 
@@ -185,16 +223,26 @@ def test_arbitrary_json_bodies_never_get_a_5xx_and_what_is_accepted_is_indexed_e
     try:
         with TestClient(create_app(runtime=rt)) as c:
 
-            @given(body=st.one_of(JSON, PAPERISH, st.lists(PAPERISH, max_size=5)), path=st.sampled_from(["/index", "/index", "/papers/similar"]))
+            @given(
+                body=st.one_of(JSON, PAPERISH, st.lists(PAPERISH, max_size=5)),
+                path=st.sampled_from(["/index", "/index", "/papers/similar"]),
+            )
             @hsettings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
             def post(body, path) -> None:
-                r = c.post(path, params={"wait": True} if path == "/index" else {}, content=json.dumps(body).encode(),
-                           headers={"content-type": "application/json"})
+                r = c.post(
+                    path,
+                    params={"wait": True} if path == "/index" else {},
+                    content=json.dumps(body).encode(),
+                    headers={"content-type": "application/json"},
+                )
                 seen[r.status_code] += 1
                 assert check_answer(r.status_code, r.content, f"{path} {body!r:.300}") == []
                 if path == "/index" and r.status_code == 200:
                     job = r.json()
-                    assert job["status"] == "done" and job["counts"]["indexed"] + job["counts"]["unchanged"] == job["counts"]["accepted"]
+                    assert (
+                        job["status"] == "done"
+                        and job["counts"]["indexed"] + job["counts"]["unchanged"] == job["counts"]["accepted"]
+                    )
                     rejected = {e["index"] for e in job["errors"]}
                     for i, obj in enumerate(body if isinstance(body, list) else [body]):
                         if i not in rejected:
@@ -206,7 +254,10 @@ def test_arbitrary_json_bodies_never_get_a_5xx_and_what_is_accepted_is_indexed_e
         assert a.exact, a.problems[:10]
     finally:
         rt.close()
-    print(f"\narbitrary JSON: {sum(seen.values())} bodies, statuses {dict(sorted(seen.items()))}, {len(accepted)} papers indexed")
+    print(
+        f"\narbitrary JSON: {sum(seen.values())} bodies, statuses {dict(sorted(seen.items()))}, {len(accepted)} papers "
+        "indexed"
+    )
     assert seen[422] and seen[200] and accepted
 
 
@@ -241,7 +292,12 @@ def post_raw(c: TestClient, path: str, body: bytes, **kw):
         ("/index", b'{"paper_id": "x", "title": "t", "year": true}', 422, "year"),
         ("/index", b'{"paper_id": "x", "title": "t", "authors": "not a list"}', 422, "authors"),
         ("/index", b'{"paper_id": "x", "title": "t", "text": 5}', 422, "text"),
-        ("/index", b'{"paper_id": "x", "title": "t", "score": NaN, "n": [1, Infinity]}', 422, "NaN"),  # Python's json reads them
+        (
+            "/index",
+            b'{"paper_id": "x", "title": "t", "score": NaN, "n": [1, Infinity]}',
+            422,
+            "NaN",
+        ),  # Python's json reads them
         ("/index", b'{"paper_id": "' + b"x" * 600 + b'", "title": "t"}', 422, "paper_id"),
         ("/index", b"[" * 50_000 + b"]" * 50_000, 422, "not valid JSON"),
         ("/index", b'{"paper_id": "x", "title": "t"', 422, "not valid JSON"),
@@ -263,7 +319,11 @@ def test_huge_bodies_are_413_before_they_are_read(client):
     assert len(big) > MAX_BODY
     r = post_raw(client, "/index", big)
     assert r.status_code == 413 and str(MAX_BODY) in r.json()["detail"]
-    r = client.post("/index", content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]), headers={"content-type": "application/json"})
+    r = client.post(
+        "/index",
+        content=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413  # no Content-Length: counted while streaming
     r = client.post("/index", content=b"{}", headers={"content-type": "application/json", "content-length": "lots"})
     assert r.status_code == 400 and "Content-Length" in r.json()["detail"]
@@ -272,9 +332,18 @@ def test_huge_bodies_are_413_before_they_are_read(client):
 @pytest.mark.parametrize(
     "params",
     [
-        {"q": "x", "k": "ten"}, {"q": "x", "k": -1}, {"q": "x", "k": 10**30}, {"q": "x", "year_from": "last year"},
-        {"q": "x", "year_from": -5}, {"q": "x", "group_by_paper": "maybe"}, {"q": "x", "rerank": "2"},
-        {"q": "x", "candidates": 0}, {"q": ""}, {"q": "x" * 301}, {"q": "x", "paper_id": ["p"] * 1001}, {},
+        {"q": "x", "k": "ten"},
+        {"q": "x", "k": -1},
+        {"q": "x", "k": 10**30},
+        {"q": "x", "year_from": "last year"},
+        {"q": "x", "year_from": -5},
+        {"q": "x", "group_by_paper": "maybe"},
+        {"q": "x", "rerank": "2"},
+        {"q": "x", "candidates": 0},
+        {"q": ""},
+        {"q": "x" * 301},
+        {"q": "x", "paper_id": ["p"] * 1001},
+        {},
     ],
 )
 def test_wrong_query_parameters_are_422_naming_the_parameter(client, params):
@@ -288,11 +357,20 @@ def test_wrong_query_parameters_are_422_naming_the_parameter(client, params):
 def test_a_10k_paper_batch_is_accepted_or_refused_never_a_5xx(runtime):
     """10,000 papers in one request (about 2 MB): under the body limit it is parsed off the event loop
     and queued (202) while searches keep answering; over it, 413; with the queue full, 429."""
-    batch = [{"paper_id": f"bulk-{i}", "title": f"paper {i} protein", "abstract": "graph neural network " * 5, "year": 2000 + i % 20}
-             for i in range(10_000)]
+    batch = [
+        {
+            "paper_id": f"bulk-{i}",
+            "title": f"paper {i} protein",
+            "abstract": "graph neural network " * 5,
+            "year": 2000 + i % 20,
+        }
+        for i in range(10_000)
+    ]
     raw = json.dumps(batch).encode()
     counting = CountingIndexer(runtime.indexer)
-    roomy = dataclasses.replace(runtime, indexer=counting, settings=runtime.settings.model_copy(update={"max_body_bytes": 4 * len(raw)}))
+    roomy = dataclasses.replace(
+        runtime, indexer=counting, settings=runtime.settings.model_copy(update={"max_body_bytes": 4 * len(raw)})
+    )
     with TestClient(create_app(runtime=roomy)) as c:
         t0 = time.perf_counter()
         r = post_raw(c, "/index", raw)
@@ -315,9 +393,14 @@ def test_a_10k_paper_batch_is_accepted_or_refused_never_a_5xx(runtime):
 
 @pytest.mark.slow
 def test_a_10k_paper_batch_is_indexed_completely(tiny_models):
-    s = tiny_settings(tiny_models, qdrant_url=":memory:").model_copy(update={"max_body_bytes": 8 * 2**20, "papers_per_batch": 256})
+    s = tiny_settings(tiny_models, qdrant_url=":memory:").model_copy(
+        update={"max_body_bytes": 8 * 2**20, "papers_per_batch": 256}
+    )
     rt = build(s, store=ClientStore(location=":memory:"))
-    batch = [{"paper_id": f"bulk-{i}", "title": f"paper {i} protein", "abstract": "graph neural network " * 5} for i in range(10_000)]
+    batch = [
+        {"paper_id": f"bulk-{i}", "title": f"paper {i} protein", "abstract": "graph neural network " * 5}
+        for i in range(10_000)
+    ]
     try:
         with TestClient(create_app(runtime=rt)) as c:
             r = c.post("/index", params={"wait": True, "timeout": 600}, json=batch)
@@ -327,31 +410,69 @@ def test_a_10k_paper_batch_is_indexed_completely(tiny_models):
         rt.close()
 
 
-UNKNOWN_IDS = ["no-such-paper", "10.1000/with/slashes", "..%2F..%2Fetc%2Fpasswd", "ünïcödé", "x" * 5000, "%00", " ", "' OR 1=1 --"]
+UNKNOWN_IDS = [
+    "no-such-paper",
+    "10.1000/with/slashes",
+    "..%2F..%2Fetc%2Fpasswd",
+    "ünïcödé",
+    "x" * 5000,
+    "%00",
+    " ",
+    "' OR 1=1 --",
+]
 
 
 @pytest.mark.parametrize("pid", UNKNOWN_IDS)
 def test_unknown_ids_are_404_with_the_id_in_the_message(client, pid):
     q = quote(pid, safe="")
-    for method, url in (("GET", f"/papers/{q}"), ("GET", f"/papers/{q}/similar"), ("DELETE", f"/papers/{q}"), ("GET", f"/index/{q}")):
+    for method, url in (
+        ("GET", f"/papers/{q}"),
+        ("GET", f"/papers/{q}/similar"),
+        ("DELETE", f"/papers/{q}"),
+        ("GET", f"/index/{q}"),
+    ):
         r = client.request(method, url)
         assert r.status_code in (404, 422), (method, url[:80], r.status_code, r.text[:200])
         assert check_answer(r.status_code, r.content, url[:80]) == []
 
 
 INJECTIONS = [
-    "' OR '1'='1", "\" OR \"\"=\"", "1; DROP TABLE papers; --", '{"$ne": null}', "*", "%", "_", ".*", "..", "../../etc/passwd",
-    "<script>alert(1)</script>", "${jndi:ldap://x}", "{{7*7}}", "\\", "\x00", "p0001\x00", "paper_id", "OR", "null", "[]",
+    "' OR '1'='1",
+    '" OR ""="',
+    "1; DROP TABLE papers; --",
+    '{"$ne": null}',
+    "*",
+    "%",
+    "_",
+    ".*",
+    "..",
+    "../../etc/passwd",
+    "<script>alert(1)</script>",
+    "${jndi:ldap://x}",
+    "{{7*7}}",
+    "\\",
+    "\x00",
+    "p0001\x00",
+    "paper_id",
+    "OR",
+    "null",
+    "[]",
 ]
 
 
 @pytest.fixture(scope="module", params=["memory", "edge"])
 def filter_client(request, tiny_models, tmp_path_factory):
     """Both stores (filters are built differently for each) with papers whose ids look like injections."""
-    s = tiny_settings(tiny_models, qdrant_url=":memory:" if request.param == "memory" else None,
-                      qdrant_path=tmp_path_factory.mktemp("inj") / "index")
+    s = tiny_settings(
+        tiny_models,
+        qdrant_url=":memory:" if request.param == "memory" else None,
+        qdrant_path=tmp_path_factory.mktemp("inj") / "index",
+    )
     rt = build(s, reranker=False)
-    docs = [{"paper_id": inj, "title": f"injection {i}", "text": "protein folding graph " * 20, "year": 2001} for i, inj in enumerate(INJECTIONS[:6])]
+    docs = [
+        {"paper_id": inj, "title": f"injection {i}", "text": "protein folding graph " * 20, "year": 2001}
+        for i, inj in enumerate(INJECTIONS[:6])
+    ]
     docs += CORPUS[:6]
     try:
         with TestClient(create_app(runtime=rt), raise_server_exceptions=False) as c:
@@ -364,9 +485,11 @@ def filter_client(request, tiny_models, tmp_path_factory):
 @pytest.mark.parametrize("value", INJECTIONS)
 def test_injection_looking_filters_match_only_literally(filter_client, value):
     c = filter_client
-    for path, params in (("/search", [("q", value), ("k", 20), ("paper_id", value)]),
-                         ("/search", [("q", "protein"), ("k", 20), ("paper_id", value), ("group_by_paper", True)]),
-                         ("/search/papers", [("q", value), ("k", 5)])):
+    for path, params in (
+        ("/search", [("q", value), ("k", 20), ("paper_id", value)]),
+        ("/search", [("q", "protein"), ("k", 20), ("paper_id", value), ("group_by_paper", True)]),
+        ("/search/papers", [("q", value), ("k", 5)]),
+    ):
         r = c.get(path, params=params)
         assert r.status_code in (200, 422), (path, value, r.status_code, r.text[:300])
         assert check_answer(r.status_code, r.content, f"{path} {value!r}") == []

@@ -17,21 +17,31 @@ import time
 
 import httpx
 import pytest
-from support.load import BodyPool, PaperSource, RssSampler, load, summarize
-from support import ROOT
-from support.reliability import ServerProcess, ThreadServer, audit, corpus_versions, final_state, settings_env
 
 from app.main import create_app
 from indexer.config import Settings
 from indexer.runtime import build
+
+from support import ROOT
+from support.load import BodyPool, PaperSource, RssSampler, load, summarize
+from support.reliability import ServerProcess, ThreadServer, audit, corpus_versions, final_state, settings_env
 
 READS = {"search": 6, "grouped": 2, "papers": 2}
 
 
 @pytest.fixture(scope="module")
 def runtime(tiny_models, tmp_path_factory):
-    s = Settings(**tiny_models, qdrant_path=tmp_path_factory.mktemp("load") / "index", window_tokens=48, window_overlap=8,
-                 chunk_words=120, chunk_overlap=20, papers_per_batch=16, token_budget=4096, index_queue_size=2)
+    s = Settings(
+        **tiny_models,
+        qdrant_path=tmp_path_factory.mktemp("load") / "index",
+        window_tokens=48,
+        window_overlap=8,
+        chunk_words=120,
+        chunk_overlap=20,
+        papers_per_batch=16,
+        token_budget=4096,
+        index_queue_size=2,
+    )
     rt = build(s, reranker=False)
     yield rt
     rt.close()
@@ -56,7 +66,16 @@ def test_overload_gets_quick_429s_bounded_memory_and_loses_nothing_accepted(runt
 
         async def run():
             return await asyncio.gather(
-                load(srv.url, {"index": 1}, users=12, seconds=6, max_requests=2000, seed=1, new_papers=PaperSource(2), index_batch=20),
+                load(
+                    srv.url,
+                    {"index": 1},
+                    users=12,
+                    seconds=6,
+                    max_requests=2000,
+                    seed=1,
+                    new_papers=PaperSource(2),
+                    index_batch=20,
+                ),
                 load(srv.url, READS, users=3, seconds=6, max_requests=2000, seed=3, new_papers=PaperSource(4)),
             )
 
@@ -66,9 +85,19 @@ def test_overload_gets_quick_429s_bounded_memory_and_loses_nothing_accepted(runt
         statuses = {s.status for s in posts + reads}
         accepted = [s for s in posts if s.status == 202]
         jobs = wait_jobs(c, [s.job_id for s in accepted])
-    print("\n" + "\n".join(f"{k}: {v['requests']} requests, statuses {v['statuses']}, p50/p95/p99 {v['p50_ms']}/{v['p95_ms']}/{v['p99_ms']} ms, "
-                            f"429 p99 {v['refused_p99_ms']} ms" for k, v in figures.items()), rss.mib())
-    assert statuses <= {200, 202, 429}, statuses  # no 5xx, no timeout (-1), no connection error (0), no 429 without Retry-After
+    print(
+        "\n"
+        + "\n".join(
+            f"{k}: {v['requests']} requests, statuses {v['statuses']}, p50/p95/p99 "
+            f"{v['p50_ms']}/{v['p95_ms']}/{v['p99_ms']} ms, "
+            f"429 p99 {v['refused_p99_ms']} ms"
+            for k, v in figures.items()
+        ),
+        rss.mib(),
+    )
+    assert statuses <= {200, 202, 429}, (
+        statuses
+    )  # no 5xx, no timeout (-1), no connection error (0), no 429 without Retry-After
     assert figures["index"]["statuses"].get("429", 0) >= 10 and accepted
     assert figures["all reads"]["requests"] >= 10
     assert figures["index"]["refused_p99_ms"] < 5000  # refusals are quick (an unloaded machine: tens of ms)
@@ -104,11 +133,15 @@ def test_large_posts_to_a_full_queue_are_refused_without_reading_them(runtime):
             for i in range(3):  # one running, two queued: full
                 assert c.post("/index", json=[{"paper_id": f"fill-{i}", "title": "t"}]).status_code == 202
             with RssSampler(os.getpid(), every=0.02) as rss:
-                samples = asyncio.run(load(srv.url, {"index": 1}, users=32, seconds=60, max_requests=32, seed=6, new_papers=body))
+                samples = asyncio.run(
+                    load(srv.url, {"index": 1}, users=32, seconds=60, max_requests=32, seed=6, new_papers=body)
+                )
             assert len(body.bodies[0][0]) > 2.5 * 2**20
             assert [s.status for s in samples] == [429] * 32
             assert max(s.seconds for s in samples) < 5
-            assert rss.mib()["peak_mib"] - rss.mib()["start_mib"] < 64  # 32 bodies read would be ~100 MiB raw, ~400 parsed
+            assert (
+                rss.mib()["peak_mib"] - rss.mib()["start_mib"] < 64
+            )  # 32 bodies read would be ~100 MiB raw, ~400 parsed
             gate.open.set()
     finally:
         gate.open.set()
@@ -116,8 +149,13 @@ def test_large_posts_to_a_full_queue_are_refused_without_reading_them(runtime):
 
 @pytest.mark.slow
 def test_bench_load_figures():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "load.py"), "--tiny", "--seconds", "10", "--json"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load.py"), "--tiny", "--seconds", "10", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     report = json.loads(out.stdout)
     assert out.returncode == 0, (report, out.stderr[-2000:])
     assert report["server_errors"] == report["timeouts"] == report["connection_errors"] == 0
@@ -156,7 +194,10 @@ def test_bodies_over_the_limit_get_their_413_on_a_real_connection(runtime):
         results = asyncio.run(post_all(srv.url))
         assert results == [(413, "body_too_large")] * 24, results
         with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
-            s.sendall(b"POST /index HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n")
+            s.sendall(
+                b"POST /index HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 10000000000\r\n\r\n"
+            )
             head = s.recv(65536).decode("latin-1").lower()
         assert head.startswith("http/1.1 413") and "connection: close" in head, head
         assert httpx.get(srv.url + "/health", timeout=30).status_code == 200

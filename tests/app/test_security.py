@@ -12,8 +12,6 @@ import logging
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from support import ROOT
-from support.reliability import ThreadServer, corpus_versions, free_port
 
 import app.deps
 from app.main import create_app
@@ -22,6 +20,9 @@ from indexer.pipeline import Indexer
 from indexer.runtime import Runtime, build
 from indexer.search import Searcher
 from indexer.store import ClientStore
+
+from support import ROOT
+from support.reliability import ThreadServer, corpus_versions, free_port
 
 KEY = "pk-3f9c2a7e-long-enough-secret"
 DOCS = corpus_versions(21, n=4)[0]
@@ -32,8 +33,17 @@ READ_ONLY_POSTS = {("POST", "/papers/similar")}
 
 @pytest.fixture(scope="module")
 def runtime(tiny_models):
-    s = Settings(**tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20,
-                 papers_per_batch=8, token_budget=4096, max_body_bytes=50_000)
+    s = Settings(
+        **tiny_models,
+        qdrant_url=":memory:",
+        window_tokens=48,
+        window_overlap=8,
+        chunk_words=120,
+        chunk_overlap=20,
+        papers_per_batch=8,
+        token_budget=4096,
+        max_body_bytes=50_000,
+    )
     rt = build(s, store=ClientStore(location=":memory:"))
     with TestClient(create_app(runtime=rt)) as c:
         assert c.post("/index", params={"wait": True}, json=DOCS).status_code == 200
@@ -72,7 +82,10 @@ def test_the_key_is_compared_in_constant_time_only(runtime, monkeypatch):
         doc = DOCS[0]
         assert c.post("/index", json=doc, headers={"X-API-Key": "wrong"}).status_code == 401
         assert calls[-1] == (b"wrong", KEY.encode())
-        assert c.post("/index", params={"wait": True}, json=doc, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert (
+            c.post("/index", params={"wait": True}, json=doc, headers={"Authorization": f"Bearer {KEY}"}).status_code
+            == 200
+        )
         assert calls[-1] == (KEY.encode(), KEY.encode())
         verdict.append(False)
         assert c.post("/index", json=doc, headers={"X-API-Key": KEY}).status_code == 401
@@ -98,9 +111,19 @@ def test_every_write_needs_the_key_and_nothing_changes_without_it(runtime):
     before = (store.count(store.papers), store.count(store.chunks))
     new = corpus_versions(22, n=2)[0]
     bad_credentials = [
-        {}, {"X-API-Key": ""}, {"X-API-Key": "wrong"}, {"X-API-Key": KEY.upper()}, {"X-API-Key": KEY[:-1]}, {"X-API-Key": KEY + "x"},
-        {"X-API-Key": f" {KEY}x"}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY},
-        {"Authorization": "Bearer "}, {"Cookie": f"api_key={KEY}"}, {"X-Api-Key-Extra": KEY},
+        {},
+        {"X-API-Key": ""},
+        {"X-API-Key": "wrong"},
+        {"X-API-Key": KEY.upper()},
+        {"X-API-Key": KEY[:-1]},
+        {"X-API-Key": KEY + "x"},
+        {"X-API-Key": f" {KEY}x"},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": KEY},
+        {"Authorization": "Bearer "},
+        {"Cookie": f"api_key={KEY}"},
+        {"X-Api-Key-Extra": KEY},
     ]
     with TestClient(app) as c:
         for headers in bad_credentials:
@@ -144,7 +167,9 @@ def test_keys_never_reach_the_logs_or_any_response(runtime, caplog):
             seen_bodies += [c.get(p).text for p in ("/openapi.json", "/metrics", "/ready", "/health", "/docs")]
             assert [r.status_code for r in rs] == [200, 422, 404, 200]
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
-    assert '"POST /index?wait=True HTTP/1.1" 401' in logged.replace("wait=true", "wait=True")  # the access log was captured
+    assert '"POST /index?wait=True HTTP/1.1" 401' in logged.replace(
+        "wait=true", "wait=True"
+    )  # the access log was captured
     for secret in (KEY, wrong):
         assert secret not in logged
         assert not any(secret in b for b in seen_bodies)
@@ -154,10 +179,23 @@ def test_the_qdrant_api_key_never_reaches_the_logs_or_responses(tiny_models, cap
     """With Qdrant unreachable every store error is logged and answered (503): the key qdrant-client
     sends must not appear in either."""
     qkey = "qdrant-secret-0b9a1c"
-    s = Settings(**tiny_models, qdrant_url=f"http://127.0.0.1:{free_port()}", qdrant_api_key=qkey, qdrant_timeout=2,
-                 window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20, token_budget=4096)
+    s = Settings(
+        **tiny_models,
+        qdrant_url=f"http://127.0.0.1:{free_port()}",
+        qdrant_api_key=qkey,
+        qdrant_timeout=2,
+        window_tokens=48,
+        window_overlap=8,
+        chunk_words=120,
+        chunk_overlap=20,
+        token_budget=4096,
+    )
     with caplog.at_level(logging.DEBUG), TestClient(create_app(s)) as c:
-        bodies = [c.get("/ready"), c.get("/search", params={"q": "protein"}), c.post("/index", params={"wait": True}, json=DOCS[0])]
+        bodies = [
+            c.get("/ready"),
+            c.get("/search", params={"q": "protein"}),
+            c.post("/index", params={"wait": True}, json=DOCS[0]),
+        ]
     assert [r.status_code for r in bodies] == [503, 503, 503]
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
     assert "unreachable" in logged
@@ -168,7 +206,14 @@ def test_the_qdrant_api_key_never_reaches_the_logs_or_responses(tiny_models, cap
 
 
 def preflight(c, path: str, origin: str, method: str = "GET"):
-    return c.options(path, headers={"Origin": origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": "X-API-Key"})
+    return c.options(
+        path,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "X-API-Key",
+        },
+    )
 
 
 def test_cors_is_closed_by_default_on_every_route(runtime, monkeypatch):
@@ -181,7 +226,10 @@ def test_cors_is_closed_by_default_on_every_route(runtime, monkeypatch):
             for origin in ("https://evil.example", "null", "http://localhost"):
                 assert "access-control-allow-origin" not in preflight(c, path, origin).headers, path
                 r = c.get(path, headers={"Origin": origin})
-                assert "access-control-allow-origin" not in r.headers and "access-control-allow-credentials" not in r.headers, path
+                assert (
+                    "access-control-allow-origin" not in r.headers
+                    and "access-control-allow-credentials" not in r.headers
+                ), path
 
 
 def test_cors_opens_to_the_configured_origins_only(runtime, monkeypatch):
@@ -220,7 +268,11 @@ def test_body_limit_is_exact_and_on_every_body(runtime):
             chunks = iter([padded(limit + 1)[i : i + 4096] for i in range(0, limit + 1, 4096)])
             assert c.post(path, content=chunks, headers={"content-type": "application/json"}).status_code == 413, path
         # a Content-Length that lies low does not get a bigger body through
-        r = c.post("/index", content=padded(limit + 10_000), headers={"content-type": "application/json", "content-length": "10"})
+        r = c.post(
+            "/index",
+            content=padded(limit + 10_000),
+            headers={"content-type": "application/json", "content-length": "10"},
+        )
         assert r.status_code in (400, 413, 422)
 
 
@@ -261,15 +313,21 @@ class BrokenStore:
 def test_internal_errors_answer_500_without_traces_or_internals(runtime):
     broken = BrokenStore(runtime.store)
     rt = dataclasses.replace(
-        runtime, store=broken, indexer=Indexer(broken, runtime.paper_encoder, runtime.passage_encoder, 120, 20),
+        runtime,
+        store=broken,
+        indexer=Indexer(broken, runtime.paper_encoder, runtime.passage_encoder, 120, 20),
         searcher=Searcher(broken, runtime.passage_encoder, runtime.paper_encoder, runtime.reranker),
     )
     app = create_app(runtime=rt)
     assert app.debug is False
     calls = [
-        ("GET", "/search", {"params": {"q": "x"}}), ("GET", "/search", {"params": {"q": "x", "group_by_paper": True}}),
-        ("GET", "/search/papers", {"params": {"q": "x"}}), ("GET", "/papers/p1", {}), ("GET", "/papers/p1/similar", {}),
-        ("POST", "/papers/similar", {"json": {"title": "x"}}), ("POST", "/index", {"params": {"wait": True}, "json": DOCS[0]}),
+        ("GET", "/search", {"params": {"q": "x"}}),
+        ("GET", "/search", {"params": {"q": "x", "group_by_paper": True}}),
+        ("GET", "/search/papers", {"params": {"q": "x"}}),
+        ("GET", "/papers/p1", {}),
+        ("GET", "/papers/p1/similar", {}),
+        ("POST", "/papers/similar", {"json": {"title": "x"}}),
+        ("POST", "/index", {"params": {"wait": True}, "json": DOCS[0]}),
         ("DELETE", "/papers/p1", {}),
     ]
     # One keep-alive client for all calls: after a 500 the server closes the connection, and says so

@@ -4,7 +4,8 @@ bundled example corpus on the tiny test models.
 
 It searches, sees papers grouped with the query's terms highlighted, reads a passage in its paper's
 context, follows "papers like this", goes back, finds papers, and sees a refused search as a message.
-The page must ask nothing of any other host. A screenshot of the results goes where PAPERINDEX_SCREENSHOT says (docs/img/search-page.png).
+The page must ask nothing of any other host. A screenshot of the results goes where PAPERINDEX_SCREENSHOT
+says (docs/img/search-page.png).
 """
 
 from __future__ import annotations
@@ -20,19 +21,28 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.reliability import free_port
-from support.tiny_models import tiny_settings
 
 from app.main import create_app
 from indexer.runtime import build
 from indexer.store import ClientStore
 
+from support.reliability import free_port
+from support.tiny_models import tiny_settings
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # The picture in docs/ is refreshed on request: PAPERINDEX_SCREENSHOT=docs/img/search-page.png pytest ...
 SCREENSHOT = os.environ.get("PAPERINDEX_SCREENSHOT")
 # Headless on a host without a display, a GPU or network; a fresh profile each run (Playwright's own).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 QUERY = "model training data"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no Chromium (apt-get install chromium)")
@@ -179,7 +189,8 @@ def test_search_read_in_context_follow_similar_and_see_errors(base_url, browser)
 
     # the other refusals, as the page words them
     assert page.evaluate("explain(429, {detail: 'x', code: 'overloaded'}, '2')") == (
-        "The service is busy with other searches; try again in 2 s.")
+        "The service is busy with other searches; try again in 2 s."
+    )
     assert "not available right now" in page.evaluate("explain(503, {detail: 'Qdrant is unreachable'}, '5')")
     assert page.evaluate("explain(409, {detail: 'search it with mode=dense'}, null)") == "search it with mode=dense"
 

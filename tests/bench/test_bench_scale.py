@@ -8,12 +8,11 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from support import ROOT
 
+from support import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +70,9 @@ def test_corpus_has_the_chunks_asked_for(scale, tmp_path):
 
 def test_query_is_a_first_sentence(scale):
     assert scale.query_of("Return the sum of the items. Raise ValueError if empty.") == "Return the sum of the items."
-    assert scale.query_of("See below. " + " ".join(f"w{i}" for i in range(40))).split() == \
-        ["See", "below."] + [f"w{i}" for i in range(18)]  # too short: the first 20 words instead
+    assert scale.query_of("See below. " + " ".join(f"w{i}" for i in range(40))).split() == ["See", "below."] + [
+        f"w{i}" for i in range(18)
+    ]  # too short: the first 20 words instead
 
 
 @pytest.mark.slow
@@ -83,21 +83,56 @@ def test_every_phase_on_a_cpu(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
 
     def run(*args: str) -> str:
-        cmd = [sys.executable, str(ROOT / "bench" / "scale.py"), "--work", str(work), "--out", str(out),
-               "--device", "cpu", *args]
+        cmd = [
+            sys.executable,
+            str(ROOT / "bench" / "scale.py"),
+            "--work",
+            str(work),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *args,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
-    assert "3 of 3 parts left" in run("--phase", "prepare", "index", "--papers", "12", "--chunks-per-paper", "2",
-                                      "--part-papers", "4", "--tiny", "--prose", "stdlib", "--feed-s", "0.001")
+    assert "3 of 3 parts left" in run(
+        "--phase",
+        "prepare",
+        "index",
+        "--papers",
+        "12",
+        "--chunks-per-paper",
+        "2",
+        "--part-papers",
+        "4",
+        "--tiny",
+        "--prose",
+        "stdlib",
+        "--feed-s",
+        "0.001",
+    )
     assert "2 of 3 parts left" in run("--phase", "index", "--feed-s", "0", "--max-parts", "1")
     assert "every part is written" in run("--phase", "index", "--feed-s", "0")
     run("--phase", "search", "--queries", "5", "--requests", "5", "--warm-up", "1")
     model = json.loads((work / "scale.json").read_text())["prepare"]["models"]["passage_model"]
     # in a process of its own (as a GPU host's run longer than one command), followed to its end
-    run("--phase", "recall", "--recall-model", model, "--recall-queries", "8", "--prefetch", "2", "100",
-        "--background", "--follow", "600")
+    run(
+        "--phase",
+        "recall",
+        "--recall-model",
+        model,
+        "--recall-queries",
+        "8",
+        "--prefetch",
+        "2",
+        "100",
+        "--background",
+        "--follow",
+        "600",
+    )
     table = run("--phase", "report")
     figures = json.loads((out / "scale.json").read_text())
     assert figures["index"]["chunks"] >= 24 and figures["index"]["build_s"] >= 0  # 12 x 2, and heads as passages
@@ -113,9 +148,33 @@ def test_every_phase_on_a_gpu(tmp_path):
     """The GPU run's code paths (CUDA graphs, the service on the GPU, brute force in GPU memory) at toy
     size, a minute or two before the 1.2 M-chunk run: `python -m pytest tests/bench/test_bench_scale.py -m gpu`."""
     work = tmp_path / "work"
-    cmd = [sys.executable, str(ROOT / "bench" / "scale.py"), "--work", str(work), "--out", str(tmp_path / "out"),
-           "--device", "cuda", "--phase", "prepare", "index", "search", "--papers", "24", "--chunks-per-paper", "4",
-           "--part-papers", "8", "--tiny", "--prose", "stdlib", "--queries", "10", "--requests", "10"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "scale.py"),
+        "--work",
+        str(work),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cuda",
+        "--phase",
+        "prepare",
+        "index",
+        "search",
+        "--papers",
+        "24",
+        "--chunks-per-paper",
+        "4",
+        "--part-papers",
+        "8",
+        "--tiny",
+        "--prose",
+        "stdlib",
+        "--queries",
+        "10",
+        "--requests",
+        "10",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     model = json.loads((work / "scale.json").read_text())["prepare"]["models"]["passage_model"]

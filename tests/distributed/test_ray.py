@@ -13,10 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from indexer.papers import read_papers
+from indexer.runtime import build
+from indexer.store import EdgeStore, Store, open_store
+
 from support import ROOT
 from support.papers import make_paper, write_jsonl
 from support.reliability import (
@@ -28,10 +32,6 @@ from support.reliability import (
     kill_margin,
     settings_env,
 )
-
-from indexer.papers import read_papers
-from indexer.runtime import build
-from indexer.store import EdgeStore, Store, open_store
 
 pytestmark = pytest.mark.ray
 

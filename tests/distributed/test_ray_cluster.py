@@ -5,10 +5,11 @@ still ends with exactly the right points. And on a GPU (`gpu`): an encode actor 
 from __future__ import annotations
 
 import pytest
-from support.papers import make_paper, write_jsonl
-from support.reliability import audit
 
 from indexer.store import open_store
+
+from support.papers import make_paper, write_jsonl
+from support.reliability import audit
 
 pytestmark = pytest.mark.ray
 

@@ -3,10 +3,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.tiny_models import WORDS
 
 from indexer.encode import BatchRunner, PaperEncoder, PassageEncoder, paper_head
 from indexer.encode.batching import token_batches
+
+from support.tiny_models import WORDS
 
 
 @pytest.fixture(scope="module")

@@ -90,12 +90,12 @@ def test_encoders_on_the_t4_plan_match_the_cpu_ones(tiny_models):
 
 
 def test_the_pipeline_indexes_exactly_on_the_t4_plan(tiny_models, tmp_path):
-    from support.papers import make_paper
-
     from indexer.encode import PaperEncoder, PassageEncoder
     from indexer.papers import PaperIn
     from indexer.pipeline import Indexer
     from indexer.store import EdgeStore
+
+    from support.papers import make_paper
 
     args = (tiny_models["paper_model"], tiny_models["paper_adapter"], tiny_models["query_adapter"])
     docs = [PaperIn(**make_paper(i, words=60 + 37 * (i % 7))) for i in range(40)]

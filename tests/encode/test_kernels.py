@@ -86,9 +86,9 @@ def test_packed_windows_round_trip():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_window_tokenizer_matches_the_reference_windows(encoders, workers):
-    from support.tiny_models import WORDS
-
     from indexer.tokenizing import WindowTokenizer
+
+    from support.tiny_models import WORDS
 
     _, enc = encoders
     rng = np.random.default_rng(0)
@@ -108,11 +108,11 @@ def test_window_tokenizer_matches_the_reference_windows(encoders, workers):
 def test_papers_are_hashed_chunked_and_tokenized_as_in_the_indexing_process(encoders, workers):
     """The tokenizer workers compute a paper's content hash and chunks themselves: the same ones as
     `PaperIn.content_hash` and `chunk_words`, in input order, with the cap counted."""
-    from support.papers import make_paper
-
     from indexer.chunking import chunk_words
     from indexer.papers import PaperIn
     from indexer.tokenizing import ChunkSpec, WindowTokenizer
+
+    from support.papers import make_paper
 
     _, enc = encoders
     papers = [
@@ -142,10 +142,10 @@ def test_lanes_prepare_requests_side_by_side_on_their_own_workers(encoders, lane
     import threading
     import time
 
-    from support.papers import make_paper
-
     from indexer.papers import PaperIn
     from indexer.tokenizing import ChunkSpec, WindowTokenizer
+
+    from support.papers import make_paper
 
     _, enc = encoders
     spec = ChunkSpec(120, 20, None, "settings")
@@ -271,11 +271,11 @@ def test_encoder_replicas_split_the_papers_and_write_the_same_points(settings, e
     papers; the single writer ends with exactly the points one encoder writes."""
     import threading
 
-    from support.papers import make_paper
-
     from indexer.papers import PaperIn
     from indexer.pipeline import Indexer
     from indexer.store import EdgeStore
+
+    from support.papers import make_paper
 
     paper_enc, passage_enc = encoders
     replica = (paper_enc.replicate("cpu"), passage_enc.replicate("cpu"))

@@ -5,10 +5,11 @@ import os
 import re
 
 import pytest
-from support import ROOT
-from support.papers import make_paper, write_jsonl
 
 from indexer.cli import main
+
+from support import ROOT
+from support.papers import make_paper, write_jsonl
 
 
 @pytest.fixture
@@ -260,9 +261,9 @@ def test_ctrl_c_answers_at_once_keeps_what_is_encoded_and_the_rerun_says_so(sett
     import subprocess
     import sys
 
-    from support.reliability import settings_env
-
     from indexer.store import EdgeStore
+
+    from support.reliability import settings_env
 
     path = write_jsonl(tmp_path / "in.jsonl", [make_paper(i, words=200) for i in range(12)])
     # groups sized as a CPU's default: by measured speed, one paper each until measured

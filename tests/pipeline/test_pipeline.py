@@ -5,12 +5,13 @@ import sys
 
 import numpy as np
 import pytest
-from support.papers import make_paper, write_jsonl
-from support.reliability import index_until_killed
 
 from indexer.papers import BadRecord, PaperIn, read_papers
 from indexer.runtime import build
 from indexer.store import ClientStore, SearchFilter, chunk_point_id
+
+from support.papers import make_paper, write_jsonl
+from support.reliability import index_until_killed
 
 
 @pytest.fixture(params=["edge", "memory"])

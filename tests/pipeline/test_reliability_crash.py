@@ -17,12 +17,13 @@ import time
 
 import httpx
 import pytest
-from support import ROOT
-from support.papers import write_jsonl
-from support.reliability import ServerProcess, audit, corpus_versions, crash_and_resume, final_state, settings_env
 
 from indexer.runtime import build
 from indexer.store import EdgeStore
+
+from support import ROOT
+from support.papers import write_jsonl
+from support.reliability import ServerProcess, audit, corpus_versions, crash_and_resume, final_state, settings_env
 
 
 def index_in_process(settings, papers: list[dict]) -> None:
@@ -64,7 +65,10 @@ def test_cli_kill_9_over_many_seeds(tmp_path, tiny_models):
     """bench/crash_resume.py: several seeds, 1-3 kills each, during both the first index and a re-index."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "crash_resume.py"), "--tiny", "--seeds", "6", "--papers", "60", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=3000,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3000,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
@@ -89,7 +93,10 @@ def test_server_index_job_killed_then_reposted_is_exact(settings, tmp_path):
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             for _ in range(6000):
                 status = c.get(f"/index/{job['job_id']}").json()
-                if status["counts"]["indexed"] + status["counts"]["unchanged"] >= target or status["status"] not in ("queued", "running"):
+                if status["counts"]["indexed"] + status["counts"]["unchanged"] >= target or status["status"] not in (
+                    "queued",
+                    "running",
+                ):
                     break
                 time.sleep(0.01)
         assert status["status"] == "running", f"the job ended before the kill: {status}"

@@ -17,7 +17,6 @@ import types
 import pytest
 from fastapi.testclient import TestClient
 from qdrant_client import QdrantClient
-from support.reliability import FaultPlan, FaultyClient, FaultyStore, audit, corpus_versions, final_state, wire_errors
 
 from app.main import create_app
 from indexer import pipeline
@@ -27,6 +26,8 @@ from indexer.pipeline import Indexer
 from indexer.runtime import build
 from indexer.search import Searcher
 from indexer.store import ClientStore, EdgeStore, StoreUnavailable
+
+from support.reliability import FaultPlan, FaultyClient, FaultyStore, audit, corpus_versions, final_state, wire_errors
 
 CHUNK, OVERLAP = 120, 20
 
@@ -56,9 +57,11 @@ def faulty(kind: str, plan: FaultPlan, tmp_path):
 # as `paperindex index` runs by default (the audit expects each paper's head passage where it does)
 HEAD_PASSAGE = Settings.model_fields["head_passage"].default
 
+
 def indexer(store, encoders, per_batch: int = 3) -> Indexer:
-    return Indexer(store, *encoders, chunk_size=CHUNK, chunk_overlap=OVERLAP, papers_per_batch=per_batch,
-                   head_passage=HEAD_PASSAGE)
+    return Indexer(
+        store, *encoders, chunk_size=CHUNK, chunk_overlap=OVERLAP, papers_per_batch=per_batch, head_passage=HEAD_PASSAGE
+    )
 
 
 @pytest.mark.parametrize("kind", ["edge", "client"])
@@ -76,7 +79,9 @@ def test_faults_mid_write_are_retried_and_the_index_ends_exact(kind, seed, encod
     assert idx.delete(["doc-0000", "doc-0001", "no-such-paper"]) == 2
 
     plan.rate = 0
-    a = audit(clean, {k: v for k, v in final_state(v1, v2).items() if k not in ("doc-0000", "doc-0001")}, CHUNK, OVERLAP)
+    a = audit(
+        clean, {k: v for k, v in final_state(v1, v2).items() if k not in ("doc-0000", "doc-0001")}, CHUNK, OVERLAP
+    )
     assert a.exact, a.problems[:10]
     assert sum(plan.injected.values()) >= 10 and set(plan.injected) == {"before", "partial", "after"}, plan.injected
     # one back-off per failure: 0.5 s, then 1 s, 2 s while the same call keeps failing (at most 3 in a row here)
@@ -192,15 +197,29 @@ def service(tiny_models):
     """A runtime over qdrant-client (":memory:") whose client fails on demand, and its plan."""
     from indexer.config import Settings
 
-    s = Settings(**tiny_models, qdrant_url=":memory:", window_tokens=48, window_overlap=8, chunk_words=CHUNK,
-                 chunk_overlap=OVERLAP, papers_per_batch=4, token_budget=4096)
+    s = Settings(
+        **tiny_models,
+        qdrant_url=":memory:",
+        window_tokens=48,
+        window_overlap=8,
+        chunk_words=CHUNK,
+        chunk_overlap=OVERLAP,
+        papers_per_batch=4,
+        token_budget=4096,
+    )
     base = build(s, store=ClientStore(location=":memory:"))
     plan = FaultPlan(0, rate=0.0, errors=wire_errors())
     client = QdrantClient(location=":memory:")
     store = ClientStore(client=FaultyClient(client, plan))
-    idx = Indexer(store, base.paper_encoder, base.passage_encoder, CHUNK, OVERLAP, papers_per_batch=4,
-                  head_passage=HEAD_PASSAGE)
-    rt = dataclasses.replace(base, store=store, indexer=idx, searcher=Searcher(store, base.passage_encoder, base.paper_encoder, base.reranker))
+    idx = Indexer(
+        store, base.paper_encoder, base.passage_encoder, CHUNK, OVERLAP, papers_per_batch=4, head_passage=HEAD_PASSAGE
+    )
+    rt = dataclasses.replace(
+        base,
+        store=store,
+        indexer=idx,
+        searcher=Searcher(store, base.passage_encoder, base.paper_encoder, base.reranker),
+    )
     yield rt, plan, ClientStore(client=client)
     base.close()
 
@@ -226,7 +245,11 @@ def test_the_service_answers_503_during_an_outage_and_recovers_without_a_restart
         for method, url, kw in reads:
             r = c.request(method, url, **kw)
             assert r.status_code == 503, (url, r.status_code, r.text)
-            assert r.json()["code"] == "store_unavailable" and "unreachable" in r.json()["detail"] and r.headers["retry-after"]
+            assert (
+                r.json()["code"] == "store_unavailable"
+                and "unreachable" in r.json()["detail"]
+                and r.headers["retry-after"]
+            )
         assert c.get("/health").status_code == 200
         ready = c.get("/ready")
         assert ready.status_code == 503 and ready.json()["qdrant"] is False

@@ -6,9 +6,10 @@ import random
 
 import numpy as np
 import pytest
-from support.tiny_models import WORDS
 
 from indexer.spans import Match, WindowMatcher
+
+from support.tiny_models import WORDS
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +96,12 @@ def test_short_and_empty_texts(matcher):
 def test_search_hits_carry_their_best_window(tmp_path, encoders, backend):
     """Through the Searcher on an embedded index: each hit's match is the argmax of the query against
     the chunk's windows as indexing embedded them."""
-    from support.papers import make_paper
-
     from indexer.papers import validate
     from indexer.pipeline import Indexer
     from indexer.search import Searcher
     from indexer.store import ClientStore, EdgeStore
+
+    from support.papers import make_paper
 
     paper_enc, passage = encoders
     store = EdgeStore(tmp_path / "index") if backend == "edge" else ClientStore(location=":memory:")
@@ -138,12 +139,12 @@ def test_snippet_shows_the_matched_words():
 
 def test_match_false_leaves_hits_without_a_match(tmp_path, encoders):
     """Ranking-only callers (`paperindex eval`) skip the best-window work."""
-    from support.papers import make_paper
-
     from indexer.papers import validate
     from indexer.pipeline import Indexer
     from indexer.search import Searcher
     from indexer.store import EdgeStore
+
+    from support.papers import make_paper
 
     paper_enc, passage = encoders
     store = EdgeStore(tmp_path / "index")

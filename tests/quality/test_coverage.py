@@ -2,10 +2,9 @@ import json
 import random
 
 import pytest
-from support.tiny_models import WORDS
 
-from support.papers import write_jsonl
 from indexer.chunking import chunk_words
+from indexer.papers import PaperIn
 from indexer.quality.coverage import (
     Probe,
     Strategy,
@@ -17,7 +16,9 @@ from indexer.quality.coverage import (
     score_probes,
     sentences,
 )
-from indexer.papers import PaperIn
+
+from support.papers import write_jsonl
+from support.tiny_models import WORDS
 
 
 def test_sentences_spans():
@@ -38,7 +39,9 @@ def test_bucket_of():
 def test_parse_strategy():
     assert parse_strategy("truncate", 32) == Strategy("truncate")
     assert parse_strategy("mean:256", 32) == Strategy("mean", 256, 32)
-    assert parse_strategy("multivector:64", 32) == Strategy("multivector", 64, 16)  # overlap kept below a quarter window
+    assert parse_strategy("multivector:64", 32) == Strategy(
+        "multivector", 64, 16
+    )  # overlap kept below a quarter window
     assert parse_strategy("multivector:384:64", 32) == Strategy("multivector", 384, 64)
     assert parse_strategy("multivector:384", 32).label == "multivector:384"
     assert parse_strategy("multivector:384:0", 32).label == "multivector:384:0"  # two overlaps of one window tell apart
@@ -131,10 +134,30 @@ def test_cli_coverage(tiny_models, tmp_path, monkeypatch, capsys):
 
     for k, v in tiny_models.items():
         monkeypatch.setenv(f"PAPERINDEX_{k.upper()}", v)
-    papers = write_jsonl(tmp_path / "long.jsonl", [{"paper_id": f"p{i}", "title": "t", "text": text_of_sentences(25, i)} for i in range(3)])
+    papers = write_jsonl(
+        tmp_path / "long.jsonl",
+        [{"paper_id": f"p{i}", "title": "t", "text": text_of_sentences(25, i)} for i in range(3)],
+    )
     out = tmp_path / "cov.json"
-    rc = main(["coverage", str(papers), "--strategies", "truncate,mean:48,multivector:48", "--chunk-words", "120", "--chunk-overlap", "0",
-               "--buckets", "0,60,120", "--per-bucket", "3", "--out", str(out), "-q"])
+    rc = main(
+        [
+            "coverage",
+            str(papers),
+            "--strategies",
+            "truncate,mean:48,multivector:48",
+            "--chunk-words",
+            "120",
+            "--chunk-overlap",
+            "0",
+            "--buckets",
+            "0,60,120",
+            "--per-bucket",
+            "3",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert [r["strategy"] for r in report["results"]] == ["truncate", "mean:48", "multivector:48"]

@@ -3,7 +3,6 @@ import math
 import random
 
 import pytest
-from support.tiny_models import WORDS
 
 from indexer.quality.eval import (
     BeirData,
@@ -17,6 +16,8 @@ from indexer.quality.eval import (
     reference_run,
     score_run,
 )
+
+from support.tiny_models import WORDS
 
 # -- metrics against hand-computed values ----------------------------------------------------------
 
@@ -86,7 +87,9 @@ def test_load_beir(tmp_path):
     assert data.corpus == {"d1": ("T", "one"), "d2": ("", "two")}
     assert data.queries == {"q1": "first", "q2": "second"}  # queries without judgements are left out
     assert data.qrels == {"q1": {"d1": 1}, "q2": {"d2": 2, "d1": 0}}
-    assert load_beir(write_beir(tmp_path / "nohead", [], [{"_id": "q", "text": "x"}], [("q", "d", 1)], header=False)).qrels == {"q": {"d": 1}}
+    assert load_beir(
+        write_beir(tmp_path / "nohead", [], [{"_id": "q", "text": "x"}], [("q", "d", 1)], header=False)
+    ).qrels == {"q": {"d": 1}}
     with pytest.raises(FileNotFoundError):
         load_beir(root, split="dev")
     (root / "qrels" / "test.tsv").write_text("q1\td1\n")
@@ -100,11 +103,17 @@ def test_load_beir(tmp_path):
 def tiny_beir(tmp_path, long_doc_words=0):
     """Short documents (one window each) and queries drawn from their words; judgements are arbitrary."""
     rng = random.Random(7)
-    corpus = [{"_id": f"d{i}", "title": f"{WORDS[i]} {WORDS[i + 1]}", "text": " ".join(rng.choice(WORDS) for _ in range(20))} for i in range(14)]
+    corpus = [
+        {"_id": f"d{i}", "title": f"{WORDS[i]} {WORDS[i + 1]}", "text": " ".join(rng.choice(WORDS) for _ in range(20))}
+        for i in range(14)
+    ]
     if long_doc_words:
         corpus.append({"_id": "long", "title": "", "text": " ".join(rng.choice(WORDS) for _ in range(long_doc_words))})
     queries = [{"_id": f"q{i}", "text": " ".join(rng.sample(corpus[i]["text"].split(), 4))} for i in range(10)]
-    qrels = [(f"q{i}", f"d{i}", 1) for i in range(10)] + [("q0", "d5", 2), ("q3", "long" if long_doc_words else "d9", 1)]
+    qrels = [(f"q{i}", f"d{i}", 1) for i in range(10)] + [
+        ("q0", "d5", 2),
+        ("q3", "long" if long_doc_words else "d9", 1),
+    ]
     return write_beir(tmp_path / "tiny", corpus, queries, qrels)
 
 
@@ -169,8 +178,23 @@ def test_cli_eval_writes_report_with_rerank_and_reference(tiny_models, spread_mo
     monkeypatch.setenv("PAPERINDEX_PASSAGE_MODEL", spread_model)
     root = tiny_beir(tmp_path)
     out = tmp_path / "report.json"
-    rc = main(["eval", str(root), "--long-chunk", "truncate", "--rerank", "--candidates", "20", "--reference",
-               "--reference-max-seq-length", "512", "--out", str(out), "-q"])
+    rc = main(
+        [
+            "eval",
+            str(root),
+            "--long-chunk",
+            "truncate",
+            "--rerank",
+            "--candidates",
+            "20",
+            "--reference",
+            "--reference-max-seq-length",
+            "512",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["dataset"] == "tiny" and report["queries"] == 10 and report["long_chunk"] == "truncate"

@@ -11,7 +11,6 @@ import json
 import threading
 
 import numpy as np
-from support.papers import make_paper, write_jsonl
 from qdrant_client import QdrantClient
 
 from indexer.papers import PaperIn, read_papers, validate
@@ -26,6 +25,8 @@ from indexer.store import (
     chunk_point_id,
     paper_point_id,
 )
+
+from support.papers import make_paper, write_jsonl
 
 PAYLOAD_INDEXES = {"paper_id", "paper_uuid", "year", "chunk_index"}
 

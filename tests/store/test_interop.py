@@ -21,12 +21,13 @@ from langchain_core.embeddings import Embeddings  # noqa: E402
 from langchain_qdrant import QdrantVectorStore  # noqa: E402
 from qdrant_client import models  # noqa: E402
 
-from support.papers import make_paper  # noqa: E402
 from indexer.encode import PassageEncoder  # noqa: E402
 from indexer.papers import validate  # noqa: E402
 from indexer.pipeline import Indexer  # noqa: E402
 from indexer.search import Searcher  # noqa: E402
 from indexer.store import ClientStore  # noqa: E402
+
+from support.papers import make_paper  # noqa: E402
 
 QUERIES = ["protein folding with attention", "galaxy telescope survey", "soil crop yield"]
 
@@ -50,7 +51,9 @@ class PassageQueries(Embeddings):
 @pytest.fixture(scope="module", params=["mean", "multivector"])
 def indexed(request, tiny_models, encoders):
     paper_enc, _ = encoders
-    passage = PassageEncoder(tiny_models["passage_model"], device="cpu", long_chunk=request.param, window_tokens=48, window_overlap=8)
+    passage = PassageEncoder(
+        tiny_models["passage_model"], device="cpu", long_chunk=request.param, window_tokens=48, window_overlap=8
+    )
     store = ClientStore(location=":memory:")
     Indexer(store, paper_enc, passage, chunk_size=120, chunk_overlap=20).index(
         [validate(make_paper(i, words=150 + 70 * (i % 3)), "test", i + 1) for i in range(10)]
@@ -78,7 +81,9 @@ def test_langchain_retrieves_our_passages(indexed):
         docs = lc.similarity_search_with_score(q, k=5)
         ours = searcher.passages(q, k=5)
         assert len(docs) == 5
-        assert [(d.metadata["paper_id"], d.metadata["chunk_index"]) for d, _ in docs] == [(h.paper_id, h.chunk_index) for h in ours]
+        assert [(d.metadata["paper_id"], d.metadata["chunk_index"]) for d, _ in docs] == [
+            (h.paper_id, h.chunk_index) for h in ours
+        ]
         np.testing.assert_allclose([s for _, s in docs], [h.score for h in ours], rtol=1e-5)
         for (doc, _), hit in zip(docs, ours):
             assert doc.page_content == hit.text and doc.metadata["title"] == hit.title
@@ -105,14 +110,25 @@ def test_plain_query_vector_on_local_multivector_is_refused(indexed):
 @pytest.mark.server
 def test_langchain_plain_embeddings_on_a_server_multivector_collection(tiny_models, encoders):
     paper_enc, _ = encoders
-    passage = PassageEncoder(tiny_models["passage_model"], device="cpu", long_chunk="multivector", window_tokens=48, window_overlap=8)
+    passage = PassageEncoder(
+        tiny_models["passage_model"], device="cpu", long_chunk="multivector", window_tokens=48, window_overlap=8
+    )
     uid = uuid.uuid4().hex[:10]
-    store = ClientStore(os.environ["QDRANT_URL"], os.environ.get("QDRANT_API_KEY") or None, papers=f"test_papers_{uid}", chunks=f"test_chunks_{uid}")
+    store = ClientStore(
+        os.environ["QDRANT_URL"],
+        os.environ.get("QDRANT_API_KEY") or None,
+        papers=f"test_papers_{uid}",
+        chunks=f"test_chunks_{uid}",
+    )
     try:
-        Indexer(store, paper_enc, passage, chunk_size=120, chunk_overlap=20).index([validate(make_paper(i), "test", i + 1) for i in range(6)])
+        Indexer(store, paper_enc, passage, chunk_size=120, chunk_overlap=20).index(
+            [validate(make_paper(i), "test", i + 1) for i in range(6)]
+        )
         docs = langchain_store(store, PassageQueries(passage)).similarity_search_with_score("protein folding", k=4)
         ours = Searcher(store, passage, paper_enc).passages("protein folding", k=4)
-        assert [(d.metadata["paper_id"], d.metadata["chunk_index"]) for d, _ in docs] == [(h.paper_id, h.chunk_index) for h in ours]
+        assert [(d.metadata["paper_id"], d.metadata["chunk_index"]) for d, _ in docs] == [
+            (h.paper_id, h.chunk_index) for h in ours
+        ]
         np.testing.assert_allclose([s for _, s in docs], [h.score for h in ours], rtol=1e-5)
     finally:
         for name in (store.papers, store.chunks):

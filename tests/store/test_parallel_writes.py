@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.edge import DIM, chunks, entries, everything, paper_points, sharded
 
 from indexer.errors import StoreUnavailable
 from indexer.store import (
@@ -27,6 +26,8 @@ from indexer.store import (
     paper_point_id,
 )
 from indexer.store import shard as shard_module
+
+from support.edge import DIM, chunks, entries, everything, paper_points, sharded
 
 
 def test_parallel_writes_end_with_the_points_of_plain_writes(tmp_path):
@@ -407,4 +408,3 @@ def test_a_shard_that_cannot_be_opened_is_a_clear_error(tmp_path):
     s.close()
     with pytest.raises(StoreUnavailable, match="cannot open embedded collection"):
         EdgeStore(tmp_path / "idx")
-

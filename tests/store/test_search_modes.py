@@ -2,10 +2,11 @@
 lexical, dense and hybrid search over what the pipeline wrote."""
 
 import pytest
-from support.papers import make_paper
 
 from indexer.papers import PaperIn
 from indexer.runtime import build
+
+from support.papers import make_paper
 
 
 @pytest.fixture(params=["edge", "memory"])

@@ -14,12 +14,23 @@ import uuid
 import numpy as np
 import pytest
 
-from support.papers import make_paper
 from indexer.migrate import migrate
 from indexer.papers import validate
 from indexer.pipeline import Indexer
 from indexer.search import Searcher
-from indexer.store import ClientStore, EdgeStore, Layout, Point, SearchFilter, StoreOptions, StoreUnavailable, chunk_point_id, paper_point_id
+from indexer.store import (
+    ClientStore,
+    EdgeStore,
+    Layout,
+    Point,
+    SearchFilter,
+    StoreOptions,
+    StoreUnavailable,
+    chunk_point_id,
+    paper_point_id,
+)
+
+from support.papers import make_paper
 
 BACKENDS = ["memory", pytest.param("server", marks=pytest.mark.server)]
 
@@ -36,8 +47,12 @@ def make_store(request):
         else:
             uid = uuid.uuid4().hex[:10]
             store = ClientStore(
-                os.environ["QDRANT_URL"], os.environ.get("QDRANT_API_KEY") or None, os.environ.get("QDRANT_PREFER_GRPC") == "1",
-                papers=f"test_papers_{uid}", chunks=f"test_chunks_{uid}", options=opts,
+                os.environ["QDRANT_URL"],
+                os.environ.get("QDRANT_API_KEY") or None,
+                os.environ.get("QDRANT_PREFER_GRPC") == "1",
+                papers=f"test_papers_{uid}",
+                chunks=f"test_chunks_{uid}",
+                options=opts,
             )
         made.append(store)
         return store
@@ -95,13 +110,28 @@ def synthetic_points(n_papers: int = 40, dim: int = 24, seed: int = 0) -> tuple[
     paper_points, chunk_points = [], []
     for i in range(n_papers):
         pid, year = f"p{i:04d}", 1990 + i % 20
-        paper_points.append(Point(paper_point_id(pid), rng.standard_normal(dim).astype(np.float32),
-                                  {"paper_id": pid, "title": f"title {i}", "year": year, "content_hash": "h", "metadata": {}}))
+        paper_points.append(
+            Point(
+                paper_point_id(pid),
+                rng.standard_normal(dim).astype(np.float32),
+                {"paper_id": pid, "title": f"title {i}", "year": year, "content_hash": "h", "metadata": {}},
+            )
+        )
         for c in range(1 + i % 3):
-            chunk_points.append(Point(chunk_point_id(pid, c), rng.standard_normal((1 + (i + c) % 3, dim)).astype(np.float32), {
-                "paper_id": pid, "paper_uuid": paper_point_id(pid), "chunk_index": c, "year": year, "text": f"text {i}/{c}",
-                "metadata": {"paper_id": pid, "title": f"title {i}", "year": year, "chunk_index": c},
-            }))
+            chunk_points.append(
+                Point(
+                    chunk_point_id(pid, c),
+                    rng.standard_normal((1 + (i + c) % 3, dim)).astype(np.float32),
+                    {
+                        "paper_id": pid,
+                        "paper_uuid": paper_point_id(pid),
+                        "chunk_index": c,
+                        "year": year,
+                        "text": f"text {i}/{c}",
+                        "metadata": {"paper_id": pid, "title": f"title {i}", "year": year, "chunk_index": c},
+                    },
+                )
+            )
     return paper_points, chunk_points
 
 
@@ -115,8 +145,13 @@ def test_same_answers_as_the_embedded_store(make_store, tmp_path):
             store.upsert(store.chunks, chunk_points)
             store.upsert(store.papers, paper_points)
         rng = np.random.default_rng(1)
-        filters = [None, SearchFilter(year_from=1993, year_to=1998), SearchFilter(paper_ids=["p0001", "p0007", "p0011"]),
-                   SearchFilter(exclude_paper_ids=["p0000", "p0002"]), SearchFilter(year_from=2000, exclude_paper_ids=["p0010"])]
+        filters = [
+            None,
+            SearchFilter(year_from=1993, year_to=1998),
+            SearchFilter(paper_ids=["p0001", "p0007", "p0011"]),
+            SearchFilter(exclude_paper_ids=["p0000", "p0002"]),
+            SearchFilter(year_from=2000, exclude_paper_ids=["p0010"]),
+        ]
         for flt in filters:
             for q in (rng.standard_normal(24), rng.standard_normal((2, 24))):  # a query may be one vector or several
                 hits, ref = client.search(client.chunks, q, 10, flt), edge.search(edge.chunks, q, 10, flt)
@@ -133,14 +168,23 @@ def test_same_answers_as_the_embedded_store(make_store, tmp_path):
                 assert client.count(client.chunks, flt) == edge.count(edge.chunks, flt)
 
             q = rng.standard_normal(24)
-            groups, ref_groups = client.search_groups(q, groups=5, group_size=2, flt=flt), edge.search_groups(q, groups=5, group_size=2, flt=flt)
-            assert [(g.paper_id, [h.id for h in g.hits]) for g in groups] == [(g.paper_id, [h.id for h in g.hits]) for g in ref_groups]
+            groups, ref_groups = (
+                client.search_groups(q, groups=5, group_size=2, flt=flt),
+                edge.search_groups(q, groups=5, group_size=2, flt=flt),
+            )
+            assert [(g.paper_id, [h.id for h in g.hits]) for g in groups] == [
+                (g.paper_id, [h.id for h in g.hits]) for g in ref_groups
+            ]
             for g in groups:
                 assert 1 <= len(g.hits) <= 2 and all(h.payload["paper_id"] == g.paper_id for h in g.hits)
-                assert g.paper is not None and g.paper["paper_id"] == g.paper_id and g.paper["title"]  # looked up in `papers`
+                assert (
+                    g.paper is not None and g.paper["paper_id"] == g.paper_id and g.paper["title"]
+                )  # looked up in `papers`
 
             pq = rng.standard_normal(24)
-            assert [h.id for h in client.search(client.papers, pq, 5, flt)] == [h.id for h in edge.search(edge.papers, pq, 5, flt)]
+            assert [h.id for h in client.search(client.papers, pq, 5, flt)] == [
+                h.id for h in edge.search(edge.papers, pq, 5, flt)
+            ]
     finally:
         edge.close()
 
@@ -202,7 +246,9 @@ def test_migrate_from_the_embedded_store_resumes(make_store, encoders, tmp_path)
         class Interrupted(Exception):
             pass
 
-        def stop_after_two(collection, n, seen=[]):
+        seen: list[int] = []
+
+        def stop_after_two(collection, n):
             seen.append(n)
             if len(seen) == 2:
                 raise Interrupted
@@ -230,7 +276,9 @@ def test_migrate_from_the_embedded_store_resumes(make_store, encoders, tmp_path)
 def test_bulk_load_on_a_server_defers_hnsw_and_restores_it(make_store, encoders):
     store = make_store(bulk_load=True, quantization="int8", vectors_on_disk=True, upload_parallel=3)
     if store._pool is None:
-        pytest.skip("local mode keeps no HNSW / quantization config (tests/store/test_bulk.py checks the requests instead)")
+        pytest.skip(
+            "local mode keeps no HNSW / quantization config (tests/store/test_bulk.py checks the requests instead)"
+        )
     idx = indexer(store, encoders)
     idx.index(papers(8))
     info = store.client.get_collection(store.chunks)

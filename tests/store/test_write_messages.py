@@ -7,10 +7,11 @@ import threading
 
 import numpy as np
 import pytest
-from support.edge import DIM, chunks, entries, paper_points, sharded
 
 from indexer.store import Point, chunk_point_id, chunk_shard, paper_point_id
 from indexer.store import writers as writers_module
+
+from support.edge import DIM, chunks, entries, paper_points, sharded
 
 
 def test_a_busy_writer_does_not_hold_up_writes_to_the_others(tmp_path):

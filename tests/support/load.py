@@ -12,11 +12,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
+
 from support.reliability import paper
 
 QUERIES = [
-    "protein folding", "graph neural network attention", "galaxy star telescope", "climate ocean temperature",
-    "cell tumor therapy", "quantum chemistry molecule", "language model retrieval", "genome sequence virus",
+    "protein folding",
+    "graph neural network attention",
+    "galaxy star telescope",
+    "climate ocean temperature",
+    "cell tumor therapy",
+    "quantum chemistry molecule",
+    "language model retrieval",
+    "genome sequence virus",
 ]
 
 
@@ -30,7 +37,9 @@ class Sample:
     error: str | None = None  # for status 0 / -1: the exception, as `Class: message`
 
 
-def load_request(kind: str, rng: random.Random, new_papers: Callable[[int], list[dict]], index_batch: int) -> tuple[str, str, dict]:
+def load_request(
+    kind: str, rng: random.Random, new_papers: Callable[[int], list[dict]], index_batch: int
+) -> tuple[str, str, dict]:
     q = rng.choice(QUERIES)
     if kind == "search":
         return "GET", "/search", {"params": {"q": q, "k": 10}}
@@ -43,14 +52,27 @@ def load_request(kind: str, rng: random.Random, new_papers: Callable[[int], list
     if kind == "index":
         papers = new_papers(index_batch)
         if isinstance(papers, tuple):  # (body, papers) made ahead of time
-            return "POST", "/index", {"content": papers[0], "headers": {"content-type": "application/json"}, "papers": papers[1]}
+            return (
+                "POST",
+                "/index",
+                {"content": papers[0], "headers": {"content-type": "application/json"}, "papers": papers[1]},
+            )
         return "POST", "/index", {"json": papers, "papers": papers}
     raise ValueError(kind)
 
 
-async def load(url: str, mix: dict[str, float], users: int, seconds: float, max_requests: int, seed: int,
-               new_papers: Callable[[int], list[dict]], index_batch: int = 5, timeout: float = 30.0,
-               headers: dict[str, str] | None = None) -> list[Sample]:
+async def load(
+    url: str,
+    mix: dict[str, float],
+    users: int,
+    seconds: float,
+    max_requests: int,
+    seed: int,
+    new_papers: Callable[[int], list[dict]],
+    index_batch: int = 5,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
+) -> list[Sample]:
     """`users` clients, each sending its next request when the last is answered, until `seconds` pass
     or `max_requests` are sent; the kind of each request drawn from `mix` (weights)."""
     samples: list[Sample] = []
@@ -110,9 +132,13 @@ def summarize(samples: Sequence[Sample], seconds: float) -> dict[str, dict]:
         ok = [s.seconds for s in ss if 200 <= s.status < 300]
         refused = [s.seconds for s in ss if s.status == 429]
         out[kind] = {
-            "requests": len(ss), "per_s": round(len(ss) / seconds, 1), "statuses": statuses,
-            "p50_ms": round(percentile(ok, 50) * 1000, 1), "p95_ms": round(percentile(ok, 95) * 1000, 1),
-            "p99_ms": round(percentile(ok, 99) * 1000, 1), "max_ms": round(max(ok, default=float("nan")) * 1000, 1),
+            "requests": len(ss),
+            "per_s": round(len(ss) / seconds, 1),
+            "statuses": statuses,
+            "p50_ms": round(percentile(ok, 50) * 1000, 1),
+            "p95_ms": round(percentile(ok, 95) * 1000, 1),
+            "p99_ms": round(percentile(ok, 99) * 1000, 1),
+            "max_ms": round(max(ok, default=float("nan")) * 1000, 1),
             "refused_p99_ms": round(percentile(refused, 99) * 1000, 1) if refused else None,
         }
     return out
@@ -156,7 +182,11 @@ class RssSampler:
 
     def mib(self) -> dict[str, float]:
         s = self.samples or [0]
-        return {"start_mib": round(s[0] / 2**20, 1), "peak_mib": round(max(s) / 2**20, 1), "end_mib": round(s[-1] / 2**20, 1)}
+        return {
+            "start_mib": round(s[0] / 2**20, 1),
+            "peak_mib": round(max(s) / 2**20, 1),
+            "end_mib": round(s[-1] / 2**20, 1),
+        }
 
 
 class PaperSource:

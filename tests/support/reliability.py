@@ -27,6 +27,7 @@ import psutil
 from indexer.chunking import chunk_words, head_chunk
 from indexer.config import Settings
 from indexer.store import Store, StoreUnavailable, chunk_point_id
+
 from support import ROOT
 
 WORDS = (
@@ -96,14 +97,25 @@ class Audit:
         return not self.problems
 
 
-def audit(store: Store, expected: dict[str, dict], chunk_size: int, overlap: int,
-          head: bool = Settings.model_fields["head_passage"].default) -> Audit:
+def audit(
+    store: Store,
+    expected: dict[str, dict],
+    chunk_size: int,
+    overlap: int,
+    head: bool = Settings.model_fields["head_passage"].default,
+) -> Audit:
     """Compare an index with the papers it must hold, point by point: exactly one paper point per paper
     (its title and n_chunks current), no duplicate (paper_id, chunk_index), every chunk of every paper
     present with the current text (with `head`, as PAPERINDEX_HEAD_PASSAGE by default: the title +
     abstract as chunk -1 too), no chunk of an old version or of a paper not in the index."""
-    want = {pid: {c.chunk_index: c.text for c in ([head_chunk(p["title"], p.get("abstract"))] if head else [])
-                  + chunk_words(p.get("text") or "", chunk_size, overlap)} for pid, p in expected.items()}
+    want = {
+        pid: {
+            c.chunk_index: c.text
+            for c in ([head_chunk(p["title"], p.get("abstract"))] if head else [])
+            + chunk_words(p.get("text") or "", chunk_size, overlap)
+        }
+        for pid, p in expected.items()
+    }
     a = Audit(store.count(store.papers), store.count(store.chunks))
     problems = a.problems
     papers = {}
@@ -114,7 +126,10 @@ def audit(store: Store, expected: dict[str, dict], chunk_size: int, overlap: int
                 problems.append(f"paper {pid} has two points")
             papers[pid] = pt.payload
     if set(papers) != set(expected):
-        problems.append(f"papers missing: {sorted(set(expected) - set(papers))[:5]}, unexpected: {sorted(set(papers) - set(expected))[:5]}")
+        problems.append(
+            f"papers missing: {sorted(set(expected) - set(papers))[:5]}, unexpected: "
+            f"{sorted(set(papers) - set(expected))[:5]}"
+        )
     seen: dict[tuple[str, int], str] = {}
     for points, _ in store.scroll(store.chunks, batch=512, with_vectors=False):
         for pt in points:
@@ -134,12 +149,16 @@ def audit(store: Store, expected: dict[str, dict], chunk_size: int, overlap: int
             problems.append(f"paper {pid}: n_chunks {got.get('n_chunks')}, want {len(texts)}")
         for i, text in texts.items():
             if seen.get((pid, i)) != text:
-                problems.append(f"chunk ({pid}, {i}) " + ("missing" if (pid, i) not in seen else "holds text of another version"))
+                problems.append(
+                    f"chunk ({pid}, {i}) " + ("missing" if (pid, i) not in seen else "holds text of another version")
+                )
     extra = sorted(k for k in seen if k[0] not in want or k[1] not in want[k[0]])
     if extra:
         problems.append(f"{len(extra)} chunk(s) beyond their paper's current chunks, e.g. {extra[:5]}")
     if a.papers != len(expected) or a.chunks != sum(map(len, want.values())):
-        problems.append(f"counts: {a.papers} papers / {a.chunks} chunks, want {len(expected)} / {sum(map(len, want.values()))}")
+        problems.append(
+            f"counts: {a.papers} papers / {a.chunks} chunks, want {len(expected)} / {sum(map(len, want.values()))}"
+        )
     return a
 
 
@@ -149,7 +168,12 @@ def audit(store: Store, expected: dict[str, dict], chunk_size: int, overlap: int
 def settings_env(settings, **overrides: Any) -> dict[str, str]:
     """The environment that makes a subprocess build the same Settings (plus overrides)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAPERINDEX_")}
-    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
     for k, v in (settings.model_dump() | overrides).items():
         if v is None:
             continue
@@ -231,7 +255,9 @@ class ThreadServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on", **config))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on", **config)
+        )
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     def __enter__(self) -> ThreadServer:
@@ -260,8 +286,9 @@ def kill_margin(n_papers: int) -> int:
     return max(8, n_papers // 4)
 
 
-def index_until_killed(cmd: list[str], env: dict[str, str], at_papers: int, jitter_s: float, last_papers: int,
-                       timeout: float = 300.0) -> int | None:
+def index_until_killed(
+    cmd: list[str], env: dict[str, str], at_papers: int, jitter_s: float, last_papers: int, timeout: float = 300.0
+) -> int | None:
     """Run `paperindex index` and kill -9 it `jitter_s` after its progress bar passes `at_papers`, or at
     once when it passes `last_papers`, whichever comes first. The kill point depends on progress, not
     on how fast this machine is: a run is never let past `last_papers` (keep it `kill_margin` below the
@@ -303,7 +330,9 @@ def index_until_killed(cmd: list[str], env: dict[str, str], at_papers: int, jitt
     reader.start()
     if not reached.wait(timeout):
         kill()
-        raise RuntimeError(f"no progress to {at_papers} papers in {timeout:.0f}s:\n{tail[0][-2000:].decode(errors='replace')}")
+        raise RuntimeError(
+            f"no progress to {at_papers} papers in {timeout:.0f}s:\n{tail[0][-2000:].decode(errors='replace')}"
+        )
     ended.wait(jitter_s)
     kill()
     proc.wait()
@@ -324,7 +353,9 @@ def index_cmd(path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "indexer.cli", "index", str(path), *extra]
 
 
-def crash_and_resume(env: dict[str, str], path: Path, n_papers: int, kills: int, rng: random.Random, timeout: float = 600.0) -> dict:
+def crash_and_resume(
+    env: dict[str, str], path: Path, n_papers: int, kills: int, rng: random.Random, timeout: float = 600.0
+) -> dict:
     """Index `path` (n_papers records), kill -9 the run `kills` times at random progress (each time between
     1 and `n_papers - kill_margin(n_papers)` papers done), each rerun resuming the last; then rerun to the
     end. Returns the final run's summary and where the kills landed."""
@@ -336,10 +367,16 @@ def crash_and_resume(env: dict[str, str], path: Path, n_papers: int, kills: int,
         if at is None:
             break
         killed_at.append(at)
-    done = subprocess.run(index_cmd(path, "--json", "-q"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        index_cmd(path, "--json", "-q"), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the resuming run failed:\n{done.stderr[-3000:]}")
-    return {"killed_at": killed_at, "final_run": json.loads(done.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - t0}
+    return {
+        "killed_at": killed_at,
+        "final_run": json.loads(done.stdout.strip().splitlines()[-1]),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # stores that fail on purpose ----------------------------------------------------------------------
@@ -355,10 +392,19 @@ class FaultPlan:
 
     MODES = ("before", "partial", "after")
 
-    def __init__(self, seed: int, rate: float, max_in_a_row: int = 3, reset_after: int = 4,
-                 errors: Sequence[Callable[[str], BaseException]] = ()) -> None:
+    def __init__(
+        self,
+        seed: int,
+        rate: float,
+        max_in_a_row: int = 3,
+        reset_after: int = 4,
+        errors: Sequence[Callable[[str], BaseException]] = (),
+    ) -> None:
         self.seed, self.rate, self.max_in_a_row, self.reset_after = seed, rate, max_in_a_row, reset_after
-        self.errors = list(errors) or [lambda m: StoreUnavailable(f"Qdrant is unreachable: {m}"), lambda m: TimeoutError(m)]
+        self.errors = list(errors) or [
+            lambda m: StoreUnavailable(f"Qdrant is unreachable: {m}"),
+            lambda m: TimeoutError(m),
+        ]
         self.down = threading.Event()  # set: every call fails before doing anything
         self.injected: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -441,7 +487,18 @@ class FaultyClient(_Faulty):
     """A QdrantClient whose calls fail as a FaultPlan says, with the exceptions qdrant-client raises on
     the wire (timeouts, refused connections); a timed-out write may still have been applied."""
 
-    FAULTY = ("upsert", "delete", "retrieve", "query_points", "query_points_groups", "count", "scroll", "collection_exists", "get_collection", "get_collections")
+    FAULTY = (
+        "upsert",
+        "delete",
+        "retrieve",
+        "query_points",
+        "query_points_groups",
+        "count",
+        "scroll",
+        "collection_exists",
+        "get_collection",
+        "get_collections",
+    )
 
     def part(self, name: str, attr: Callable, args: tuple, kwargs: dict) -> None:
         points = kwargs.get("points")

@@ -53,13 +53,25 @@ def build_mpnet(path: Path, layers: int = 2, hidden: int = 32, pooling: str = "c
         special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))],
     )
     tokenizer = MPNetTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=512,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=512,
     )
     torch.manual_seed(1)
     cfg = MPNetConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=hidden * 2, max_position_embeddings=514, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=514,
+        pad_token_id=tokenizer.pad_token_id,
         # The default 0.02 leaves a 2-layer random model's CLS vector all but independent of the text
         # (cosine 0.999996 between any two), so rankings would be float noise; 0.5 spreads them (~0.46).
         initializer_range=0.5,
@@ -82,15 +94,29 @@ def _bert_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                             cls_token="[CLS]", mask_token="[MASK]", model_max_length=512)
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
 
 
 def _bert_config(vocab: int, **kw):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=512, **kw)
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        **kw,
+    )
 
 
 def build_specter2(path: Path) -> tuple[Path, Path, Path]:
@@ -144,6 +170,7 @@ def build_all(root: Path) -> dict[str, str]:
 
 def tiny_settings(tiny_models: dict[str, str], **changes) -> Settings:
     """Settings on the tiny models; small windows and chunks, so that short test texts already span several."""
-    small = dict(window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20, papers_per_batch=8,
-                 token_budget=4096)
+    small = dict(
+        window_tokens=48, window_overlap=8, chunk_words=120, chunk_overlap=20, papers_per_batch=8, token_budget=4096
+    )
     return Settings(**{**tiny_models, **small, **changes})
