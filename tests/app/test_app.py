@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from indexer.chunking import HEAD_CHUNK, head_chunk
-from indexer.config import Settings
 from indexer.pipeline import Indexer
 from indexer.runtime import Runtime, build
 from indexer.search import Searcher
 from indexer.store import ClientStore, StoreUnavailable
 
 from support.papers import make_paper
+from support.tiny_models import tiny_settings
 
 CORPUS = [make_paper(i, words=150 + 90 * (i % 5)) for i in range(12)]
 QUERIES = [
@@ -32,15 +32,9 @@ QUERIES = [
 
 @pytest.fixture(scope="module")
 def runtime(tiny_models):
-    s = Settings(
-        **tiny_models,
+    s = tiny_settings(
+        tiny_models,
         qdrant_url=":memory:",
-        window_tokens=48,
-        window_overlap=8,
-        chunk_words=120,
-        chunk_overlap=20,
-        papers_per_batch=8,
-        token_budget=4096,
         max_k=20,
         max_candidates=40,
         max_query_chars=200,

@@ -13,22 +13,14 @@ from indexer.config import Settings
 from indexer.store import SearchFilter
 
 from support.papers import make_paper
+from support.tiny_models import tiny_settings
 
 CORPUS = [make_paper(i, words=150 + 90 * (i % 5), seed=3) for i in range(10)]
 
 
 @pytest.fixture(scope="module")
 def edge_settings(tiny_models, tmp_path_factory) -> Settings:
-    return Settings(
-        **tiny_models,
-        qdrant_path=tmp_path_factory.mktemp("edge") / "index",
-        window_tokens=48,
-        window_overlap=8,
-        chunk_words=120,
-        chunk_overlap=20,
-        papers_per_batch=4,
-        token_budget=4096,
-    )
+    return tiny_settings(tiny_models, qdrant_path=tmp_path_factory.mktemp("edge") / "index", papers_per_batch=4)
 
 
 @pytest.fixture(scope="module")

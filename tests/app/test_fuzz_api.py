@@ -29,31 +29,19 @@ from indexer.runtime import Runtime, build
 from indexer.store import ClientStore
 
 from support.reliability import audit, corpus_versions
+from support.tiny_models import tiny_settings
 
 FUZZ_EXAMPLES = int(os.environ.get("PAPERINDEX_FUZZ_EXAMPLES", "25"))
 MAX_BODY = 300_000
 CORPUS = corpus_versions(11, n=12)[0]
 
 
-def tiny_settings(tiny_models, **kw) -> Settings:
-    return Settings(
-        **tiny_models,
-        window_tokens=48,
-        window_overlap=8,
-        chunk_words=120,
-        chunk_overlap=20,
-        papers_per_batch=8,
-        token_budget=4096,
-        max_k=20,
-        max_candidates=40,
-        max_query_chars=300,
-        max_body_bytes=MAX_BODY,
-        **kw,
-    )
+def fuzz_settings(tiny_models, **kw) -> Settings:
+    return tiny_settings(tiny_models, max_k=20, max_candidates=40, max_query_chars=300, max_body_bytes=MAX_BODY, **kw)
 
 
 def indexed_runtime(tiny_models) -> Runtime:
-    rt = build(tiny_settings(tiny_models, qdrant_url=":memory:"), store=ClientStore(location=":memory:"))
+    rt = build(fuzz_settings(tiny_models, qdrant_url=":memory:"), store=ClientStore(location=":memory:"))
     with TestClient(create_app(runtime=rt)) as c:
         assert c.post("/index", params={"wait": True}, json=CORPUS).status_code == 200
     return rt
@@ -217,7 +205,7 @@ def test_arbitrary_json_bodies_never_get_a_5xx_and_what_is_accepted_is_indexed_e
     """Any JSON posted to /index (on the embedded store, which is the stricter about payloads) is
     refused paper by paper with a 422 or indexed; afterwards the index holds exactly the last accepted
     version of every paper."""
-    rt = build(tiny_settings(tiny_models, qdrant_path=tmp_path / "index"), reranker=False)
+    rt = build(fuzz_settings(tiny_models, qdrant_path=tmp_path / "index"), reranker=False)
     seen: Counter = Counter()
     accepted: dict[str, dict] = {}
     try:
@@ -393,7 +381,7 @@ def test_a_10k_paper_batch_is_accepted_or_refused_never_a_5xx(runtime):
 
 @pytest.mark.slow
 def test_a_10k_paper_batch_is_indexed_completely(tiny_models):
-    s = tiny_settings(tiny_models, qdrant_url=":memory:").model_copy(
+    s = fuzz_settings(tiny_models, qdrant_url=":memory:").model_copy(
         update={"max_body_bytes": 8 * 2**20, "papers_per_batch": 256}
     )
     rt = build(s, store=ClientStore(location=":memory:"))
@@ -463,7 +451,7 @@ INJECTIONS = [
 @pytest.fixture(scope="module", params=["memory", "edge"])
 def filter_client(request, tiny_models, tmp_path_factory):
     """Both stores (filters are built differently for each) with papers whose ids look like injections."""
-    s = tiny_settings(
+    s = fuzz_settings(
         tiny_models,
         qdrant_url=":memory:" if request.param == "memory" else None,
         qdrant_path=tmp_path_factory.mktemp("inj") / "index",

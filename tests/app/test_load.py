@@ -19,28 +19,20 @@ import httpx
 import pytest
 
 from app.main import create_app
-from indexer.config import Settings
 from indexer.runtime import build
 
 from support import ROOT
 from support.load import BodyPool, PaperSource, RssSampler, load, summarize
 from support.reliability import ServerProcess, ThreadServer, audit, corpus_versions, final_state, settings_env
+from support.tiny_models import tiny_settings
 
 READS = {"search": 6, "grouped": 2, "papers": 2}
 
 
 @pytest.fixture(scope="module")
 def runtime(tiny_models, tmp_path_factory):
-    s = Settings(
-        **tiny_models,
-        qdrant_path=tmp_path_factory.mktemp("load") / "index",
-        window_tokens=48,
-        window_overlap=8,
-        chunk_words=120,
-        chunk_overlap=20,
-        papers_per_batch=16,
-        token_budget=4096,
-        index_queue_size=2,
+    s = tiny_settings(
+        tiny_models, qdrant_path=tmp_path_factory.mktemp("load") / "index", papers_per_batch=16, index_queue_size=2
     )
     rt = build(s, reranker=False)
     yield rt

@@ -23,6 +23,7 @@ from indexer.store import ClientStore
 
 from support import ROOT
 from support.reliability import ThreadServer, corpus_versions, free_port
+from support.tiny_models import tiny_settings
 
 KEY = "pk-3f9c2a7e-long-enough-secret"
 DOCS = corpus_versions(21, n=4)[0]
@@ -33,17 +34,7 @@ READ_ONLY_POSTS = {("POST", "/papers/similar")}
 
 @pytest.fixture(scope="module")
 def runtime(tiny_models):
-    s = Settings(
-        **tiny_models,
-        qdrant_url=":memory:",
-        window_tokens=48,
-        window_overlap=8,
-        chunk_words=120,
-        chunk_overlap=20,
-        papers_per_batch=8,
-        token_budget=4096,
-        max_body_bytes=50_000,
-    )
+    s = tiny_settings(tiny_models, qdrant_url=":memory:", max_body_bytes=50_000)
     rt = build(s, store=ClientStore(location=":memory:"))
     with TestClient(create_app(runtime=rt)) as c:
         assert c.post("/index", params={"wait": True}, json=DOCS).status_code == 200

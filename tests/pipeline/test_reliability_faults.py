@@ -28,6 +28,7 @@ from indexer.search import Searcher
 from indexer.store import ClientStore, EdgeStore, StoreUnavailable
 
 from support.reliability import FaultPlan, FaultyClient, FaultyStore, audit, corpus_versions, final_state, wire_errors
+from support.tiny_models import tiny_settings
 
 CHUNK, OVERLAP = 120, 20
 
@@ -195,18 +196,7 @@ def test_a_crash_at_any_write_on_the_embedded_store_then_a_rerun_is_exact(encode
 @pytest.fixture
 def service(tiny_models):
     """A runtime over qdrant-client (":memory:") whose client fails on demand, and its plan."""
-    from indexer.config import Settings
-
-    s = Settings(
-        **tiny_models,
-        qdrant_url=":memory:",
-        window_tokens=48,
-        window_overlap=8,
-        chunk_words=CHUNK,
-        chunk_overlap=OVERLAP,
-        papers_per_batch=4,
-        token_budget=4096,
-    )
+    s = tiny_settings(tiny_models, qdrant_url=":memory:", chunk_words=CHUNK, chunk_overlap=OVERLAP, papers_per_batch=4)
     base = build(s, store=ClientStore(location=":memory:"))
     plan = FaultPlan(0, rate=0.0, errors=wire_errors())
     client = QdrantClient(location=":memory:")
