@@ -283,9 +283,9 @@ def test_encoder_replicas_split_the_papers_and_write_the_same_points(settings, e
     for enc in (passage_enc, replica[1]):
         inner = enc.encode_windows
 
-        def tracked(w, inner=inner, enc=enc):
+        def tracked(w, cancel=None, inner=inner, enc=enc):
             used.setdefault(threading.current_thread().name, set()).add(id(enc))
-            return inner(w)
+            return inner(w, cancel=cancel)
 
         enc.encode_windows = tracked
     try:
