@@ -51,7 +51,7 @@ def main() -> None:
         "--capture-warm-ups",
         type=int,
         default=None,
-        help="runs of a new shape before its capture (GraphedForward.WARM_UPS)",
+        help="runs of a new shape before its capture (Tuning.capture_warm_ups; default kernels.graphs.WARM_UPS)",
     )
     ap.add_argument(
         "--batches",
@@ -74,11 +74,10 @@ def main() -> None:
     from shapes import plan_heads, plan_windows
 
     from indexer.config import Settings
-    from indexer.encode import kernels
     from indexer.papers import read_papers
     from indexer.pipeline import Indexer
     from indexer.plan import Tuning, make_plan
-    from indexer.runtime import gpu_replicas, load_encoders
+    from indexer.runtime import capture_warm_ups, gpu_replicas, load_encoders
 
     work = Path(tempfile.mkdtemp(prefix="pi-cold-"))
     path = corpus_mod.write(work / "corpus.jsonl", args.papers, 8000 if not args.tiny else 1500)
@@ -86,9 +85,6 @@ def main() -> None:
     st_dir = bench_models.build_passage(work / "mpnet", sample, tiny=args.tiny)
     paper_dirs = bench_models.build_paper(work / "specter2", sample, tiny=args.tiny)
 
-    kernels.gpu_gate.per_device = args.gate == "gpu"
-    if args.capture_warm_ups is not None:
-        kernels.GraphedForward.WARM_UPS = args.capture_warm_ups
     s = Settings(
         device=args.device,
         gpus=args.gpus,
@@ -98,7 +94,13 @@ def main() -> None:
         query_adapter=str(paper_dirs[2]),
     )
     t = time.perf_counter()
-    plan = make_plan(s, tuning=Tuning(share_graphs=args.share_graphs == "on"))
+    tuning = Tuning(
+        share_graphs=args.share_graphs == "on",
+        gate_per_device=args.gate == "gpu",
+        capture_warm_ups=args.capture_warm_ups,
+    )
+    plan = make_plan(s, tuning=tuning)
+    warm_ups = capture_warm_ups(plan)
     paper, passage = load_encoders(s, plan=plan)
     idx = Indexer(
         NullStore(),
@@ -122,7 +124,7 @@ def main() -> None:
         "gpus": idx.gpus,
         "gate": args.gate,
         "share_graphs": args.share_graphs,
-        "capture_warm_ups": kernels.GraphedForward.WARM_UPS,
+        "capture_warm_ups": warm_ups,
         "batches": args.batches,
         "heads_plan": args.heads_plan,
         "models_loaded_s": round(load_s, 2),
@@ -147,7 +149,7 @@ def main() -> None:
     print(json.dumps(out))
     name = (
         f"cold_start_{idx.gpus}_gpus_gate_{args.gate}_share_{args.share_graphs}_warm_ups_"
-        f"{kernels.GraphedForward.WARM_UPS}_batches_{args.batches}_heads_{args.heads_plan}.json"
+        f"{warm_ups}_batches_{args.batches}_heads_{args.heads_plan}.json"
     )
     (Path(os.environ.get("OUT", tempfile.gettempdir())) / name).write_text(json.dumps(out, indent=1))
 

@@ -1035,7 +1035,7 @@ def main() -> None:
         "--capture-warm-ups",
         type=int,
         default=None,
-        help="runs of a new shape before its capture (GraphedForward.WARM_UPS)",
+        help="runs of a new shape before its capture (the encoders' capture_warm_ups; default kernels.graphs.WARM_UPS)",
     )
     ap.add_argument(
         "--gpu-events",
@@ -1052,7 +1052,8 @@ def main() -> None:
     from shapes import plan_heads, plan_windows
 
     from indexer.chunking import chunk_words
-    from indexer.encode import PaperEncoder, PassageEncoder, kernels
+    from indexer.encode import PaperEncoder, PassageEncoder
+    from indexer.encode.kernels.graphs import WARM_UPS, GpuGate
     from indexer.encode.runner import CAPTURE_AFTER
     from indexer.plan import Hardware, make_plan
     from indexer.runtime import encoder_grid
@@ -1114,7 +1115,14 @@ def main() -> None:
         f"reading + validating {parsed} papers (JSONL -> PaperIn) alone: {time.perf_counter() - t:.1f} s"
     )
 
-    paper_enc = PaperEncoder(str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device)
+    # One gate for every encoder of the runs: --gate sets whether a capture holds back its GPU's work or every GPU's.
+    capture_gate = GpuGate()
+    graph_options = dict(
+        capture_warm_ups=WARM_UPS if args.capture_warm_ups is None else args.capture_warm_ups, gate=capture_gate
+    )
+    paper_enc = PaperEncoder(
+        str(paper_dirs[0]), str(paper_dirs[1]), str(paper_dirs[2]), device=args.device, **graph_options
+    )
     store_names = {"edge": "Qdrant Edge", "null": "no store"}
     for window, overlap in [(w, o) for w in args.window for o in args.overlap if "e2e" not in args.skip]:
         passage_enc = PassageEncoder(
@@ -1129,13 +1137,12 @@ def main() -> None:
                 Settings(device=args.device, gpus=args.gpus, tokenizer_workers=args.workers), hw
             ).tokenizer_lanes,
             compile=args.pipeline_compile,
+            **graph_options,
         )
         # The encoders `paperindex index` runs (indexer.runtime): each GPU its own paper encoder, shared
         # by that GPU's threads, and a passage replica per thread.
         if device.type != "cuda":
             args.per_gpu = [1]  # replicas are per GPU
-        if args.capture_warm_ups is not None:
-            kernels.GraphedForward.WARM_UPS = args.capture_warm_ups
         grid = (
             encoder_grid(
                 [f"cuda:{i}" for i in range(args.gpus)],
@@ -1276,7 +1283,7 @@ def main() -> None:
                     plan_heads(paper_encs, heads_plan)
                     for enc in [passage_enc, *(p for _, p in replicas)]:
                         enc.run.in_flight = ring
-                    kernels.gpu_gate.per_device = gate == "gpu"
+                    capture_gate.per_device = gate == "gpu"  # between runs: no GPU work is under way
                     if args.fresh_graphs:
                         for g in graphed:
                             g.clear()

@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import tempfile
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -77,12 +78,16 @@ def plan_windows(encoders, name: str) -> None:
             setattr(enc.run, k, v)
 
 
+# Each paper encoder's head runners by plan name, kept here rather than on the encoder.
+_HEAD_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def plan_heads(encoders, name: str) -> list:
     """Paper encoders run their heads packed (as now) or padded (batching.HEAD_BATCHES: before) from
     now on. Each keeps both runners, and with them their CUDA graphs; the runners of `name` come back."""
     out = []
     for enc in encoders:
-        runs = enc.__dict__.setdefault("_bench_head_runs", {"packed" if enc.run.packed else "padded": enc.run})
+        runs = _HEAD_RUNS.setdefault(enc, {"packed" if enc.run.packed else "padded": enc.run})
         if name not in runs:
             runs[name] = enc.heads_runner(name == "packed", enc.run.budget, enc.run.graphs)
         enc.run = runs[name]

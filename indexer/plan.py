@@ -68,6 +68,10 @@ class Tuning:
     in_input_order: bool = False
     # A GPU's encoder threads share one passage model and its CUDA graphs.
     share_graphs: bool = True
+    # A CUDA graph capture holds back the work of its own GPU only (False: of every GPU).
+    gate_per_device: bool = True
+    # Runs of a new shape before its capture (None: kernels.graphs.WARM_UPS).
+    capture_warm_ups: int | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .encode import PaperEncoder, PassageEncoder, Reranker
+from .encode.kernels.graphs import WARM_UPS, GpuGate, gpu_gate
 from .pipeline import Indexer
 from .plan import Plan, make_plan
 from .search import Searcher
@@ -50,20 +51,29 @@ def load_encoders(s: Settings, indexing: bool = True, plan: Plan | None = None) 
     CUDA graphs and nothing compiled for them, and passages tokenized in this process."""
     plan = plan or make_plan(s, indexing=indexing)
     log.info("device plan: %s", plan.device.describe())
-    return paper_encoder(s, plan), passage_encoder(s, plan)
+    # Both encoders (and their replicas) take one gate: a capture holds back the other's work too.
+    gate = gpu_gate if plan.tuning.gate_per_device else GpuGate(per_device=False)
+    return paper_encoder(s, plan, gate), passage_encoder(s, plan, gate)
 
 
-def paper_encoder(s: Settings, plan: Plan) -> PaperEncoder:
+def capture_warm_ups(plan: Plan) -> int:
+    """Runs of a new batch shape before its CUDA graph capture (the plan's tuning, or WARM_UPS)."""
+    return WARM_UPS if plan.tuning.capture_warm_ups is None else plan.tuning.capture_warm_ups
+
+
+def paper_encoder(s: Settings, plan: Plan, gate: GpuGate = gpu_gate) -> PaperEncoder:
     return PaperEncoder(
-        s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, graphs=plan.indexing, plan=plan.device
+        s.paper_model, s.paper_adapter, s.query_adapter, device=s.device, graphs=plan.indexing, plan=plan.device,
+        capture_warm_ups=capture_warm_ups(plan), gate=gate,
     )
 
 
-def passage_encoder(s: Settings, plan: Plan) -> PassageEncoder:
+def passage_encoder(s: Settings, plan: Plan, gate: GpuGate = gpu_gate) -> PassageEncoder:
     return PassageEncoder(
         s.passage_model, device=s.device, long_chunk=s.long_chunk, window_tokens=s.window_tokens,
         window_overlap=s.window_overlap, compile=s.compile, tokenizer_workers=plan.tokenizer_workers,
         graphs=plan.indexing, tokenizer_lanes=plan.tokenizer_lanes, plan=plan.device,
+        capture_warm_ups=capture_warm_ups(plan), gate=gate,
     )
 
 

@@ -11,6 +11,7 @@ import torch
 from ..errors import ModelLoadError
 from .batching import HEAD_BATCHES
 from .device import DevicePlan, plan_for, prepare_model, resolve_device
+from .kernels.graphs import WARM_UPS, GpuGate, gpu_gate
 from .kernels.layers import speed_up
 from .runner import CAPTURE_AFTER, BatchRunner
 
@@ -42,9 +43,12 @@ class PaperEncoder:
         compile: bool = False,
         graphs: bool = True,
         plan: DevicePlan | None = None,
+        capture_warm_ups: int = WARM_UPS,
+        gate: GpuGate = gpu_gate,
     ) -> None:
         """`graphs`: replay CUDA graphs of bucketed batch shapes for paper heads (CUDA only, where the
-        plan has them); `plan`: how to run on the device (None: read from it)."""
+        plan has them); `plan`: how to run on the device (None: read from it); `capture_warm_ups`,
+        `gate`: see GraphedForward."""
         from adapters import AutoAdapterModel
         from transformers import AutoTokenizer
 
@@ -55,8 +59,11 @@ class PaperEncoder:
             token_budget=token_budget,
             max_tokens=max_tokens,
             graphs=graphs,
+            capture_warm_ups=capture_warm_ups,
+            gate=gate,
         )
         self.device = resolve_device(device)
+        self.capture_warm_ups, self.gate = capture_warm_ups, gate
         self.plan = self._args["plan"] = plan_for(self.device, plan)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -82,7 +89,7 @@ class PaperEncoder:
         budget = token_budget or self.plan.token_budget
         # Graphs replay whatever adapter was active at capture: only the proximity runner has them.
         self.run = self.heads_runner(self.forward.packable and self.plan.packed, budget, graphs)
-        self.run_queries = BatchRunner(self.forward, self.device, self.tokenizer.pad_token_id, budget)
+        self.run_queries = BatchRunner(self.forward, self.device, self.tokenizer.pad_token_id, budget, gate=gate)
 
     def heads_runner(self, packed: bool, budget: int, graphs: bool) -> BatchRunner:
         """A runner for the paper heads: packed end to end (where `forward.packable` and the device
@@ -90,7 +97,15 @@ class PaperEncoder:
         pad = self.tokenizer.pad_token_id
         if packed:
             return BatchRunner(
-                self.forward.packed, self.device, pad, budget, graphs=graphs, capture_after=CAPTURE_AFTER, packed=True
+                self.forward.packed,
+                self.device,
+                pad,
+                budget,
+                graphs=graphs,
+                capture_after=CAPTURE_AFTER,
+                packed=True,
+                capture_warm_ups=self.capture_warm_ups,
+                gate=self.gate,
             )
         return BatchRunner(
             self.forward,
@@ -100,6 +115,8 @@ class PaperEncoder:
             graphs=graphs,
             widths=(self.max_tokens,),
             capture_after=CAPTURE_AFTER,
+            capture_warm_ups=self.capture_warm_ups,
+            gate=self.gate,
             **HEAD_BATCHES,
         )
 

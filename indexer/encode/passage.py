@@ -15,7 +15,7 @@ from ..errors import ModelLoadError
 from ..tokenizing import Windows, WindowSpec, WindowTokenizer
 from .batching import WINDOW_BATCHES
 from .device import DevicePlan, plan_for, prepare_model, resolve_device
-from .kernels.graphs import one_device
+from .kernels.graphs import WARM_UPS, GpuGate, gpu_gate, one_device
 from .kernels.layers import speed_up
 from .runner import CAPTURE_AFTER, BatchRunner
 
@@ -44,11 +44,14 @@ class PassageEncoder:
         graphs: bool = True,
         tokenizer_lanes: int = 1,
         plan: DevicePlan | None = None,
+        capture_warm_ups: int = WARM_UPS,
+        gate: GpuGate = gpu_gate,
     ) -> None:
         """`tokenizer_workers`: processes that tokenize chunks (0: in this process), in
         `tokenizer_lanes` groups that each take a request at a time; `graphs`: replay
         CUDA graphs of bucketed batch shapes (CUDA only, where the plan has them); `compile`:
-        torch.compile the forward; `plan`: how to run on the device (None: read from it)."""
+        torch.compile the forward; `plan`: how to run on the device (None: read from it);
+        `capture_warm_ups`, `gate`: see GraphedForward."""
         from sentence_transformers import SentenceTransformer
 
         self._args = dict(
@@ -59,6 +62,8 @@ class PassageEncoder:
             token_budget=token_budget,
             compile=compile,
             graphs=graphs,
+            capture_warm_ups=capture_warm_ups,
+            gate=gate,
         )
         self.device = resolve_device(device)
         self.plan = self._args["plan"] = plan_for(self.device, plan)
@@ -124,10 +129,12 @@ class PassageEncoder:
             graphs=graphs,
             widths=widths,
             capture_after=CAPTURE_AFTER,
+            capture_warm_ups=capture_warm_ups,
+            gate=gate,
             **WINDOW_BATCHES,
         )
         # Queries come one request at a time: no graphs, and no waiting behind an indexing batch.
-        self.run_queries = BatchRunner(self.forward, self.device, pad, budget)
+        self.run_queries = BatchRunner(self.forward, self.device, pad, budget, gate=gate)
 
     def replicate(self, device: str | torch.device, share_graphs: bool = True) -> PassageEncoder:
         """The same encoder for another encoder thread, the tokenizer workers shared. On another

@@ -14,7 +14,7 @@ import torch
 from ..errors import Cancelled
 from ..tokenizing import pack
 from .batching import bucket_batches, fill_batch, fill_packed, graph_shape, pack_batches, packed_shape, token_batches
-from .kernels.graphs import GraphedForward, gpu_gate, on_device
+from .kernels.graphs import WARM_UPS, GpuGate, GraphedForward, gpu_gate, on_device
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +89,26 @@ class BatchRunner:
     pieces: int | None = None  # see bucket_batches
     row_step: int | None = None  # graph rows: multiples of this, not powers of two
     capture_after: int = 1  # see GraphedForward
+    capture_warm_ups: int = WARM_UPS  # see GraphedForward
     packed: bool = False
     pack_steps: tuple[int, int] = (2048, 32)  # graph shapes of packed batches: (tokens, sequences) rounded up to these
     # Another runner's graphs (of the same forward, on the same GPU), used by both: each shape is
     # captured once for them, and their replays take turns (GraphedForward.lock).
     shared_graphs: GraphedForward | None = None
+    # The gate its GPU work and captures take: one for all the encoders of a process (see GpuGate).
+    gate: GpuGate = gpu_gate
 
     def __post_init__(self) -> None:
         if self.shared_graphs is not None:  # (not `or`: graphs with none captured yet are falsy)
             self._graphed = self.shared_graphs
         elif self.graphs and self.device.type == "cuda":
-            self._graphed = GraphedForward(self.forward, self.device, capture_after=self.capture_after)
+            self._graphed = GraphedForward(
+                self.forward,
+                self.device,
+                capture_after=self.capture_after,
+                warm_ups=self.capture_warm_ups,
+                gate=self.gate,
+            )
         else:
             self._graphed = None
         self._slots: list[_Slot] = []
@@ -182,7 +191,7 @@ class BatchRunner:
                 vecs = self.forward(*self._inputs(views))
                 self._store(out, done, batch, vecs.float().numpy())
             return
-        with gpu_gate.shared(self.device):
+        with self.gate.shared(self.device):
             while len(self._slots) < self.in_flight:
                 self._slots.append(_Slot())
         stream = torch.cuda.current_stream(self.device)
@@ -202,7 +211,7 @@ class BatchRunner:
     def _collect(self, slot: _Slot, out: list[np.ndarray], done: np.ndarray) -> None:
         if slot.batch is None:
             return
-        with gpu_gate.shared(self.device):
+        with self.gate.shared(self.device):
             slot.event.synchronize()
         self._store(out, done, slot.batch, slot.result.numpy())
         slot.batch = slot.result = None
@@ -239,7 +248,7 @@ class BatchRunner:
         where = (
             None if slot.grows({k: int(np.prod(v)) for k, v in shapes.items()}, rows_out, self._out) else self.device
         )
-        with gpu_gate.shared(where):
+        with self.gate.shared(where):
             views = {k: slot.view(k, shape) for k, shape in shapes.items()}
         self._fill(views, ids, lengths, batch)
         inputs = self._inputs(views)
@@ -247,7 +256,7 @@ class BatchRunner:
             self._graphed.ready(*inputs)
         # A graph's inputs and output are fixed buffers: another runner sharing the graphs copies its
         # batch in only after this one's vectors are copied out (both on the GPU's default stream).
-        with gpu_gate.shared(where), self._graphed.lock if self._graphed is not None else nullcontext():
+        with self.gate.shared(where), self._graphed.lock if self._graphed is not None else nullcontext():
             if self._graphed is not None:
                 vecs = self._graphed.replay(*inputs)
             else:
@@ -262,7 +271,7 @@ class BatchRunner:
         """Free what an out-of-memory error left behind (graphs are re-captured at the new budget).
         A GPU's encoder threads share its graphs: they are dropped once no capture or replay is under way."""
         if self.device.type == "cuda":
-            with gpu_gate.exclusive():
+            with self.gate.exclusive():
                 if self._graphed is not None:
                     self._graphed.clear()
                 torch.cuda.synchronize(self.device)

@@ -501,7 +501,7 @@ def test_captures_run_the_add_norm_compiled_at_load(mpnet_base, monkeypatch, cou
         runs.clear()
         with torch.inference_mode():
             g(ids, mask)
-        assert len(runs) == (g.WARM_UPS + 1) * 24  # the warm-up and the capture, 2 per layer: every one compiled
+        assert len(runs) == (g.warm_ups + 1) * 24  # the warm-up and the capture, 2 per layer: every one compiled
     assert len(compiles) == compiled
 
 

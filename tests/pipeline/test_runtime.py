@@ -188,3 +188,32 @@ def test_a_query_only_runtime_loads_no_graphs_workers_or_replicas(settings):
     finally:
         rt.passage_encoder.close()
         rt.store.close()
+
+
+def test_a_plans_tuning_reaches_every_batch_runner(tiny_models):
+    """Benchmarks pass capture warm-ups and the capture gate in through the plan's Tuning: each encoder
+    (and each replica) gets them, both encoders one gate; the defaults are the process's gate and WARM_UPS."""
+    from indexer.encode.kernels.graphs import WARM_UPS, gpu_gate
+    from indexer.plan import Tuning
+    from indexer.runtime import load_encoders
+
+    s = Settings(**tiny_models, window_tokens=48, window_overlap=8, token_budget=4096)
+    paper, passage = load_encoders(s, plan=make_plan(s, tuning=Tuning(gate_per_device=False, capture_warm_ups=3)))
+    try:
+        runners = [paper.run, paper.run_queries, passage.run, passage.run_queries, passage.replicate("cpu").run]
+        assert all(r.gate is passage.run.gate for r in runners) and passage.run.gate is not gpu_gate
+        assert not passage.run.gate.per_device
+        assert paper.replicate("cpu").run.gate is passage.run.gate
+        assert [
+            paper.run.capture_warm_ups,
+            passage.run.capture_warm_ups,
+            passage.replicate("cpu").run.capture_warm_ups,
+        ] == [3] * 3
+    finally:
+        passage.close()
+    paper, passage = load_encoders(s, plan=make_plan(s))
+    try:
+        assert paper.run.gate is gpu_gate and passage.run.gate is gpu_gate and gpu_gate.per_device
+        assert paper.run.capture_warm_ups == passage.run.capture_warm_ups == WARM_UPS
+    finally:
+        passage.close()

@@ -126,7 +126,8 @@ class GpuGate:
 
     `device` None means every GPU: shared, it waits for any capture (e.g. pinned host memory being
     allocated); exclusive, it waits for all work and holds all back (e.g. emptying the caches).
-    With `per_device` False every device is None (each capture stops all GPUs).
+    With `per_device` False every device is None (each capture stops all GPUs). `gpu_gate` is the
+    process's; encoders given another (`gate`, `Tuning.gate_per_device`) must all share that one.
     """
 
     def __init__(self, per_device: bool = True) -> None:
@@ -180,6 +181,11 @@ class GpuGate:
 _NOBODY = object()
 gpu_gate = GpuGate()
 CAPTURE_ATTEMPTS = 3
+# Runs of a new shape before its capture, on the capture stream: what the forward sets up on its
+# first call of a shape (cuDNN's attention plans, cuBLAS workspaces) must not happen inside the
+# capture. The first run does that; each further one adds a batch's GPU time to every capture
+# (two ran before; PyTorch's examples run three). A capture that fails is retried, warm-up and all.
+WARM_UPS = 1
 # Shapes whose capture may fail (after some were captured) before graphs are given up.
 MAX_FAILED_SHAPES = 8
 
@@ -195,18 +201,22 @@ class GraphedForward:
     threads of a GPU) replay and copy out under `lock`, on the GPU's default stream.
     """
 
-    # Runs of a new shape before its capture, on the capture stream: what the forward sets up on its
-    # first call of a shape (cuDNN's attention plans, cuBLAS workspaces) must not happen inside the
-    # capture. The first run does that; each further one adds a batch's GPU time to every capture
-    # (two ran before; PyTorch's examples run three). A capture that fails is retried, warm-up and all.
-    WARM_UPS = 1
-
     def __init__(
-        self, forward: Callable[..., torch.Tensor], device: torch.device, max_graphs: int = 128, capture_after: int = 1
+        self,
+        forward: Callable[..., torch.Tensor],
+        device: torch.device,
+        max_graphs: int = 128,
+        capture_after: int = 1,
+        warm_ups: int = WARM_UPS,
+        gate: GpuGate | None = None,
     ) -> None:
         """`capture_after`: a shape is captured the n-th time it comes, and runs eagerly before (a
-        capture costs ~0.3 s, a few batches' time: shapes that come once are not worth it)."""
+        capture costs ~0.3 s, a few batches' time: shapes that come once are not worth it);
+        `warm_ups`: runs of a new shape before its capture (WARM_UPS); `gate`: the GpuGate its
+        captures and replays take (None: the process's `gpu_gate`)."""
         self.forward, self.device, self.max_graphs, self.capture_after = forward, device, max_graphs, capture_after
+        self.warm_ups = warm_ups
+        self.gate = gate or gpu_gate
         self._seen: dict[tuple, int] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor | None, ...], torch.Tensor]] = {}
         self._pool = None
@@ -234,12 +244,12 @@ class GraphedForward:
 
     def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         self.ready(*inputs)
-        with gpu_gate.shared(self.device):
+        with self.gate.shared(self.device):
             return self.replay(*inputs)
 
     def ready(self, *inputs: torch.Tensor | None) -> None:
         """Capture the graph for this shape unless there is one (or graphs are off). Call it outside
-        any `gpu_gate.shared()` block: the capture waits for this GPU's work under way to finish."""
+        any `self.gate.shared()` block: the capture waits for this GPU's work under way to finish."""
         key = self.key(inputs)
         if key in self._graphs or self.disabled or len(self._graphs) >= self.max_graphs:
             return
@@ -247,7 +257,7 @@ class GraphedForward:
         if seen < self.capture_after:
             return  # eagerly, this time
         for attempt in range(1, CAPTURE_ATTEMPTS + 1):
-            with gpu_gate.exclusive(self.device):
+            with self.gate.exclusive(self.device):
                 if key in self._graphs:
                     return  # captured meanwhile, by another thread sharing these graphs
                 try:
@@ -270,7 +280,7 @@ class GraphedForward:
             log.warning("CUDA graph capture of %s failed, this batch runs eagerly: %s", key, error)
 
     def replay(self, *inputs: torch.Tensor | None) -> torch.Tensor:
-        """Run one batch (from the shape's graph if captured, else eagerly); inside `gpu_gate.shared()`."""
+        """Run one batch (from the shape's graph if captured, else eagerly); inside `self.gate.shared()`."""
         entry = self._graphs.get(self.key(inputs))
         if entry is None:
             self.eager_batches += 1
@@ -293,7 +303,7 @@ class GraphedForward:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with compiled_kernels():
             with torch.cuda.stream(side):  # warm-up: compilation, cuBLAS handles, kernel selection, allocator
-                for _ in range(self.WARM_UPS):
+                for _ in range(self.warm_ups):
                     self.forward(*static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
