@@ -245,7 +245,7 @@ def test_an_index_built_before_bm25_is_searched_densely_and_says_so(tiny_models)
             stats = c.get("/stats").json()
             assert (stats["papers"], stats["passages"], stats["search_modes"]) == (3, 6, ["dense"])
             dense = {"q": "protein", "mode": "dense"}
-            for params in (dense, dense | {"group_by_paper": True}):
+            for params in (dense, dense | {"group_by_paper": True}, {"q": "protein"}):  # dense is the default mode
                 r = c.get("/search", params=params)
                 assert r.status_code == 200 and r.json()["mode"] == "dense", r.text
             assert c.get("/search/papers", params={"q": "protein", "mode": "dense"}).json()["hits"]
@@ -254,7 +254,7 @@ def test_an_index_built_before_bm25_is_searched_densely_and_says_so(tiny_models)
             r = c.get("/passages/context", params={"paper_id": CORPUS[0]["paper_id"], "chunk_index": -1})
             assert r.status_code == 404 and "chunk_index -1" in r.json()["detail"]  # no title-and-abstract passage
             for path, params in [
-                ("/search", {"q": "protein"}),
+                ("/search", {"q": "protein", "mode": "hybrid"}),
                 ("/search", {"q": "protein", "mode": "lexical"}),
                 ("/search/papers", {"q": "protein", "mode": "hybrid"}),
             ]:
