@@ -501,7 +501,7 @@ def phase_search(a: argparse.Namespace, saved: Saved) -> None:
     log = (a.work / "server.log").open("w")
     t0 = time.perf_counter()
     srv = subprocess.Popen(
-        [sys.executable, "-m", "indexer.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         cwd=ROOT,
         stdout=log,

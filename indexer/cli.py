@@ -1,4 +1,7 @@
-"""`paperindex`: index | search | similar | stats | delete | migrate | serve | eval | coverage."""
+"""`paperindex`: index | search | similar | stats | delete | migrate | eval | coverage.
+
+`serve` is the HTTP service's own command (`app.cli`, the `paperindex` entry point), added through
+`extend`: the library never imports the service."""
 
 from __future__ import annotations
 
@@ -8,11 +11,12 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from .commands.index import cmd_index
 from .commands.quality import cmd_coverage, cmd_eval
 from .commands.search import cmd_search, cmd_similar
-from .commands.store import cmd_delete, cmd_migrate, cmd_serve, cmd_stats
+from .commands.store import cmd_delete, cmd_migrate, cmd_stats
 from .errors import Interrupted
 
 
@@ -45,7 +49,13 @@ def _version() -> str:
         return "(not installed)"
 
 
-def parser() -> argparse.ArgumentParser:
+# Adds commands of a layer above the library: called with `command(name, parents, help)` and the options
+# every command shares.
+Extend = Callable[[Callable[[str, list[argparse.ArgumentParser], str], argparse.ArgumentParser],
+                   argparse.ArgumentParser], None]
+
+
+def parser(extend: Extend | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="paperindex",
         formatter_class=_Help,
@@ -142,13 +152,6 @@ def parser() -> argparse.ArgumentParser:
     mi.add_argument("--batch", type=_positive, default=256, help="points copied per request")
     mi.set_defaults(func=cmd_migrate)
 
-    sv = command("serve", [common], "run the HTTP service (uvicorn)")
-    sv.add_argument(
-        "--host", help="address to bind (PAPERINDEX_HOST; default 127.0.0.1, this host only: 0.0.0.0 for all)"
-    )
-    sv.add_argument("--port", type=int, help="port (PAPERINDEX_PORT; default 8000)")
-    sv.set_defaults(func=cmd_serve)
-
     quality = argparse.ArgumentParser(add_help=False)
     quality.add_argument("--device", help="auto, cpu, cuda, cuda:N (PAPERINDEX_DEVICE; default auto)")
     quality.add_argument(
@@ -233,11 +236,13 @@ def parser() -> argparse.ArgumentParser:
     co.add_argument("--seed", type=int, default=0, help="of the probe sentences' sampling")
     co.add_argument("--out", default="coverage.json", help="JSON report path")
     co.set_defaults(func=cmd_coverage)
+    if extend is not None:
+        extend(command, common)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, extend: Extend | None = None) -> int:
+    args = parser(extend).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("indexer", "app", "paperindex"):
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)

@@ -1,4 +1,4 @@
-"""`paperindex stats`, `delete`, `migrate` and `serve`."""
+"""`paperindex stats`, `delete` and `migrate`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import CliError
-from ..hub import check_models, model_refs
 from .common import print_json, settings_of
 
 
@@ -111,24 +110,5 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(
         f"copied {copied.get(s.chunks_collection, 0)} chunks and {copied.get(s.papers_collection, 0)} papers "
         f"to {args.to}"
-    )
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    s = settings_of(args)
-    check_models(model_refs(s, paper=True, passage=True, reranker=True))
-    from app.main import create_app
-
-    # uvicorn closes idle connections after 5 s by default, as long as httpx keeps them for reuse: a
-    # request sent just as the server closes is reset. The server must hold them longer than clients.
-    uvicorn.run(
-        create_app(s),
-        host=args.host or s.host,
-        port=args.port or s.port,
-        log_level="info",
-        timeout_keep_alive=s.keep_alive_s,
     )
     return 0

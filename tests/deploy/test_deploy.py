@@ -26,7 +26,7 @@ import pytest
 import tomllib
 import yaml
 
-from indexer.cli import parser
+from app.cli import parser
 from indexer.config import Settings
 
 from support import ROOT

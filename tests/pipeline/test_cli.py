@@ -318,7 +318,7 @@ def test_version_and_every_option_with_help_and_its_default(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("paperindex ")
-    from indexer.cli import parser
+    from app.cli import parser
 
     commands = next(a for a in parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
     for name, sub in commands.items():
