@@ -174,13 +174,12 @@ class GpuEvents:
                 ev.record()
                 ev.synchronize()
                 self.anchors[str(d)] = (ev, time.perf_counter())
-        self.real = real = kernels.GraphedForward.replay
         marks = self.marks
 
-        def replay(g, *inputs):
+        def observe(g, inputs, run):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = real(g, *inputs)
+            out = run(*inputs)
             end.record()
             ids = inputs[0]  # (rows, width); packed heads: (tokens,), one row
             rows, width = ids.shape if ids.dim() == 2 else (1, ids.shape[0])
@@ -188,13 +187,12 @@ class GpuEvents:
             marks[str(kernels.one_device(g.device))].append((start, end, rows, width, padded, id(g) in self.passage))
             return out
 
-        kernels.GraphedForward.replay = replay
+        self.observing = kernels.observing_batches(observe)
+        self.observing.__enter__()
         return self
 
     def __exit__(self, *exc):
-        from indexer.encode import kernels
-
-        kernels.GraphedForward.replay = self.real
+        self.observing.__exit__(*exc)
 
     def report(self, t0: float | None = None) -> dict:
         """Per GPU; with `t0` (perf_counter at the run's start) also its longest idle gaps, each

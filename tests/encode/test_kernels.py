@@ -671,3 +671,22 @@ def test_packed_batches_and_their_graph_shapes():
     assert [b.tolist() for b in pack_batches(lengths, 300)] == [[0, 1], [2], [3], [4, 5]]  # 600: a batch of its own
     assert packed_shape(np.array([100, 200]), 2048, 32) == (2048, 32)
     assert packed_shape(np.full(40, 512), 2048, 32) == (22528, 64)  # 20,480 tokens and one of filler
+
+
+def test_an_observer_sees_every_batch_while_open_and_none_after():
+    import torch
+
+    from indexer.encode.kernels import GraphedForward, observing_batches
+
+    g = GraphedForward(lambda x: x * 2, torch.device("cpu"))  # no graph captured: every batch runs eagerly
+    seen = []
+
+    def observe(graphed, inputs, run):
+        seen.append((graphed, tuple(inputs[0].shape)))
+        return run(*inputs) + 1
+
+    with observing_batches(observe):
+        out = g.replay(torch.ones(2, 3))
+    after = g.replay(torch.ones(4, 3))
+    assert seen == [(g, (2, 3))] and torch.equal(out, torch.full((2, 3), 3.0))
+    assert torch.equal(after, torch.full((4, 3), 2.0))

@@ -9,7 +9,17 @@ Outputs must match the reference path (fp32, the model's own forward): cosine â‰
 """
 
 from .attention import Packing, varlen_attention
-from .graphs import CompiledKernel, GpuGate, GraphedForward, compiled_kernels, gpu_gate, on_device, one_device, warm_up
+from .graphs import (
+    CompiledKernel,
+    GpuGate,
+    GraphedForward,
+    compiled_kernels,
+    gpu_gate,
+    observing_batches,
+    on_device,
+    one_device,
+    warm_up,
+)
 from .layers import Forward, Fusions, PooledForward, fusable, pool, speed_up
 
 __all__ = [
@@ -22,6 +32,7 @@ __all__ = [
     "PooledForward",
     "compiled_kernels",
     "fusable",
+    "observing_batches",
     "gpu_gate",
     "on_device",
     "one_device",

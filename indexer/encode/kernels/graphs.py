@@ -186,6 +186,24 @@ CAPTURE_ATTEMPTS = 3
 # capture. The first run does that; each further one adds a batch's GPU time to every capture
 # (two ran before; PyTorch's examples run three). A capture that fails is retried, warm-up and all.
 WARM_UPS = 1
+
+# Called around every batch any GraphedForward runs, while `observing_batches` is open: (graphed,
+# inputs, run) -> run(*inputs)'s output. For measurements (bench/index_throughput.py --gpu-events).
+BatchObserver = Callable[["GraphedForward", tuple, Callable[..., torch.Tensor]], torch.Tensor]
+_observer: BatchObserver | None = None
+
+
+@contextmanager
+def observing_batches(observer: BatchObserver) -> Iterator[None]:
+    """Run `observer` around every batch (graphed or eager) of every GraphedForward while open."""
+    global _observer
+    before, _observer = _observer, observer
+    try:
+        yield
+    finally:
+        _observer = before
+
+
 # Shapes whose capture may fail (after some were captured) before graphs are given up.
 MAX_FAILED_SHAPES = 8
 
@@ -281,6 +299,11 @@ class GraphedForward:
 
     def replay(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         """Run one batch (from the shape's graph if captured, else eagerly); inside `self.gate.shared()`."""
+        if _observer is not None:
+            return _observer(self, inputs, self._run)
+        return self._run(*inputs)
+
+    def _run(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         entry = self._graphs.get(self.key(inputs))
         if entry is None:
             self.eager_batches += 1
