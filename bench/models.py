@@ -3,7 +3,8 @@
 - passage: MPNet-base (multi-qa-mpnet-base-dot-v1's shape: 12×768, 30527 tokens, CLS pooling, no
   normalisation), saved as a sentence-transformers model;
 - paper: BERT-base with a SciBERT-sized vocabulary (SPECTER2 base's shape) plus two bottleneck
-  adapters (proximity, adhoc_query) saved with `adapters`.
+  adapters (proximity, adhoc_query) saved with `adapters`;
+- reranker: a cross-encoder of ms-marco-MiniLM-L6-v2's shape (BERT 6×384, one logit), on the paper vocabulary.
 Vocabularies are WordPiece models trained on the benchmark's own prose.
 """
 
@@ -78,18 +79,17 @@ def build_passage(path: Path, texts: list[str], tiny: bool = False) -> Path:
     return path / "st"
 
 
-def build_paper(path: Path, texts: list[str], tiny: bool = False) -> tuple[Path, Path, Path]:
-    """(base dir, proximity adapter dir, adhoc_query adapter dir)."""
-    import adapters
+def paper_tokenizer(texts: list[str]):
+    """A BERT tokenizer ([CLS] A [SEP] B [SEP]) on the paper vocabulary trained on `texts`."""
     from tokenizers import processors
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     tok = paper_wordpiece(texts)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    tokenizer = BertTokenizerFast(
+    return BertTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",
         sep_token="[SEP]",
@@ -98,6 +98,14 @@ def build_paper(path: Path, texts: list[str], tiny: bool = False) -> tuple[Path,
         mask_token="[MASK]",
         model_max_length=512,
     )
+
+
+def build_paper(path: Path, texts: list[str], tiny: bool = False) -> tuple[Path, Path, Path]:
+    """(base dir, proximity adapter dir, adhoc_query adapter dir)."""
+    import adapters
+    from transformers import BertConfig, BertModel
+
+    tokenizer = paper_tokenizer(texts)
     torch.manual_seed(1)
     base = path / "base"
     BertModel(_small(BertConfig, tiny, vocab_size=31090), add_pooling_layer=False).save_pretrained(base)
@@ -109,3 +117,15 @@ def build_paper(path: Path, texts: list[str], tiny: bool = False) -> tuple[Path,
         model.save_adapter(str(path / name), name)
         dirs.append(path / name)
     return base, dirs[0], dirs[1]
+
+
+def build_reranker(path: Path, texts: list[str], tiny: bool = False) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = paper_tokenizer(texts)
+    torch.manual_seed(2)
+    size = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    cfg = _small(BertConfig, tiny, vocab_size=len(tokenizer), num_labels=1, **size)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -181,38 +181,6 @@ def parts(work: Path) -> list[Path]:
 # models ----------------------------------------------------------------------------------------------
 
 
-def build_reranker(path: Path, texts: list[str], tiny: bool) -> Path:
-    """A cross-encoder of ms-marco-MiniLM-L6-v2's shape (BERT 6 x 384, one logit), random weights."""
-    import models as bench_models
-    import torch
-    from tokenizers import processors
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    tok = bench_models.paper_wordpiece(texts)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    tokenizer = BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        mask_token="[MASK]",
-        model_max_length=512,
-    )
-    size = (
-        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-        if tiny
-        else dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-    )
-    torch.manual_seed(2)
-    BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), num_labels=1, **size)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def build_models(folder: Path, texts: list[str], tiny: bool) -> dict[str, str]:
     """Settings overrides naming the random-weight models of the real shapes (bench/models.py)."""
     import models as bench_models
@@ -223,7 +191,7 @@ def build_models(folder: Path, texts: list[str], tiny: bool) -> dict[str, str]:
         "paper_model": str(base),
         "paper_adapter": str(proximity),
         "query_adapter": str(adhoc),
-        "reranker_model": str(build_reranker(folder / "reranker", texts, tiny)),
+        "reranker_model": str(bench_models.build_reranker(folder / "reranker", texts, tiny=tiny)),
     }
 
 
