@@ -28,6 +28,23 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def add_graph_options(ap: argparse.ArgumentParser) -> None:
+    """--share-graphs and --capture-warm-ups (bench/index_throughput.py takes them too)."""
+    ap.add_argument(
+        "--share-graphs",
+        choices=["on", "off"],
+        default="on",
+        help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own "
+        "(off: as before)",
+    )
+    ap.add_argument(
+        "--capture-warm-ups",
+        type=int,
+        default=None,
+        help="runs of a new shape before its capture (the encoders' capture_warm_ups; default kernels.graphs.WARM_UPS)",
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--papers", type=int, default=500)
@@ -40,19 +57,7 @@ def main() -> None:
         default="gpu",
         help="a CUDA graph capture holds back the work of its own GPU (gpu: as now) or of every GPU (all: as before)",
     )
-    ap.add_argument(
-        "--share-graphs",
-        choices=["on", "off"],
-        default="on",
-        help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own "
-        "(off: as before)",
-    )
-    ap.add_argument(
-        "--capture-warm-ups",
-        type=int,
-        default=None,
-        help="runs of a new shape before its capture (Tuning.capture_warm_ups; default kernels.graphs.WARM_UPS)",
-    )
+    add_graph_options(ap)
     ap.add_argument(
         "--batches",
         choices=["sorted", "unpadded"],

@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from cold_start import add_graph_options  # noqa: E402
 from store_writes import PointsMadeHere  # noqa: E402
 
 from indexer.config import Settings  # noqa: E402
@@ -1022,19 +1023,7 @@ def main() -> None:
         help="papers the warm-up indexes (each group size a pass; default: 1,000 per encoder thread, "
         "at least 2,000, at most --papers)",
     )
-    ap.add_argument(
-        "--share-graphs",
-        choices=["on", "off"],
-        default="on",
-        help="a GPU's encoder threads share one passage model and its CUDA graphs (on: as now), or each has its own "
-        "(off: as before)",
-    )
-    ap.add_argument(
-        "--capture-warm-ups",
-        type=int,
-        default=None,
-        help="runs of a new shape before its capture (the encoders' capture_warm_ups; default kernels.graphs.WARM_UPS)",
-    )
+    add_graph_options(ap)
     ap.add_argument(
         "--gpu-events",
         action="store_true",
