@@ -114,8 +114,10 @@ class DevicePlan:
                 f"GPU sm_{major}{minor}, {self.sm_count} SMs, {self.free_memory / GiB:.1f} of "
                 f"{self.total_memory / GiB:.1f} GiB free"
             )
+        # The CPU plan's "flash" only selects packed paper heads: each sequence goes through SDPA alone.
+        attention = "sdpa, paper heads packed" if self.capability is None and self.packed else self.attention
         chosen = (
-            f"attention {self.attention}, {self.dtype}, token budget {self.token_budget}, "
+            f"attention {attention}, {self.dtype}, token budget {self.token_budget}, "
             f"{self.encoders_per_gpu} encoder thread(s) per GPU, CUDA graphs {'on' if self.graphs else 'off'}"
         )
         return f"{device}: {chosen}" + "".join(f"\n  {r}" for r in self.reasons)

@@ -71,7 +71,7 @@ def test_without_a_gpu_the_cpu_plan_is_as_before():
         1,
         False,
     )  # packed heads (one SDPA call per sequence), fp32
-    assert plan.describe().startswith("CPU")
+    assert plan.describe().startswith("CPU: attention sdpa, paper heads packed, float32")  # no flash on a CPU
 
 
 def test_overrides_win_but_never_ask_a_gpu_for_a_kernel_it_lacks():
